@@ -1,0 +1,414 @@
+"""Chest X-ray data: read COVIDx or an ImageFolder tree, decode once, make batches on the device.
+
+    classes, splits = load_dataset("path/to/covidx")      # or "phantom"
+    pixels = load_pixels(splits["train"], sizes=(128, 224, 229), cache_dir=...)
+    for x, y in Batches(pixels[128].to(dev), labels, 64, train=True, aug=Augment()): ...
+
+The airbench way: every image is decoded once, in parallel on all cores, into uint8 tensors
+(one channel, one tensor per stage size) that are cached on disk and moved to the training
+device whole. Shuffling, augmentation and normalisation are batched torch ops on the device:
+no DataLoader, no worker processes, and the GPU never waits on a JPEG decoder.
+"""
+import csv
+import glob
+import hashlib
+import math
+import os
+import random
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+import phantom
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# ImageNet statistics: the pre-trained body expects its inputs scaled this way.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
+
+
+class DataError(ValueError):
+    """The data set is not usable as given; the message lists what is wrong and where."""
+
+
+@dataclass
+class Items:
+    """One split: parallel lists, one entry per image."""
+    paths: list = field(default_factory=list)  # image files (None for phantoms)
+    labels: list = field(default_factory=list)  # class indices
+    patients: list = field(default_factory=list)
+    sources: list = field(default_factory=list)
+    pixels: np.ndarray = None  # phantoms only: (N, 256, 256) uint8, rendered in memory
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, idx):
+        return Items([self.paths[i] for i in idx], [self.labels[i] for i in idx],
+                     [self.patients[i] for i in idx], [self.sources[i] for i in idx],
+                     None if self.pixels is None else self.pixels[idx])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a data set: COVIDx split files or an ImageFolder tree
+
+# (train, test) split-file names of the COVIDx releases, most recent layout first
+SPLIT_NAMES = [("train.txt", "test.txt"), ("train_split.txt", "test_split.txt"),
+               ("train_split_v3.txt", "test_split_v3.txt"),
+               ("train_split_v2.txt", "test_split_v2.txt")]
+
+
+def find_split_files(root):
+    """The (train, test) split files in root, or None when root has none (ImageFolder)."""
+    for tr, te in SPLIT_NAMES:
+        if os.path.isfile(os.path.join(root, tr)) and os.path.isfile(os.path.join(root, te)):
+            return os.path.join(root, tr), os.path.join(root, te)
+    found = sorted(glob.glob(os.path.join(root, "train_COVIDx*.txt")))  # COVIDx 5 .. 9A
+    pairs = [(f, f.replace("train_", "test_")) for f in found]
+    pairs = [p for p in pairs if os.path.isfile(p[1])]
+    if len(pairs) > 1:
+        raise DataError(f"{root} holds several COVIDx versions ({', '.join(p[0] for p in pairs)});"
+                        " choose one with --train-split and --test-split")
+    return pairs[0] if pairs else None
+
+
+def read_split_file(path):
+    """Lines `patient_id filename label [source]` -> list of (patient, filename, label, source)."""
+    rows, bad = [], []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) not in (3, 4):
+                bad.append(f"  line {n}: {line.strip()[:80]!r}")
+                continue
+            rows.append((parts[0], parts[1], parts[2], parts[3] if len(parts) == 4 else ""))
+    if bad:
+        raise DataError(f"{path}: {len(bad)} malformed lines (expected `patient_id filename "
+                        f"label [source]`):\n" + "\n".join(bad[:10]))
+    return rows
+
+
+def read_image_folder(root):
+    """root/<class>/<image> -> list of (patient, path, label, source); patient = file name."""
+    rows = []
+    for cls in sorted(d.name for d in os.scandir(root) if d.is_dir()):
+        for dirpath, _, files in sorted(os.walk(os.path.join(root, cls))):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTS):
+                    rows.append((os.path.splitext(f)[0], os.path.join(dirpath, f), cls, ""))
+    return rows
+
+
+def read_subtypes(path):
+    """subtype.csv (`filename,subtype`) -> {filename: subtype} for the 4-class labels."""
+    with open(path, newline="") as f:
+        return {r["filename"]: r["subtype"] for r in csv.DictReader(f)}
+
+
+def apply_subtypes(rows, subtypes):
+    """Replace 'pneumonia' by its subtype (bacterial, viral); drop pneumonia of unknown kind."""
+    out = []
+    for pid, fname, label, source in rows:
+        if label.lower() == "pneumonia":
+            sub = subtypes.get(os.path.basename(fname), "")
+            if sub not in ("bacterial", "viral"):
+                continue
+            label = sub
+        out.append((pid, fname, label, source))
+    return out
+
+
+def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtypes=None,
+                 n_phantoms=2000, seed=0, allow_patient_overlap=False):
+    """Read a data set -> (class names, {"train": Items, "test": Items}).
+
+    root is a COVIDx folder (split files plus train/ and test/ image folders, or all images in
+    `image_dir`), an ImageFolder tree (root/train/<class>/*, root/test/<class>/*), or
+    "phantom" for synthetic radiographs. Class names are the sorted labels found in train.
+    """
+    if root == "phantom":
+        return phantom.dataset(n_phantoms, seed)
+    if not os.path.isdir(root):
+        raise DataError(f"--data {root}: no such folder. Give a COVIDx or ImageFolder root, "
+                        "or --data phantom for synthetic images.")
+    if train_split or test_split:
+        files = (train_split or os.path.join(root, "train.txt"),
+                 test_split or os.path.join(root, "test.txt"))
+        files = [f if os.path.isabs(f) else os.path.join(root, f) for f in files]
+    else:
+        files = find_split_files(root)
+    rows = {}
+    if files:
+        for split, f in zip(("train", "test"), files):
+            if not os.path.isfile(f):
+                raise DataError(f"split file {f} not found")
+            folder = image_dir or os.path.join(root, split)
+            rows[split] = [(p, os.path.join(folder, fn), lab, src)
+                           for p, fn, lab, src in read_split_file(f)]
+    elif all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test")):
+        rows = {s: read_image_folder(os.path.join(root, s)) for s in ("train", "test")}
+    else:  # root/<class>/*: hold out 20% of the patients as the test split
+        rows = read_image_folder(root)
+        if not rows:
+            raise DataError(f"{root} has neither COVIDx split files (train.txt/test.txt, "
+                            "train_split.txt, train_COVIDx*.txt) nor class folders of images; "
+                            "name the split files with --train-split/--test-split")
+        print(f"{root}: no test split given; holding out 20% of the patients as test")
+        classes = sorted({r[2] for r in rows})
+        labels = [classes.index(r[2]) for r in rows]
+        tr, te = split_patients(Items(labels=labels, patients=[r[0] for r in rows]), 0.2, seed)
+        rows = {"train": [rows[i] for i in tr], "test": [rows[i] for i in te]}
+    if subtypes:
+        sub = read_subtypes(subtypes)
+        rows = {s: apply_subtypes(r, sub) for s, r in rows.items()}
+    classes = sorted({r[2] for r in rows["train"]})
+    check_rows(rows, classes, allow_patient_overlap)
+    idx = {c: i for i, c in enumerate(classes)}
+    splits = {s: Items([r[1] for r in rs], [idx[r[2]] for r in rs], [r[0] for r in rs],
+                       [r[3] for r in rs]) for s, rs in rows.items()}
+    return classes, splits
+
+
+def check_rows(rows, classes, allow_patient_overlap):
+    """Problems found before any decoding: empty splits, unknown labels, shared patients."""
+    problems = []
+    for split, rs in rows.items():
+        if not rs:
+            problems.append(f"the {split} split is empty")
+        unknown = Counter(r[2] for r in rs if r[2] not in classes)
+        if unknown:
+            problems.append(f"{split} has labels absent from train: {dict(unknown)}")
+    shared = {r[0] for r in rows["train"]} & {r[0] for r in rows["test"]}
+    if shared and not allow_patient_overlap:
+        problems.append(f"{len(shared)} patients are in both train and test (e.g. "
+                        f"{', '.join(sorted(shared)[:5])}): test accuracy would be inflated. "
+                        "Fix the split, or pass --allow-patient-overlap to go on anyway")
+    if problems:
+        raise DataError("the data set is not usable:\n  " + "\n  ".join(problems))
+
+
+def split_patients(items, frac, seed):
+    """(train, val) index lists with no patient on both sides, ~frac of each class in val.
+
+    Patient-level, because two films of one patient are nearly the same picture: splitting by
+    image would let the validation score reward memorised patients.
+    """
+    if frac <= 0:
+        return list(range(len(items))), []
+    rng = random.Random(seed)
+    by_patient = {}
+    for i, p in enumerate(items.patients):
+        by_patient.setdefault(p, []).append(i)
+    val = []
+    for c in sorted(set(items.labels)):
+        pats = sorted(p for p, ix in by_patient.items() if items.labels[ix[0]] == c)
+        rng.shuffle(pats)
+        want = frac * sum(len(by_patient[p]) for p in pats)
+        taken = 0
+        for p in pats:
+            if taken >= want:
+                break
+            val += by_patient[p]
+            taken += len(by_patient[p])
+    val_set = set(val)
+    return [i for i in range(len(items)) if i not in val_set], sorted(val)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: every file once, to one-channel uint8 at every stage size
+
+def to_gray(img):
+    """Any PIL image -> 8-bit grayscale ('L'). Radiographs carry one channel of information."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit (often 12 bits used) or float: stretch the used range onto 0..255
+        a = np.asarray(img, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(a.round().astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")  # transparent pixels become black, not their hidden colour
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
+    return img.convert("L")
+
+
+def resize(img, size, mode="squish"):
+    """'squish' keeps the whole film (aspect changes a little); 'crop' keeps the centre."""
+    if mode == "crop":
+        img = ImageOps.fit(img, (min(img.size),) * 2)
+    return img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
+def decode(path, sizes, mode="squish"):
+    """One file -> [uint8 array (size, size) for each size], or the error as a string."""
+    try:
+        with Image.open(path) as img:
+            img.draft("L", (max(sizes), max(sizes)))  # JPEG: decode at a reduced scale
+            img = to_gray(ImageOps.exif_transpose(img))
+            return [np.asarray(resize(img, s, mode)) for s in sizes]
+    except Exception as e:  # corrupt, truncated, not an image
+        return f"{type(e).__name__}: {e}"
+
+
+def _decode_star(args):
+    return decode(*args)
+
+
+def fingerprint(paths, size, mode):
+    """Cache key: the files' identity (path, byte size, modification time) and the size.
+
+    A cheap stand-in for hashing every byte: any rewrite of a file changes its mtime.
+    """
+    h = hashlib.sha1(f"v{CACHE_VERSION} {size} {mode}".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None):
+    """{size: uint8 tensor (N, 1, size, size)} for the images of `items`, decoded once.
+
+    Cached in cache_dir (never next to the data, which may be read-only), keyed by the files
+    and the size: a second run reads the cache and decodes nothing.
+    """
+    sizes = sorted(set(sizes))
+    if items.pixels is not None:  # phantoms: resize the rendered films on the CPU
+        x = torch.from_numpy(items.pixels).unsqueeze(1).float()
+        return {s: F.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
+                .round().clamp(0, 255).to(torch.uint8) for s in sizes}
+    missing = [p for p in items.paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} listed images are missing:\n  " +
+                        "\n  ".join(missing[:10]) + "\nCheck --data / --image-dir.")
+    out, todo, keys = {}, [], {}
+    for s in sizes:
+        keys[s] = cache_dir and os.path.join(cache_dir, f"{fingerprint(items.paths, s, mode)}.npy")
+        if keys[s] and os.path.isfile(keys[s]):
+            out[s] = torch.from_numpy(np.load(keys[s]))
+        else:
+            todo.append(s)
+    if not todo:
+        return out
+    workers = workers or os.cpu_count()
+    jobs = [(p, todo, mode) for p in items.paths]
+    bar = dict(total=len(jobs), desc=f"decoding {len(jobs)} images at {todo} px", unit="img")
+    if workers == 1 or len(jobs) < 256:  # a pool costs more than it saves on a few images
+        results = [decode(*j) for j in tqdm(jobs, **bar)]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(tqdm(pool.map(_decode_star, jobs, chunksize=16), **bar))
+    bad = [f"{p} ({r})" for p, r in zip(items.paths, results) if isinstance(r, str)]
+    if bad:
+        raise DataError(f"{len(bad)} images could not be read:\n  " + "\n  ".join(bad[:10]) +
+                        "\nReplace or remove them from the split file.")
+    for k, s in enumerate(todo):
+        arr = np.stack([r[k] for r in results])[:, None]  # (N, 1, s, s)
+        if keys[s]:
+            os.makedirs(cache_dir, exist_ok=True)
+            tmp = f"{keys[s]}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+            os.replace(tmp, keys[s])  # atomic: a killed run leaves no half-written cache
+        out[s] = torch.from_numpy(arr)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches on the device: shuffle, augment, normalise
+
+@dataclass
+class Augment:
+    """fastai v1's get_transforms() defaults, as batched torch ops on the device."""
+    rotate: float = 10.0  # degrees, either way
+    zoom: float = 1.1  # up to 1.1x magnification, centre drawn at random
+    warp: float = 0.2  # perspective warp magnitude
+    lighting: float = 0.2  # brightness and contrast change
+    p_affine: float = 0.75  # probability of the geometric transform, per image
+    p_lighting: float = 0.75
+    flip: bool = False  # left-right flip moves the heart: off for radiographs by default
+
+    def __call__(self, x, gen):
+        """x: (B, 1, H, W) float in [0, 1] -> same shape and range, transformed per image."""
+        B, _, H, W = x.shape
+        rand = lambda *shape: torch.rand(*shape, device=x.device, generator=gen)
+        on = (rand(B) < self.p_affine).float()  # the images that get the geometric transform
+        ang = (rand(B) * 2 - 1) * math.radians(self.rotate) * on
+        s = 1 / (1 + rand(B) * (self.zoom - 1) * on)  # <1: look at a smaller region
+        tx, ty = [(rand(B) * 2 - 1) * (1 - s) for _ in range(2)]  # crop stays in the film
+        px, py = [(rand(B) * 2 - 1) * self.warp / 2 * on for _ in range(2)]
+        fx = torch.where(rand(B) < 0.5, -1.0, 1.0) if self.flip else torch.ones_like(s)
+        cos, sin = torch.cos(ang) * s, torch.sin(ang) * s
+        # Homography from output to input coordinates in [-1, 1]: zoom/rotate, shift, warp
+        M = torch.stack([cos * fx, -sin, tx, sin * fx, cos, ty, px, py, torch.ones_like(s)], 1)
+        M = M.view(B, 3, 3)
+        ys, xs = torch.meshgrid(torch.linspace(-1 + 1 / H, 1 - 1 / H, H, device=x.device),
+                                torch.linspace(-1 + 1 / W, 1 - 1 / W, W, device=x.device),
+                                indexing="ij")
+        base = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, H * W, 3)
+        g = base @ M.transpose(1, 2)  # (B, H*W, 3)
+        grid = (g[..., :2] / g[..., 2:]).view(B, H, W, 2)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                          align_corners=False)
+        if self.lighting > 0:  # in logit space, as fastai: stays inside (0, 1)
+            on = (rand(B, 1, 1, 1) < self.p_lighting).float()
+            b = 0.5 + (rand(B, 1, 1, 1) * 2 - 1) * self.lighting / 2 * on
+            lo = math.log(1 - self.lighting)
+            c = torch.exp((rand(B, 1, 1, 1) * -2 * lo + lo) * on)  # log-uniform (0.8, 1.25)
+            x = torch.sigmoid(torch.logit(x.clamp(1e-4, 1 - 1e-4)) * c + torch.logit(b))
+        return x
+
+
+def normalize(x, channels_last=False):
+    """(B, 1, H, W) in [0, 1] -> (B, 3, H, W) ImageNet-normalised, the body's input."""
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std  # broadcasting makes the three channels
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class Batches:
+    """(x, y) batches from uint8 images (N, 1, S, S) and labels (N,) on the training device.
+
+    train=True: a new random order each pass (device randperm), the partial last batch dropped
+    (static shapes), augmentation; balance=True draws each class equally often instead, with
+    replacement (COVID-Net's rebalancing of its few COVID-19 films). train=False: in order,
+    every image once, no augmentation.
+    """
+
+    def __init__(self, images, labels, batch_size, train, aug=None, balance=False,
+                 seed=0, channels_last=False):
+        self.images, self.labels, self.bs = images, labels, batch_size
+        self.train, self.aug, self.balance, self.cl = train, aug, balance, channels_last
+        self.gen = torch.Generator(device=images.device).manual_seed(seed)
+        if train and len(labels) < batch_size:
+            raise DataError(f"{len(labels)} training images are fewer than one batch "
+                            f"({batch_size}); lower --batch-size")
+
+    def __len__(self):
+        n = len(self.labels)
+        return n // self.bs if self.train else math.ceil(n / self.bs)
+
+    def __iter__(self):
+        n = len(self.labels)
+        if not self.train:
+            idx = torch.arange(n, device=self.images.device)
+        elif self.balance:  # weight each image by 1 / its class size
+            w = 1.0 / torch.bincount(self.labels).float()[self.labels]
+            idx = torch.multinomial(w, n, replacement=True, generator=self.gen)
+        else:
+            idx = torch.randperm(n, device=self.images.device, generator=self.gen)
+        for i in range(len(self)):
+            j = idx[i * self.bs:(i + 1) * self.bs]
+            x = self.images[j].float().div_(255)
+            if self.train and self.aug is not None:
+                x = self.aug(x, self.gen)
+            yield normalize(x, self.cl), self.labels[j]

@@ -1,0 +1,143 @@
+"""Leslie Smith's LR range test (Smith, "Cyclical Learning Rates", 2017), as fastai's lr_find.
+
+Train for a few steps while the learning rate grows exponentially, watch the loss, and read a
+good learning rate off the curve; then put the model and optimizer back exactly as they were.
+
+    python lrfind.py --data PATH --size 128              # head only (the body frozen)
+    python lrfind.py --data phantom --size 64 --phase unfrozen --weights none
+
+From Python: lrs, raw, smooth = lr_find(step, model, opt, batches); valley(lrs, smooth).
+"""
+import copy
+import csv
+import math
+import os
+
+from tqdm import tqdm
+
+from plots import line_plot
+from schedule import lr_sweep
+
+
+def lr_find(step, model, opt, batches, n_steps=100, lr_start=1e-7, lr_end=10.0, beta=0.98,
+            stop_div=4.0):
+    """Sweep the LR; return (lrs, raw losses, smoothed losses), one entry per step taken.
+
+    step(x, y) runs forward, backward and the optimizer step and returns the loss tensor.
+    Stops once the smoothed loss exceeds stop_div times its best or is not finite. The model
+    and optimizer state are restored afterwards, bit for bit, also when the sweep is interrupted.
+    """
+    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    lrs, raw, smooth = [], [], []
+    avg, best = 0.0, math.inf
+    try:
+        it = iter(batches)
+        for i in tqdm(range(n_steps), desc="lr_find", leave=False):
+            lr = lr_sweep(i, n_steps, lr_start, lr_end)
+            for g in opt.param_groups:  # one LR for every layer group during the sweep
+                g["lr"] = lr
+            try:
+                x, y = next(it)
+            except StopIteration:  # small data sets: start another pass
+                it = iter(batches)
+                x, y = next(it)
+            loss = step(x, y).item()
+            # Exponential moving average, debiased for the first steps (as Adam's moments)
+            avg = beta * avg + (1 - beta) * loss
+            s = avg / (1 - beta ** (i + 1))
+            lrs.append(lr)
+            raw.append(loss)
+            smooth.append(s)
+            if not math.isfinite(s) or s > stop_div * best:
+                break
+            best = min(best, s)
+    finally:
+        model.load_state_dict(saved[0])
+        opt.load_state_dict(saved[1])
+    return lrs, raw, smooth
+
+
+# ---------------------------------------------------------------------------------------------
+# Suggestions: pure functions of (lrs, smoothed losses) -> a learning rate
+
+def _trim(lrs, losses):
+    """Drop the first tenth (not yet trained) and the last five steps (diverging), as fastai."""
+    n = len(losses)
+    keep = [(lr, l) for lr, l in list(zip(lrs, losses))[n // 10:n - 5 if n > 15 else n]
+            if math.isfinite(l)]
+    if len(keep) < 2:
+        keep = [(lr, l) for lr, l in zip(lrs, losses) if math.isfinite(l)]
+    if not keep:
+        raise ValueError("the LR finder recorded no finite loss")
+    return [k[0] for k in keep], [k[1] for k in keep]
+
+
+def valley(lrs, losses):
+    """fastai's default: the longest stretch where the loss keeps falling, 2/3 of the way down.
+
+    Finds the longest decreasing subsequence of the loss and picks a point a little past its
+    middle: far enough from the start to be fast, early enough to be safe.
+    """
+    lrs, losses = _trim(lrs, losses)
+    n = len(losses)
+    run = [1] * n  # run[i]: length of the longest decreasing sequence ending at i
+    start = end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and run[i] < run[j] + 1:
+                run[i] = run[j] + 1
+        if run[end] < run[i]:
+            end, start = i, i - run[i]
+    third = (end - start) / 3
+    return lrs[max(0, start + int(third) + int(third / 2))]
+
+
+def steep(lrs, losses):
+    """The LR where the loss falls fastest per unit of log(lr)."""
+    lrs, losses = _trim(lrs, losses)
+    grads = [(losses[i + 1] - losses[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i]))
+             for i in range(len(losses) - 1)]
+    return lrs[min(range(len(grads)), key=grads.__getitem__)]
+
+
+def minimum(lrs, losses):
+    """One tenth of the LR at the lowest loss: the minimum itself is already too hot."""
+    lrs, losses = _trim(lrs, losses)
+    return lrs[min(range(len(losses)), key=losses.__getitem__)] / 10
+
+
+SUGGESTIONS = {"valley": valley, "steep": steep, "minimum": minimum}
+
+
+def save_lr_find(prefix, lrs, raw, smooth, method="valley"):
+    """Write prefix.csv (lr, loss, smoothed) and prefix.png; return the suggested LR."""
+    lr = SUGGESTIONS[method](lrs, smooth)
+    with open(prefix + ".csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["lr", "loss", "smoothed_loss"])
+        w.writerows(zip(lrs, raw, smooth))
+    # Plot what the suggestion saw: the smoothed curve without its diverging tail
+    keep = min(len(smooth), max(2, len(smooth) - 5))
+    y_at = smooth[lrs.index(lr)] if lr in lrs else min(smooth[:keep])
+    line_plot(prefix + ".png", [(lrs[:keep], smooth[:keep], "smoothed loss"),
+                                (lrs[:keep], raw[:keep], "raw loss")],
+              "learning rate (log scale)", "loss", title=os.path.basename(prefix),
+              logx=True, marks=[(lr, y_at, f"{method} {lr:.1e}")])
+    return lr
+
+
+def main():
+    import train  # train.py imports this module; import it only when run as a script
+
+    cfg, extra = train.parse_args(extra={"size": (int, 128, "image size in pixels"),
+                                         "phase": (str, "frozen", "frozen | unfrozen")})
+    run = train.setup(cfg)
+    size, phase = extra["size"], extra["phase"]
+    pixels = train.stage_tensors(run, size)
+    prefix = os.path.join(run.dir, f"lrfind_{size}_{phase}")
+    lr = train.find_lr(run, pixels, int(cfg.batch_size.split(",")[0]), phase == "frozen", prefix)
+    print(f"suggested LR ({cfg.suggest}): {lr:.2e}; curve in {prefix}.png")
+
+
+if __name__ == "__main__":
+    main()

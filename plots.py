@@ -1,0 +1,82 @@
+"""PNG plots drawn with Pillow alone (the project keeps matplotlib out of its dependencies).
+
+    line_plot("lr_find.png", [(lrs, losses, "smoothed loss")], "learning rate", "loss",
+              logx=True, marks=[(2e-3, 0.41, "valley 2.0e-03")])
+"""
+import math
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)  # scalable, where Pillow has FreeType
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _ticks(lo, hi, logx):
+    """About five round tick positions between lo and hi (decades on a log axis)."""
+    if logx:
+        return [10.0 ** e for e in range(math.ceil(math.log10(lo)), math.floor(math.log10(hi)) + 1)]
+    step = 10 ** math.floor(math.log10((hi - lo) / 5 or 1))
+    step *= min((m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= 6), default=10)
+    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def _fmt(v, logx):
+    return f"1e{round(math.log10(v))}" if logx else f"{v:.3g}"
+
+
+def line_plot(path, series, xlabel, ylabel, title="", logx=False, marks=(), size=(800, 500)):
+    """Draw series [(xs, ys, label), ...] into a PNG at path; marks [(x, y, label)] as dots."""
+    W, H = size
+    left, right, top, bottom = 80, 20, 40, 60
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    font, small = _font(16), _font(13)
+    pts = [(x, y) for xs, ys, _ in series for x, y in zip(xs, ys)
+           if math.isfinite(y) and (x > 0 or not logx)]
+    if not pts:
+        pts = [(1, 0), (10, 1)]
+    fx = (lambda v: math.log10(v)) if logx else (lambda v: v)
+    x0, x1 = min(fx(p[0]) for p in pts), max(fx(p[0]) for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = x1 + (x1 == x0), y1 + (y1 == y0)  # a flat series still gets an axis
+    pad = 0.05 * (y1 - y0)
+    y0, y1 = y0 - pad, y1 + pad
+    px = lambda v: left + (fx(v) - x0) / (x1 - x0) * (W - left - right)
+    py = lambda v: H - bottom - (v - y0) / (y1 - y0) * (H - top - bottom)
+
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for t in _ticks(10 ** x0 if logx else x0, 10 ** x1 if logx else x1, logx):
+        x = px(t)
+        d.line([x, H - bottom, x, H - bottom + 5], fill="black")
+        d.line([x, top, x, H - bottom], fill=(230, 230, 230))
+        d.text((x, H - bottom + 8), _fmt(t, logx), fill="black", font=small, anchor="mt")
+    for t in _ticks(y0, y1, False):
+        y = py(t)
+        d.line([left - 5, y, left, y], fill="black")
+        d.line([left, y, W - right, y], fill=(230, 230, 230))
+        d.text((left - 8, y), _fmt(t, False), fill="black", font=small, anchor="rm")
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    d.text(((left + W - right) / 2, H - 18), xlabel, fill="black", font=font, anchor="mm")
+    d.text((10, top - 25), ylabel, fill="black", font=font)
+    d.text((W / 2, 12), title, fill="black", font=font, anchor="mt")
+
+    for k, (xs, ys, label) in enumerate(series):
+        c = COLOURS[k % len(COLOURS)]
+        line = [(px(x), py(y)) for x, y in zip(xs, ys)
+                if math.isfinite(y) and y0 <= y <= y1 and (x > 0 or not logx)]
+        if len(line) > 1:
+            d.line(line, fill=c, width=2)
+        d.line([W - right - 170, top + 15 + 20 * k, W - right - 145, top + 15 + 20 * k],
+               fill=c, width=3)
+        d.text((W - right - 140, top + 15 + 20 * k), label, fill="black", font=small,
+               anchor="lm")
+    for x, y, label in marks:
+        d.ellipse([px(x) - 6, py(y) - 6, px(x) + 6, py(y) + 6], outline=(214, 39, 40), width=3)
+        d.text((px(x) + 10, py(y) - 10), label, fill=(214, 39, 40), font=small, anchor="ld")
+    img.save(path)

@@ -1,0 +1,378 @@
+"""Train COVID-ResNet (Farooq & Hafeez, arXiv 2003.14395): an ImageNet ResNet-50 fine-tuned on
+chest radiographs in three stages of progressive resizing, 128 -> 224 -> 229 px.
+
+    python train.py --demo                                  # phantoms, random init, CPU
+    python train.py --data PATH                             # the paper's 41-epoch schedule
+    python train.py --data PATH --stages 128,224 --unfrozen-epochs 5,10 --weights none
+
+Each stage trains the head alone (body frozen, BatchNorm still learning), then the whole network,
+each phase with its own LR range test (lrfind.py), a one-cycle schedule and, when unfrozen,
+discriminative learning rates per layer group (schedule.py). The paper's stages, as reported:
+128 px 3+5 epochs, 224 px 3+5, 229 px 0+25 at LRs 1e-6..1e-4: 41 epochs. Every run writes
+runs/<name>/ with its config, metrics, LR-finder curves, checkpoints and test metrics.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+from lrfind import lr_find, save_lr_find
+from metrics import classification_metrics, format_metrics
+from model import build_model, layer_groups, set_body_frozen
+from schedule import discriminative_lrs, one_cycle
+
+
+def knob(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # data
+    data: str = knob("", "COVIDx or ImageFolder root, or 'phantom' for synthetic films")
+    train_split: str = knob("", "train split file (default: found in --data)")
+    test_split: str = knob("", "test split file (default: found in --data)")
+    image_dir: str = knob("", "folder holding all images (default: --data/train, --data/test)")
+    subtypes: str = knob("", "subtype.csv: relabel pneumonia as bacterial/viral (4 classes)")
+    phantoms: int = knob(2000, "number of phantom training films (--data phantom)")
+    val_frac: float = knob(0.1, "fraction of training patients held out for validation")
+    allow_patient_overlap: bool = knob(False, "allow patients in both train and test")
+    cache_dir: str = knob(os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
+        "~/.cache")), "covid-resnet"), "where decoded images are cached ('' for none)")
+    resize: str = knob("squish", "squish (whole film) | crop (centre square)")
+    # model
+    arch: str = knob("resnet50", "torchvision ResNet body")
+    weights: str = knob("imagenet", "imagenet | none | path to a state dict")
+    # schedule: one value per stage, or one value for all stages
+    stages: str = knob("128,224,229", "image size of each stage")
+    frozen_epochs: str = knob("3,3,0", "epochs training the head only, per stage")
+    unfrozen_epochs: str = knob("5,5,25", "epochs training all layers, per stage")
+    lr_frozen: str = knob("auto", "max LR per stage: auto (LR finder) | x | lo:hi")
+    lr_unfrozen: str = knob("auto,auto,1e-6:1e-4", "auto = slice(finder's LR) | x | lo:hi")
+    batch_size: str = knob("64", "batch size per stage")
+    pct_start: float = knob(0.25, "one-cycle: fraction of steps warming up")
+    div: float = knob(25.0, "one-cycle: start LR = max LR / div")
+    div_final: float = knob(1e5, "one-cycle: final LR = max LR / div_final")
+    wd: float = knob(0.01, "AdamW decoupled weight decay")
+    lr_find_steps: int = knob(100, "LR finder: steps of the sweep")
+    lr_find_start: float = knob(1e-7, "LR finder: first LR")
+    lr_find_end: float = knob(10.0, "LR finder: last LR")
+    suggest: str = knob("valley", "LR finder suggestion: valley | steep | minimum")
+    # augmentation and class imbalance
+    aug: bool = knob(True, "augment training batches (fastai's defaults)")
+    rotate: float = knob(10.0, "max rotation, degrees")
+    zoom: float = knob(1.1, "max zoom")
+    warp: float = knob(0.2, "perspective warp magnitude")
+    lighting: float = knob(0.2, "brightness/contrast change")
+    flip: bool = knob(False, "random left-right flips")
+    balance: bool = knob(False, "sample every class equally often")
+    class_weights: bool = knob(False, "weight the loss by inverse class frequency")
+    # system
+    seed: int = knob(0, "random seed")
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N")
+    compile: str = knob("auto", "torch.compile: auto (on for CUDA) | on | off")
+    runs: str = knob("runs", "folder for run folders")
+    name: str = knob("", "run name (default: date-time and data set)")
+    demo: bool = knob(False, "quick demo: phantoms, random init, CPU, small sizes")
+
+
+# The demo: every part of the recipe (3 stages, 5 LR finders, one-cycle, discriminative LRs)
+# on small phantoms and sizes, so that it runs on a laptop CPU in about two minutes.
+DEMO = dict(data="phantom", phantoms=480, weights="none", device="cpu", stages="32,48,64",
+            frozen_epochs="1,1,0", unfrozen_epochs="2,2,3", lr_unfrozen="auto",
+            batch_size="32", lr_find_steps=30, lr_find_start=1e-5, lr_find_end=1.0)
+
+
+def parse_args(argv=None, extra=None):
+    """Config from the command line; every field is a flag. extra: {name: (type, default, help)}."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        kw = dict(default=f.default, help=f.metadata["help"] + " (default: %(default)s)")
+        if isinstance(f.default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = type(f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+    for k, (t, d, h) in (extra or {}).items():
+        p.add_argument("--" + k, type=t, default=d, help=h)
+    args = p.parse_args(argv)
+    if args.demo:  # demo values become the defaults; flags given explicitly still win
+        p.set_defaults(**DEMO)
+        args = p.parse_args(argv)
+    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+    if not cfg.data:
+        p.error("pass --data PATH (a COVIDx or ImageFolder root), --data phantom, or --demo")
+    return (cfg, {k: getattr(args, k) for k in extra}) if extra else cfg
+
+
+@dataclass
+class Stage:
+    size: int
+    frozen_epochs: int
+    unfrozen_epochs: int
+    batch_size: int
+    lr_frozen: str
+    lr_unfrozen: str
+
+
+def make_stages(cfg):
+    """The stages as data: comma lists in the config, one value per stage (or one for all)."""
+    sizes = [int(s) for s in cfg.stages.split(",")]
+    cols = {}
+    for name, conv in [("frozen_epochs", int), ("unfrozen_epochs", int), ("batch_size", int),
+                       ("lr_frozen", str), ("lr_unfrozen", str)]:
+        vals = [conv(v) for v in getattr(cfg, name).split(",")]
+        if len(vals) == 1:
+            vals *= len(sizes)
+        if len(vals) != len(sizes):
+            raise SystemExit(f"--{name.replace('_', '-')} has {len(vals)} values for "
+                             f"{len(sizes)} stages ({cfg.stages})")
+        cols[name] = vals
+    return [Stage(s, *(cols[k][i] for k in cols)) for i, s in enumerate(sizes)]
+
+
+@dataclass
+class Run:
+    """What setup() makes once and every phase uses."""
+    cfg: Config
+    dir: str
+    device: torch.device
+    classes: list
+    items: dict  # "train", "val", "test" -> data.Items
+    pixels: dict  # "train", "val", "test" -> {size: uint8 tensor (N, 1, S, S)} on the CPU
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    step: object  # step(x, y) -> loss: forward, backward, optimizer step
+    forward: object  # the model, compiled where asked
+    aug: object
+    loss_weight: torch.Tensor = None
+
+
+def make_step(forward, opt, amp, loss_weight):
+    """One training step. One precision path: bf16 autocast on CUDA (no GradScaler), fp32 on CPU."""
+    def step(x, y):
+        with amp():
+            loss = F.cross_entropy(forward(x), y, weight=loss_weight)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def setup(cfg):
+    """Read and decode the data, build model and optimizer, and make the run folder."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                       if cfg.device == "auto" else cfg.device)
+    print("config: " + json.dumps(dataclasses.asdict(cfg)))
+    classes, splits = data.load_dataset(
+        cfg.data, cfg.train_split, cfg.test_split, cfg.image_dir, cfg.subtypes, cfg.phantoms,
+        cfg.seed, cfg.allow_patient_overlap)
+    tr, va = data.split_patients(splits["train"], cfg.val_frac, cfg.seed)
+    items = {"train": splits["train"].subset(tr), "val": splits["train"].subset(va),
+             "test": splits["test"]}
+    for k, it in items.items():
+        counts = np.bincount(it.labels, minlength=len(classes))
+        print(f"{k:>5}: {len(it):5d} images, " +
+              ", ".join(f"{c} {n}" for c, n in zip(classes, counts)))
+    # Decode once, at every stage size in one pass; val is carved from the decoded train set
+    sizes = [s.size for s in make_stages(cfg)]
+    cache = cfg.cache_dir or None
+    full = data.load_pixels(splits["train"], sizes, cache, cfg.resize)
+    pixels = {"train": {s: t[tr] for s, t in full.items()},
+              "val": {s: t[va] for s, t in full.items()},
+              "test": data.load_pixels(splits["test"], sizes, cache, cfg.resize)}
+
+    name = cfg.name or time.strftime("%Y%m%d-%H%M%S-") + os.path.basename(
+        os.path.normpath(cfg.data))
+    run_dir = os.path.join(cfg.runs, name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({**dataclasses.asdict(cfg), "git_commit": git_commit(),
+                   "torch": torch.__version__, "device": str(dev)}, f, indent=1)
+    with open(os.path.join(run_dir, "classes.json"), "w") as f:
+        json.dump(classes, f)
+
+    model = build_model(len(classes), cfg.weights, cfg.arch).to(dev)
+    cuda = dev.type == "cuda"
+    if cuda:  # NHWC lets the tensor cores run convolutions without transposes
+        model = model.to(memory_format=torch.channels_last)
+    groups = layer_groups(model)
+    # fastai's Adam: betas (0.9, 0.99), decoupled weight decay; one param group per layer group
+    opt = torch.optim.AdamW([{"params": ps, "name": n} for n, ps in groups.items()],
+                            lr=1e-3, betas=(0.9, 0.99), weight_decay=cfg.wd)
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
+    forward = torch.compile(model, dynamic=False) if use_compile else model
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+    weight = None
+    if cfg.class_weights:  # inverse frequency, mean weight 1
+        counts = torch.bincount(torch.tensor(items["train"].labels), minlength=len(classes))
+        weight = (counts.sum() / (len(classes) * counts.clamp(min=1).float())).to(dev)
+    aug = data.Augment(cfg.rotate, cfg.zoom, cfg.warp, cfg.lighting, flip=cfg.flip) \
+        if cfg.aug else None
+    print(f"device {dev}, {'bf16 autocast, channels_last' if cuda else 'fp32'}, "
+          f"compile {'on' if use_compile else 'off'}, run folder {run_dir}")
+    return Run(cfg, run_dir, dev, classes, items, pixels, model, opt,
+               make_step(forward, opt, amp, weight), forward, aug, weight)
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def stage_tensors(run, size):
+    """{split: (uint8 images, labels)} at this stage's size, moved to the device once."""
+    return {k: (run.pixels[k][size].to(run.device),
+                torch.tensor(run.items[k].labels, device=run.device)) for k in run.pixels}
+
+
+def find_lr(run, tensors, batch_size, frozen, prefix):
+    """Run the LR range test for one phase; write prefix.csv/.png; return the suggested LR."""
+    set_body_frozen(run.model, frozen)
+    batches = data.Batches(*tensors["train"], batch_size, train=True, aug=run.aug,
+                           balance=run.cfg.balance, seed=run.cfg.seed + 1)
+    c = run.cfg
+    lrs, raw, smooth = lr_find(run.step, run.model, run.opt, batches, c.lr_find_steps,
+                               c.lr_find_start, c.lr_find_end)
+    return save_lr_find(prefix, lrs, raw, smooth, c.suggest)
+
+
+def resolve_lrs(run, tensors, batch_size, frozen, spec, prefix):
+    """Max LR per layer group from 'auto' | 'x' | 'lo:hi' (see schedule.discriminative_lrs)."""
+    n = len(run.opt.param_groups)
+    if spec == "auto":
+        lr = find_lr(run, tensors, batch_size, frozen, prefix)
+        print(f"  LR finder ({run.cfg.suggest}): {lr:.2e}")
+        # unfrozen: fastai's slice(lr), a tenth of it for the body
+        return [lr] * n if frozen else discriminative_lrs(lr, n)
+    if ":" in spec:
+        lo, hi = spec.split(":")
+        return discriminative_lrs((float(lo), float(hi)), n)
+    return [float(spec)] * n
+
+
+@torch.no_grad()
+def predict(run, x, y, batch_size=256):
+    """(mean loss, accuracy, predicted classes) of the model over (x, y), no augmentation."""
+    run.model.eval()
+    amp = torch.autocast("cuda", torch.bfloat16) if run.device.type == "cuda" else nullcontext()
+    loss, preds = 0.0, []
+    for xb, yb in data.Batches(x, y, batch_size, train=False,
+                               channels_last=run.device.type == "cuda"):
+        with amp:
+            logits = run.forward(xb).float()
+        loss += F.cross_entropy(logits, yb, weight=run.loss_weight, reduction="sum").item()
+        preds.append(logits.argmax(1))
+    run.model.train()
+    preds = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    n = max(1, len(y))
+    return loss / n, (preds == y).float().sum().item() / n, preds.cpu()
+
+
+def fit(run, tensors, batch_size, epochs, lrs, tag, log):
+    """fastai's fit_one_cycle: `epochs` epochs, LR and beta1 of each group set by hand each step."""
+    c = run.cfg
+    batches = data.Batches(*tensors["train"], batch_size, train=True, aug=run.aug,
+                           balance=c.balance, seed=c.seed + zlib.crc32(tag.encode()),
+                           channels_last=run.device.type == "cuda")
+    total, k, rows = epochs * len(batches), 0, []
+    for epoch in range(epochs):
+        t0, loss_sum = time.time(), torch.zeros((), device=run.device)
+        bar = tqdm(batches, desc=f"{tag} {epoch + 1}/{epochs}", leave=False)
+        for i, (x, y) in enumerate(bar):
+            for g, lr_max in zip(run.opt.param_groups, lrs):
+                g["lr"], mom = one_cycle(k, total, lr_max, c.pct_start, c.div, c.div_final)
+                g["betas"] = (mom, g["betas"][1])
+            loss = run.step(x, y)
+            loss_sum += loss
+            k += 1
+            if i % 10 == 0 or i == len(batches) - 1:  # .item() syncs: only when shown
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{run.opt.param_groups[-1]['lr']:.1e}",
+                                img_s=f"{(i + 1) * batch_size / (time.time() - t0):.0f}")
+        train_time = time.time() - t0
+        val_loss, val_acc, _ = predict(run, *tensors["val"]) if len(tensors["val"][1]) \
+            else (float("nan"), float("nan"), None)
+        row = {"phase": tag, "epoch": epoch + 1, "train_loss": loss_sum.item() / len(batches),
+               "val_loss": val_loss, "val_acc": val_acc, "lr": lrs[-1],
+               "img_s": len(batches) * batch_size / train_time, "time": time.time() - t0}
+        rows.append(row)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        print(f"{tag} epoch {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f}, "
+              f"val loss {val_loss:.4f}, val acc {100 * val_acc:.1f}%, "
+              f"{row['img_s']:.0f} img/s, {row['time']:.1f}s")
+    return rows
+
+
+def save_checkpoint(run, path, **extra):
+    """Weights, class names and config: loadable with torch.load(weights_only=True)."""
+    torch.save({"model": run.model.state_dict(), "classes": run.classes,
+                "config": dataclasses.asdict(run.cfg), **extra}, path)
+
+
+def main(cfg):
+    run = setup(cfg)
+    t_start = time.time()
+    stages = make_stages(cfg)
+    with open(os.path.join(run.dir, "metrics.jsonl"), "w") as log:
+        for i, st in enumerate(stages):
+            print(f"\n== stage {i + 1}/{len(stages)}: {st.size} px, head {st.frozen_epochs} "
+                  f"+ all layers {st.unfrozen_epochs} epochs, batch {st.batch_size}")
+            tensors = stage_tensors(run, st.size)
+            table = []
+            for phase, epochs, spec in [("frozen", st.frozen_epochs, st.lr_frozen),
+                                        ("unfrozen", st.unfrozen_epochs, st.lr_unfrozen)]:
+                if epochs == 0:
+                    continue
+                tag = f"s{i + 1}_{st.size}_{phase}"
+                set_body_frozen(run.model, phase == "frozen")
+                lrs = resolve_lrs(run, tensors, st.batch_size, phase == "frozen", spec,
+                                  os.path.join(run.dir, f"lrfind_{tag}"))
+                print(f"  {tag}: max LR per group " + ", ".join(
+                    f"{g['name']} {lr:.1e}" for g, lr in zip(run.opt.param_groups, lrs)))
+                rows = fit(run, tensors, st.batch_size, epochs, lrs, tag, log)
+                table.append((phase, epochs, lrs, rows[-1], sum(r["time"] for r in rows)))
+            print(f"\n{'phase':>9} {'epochs':>6} {'max LRs':>26} {'train loss':>10} "
+                  f"{'val loss':>9} {'val acc':>8} {'time':>7}")
+            for phase, epochs, lrs, r, t in table:
+                lr_txt = "/".join(f"{lr:.0e}" for lr in lrs)
+                print(f"{phase:>9} {epochs:>6} {lr_txt:>26} {r['train_loss']:>10.4f} "
+                      f"{r['val_loss']:>9.4f} {100 * r['val_acc']:>7.1f}% {t:>6.1f}s")
+            save_checkpoint(run, os.path.join(run.dir, f"stage{i + 1}_{st.size}.pt"),
+                            stage=i + 1, size=st.size)
+    save_checkpoint(run, os.path.join(run.dir, "model.pt"), size=stages[-1].size)
+
+    # The test split, touched once: at the last stage's size, no augmentation
+    _, _, preds = predict(run, *tensors["test"])
+    m = classification_metrics(run.items["test"].labels, preds.tolist(), run.classes,
+                               run.items["test"].sources)
+    m["train_time_s"] = time.time() - t_start
+    with open(os.path.join(run.dir, "test_metrics.json"), "w") as f:
+        json.dump(m, f, indent=1)
+    print(f"\n== test split ({len(preds)} images, {stages[-1].size} px)\n" + format_metrics(m))
+    print(f"\nrun folder: {run.dir} ({m['train_time_s']:.0f}s of training and evaluation)")
+    return m
+
+
+if __name__ == "__main__":
+    main(parse_args())
