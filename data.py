@@ -97,14 +97,19 @@ def read_split_file(path):
     return rows
 
 
-def read_image_folder(root):
-    """root/<class>/<image> -> list of (patient, path, label, source); patient = file name."""
+def read_image_folder(root, base=None):
+    """root/<class>/<image> -> list of (patient, path, label, source).
+
+    An ImageFolder tree names no patients: each image counts as its own (its path relative to
+    base), so no patient-level check or split can be made. Prefer split files where you can.
+    """
     rows = []
     for cls in sorted(d.name for d in os.scandir(root) if d.is_dir()):
         for dirpath, _, files in sorted(os.walk(os.path.join(root, cls))):
             for f in sorted(files):
                 if f.lower().endswith(IMAGE_EXTS):
-                    rows.append((os.path.splitext(f)[0], os.path.join(dirpath, f), cls, ""))
+                    path = os.path.join(dirpath, f)
+                    rows.append((os.path.relpath(path, base or root), path, cls, ""))
     return rows
 
 
@@ -155,7 +160,7 @@ def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtyp
             rows[split] = [(p, os.path.join(folder, fn), lab, src)
                            for p, fn, lab, src in read_split_file(f)]
     elif all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test")):
-        rows = {s: read_image_folder(os.path.join(root, s)) for s in ("train", "test")}
+        rows = {s: read_image_folder(os.path.join(root, s), root) for s in ("train", "test")}
     else:  # root/<class>/*: hold out 20% of the patients as the test split
         rows = read_image_folder(root)
         if not rows:

@@ -119,24 +119,25 @@ def save_lr_find(prefix, lrs, raw, smooth, method="valley"):
     # Plot what the suggestion saw: the smoothed curve without its diverging tail
     keep = min(len(smooth), max(2, len(smooth) - 5))
     y_at = smooth[lrs.index(lr)] if lr in lrs else min(smooth[:keep])
-    line_plot(prefix + ".png", [(lrs[:keep], smooth[:keep], "smoothed loss"),
-                                (lrs[:keep], raw[:keep], "raw loss")],
+    line_plot(prefix + ".png", [(lrs[:keep], raw[:keep], "raw loss"),
+                                (lrs[:keep], smooth[:keep], "smoothed loss")],
               "learning rate (log scale)", "loss", title=os.path.basename(prefix),
               logx=True, marks=[(lr, y_at, f"{method} {lr:.1e}")])
     return lr
 
 
-def main():
+def main(argv=None):
     import train  # train.py imports this module; import it only when run as a script
 
-    cfg, extra = train.parse_args(extra={"size": (int, 128, "image size in pixels"),
-                                         "phase": (str, "frozen", "frozen | unfrozen")})
-    run = train.setup(cfg)
+    cfg, extra = train.parse_args(argv, extra={"size": (int, 128, "image size in pixels"),
+                                               "phase": (str, "frozen", "frozen | unfrozen")})
     size, phase = extra["size"], extra["phase"]
+    run = train.setup(cfg, sizes=[size])  # decode the images at this size only
     pixels = train.stage_tensors(run, size)
     prefix = os.path.join(run.dir, f"lrfind_{size}_{phase}")
     lr = train.find_lr(run, pixels, int(cfg.batch_size.split(",")[0]), phase == "frozen", prefix)
     print(f"suggested LR ({cfg.suggest}): {lr:.2e}; curve in {prefix}.png")
+    return lr
 
 
 if __name__ == "__main__":

@@ -1,0 +1,246 @@
+"""Data: both layouts, every image mode, clear errors, the cache, batches and augmentation."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import phantom
+
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cxr-sample")
+
+
+def write_image(path, mode, size=(40, 30)):
+    """A small test image in the given PIL mode, with a left-to-right gradient."""
+    g = np.tile(np.linspace(0, 1, size[0]), (size[1], 1))
+    if mode == "I;16":
+        img = Image.fromarray((g * 4095).astype(np.uint16))  # 12 bits used, as many DICOMs
+    elif mode == "RGBA":
+        a = np.dstack([(g * 255).astype(np.uint8)] * 3 + [np.full(g.shape, 255, np.uint8)])
+        a[:, :5, 3] = 0  # a transparent strip on the left
+        img = Image.fromarray(a, "RGBA")
+    else:
+        img = Image.fromarray((g * 255).astype(np.uint8)).convert(mode)
+    img.save(path)
+
+
+def make_covidx(root, n=6, columns=4):
+    """A COVIDx-style folder: train/, test/, train.txt, test.txt; two classes."""
+    for split in ("train", "test"):
+        os.makedirs(root / split)
+        with open(root / f"{split}.txt", "w") as f:
+            for i in range(n):
+                name = f"{split}{i}.png"
+                write_image(root / split / name, "L")
+                label = ["normal", "COVID-19"][i % 2]
+                f.write(f"{split}-p{i // 2} {name} {label}" + (" src" if columns == 4 else "")
+                        + "\n")
+
+
+@pytest.mark.parametrize("columns", [3, 4])
+def test_covidx_layout(tmp_path, columns):
+    make_covidx(tmp_path, columns=columns)
+    classes, splits = data.load_dataset(str(tmp_path))
+    assert classes == ["COVID-19", "normal"]  # from the data, sorted
+    assert len(splits["train"]) == 6 and len(splits["test"]) == 6
+    assert splits["train"].labels[:2] == [1, 0]
+    assert splits["train"].paths[0] == os.path.join(str(tmp_path), "train", "train0.png")
+    assert splits["train"].sources[0] == ("src" if columns == 4 else "")
+    px = data.load_pixels(splits["train"], [16, 24])
+    assert px[16].shape == (6, 1, 16, 16) and px[24].dtype == torch.uint8
+
+
+def test_split_files_of_other_covidx_versions(tmp_path):
+    make_covidx(tmp_path)
+    os.rename(tmp_path / "train.txt", tmp_path / "train_COVIDx9A.txt")
+    os.rename(tmp_path / "test.txt", tmp_path / "test_COVIDx9A.txt")
+    assert data.find_split_files(str(tmp_path))[0].endswith("train_COVIDx9A.txt")
+    os.rename(tmp_path / "train_COVIDx9A.txt", tmp_path / "train_split.txt")
+    os.rename(tmp_path / "test_COVIDx9A.txt", tmp_path / "test_split.txt")
+    assert data.find_split_files(str(tmp_path))[1].endswith("test_split.txt")
+    # named by the user, with all images in one folder
+    os.makedirs(tmp_path / "all")
+    for s in ("train", "test"):
+        for f in os.listdir(tmp_path / s):
+            os.rename(tmp_path / s / f, tmp_path / "all" / f)
+    classes, splits = data.load_dataset(str(tmp_path), "train_split.txt", "test_split.txt",
+                                        image_dir=str(tmp_path / "all"))
+    assert len(splits["test"]) == 6 and os.path.isfile(splits["test"].paths[0])
+
+
+def test_image_folder_layouts(tmp_path):
+    for split in ("train", "test"):
+        for cls in ("normal", "pneumonia"):
+            os.makedirs(tmp_path / split / cls)
+            for i in range(3):
+                write_image(tmp_path / split / cls / f"{cls}{i}.png", "L")
+    (tmp_path / "train" / "normal" / "notes.txt").write_text("not an image")
+    classes, splits = data.load_dataset(str(tmp_path))
+    assert classes == ["normal", "pneumonia"]
+    assert len(splits["train"]) == 6 and splits["train"].labels == [0, 0, 0, 1, 1, 1]
+    # flat root/<class>/: a fifth of the patients become the test split
+    flat = tmp_path / "train"
+    classes, splits = data.load_dataset(str(flat))
+    assert len(splits["train"]) + len(splits["test"]) == 6 and len(splits["test"]) >= 1
+    assert not set(splits["train"].paths) & set(splits["test"].paths)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "LA", "CMYK"])
+def test_every_image_mode_decodes_to_gray(tmp_path, mode):
+    ext = ".jpg" if mode == "CMYK" else ".png"
+    path = tmp_path / f"img{ext}"
+    write_image(path, mode)
+    out = data.decode(str(path), [20, 10])
+    assert [a.shape for a in out] == [(20, 20), (10, 10)]
+    assert all(a.dtype == np.uint8 for a in out)
+    a = out[0].astype(int)
+    assert a[:, -1].mean() > 200 and a[:, 5].mean() < 80  # the gradient survives
+    if mode == "I;16":  # 12-bit data stretched to the full 8-bit range
+        assert a.max() >= 250 and a.min() <= 5
+    if mode == "RGBA":  # transparent pixels are black
+        assert a[:, 0].max() == 0
+
+
+def test_jpeg_16bit_and_rgba_through_load_pixels(tmp_path):
+    make_covidx(tmp_path)
+    write_image(tmp_path / "train" / "train0.png", "I;16")
+    write_image(tmp_path / "train" / "train1.png", "RGBA")
+    classes, splits = data.load_dataset(str(tmp_path))
+    px = data.load_pixels(splits["train"], [8])[8]
+    assert px.shape == (6, 1, 8, 8) and px[0].max() > 200
+
+
+def test_missing_and_corrupt_files_are_named(tmp_path):
+    make_covidx(tmp_path)
+    os.remove(tmp_path / "train" / "train3.png")
+    classes, splits = data.load_dataset(str(tmp_path))
+    with pytest.raises(data.DataError, match="train3.png"):
+        data.load_pixels(splits["train"], [8])
+    write_image(tmp_path / "train" / "train3.png", "L")
+    (tmp_path / "train" / "train4.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(data.DataError, match=r"1 images could not be read:\n.*train4.png"):
+        data.load_pixels(splits["train"], [8])
+
+
+def test_malformed_line_is_reported_with_its_number(tmp_path):
+    make_covidx(tmp_path)
+    with open(tmp_path / "train.txt", "a") as f:
+        f.write("only-two fields\n")
+    with pytest.raises(data.DataError, match="line 7: 'only-two fields'"):
+        data.load_dataset(str(tmp_path))
+
+
+def test_patient_in_train_and_test_is_an_error_unless_allowed(tmp_path):
+    make_covidx(tmp_path)
+    with open(tmp_path / "test.txt", "a") as f:
+        f.write("train-p0 test0.png normal src\n")
+    with pytest.raises(data.DataError, match="train-p0.*--allow-patient-overlap"):
+        data.load_dataset(str(tmp_path))
+    data.load_dataset(str(tmp_path), allow_patient_overlap=True)
+
+
+def test_unknown_test_label_is_an_error(tmp_path):
+    make_covidx(tmp_path)
+    with open(tmp_path / "test.txt", "a") as f:
+        f.write("new-p test0.png pneumonia src\n")
+    with pytest.raises(data.DataError, match="pneumonia"):
+        data.load_dataset(str(tmp_path))
+
+
+def test_cache_is_reused_and_never_written_beside_the_data(tmp_path, monkeypatch):
+    make_covidx(tmp_path / "d")
+    before = sorted(os.listdir(tmp_path / "d"))
+    classes, splits = data.load_dataset(str(tmp_path / "d"))
+    first = data.load_pixels(splits["train"], [8, 12], cache_dir=str(tmp_path / "cache"))
+    assert len(os.listdir(tmp_path / "cache")) == 2  # one file per size
+    assert sorted(os.listdir(tmp_path / "d")) == before
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded although cached")
+    monkeypatch.setattr(data, "decode", no_decoding)
+    second = data.load_pixels(splits["train"], [8, 12], cache_dir=str(tmp_path / "cache"))
+    assert torch.equal(first[12], second[12])
+    # a rewritten image invalidates the cache
+    write_image(tmp_path / "d" / "train" / "train2.png", "RGB", size=(50, 50))
+    os.utime(tmp_path / "d" / "train" / "train2.png", ns=(1, 1))
+    with pytest.raises(AssertionError, match="decoded although cached"):
+        data.load_pixels(splits["train"], [8], cache_dir=str(tmp_path / "cache"))
+
+
+def test_split_patients_keeps_patients_whole_and_classes_balanced():
+    items = data.Items(labels=[i % 2 for i in range(200)], patients=[f"p{i // 4}" for i in range(200)])
+    items.labels = [int(p[1:]) % 2 for p in items.patients]  # one class per patient
+    tr, va = data.split_patients(items, 0.1, seed=0)
+    assert sorted(tr + va) == list(range(200))
+    assert not {items.patients[i] for i in tr} & {items.patients[i] for i in va}
+    for c in (0, 1):
+        n_val = sum(items.labels[i] == c for i in va)
+        assert 8 <= n_val <= 16  # ~10% of each class's 100 images, in whole patients
+
+
+def test_batches_train_and_eval():
+    imgs = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 4, 4).clone()
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    train = data.Batches(imgs, labels, 3, train=True, seed=1)
+    batches = list(train)
+    assert len(batches) == len(train) == 3  # the partial last batch is dropped
+    assert all(x.shape == (3, 3, 4, 4) and x.dtype == torch.float32 for x, _ in batches)
+    seen = [int(round((x[i, 0, 0, 0] * data.STD[0] + data.MEAN[0]).item() * 255))
+            for x, _ in batches for i in range(3)]
+    assert len(set(seen)) == 9  # no image twice in one pass
+    assert [b[0].sum() for b in batches] != [b[0].sum() for b in train]  # reshuffled
+    ev = list(data.Batches(imgs, labels, 4, train=False))
+    assert [len(y) for _, y in ev] == [4, 4, 2] and torch.equal(torch.cat([y for _, y in ev]),
+                                                                 labels)
+    balanced = data.Batches(imgs, labels, 10, train=True, balance=True, seed=0)
+    ys = torch.cat([y for _ in range(50) for _, y in balanced])
+    assert 0.4 < ys.float().mean().item() < 0.6  # the 20% class drawn half the time
+
+
+def test_no_augmentation_is_identity_and_normalisation_is_imagenet():
+    imgs = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    x, _ = next(iter(data.Batches(imgs, torch.zeros(4, dtype=torch.long), 4, train=False)))
+    for c in range(3):
+        expect = (imgs[:, 0].float() / 255 - data.MEAN[c]) / data.STD[c]
+        assert torch.allclose(x[:, c], expect, atol=1e-6)
+    cl = data.normalize(imgs.float() / 255, channels_last=True)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_augmentation_invariants():
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    y = data.Augment(flip=True)(x, gen)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert y.min() >= 0 and y.max() <= 1
+    assert not torch.allclose(x, y)
+    same = data.Augment(rotate=0, zoom=1.0, warp=0, lighting=0)(x, gen)
+    assert torch.allclose(same, x, atol=1e-5)  # the identity transform resamples exactly
+    a = data.Augment()(x, torch.Generator().manual_seed(3))
+    b = data.Augment()(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)  # reproducible from the seed
+
+
+def test_phantoms_are_deterministic_and_have_four_classes():
+    c1, s1 = data.load_dataset("phantom", n_phantoms=40, seed=1)
+    _, s1b = data.load_dataset("phantom", n_phantoms=40, seed=1)
+    _, s2 = data.load_dataset("phantom", n_phantoms=40, seed=2)
+    assert c1 == phantom.CLASSES and len(c1) == 4
+    assert np.array_equal(s1["train"].pixels, s1b["train"].pixels)
+    assert not np.array_equal(s1["train"].pixels, s2["train"].pixels)
+    assert not set(s1["train"].patients) & set(s1["test"].patients)
+    px = data.load_pixels(s1["test"], [16, 24])
+    assert px[24].shape == (40, 1, 24, 24) and px[24].dtype == torch.uint8
+
+
+@pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="../shared/data/cxr-sample absent")
+def test_real_sample_three_and_four_classes():
+    classes, splits = data.load_dataset(SAMPLE)
+    assert classes == ["COVID-19", "normal", "pneumonia"]
+    assert len(splits["train"]) == 192 and len(splits["test"]) == 47
+    classes, splits = data.load_dataset(SAMPLE, subtypes=os.path.join(SAMPLE, "subtype.csv"))
+    assert classes == ["COVID-19", "bacterial", "normal", "viral"]
+    assert len(splits["train"]) < 192  # pneumonia films of unknown kind are left out

@@ -1,0 +1,106 @@
+"""End to end: tiny three-stage runs on phantoms and on the real sample, and the command line."""
+import json
+import os
+
+import pytest
+import torch
+
+import lrfind
+import train
+from model import build_model
+
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cxr-sample")
+# Small sizes, ResNet-18 and few steps keep each run to a few dozen CPU seconds
+TINY = ["--arch", "resnet18", "--weights", "none", "--device", "cpu", "--stages", "32,40,48",
+        "--frozen-epochs", "1,0,0", "--unfrozen-epochs", "2,2,3", "--batch-size", "16",
+        "--lr-find-steps", "16", "--lr-find-start", "1e-5", "--lr-find-end", "1",
+        "--lr-find-beta", "0.9", "--lr-unfrozen", "auto,auto,1e-4:1e-2"]
+
+
+def check_run_folder(run_dir, classes, n_epochs):
+    files = set(os.listdir(run_dir))
+    assert {"config.json", "classes.json", "metrics.jsonl", "test_metrics.json",
+            "model.pt", "stage1_32.pt", "stage2_40.pt", "stage3_48.pt"} <= files
+    # an LR finder curve for each 'auto' phase: s1 frozen, s1 and s2 unfrozen
+    for tag in ("s1_32_frozen", "s1_32_unfrozen", "s2_40_unfrozen"):
+        assert {f"lrfind_{tag}.csv", f"lrfind_{tag}.png"} <= files
+    assert "lrfind_s3_48_unfrozen.csv" not in files  # stage 3 had explicit LRs
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    assert cfg["stages"] == "32,40,48" and "git_commit" in cfg
+    assert json.load(open(os.path.join(run_dir, "classes.json"))) == classes
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert len(rows) == n_epochs
+    assert rows[-1]["phase"] == "s3_48_unfrozen" and rows[-1]["lr"] == pytest.approx(1e-2)
+    ck = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
+    assert ck["classes"] == classes and ck["config"]["arch"] == "resnet18"
+    m = build_model(len(classes), os.path.join(run_dir, "model.pt"), "resnet18")
+    assert torch.equal(m.head[7].weight, ck["model"]["head.7.weight"])
+    return rows, json.load(open(os.path.join(run_dir, "test_metrics.json")))
+
+
+def test_tiny_three_stage_run_on_phantoms_beats_chance(tmp_path, capsys):
+    cfg = train.parse_args(["--data", "phantom", "--phantoms", "320", "--runs", str(tmp_path),
+                            "--name", "ph", "--cache-dir", ""] + TINY)
+    m = train.main(cfg)
+    rows, saved = check_run_folder(tmp_path / "ph", ["COVID-19", "bacterial", "normal", "viral"],
+                                   8)
+    assert saved["accuracy"] == m["accuracy"] and saved["n"] == 64
+    assert m["accuracy"]["value"] > 0.45  # chance is 0.25 for four balanced classes
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    out = capsys.readouterr().out
+    assert "stage 3/3: 48 px" in out and "sensitivity" in out and "confusion matrix" in out
+    assert "max LR per group stem-layer2 1.0e-04, layer3-layer4 1.0e-03, head 1.0e-02" in out
+
+
+@pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="../shared/data/cxr-sample absent")
+def test_tiny_three_stage_run_on_the_real_sample(tmp_path):
+    cache = tmp_path / "cache"
+    cfg = train.parse_args(["--data", SAMPLE, "--runs", str(tmp_path), "--name", "real",
+                            "--cache-dir", str(cache)] + TINY)
+    m = train.main(cfg)
+    rows, saved = check_run_folder(tmp_path / "real", ["COVID-19", "normal", "pneumonia"], 8)
+    assert m["n"] == 47 and sum(map(sum, m["confusion_matrix"])) == 47
+    assert set(m["per_source"]) == {"actualmed", "figure1", "kermany", "nih"}
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert len(os.listdir(cache)) == 6  # train and test, at three sizes; data left untouched
+
+
+def test_lrfind_runs_on_its_own(tmp_path):
+    lr = lrfind.main(["--data", "phantom", "--phantoms", "64", "--size", "32", "--arch",
+                      "resnet18", "--weights", "none", "--device", "cpu", "--batch-size", "16",
+                      "--lr-find-steps", "12", "--runs", str(tmp_path), "--name", "f",
+                      "--cache-dir", ""])
+    assert 1e-7 <= lr <= 10
+    assert {"lrfind_32_frozen.csv", "lrfind_32_frozen.png"} <= set(os.listdir(tmp_path / "f"))
+
+
+def test_stages_are_data_from_the_command_line():
+    cfg = train.parse_args(["--data", "x"])
+    st = train.make_stages(cfg)  # the paper's schedule by default: 41 epochs
+    assert [(s.size, s.frozen_epochs, s.unfrozen_epochs) for s in st] == \
+        [(128, 3, 5), (224, 3, 5), (229, 0, 25)]
+    assert sum(s.frozen_epochs + s.unfrozen_epochs for s in st) == 41
+    assert st[2].lr_unfrozen == "1e-6:1e-4" and st[0].lr_frozen == "auto"
+    assert all(s.batch_size == 64 for s in st)
+    cfg = train.parse_args(["--data", "x", "--stages", "64,96", "--frozen-epochs", "0",
+                            "--unfrozen-epochs", "1,2", "--lr-unfrozen", "1e-3"])
+    assert [(s.size, s.frozen_epochs, s.unfrozen_epochs) for s in train.make_stages(cfg)] == \
+        [(64, 0, 1), (96, 0, 2)]
+    with pytest.raises(SystemExit, match="3 values for 2 stages"):
+        train.make_stages(train.parse_args(["--data", "x", "--stages", "64,96"]))
+
+
+def test_demo_defaults_can_be_overridden_and_data_is_required(capsys):
+    cfg = train.parse_args(["--demo", "--stages", "32,40,48"])
+    assert cfg.data == "phantom" and cfg.weights == "none" and cfg.stages == "32,40,48"
+    with pytest.raises(SystemExit):
+        train.parse_args([])
+    assert "--data PATH" in capsys.readouterr().err
+
+
+def test_resolve_lrs_forms():
+    class R:  # resolve_lrs needs only the optimizer's groups for explicit LRs
+        opt = torch.optim.AdamW([{"params": [torch.zeros(1)]} for _ in range(3)])
+    assert train.resolve_lrs(R, None, 0, False, "1e-6:1e-4", "") == pytest.approx(
+        [1e-6, 1e-5, 1e-4])
+    assert train.resolve_lrs(R, None, 0, True, "3e-3", "") == pytest.approx([3e-3] * 3)
