@@ -18,6 +18,7 @@ import random
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -263,16 +264,12 @@ def decode(path, sizes, mode="squish"):
         return f"{type(e).__name__}: {e}"
 
 
-def _decode_star(args):
-    return decode(*args)
-
-
-def fingerprint(paths, size, mode):
-    """Cache key: the files' identity (path, byte size, modification time) and the size.
+def fingerprint(paths, mode):
+    """Cache key of a list of files: each one's path, byte size and modification time.
 
     A cheap stand-in for hashing every byte: any rewrite of a file changes its mtime.
     """
-    h = hashlib.sha1(f"v{CACHE_VERSION} {size} {mode}".encode())
+    h = hashlib.sha1(f"v{CACHE_VERSION} {mode}".encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)} {st.st_size} {st.st_mtime_ns}\n".encode())
@@ -295,22 +292,23 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None):
         raise DataError(f"{len(missing)} listed images are missing:\n  " +
                         "\n  ".join(missing[:10]) + "\nCheck --data / --image-dir.")
     out, todo, keys = {}, [], {}
+    key = cache_dir and fingerprint(items.paths, mode)
     for s in sizes:
-        keys[s] = cache_dir and os.path.join(cache_dir, f"{fingerprint(items.paths, s, mode)}.npy")
+        keys[s] = cache_dir and os.path.join(cache_dir, f"{key}-{s}px.npy")
         if keys[s] and os.path.isfile(keys[s]):
             out[s] = torch.from_numpy(np.load(keys[s]))
         else:
             todo.append(s)
     if not todo:
         return out
-    workers = workers or os.cpu_count()
-    jobs = [(p, todo, mode) for p in items.paths]
-    bar = dict(total=len(jobs), desc=f"decoding {len(jobs)} images at {todo} px", unit="img")
-    if workers == 1 or len(jobs) < 256:  # a pool costs more than it saves on a few images
-        results = [decode(*j) for j in tqdm(jobs, **bar)]
+    workers, n = workers or os.cpu_count(), len(items.paths)
+    bar = dict(total=n, desc=f"decoding {n} images at {todo} px", unit="img")
+    if workers == 1 or n < 64:  # a pool costs more than it saves on a few images
+        results = [decode(p, todo, mode) for p in tqdm(items.paths, **bar)]
     else:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(pool.map(_decode_star, jobs, chunksize=16), **bar))
+            results = list(tqdm(pool.map(decode, items.paths, repeat(todo), repeat(mode),
+                                         chunksize=16), **bar))
     bad = [f"{p} ({r})" for p, r in zip(items.paths, results) if isinstance(r, str)]
     if bad:
         raise DataError(f"{len(bad)} images could not be read:\n  " + "\n  ".join(bad[:10]) +
@@ -372,10 +370,14 @@ class Augment:
         return x
 
 
+_STATS = {}  # device -> (mean, std) tensors, made once rather than copied every batch
+
+
 def normalize(x, channels_last=False):
     """(B, 1, H, W) in [0, 1] -> (B, 3, H, W) ImageNet-normalised, the body's input."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    if x.device not in _STATS:
+        _STATS[x.device] = [torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (MEAN, STD)]
+    mean, std = _STATS[x.device]
     x = (x - mean) / std  # broadcasting makes the three channels
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 

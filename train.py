@@ -30,12 +30,12 @@ from tqdm import tqdm
 import data
 from lrfind import lr_find, save_lr_find
 from metrics import classification_metrics, format_metrics
-from model import build_model, layer_groups, set_body_frozen
+from model import ARCHS, build_model, layer_groups, set_body_frozen
 from schedule import discriminative_lrs, one_cycle
 
 
-def knob(default, help):
-    return field(default=default, metadata={"help": help})
+def knob(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -51,9 +51,10 @@ class Config:
     allow_patient_overlap: bool = knob(False, "allow patients in both train and test")
     cache_dir: str = knob(os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
         "~/.cache")), "covid-resnet"), "where decoded images are cached ('' for none)")
-    resize: str = knob("squish", "squish (whole film) | crop (centre square)")
+    resize: str = knob("squish", "squish (whole film) | crop (centre square)",
+                       ["squish", "crop"])
     # model
-    arch: str = knob("resnet50", "torchvision ResNet body")
+    arch: str = knob("resnet50", "torchvision ResNet body", list(ARCHS))
     weights: str = knob("imagenet", "imagenet | none | path to a state dict")
     # schedule: one value per stage, or one value for all stages
     stages: str = knob("128,224,229", "image size of each stage")
@@ -70,7 +71,7 @@ class Config:
     lr_find_start: float = knob(1e-7, "LR finder: first LR")
     lr_find_end: float = knob(10.0, "LR finder: last LR")
     lr_find_beta: float = knob(0.98, "LR finder: loss smoothing (EMA) factor")
-    suggest: str = knob("valley", "LR finder suggestion: valley | steep | minimum")
+    suggest: str = knob("valley", "LR finder suggestion", ["valley", "steep", "minimum"])
     # augmentation and class imbalance
     aug: bool = knob(True, "augment training batches (fastai's defaults)")
     rotate: float = knob(10.0, "max rotation, degrees")
@@ -83,7 +84,7 @@ class Config:
     # system
     seed: int = knob(0, "random seed")
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
-    compile: str = knob("auto", "torch.compile: auto (on for CUDA) | on | off")
+    compile: str = knob("auto", "torch.compile: auto is on for CUDA", ["auto", "on", "off"])
     runs: str = knob("runs", "folder for run folders")
     name: str = knob("", "run name (default: date-time and data set)")
     demo: bool = knob(False, "quick demo: phantoms, random init, CPU, small sizes")
@@ -95,7 +96,7 @@ class Config:
 # Short sweeps need a shorter loss average than fastai's 0.98 (a memory of ~50 steps).
 DEMO = dict(data="phantom", phantoms=640, arch="resnet18", weights="none", device="cpu",
             stages="32,48,64", frozen_epochs="1,1,0", unfrozen_epochs="3,3,4",
-            lr_unfrozen="auto", batch_size="32", lr_find_steps=30, lr_find_start=1e-5,
+            lr_unfrozen="auto", batch_size="32", lr_find_steps=30, lr_find_start=1e-4,
             lr_find_end=1.0, lr_find_beta=0.9)
 
 
@@ -104,7 +105,8 @@ def parse_args(argv=None, extra=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Config):
-        kw = dict(default=f.default, help=f.metadata["help"] + " (default: %(default)s)")
+        kw = dict(default=f.default, help=f.metadata["help"] + " (default: %(default)s)",
+                  choices=f.metadata["choices"])
         if isinstance(f.default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         else:
@@ -185,6 +187,8 @@ def setup(cfg, sizes=None):
     torch.manual_seed(cfg.seed)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                        if cfg.device == "auto" else cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {cfg.device}: no CUDA device is available; use --device cpu")
     print("config: " + json.dumps(dataclasses.asdict(cfg)))
     classes, splits = data.load_dataset(
         cfg.data, cfg.train_split, cfg.test_split, cfg.image_dir, cfg.subtypes, cfg.phantoms,
@@ -223,6 +227,8 @@ def setup(cfg, sizes=None):
     opt = torch.optim.AdamW([{"params": ps, "name": n} for n, ps in groups.items()],
                             lr=1e-3, betas=(0.9, 0.99), weight_decay=cfg.wd)
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
+    if use_compile:  # one static graph per stage size x (frozen, unfrozen, eval): keep them all
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     forward = torch.compile(model, dynamic=False) if use_compile else model
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
     weight = None
@@ -251,11 +257,17 @@ def stage_tensors(run, size):
                 torch.tensor(run.items[k].labels, device=run.device)) for k in run.pixels}
 
 
+def train_batches(run, tensors, batch_size, tag):
+    """Shuffled, augmented training batches; each phase draws its own reproducible order."""
+    return data.Batches(*tensors["train"], batch_size, train=True, aug=run.aug,
+                        balance=run.cfg.balance, seed=run.cfg.seed + zlib.crc32(tag.encode()),
+                        channels_last=run.device.type == "cuda")
+
+
 def find_lr(run, tensors, batch_size, frozen, prefix):
     """Run the LR range test for one phase; write prefix.csv/.png; return the suggested LR."""
     set_body_frozen(run.model, frozen)
-    batches = data.Batches(*tensors["train"], batch_size, train=True, aug=run.aug,
-                           balance=run.cfg.balance, seed=run.cfg.seed + 1)
+    batches = train_batches(run, tensors, batch_size, prefix)
     c = run.cfg
     lrs, raw, smooth = lr_find(run.step, run.model, run.opt, batches, c.lr_find_steps,
                                c.lr_find_start, c.lr_find_end, c.lr_find_beta)
@@ -284,8 +296,11 @@ def predict(run, x, y, batch_size=256):
     loss, preds = 0.0, []
     for xb, yb in data.Batches(x, y, batch_size, train=False,
                                channels_last=run.device.type == "cuda"):
+        n = len(yb)
+        if n < batch_size:  # pad the last batch: one static shape, no recompilation
+            xb = torch.cat([xb, xb.new_zeros(batch_size - n, *xb.shape[1:])])
         with amp:
-            logits = run.forward(xb).float()
+            logits = run.forward(xb)[:n].float()
         loss += F.cross_entropy(logits, yb, weight=run.loss_weight, reduction="sum").item()
         preds.append(logits.argmax(1))
     run.model.train()
@@ -297,9 +312,7 @@ def predict(run, x, y, batch_size=256):
 def fit(run, tensors, batch_size, epochs, lrs, tag, log):
     """fastai's fit_one_cycle: `epochs` epochs, LR and beta1 of each group set by hand each step."""
     c = run.cfg
-    batches = data.Batches(*tensors["train"], batch_size, train=True, aug=run.aug,
-                           balance=c.balance, seed=c.seed + zlib.crc32(tag.encode()),
-                           channels_last=run.device.type == "cuda")
+    batches = train_batches(run, tensors, batch_size, tag)
     total, k, rows = epochs * len(batches), 0, []
     for epoch in range(epochs):
         t0, loss_sum = time.time(), torch.zeros((), device=run.device)
