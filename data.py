@@ -114,14 +114,11 @@ def read_image_folder(root, base=None):
     return rows
 
 
-def read_subtypes(path):
-    """subtype.csv (`filename,subtype`) -> {filename: subtype} for the 4-class labels."""
+def apply_subtypes(rows, path):
+    """4 classes from 3: 'pneumonia' becomes its subtype (bacterial, viral) from a CSV file
+    `filename,subtype`; pneumonia of unknown kind is left out."""
     with open(path, newline="") as f:
-        return {r["filename"]: r["subtype"] for r in csv.DictReader(f)}
-
-
-def apply_subtypes(rows, subtypes):
-    """Replace 'pneumonia' by its subtype (bacterial, viral); drop pneumonia of unknown kind."""
+        subtypes = {r["filename"]: r["subtype"] for r in csv.DictReader(f)}
     out = []
     for pid, fname, label, source in rows:
         if label.lower() == "pneumonia":
@@ -174,8 +171,7 @@ def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtyp
         tr, te = split_patients(Items(labels=labels, patients=[r[0] for r in rows]), 0.2, seed)
         rows = {"train": [rows[i] for i in tr], "test": [rows[i] for i in te]}
     if subtypes:
-        sub = read_subtypes(subtypes)
-        rows = {s: apply_subtypes(r, sub) for s, r in rows.items()}
+        rows = {s: apply_subtypes(r, subtypes) for s, r in rows.items()}
     classes = sorted({r[2] for r in rows["train"]})
     check_rows(rows, classes, allow_patient_overlap)
     idx = {c: i for i, c in enumerate(classes)}
@@ -220,7 +216,7 @@ def split_patients(items, frac, seed):
         rng.shuffle(pats)
         want = frac * sum(len(by_patient[p]) for p in pats)
         taken = 0
-        for p in pats:
+        for p in pats[:-1]:  # the last patient stays: every class keeps training images
             if taken >= want:
                 break
             val += by_patient[p]

@@ -88,6 +88,8 @@ def valley(lrs, losses):
                 run[i] = run[j] + 1
         if run[end] < run[i]:
             end, start = i, i - run[i]
+    # (fastai notes `start` inside the inner loop, from a run length it may still raise;
+    # here it comes from the final one, which is what "longest stretch" means)
     third = (end - start) / 3
     return lrs[max(0, start + int(third) + int(third / 2))]
 

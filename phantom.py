@@ -14,6 +14,7 @@ pipeline works, nothing about radiographs.
 """
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 CLASSES = ["COVID-19", "bacterial", "normal", "viral"]  # sorted, as load_dataset sorts labels
 SIZE = 256
@@ -70,6 +71,7 @@ def make_split(n, seed, prefix):
     """n films of random classes; one or two films per patient, as in real data sets."""
     rng = np.random.default_rng(seed)
     labels, patients, pixels = [], [], []
+    bar = tqdm(total=n, desc=f"rendering {n} phantoms", unit="img", leave=False)
     while len(labels) < n:
         c = int(rng.integers(len(CLASSES)))
         pid = f"{prefix}{len(set(patients)):05d}"
@@ -77,6 +79,8 @@ def make_split(n, seed, prefix):
             labels.append(c)
             patients.append(pid)
             pixels.append(render(CLASSES[c], rng))
+            bar.update()
+    bar.close()
     return labels, patients, np.stack(pixels)
 
 

@@ -222,6 +222,7 @@ def setup(cfg, sizes=None):
     cuda = dev.type == "cuda"
     if cuda:  # NHWC lets the tensor cores run convolutions without transposes
         model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # shapes are static within a stage
     groups = layer_groups(model)
     # fastai's Adam: betas (0.9, 0.99), decoupled weight decay; one param group per layer group
     opt = torch.optim.AdamW([{"params": ps, "name": n} for n, ps in groups.items()],

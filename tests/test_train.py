@@ -104,3 +104,25 @@ def test_resolve_lrs_forms():
     assert train.resolve_lrs(R, None, 0, False, "1e-6:1e-4", "") == pytest.approx(
         [1e-6, 1e-5, 1e-4])
     assert train.resolve_lrs(R, None, 0, True, "3e-3", "") == pytest.approx([3e-3] * 3)
+
+
+def test_bad_data_stops_before_training(tmp_path):
+    from test_data import make_covidx
+    make_covidx(tmp_path / "d")
+    (tmp_path / "d" / "test" / "test2.png").write_bytes(b"not a png")
+    cfg = train.parse_args(["--data", str(tmp_path / "d"), "--runs", str(tmp_path / "runs"),
+                            "--cache-dir", ""] + TINY)
+    with pytest.raises(train.data.DataError, match="test2.png"):
+        train.main(cfg)
+    assert not os.path.exists(tmp_path / "runs")  # failed before any run folder or training
+
+
+def test_class_weights_and_balance_options(tmp_path):
+    cfg = train.parse_args(["--data", "phantom", "--phantoms", "64", "--runs", str(tmp_path),
+                            "--cache-dir", "", "--class-weights", "--balance"] + TINY)
+    run = train.setup(cfg, sizes=[32])
+    counts = torch.bincount(torch.tensor(run.items["train"].labels), minlength=4).float()
+    expect = counts.sum() / (4 * counts)  # inverse frequency, mean weight 1 over images
+    assert torch.allclose(run.loss_weight, expect)
+    batches = train.train_batches(run, train.stage_tensors(run, 32), 16, "t")
+    assert batches.balance and len(batches) == len(run.items["train"]) // 16
