@@ -135,10 +135,10 @@ def main(argv=None):
                                                "phase": (str, "frozen", "frozen | unfrozen")})
     size, phase = extra["size"], extra["phase"]
     run = train.setup(cfg, sizes=[size])  # decode the images at this size only
-    pixels = train.stage_tensors(run, size)
-    prefix = os.path.join(run.dir, f"lrfind_{size}_{phase}")
-    lr = train.find_lr(run, pixels, int(cfg.batch_size.split(",")[0]), phase == "frozen", prefix)
-    print(f"suggested LR ({cfg.suggest}): {lr:.2e}; curve in {prefix}.png")
+    tensors = train.stage_tensors(run, size)
+    tag = f"{size}_{phase}"
+    lr = train.find_lr(run, tensors, int(cfg.batch_size.split(",")[0]), phase == "frozen", tag)
+    print(f"suggested LR ({cfg.suggest}): {lr:.2e}; curve in {run.dir}/lrfind_{tag}.png")
     return lr
 
 

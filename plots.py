@@ -7,7 +7,8 @@ import math
 
 from PIL import Image, ImageDraw, ImageFont
 
-COLOURS = [(180, 200, 225), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+# a light blue first, for a noisy raw series drawn behind its smoothed version
+COLOURS = [(180, 200, 225), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
 
 
 def _font(size):

@@ -208,6 +208,8 @@ def setup(cfg, sizes=None):
               "val": {s: t[va] for s, t in full.items()},
               "test": data.load_pixels(splits["test"], sizes, cache, cfg.resize)}
 
+    model = build_model(len(classes), cfg.weights, cfg.arch).to(dev)
+    # The run folder comes last: a run that cannot start leaves none behind
     name = cfg.name or time.strftime("%Y%m%d-%H%M%S-") + os.path.basename(
         os.path.normpath(cfg.data))
     run_dir = os.path.join(cfg.runs, name)
@@ -218,7 +220,6 @@ def setup(cfg, sizes=None):
     with open(os.path.join(run_dir, "classes.json"), "w") as f:
         json.dump(classes, f)
 
-    model = build_model(len(classes), cfg.weights, cfg.arch).to(dev)
     cuda = dev.type == "cuda"
     if cuda:  # NHWC lets the tensor cores run convolutions without transposes
         model = model.to(memory_format=torch.channels_last)
@@ -265,21 +266,21 @@ def train_batches(run, tensors, batch_size, tag):
                         channels_last=run.device.type == "cuda")
 
 
-def find_lr(run, tensors, batch_size, frozen, prefix):
-    """Run the LR range test for one phase; write prefix.csv/.png; return the suggested LR."""
+def find_lr(run, tensors, batch_size, frozen, tag):
+    """Run the LR range test for one phase; write lrfind_<tag>.csv/.png; return the LR."""
     set_body_frozen(run.model, frozen)
-    batches = train_batches(run, tensors, batch_size, prefix)
+    batches = train_batches(run, tensors, batch_size, "lrfind_" + tag)
     c = run.cfg
     lrs, raw, smooth = lr_find(run.step, run.model, run.opt, batches, c.lr_find_steps,
                                c.lr_find_start, c.lr_find_end, c.lr_find_beta)
-    return save_lr_find(prefix, lrs, raw, smooth, c.suggest)
+    return save_lr_find(os.path.join(run.dir, "lrfind_" + tag), lrs, raw, smooth, c.suggest)
 
 
-def resolve_lrs(run, tensors, batch_size, frozen, spec, prefix):
+def resolve_lrs(run, tensors, batch_size, frozen, spec, tag):
     """Max LR per layer group from 'auto' | 'x' | 'lo:hi' (see schedule.discriminative_lrs)."""
     n = len(run.opt.param_groups)
     if spec == "auto":
-        lr = find_lr(run, tensors, batch_size, frozen, prefix)
+        lr = find_lr(run, tensors, batch_size, frozen, tag)
         print(f"  LR finder ({run.cfg.suggest}): {lr:.2e}")
         # unfrozen: fastai's slice(lr), a tenth of it for the body
         return [lr] * n if frozen else discriminative_lrs(lr, n)
@@ -326,7 +327,8 @@ def fit(run, tensors, batch_size, epochs, lrs, tag, log):
             loss_sum += loss
             k += 1
             if i % 10 == 0 or i == len(batches) - 1:  # .item() syncs: only when shown
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{run.opt.param_groups[-1]['lr']:.1e}",
+                bar.set_postfix(loss=f"{loss.item():.3f}",
+                                lr=f"{run.opt.param_groups[-1]['lr']:.1e}",
                                 img_s=f"{(i + 1) * batch_size / (time.time() - t0):.0f}")
         train_time = time.time() - t0
         val_loss, val_acc, _ = predict(run, *tensors["val"]) if len(tensors["val"][1]) \
@@ -365,8 +367,7 @@ def main(cfg):
                     continue
                 tag = f"s{i + 1}_{st.size}_{phase}"
                 set_body_frozen(run.model, phase == "frozen")
-                lrs = resolve_lrs(run, tensors, st.batch_size, phase == "frozen", spec,
-                                  os.path.join(run.dir, f"lrfind_{tag}"))
+                lrs = resolve_lrs(run, tensors, st.batch_size, phase == "frozen", spec, tag)
                 print(f"  {tag}: max LR per group " + ", ".join(
                     f"{g['name']} {lr:.1e}" for g, lr in zip(run.opt.param_groups, lrs)))
                 rows = fit(run, tensors, st.batch_size, epochs, lrs, tag, log)

@@ -170,8 +170,8 @@ def test_cache_is_reused_and_never_written_beside_the_data(tmp_path, monkeypatch
 
 
 def test_split_patients_keeps_patients_whole_and_classes_balanced():
-    items = data.Items(labels=[i % 2 for i in range(200)], patients=[f"p{i // 4}" for i in range(200)])
-    items.labels = [int(p[1:]) % 2 for p in items.patients]  # one class per patient
+    patients = [f"p{i // 4}" for i in range(200)]  # 50 patients with 4 films each
+    items = data.Items(labels=[int(p[1:]) % 2 for p in patients], patients=patients)
     tr, va = data.split_patients(items, 0.1, seed=0)
     assert sorted(tr + va) == list(range(200))
     assert not {items.patients[i] for i in tr} & {items.patients[i] for i in va}
