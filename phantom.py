@@ -92,3 +92,27 @@ def dataset(n_train=2000, seed=0):
         labels, patients, pixels = make_split(n, [seed, k], f"phantom-{split}-")
         splits[split] = Items([None] * n, labels, patients, ["phantom"] * n, pixels)
     return list(CLASSES), splits
+
+
+def _save_png(args):
+    pixels, path, size = args
+    Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(path, compress_level=1)
+
+
+def write_covidx(root, n_train, n_test, size=1024, seed=0, workers=None):
+    """Write phantoms as a COVIDx folder (train/, test/, train.txt, test.txt) of 8-bit PNGs
+    at `size` px: real files, for timing decoding and caching (bench.py)."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    jobs = []
+    for k, (split, n) in enumerate([("train", n_train), ("test", n_test)]):
+        labels, patients, pixels = make_split(n, [seed, k], f"phantom-{split}-")
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        with open(os.path.join(root, f"{split}.txt"), "w") as f:
+            for i, (c, p) in enumerate(zip(labels, patients)):
+                name = f"{split}-{i:06d}.png"
+                f.write(f"{p} {name} {CLASSES[c]} phantom\n")
+                jobs.append((pixels[i], os.path.join(root, split, name), size))
+    with ProcessPoolExecutor(workers) as pool:
+        list(tqdm(pool.map(_save_png, jobs, chunksize=16), total=len(jobs),
+                  desc=f"writing {len(jobs)} PNGs at {size} px", leave=False))

@@ -84,7 +84,8 @@ class Config:
     # system
     seed: int = knob(0, "random seed")
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
-    compile: str = knob("auto", "torch.compile: auto is on for CUDA", ["auto", "on", "off"])
+    compile: str = knob("auto", "torch.compile: auto = per stage on CUDA, where it pays",
+                        ["auto", "on", "off"])
     runs: str = knob("runs", "folder for run folders")
     name: str = knob("", "run name (default: date-time and data set)")
     demo: bool = knob(False, "quick demo: phantoms, random init, CPU, small sizes")
@@ -100,18 +101,23 @@ DEMO = dict(data="phantom", phantoms=640, arch="resnet18", weights="none", devic
             lr_find_end=1.0, lr_find_beta=0.9)
 
 
-def parse_args(argv=None, extra=None):
-    """Config from the command line; every field is a flag. extra: {name: (type, default, help)}."""
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Config):
+def add_flags(parser, cls):
+    """One command-line flag per field of the dataclass `cls`, typed by its default."""
+    for f in fields(cls):
         kw = dict(default=f.default, help=f.metadata["help"] + " (default: %(default)s)",
                   choices=f.metadata["choices"])
         if isinstance(f.default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = type(f.default)
-        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def parse_args(argv=None, extra=None):
+    """Config from the command line; every field is a flag. extra: {name: (type, default, help)}."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(p, Config)
     for k, (t, d, h) in (extra or {}).items():
         p.add_argument("--" + k, type=t, default=d, help=h)
     args = p.parse_args(argv)
@@ -162,16 +168,35 @@ class Run:
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     step: object  # step(x, y) -> loss: forward, backward, optimizer step
-    forward: object  # the model, compiled where asked
+    forward: object  # the model, or its compiled version: chosen per stage
+    compiled: object  # torch.compile(model), made when a stage first asks for it
     aug: object
     loss_weight: torch.Tensor = None
+    timings: dict = field(default_factory=dict)  # seconds spent per kind of work
 
 
-def make_step(forward, opt, amp, loss_weight):
-    """One training step. One precision path: bf16 autocast on CUDA (no GradScaler), fp32 on CPU."""
+# Measured on one H100 (torch 2.11, bf16, channels_last, batch 256; issue #3): an eager
+# ResNet-50 step ran at 10,755 img/s at 128 px; compiling took 64 s and saved 25% of the step
+# time at 128 px and nothing measurable at 224 px. Each stage needs three graphs (frozen,
+# unfrozen, evaluation). Compilation pays only when a quarter of the stage's eager compute
+# exceeds that: beyond ~6 million images at 128 px, i.e. never on COVIDx-sized data.
+COMPILE_S, COMPILE_GAIN, EAGER_IMG_S_128 = 64.0, 0.25, 10_755
+
+
+def compile_pays(images, size):
+    """Whether compiling a stage that trains on `images` images of `size` px saves time."""
+    eager_s = images / (EAGER_IMG_S_128 * (128 / size) ** 2)
+    return COMPILE_GAIN * eager_s > 3 * COMPILE_S
+
+
+def make_step(run, amp):
+    """One training step. One precision path: bf16 autocast on CUDA (no GradScaler), fp32 on CPU.
+    No host sync: the loss stays on the device."""
+    opt = run.opt
+
     def step(x, y):
         with amp():
-            loss = F.cross_entropy(forward(x), y, weight=loss_weight)
+            loss = F.cross_entropy(run.forward(x), y, weight=run.loss_weight)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -227,11 +252,9 @@ def setup(cfg, sizes=None):
     groups = layer_groups(model)
     # fastai's Adam: betas (0.9, 0.99), decoupled weight decay; one param group per layer group
     opt = torch.optim.AdamW([{"params": ps, "name": n} for n, ps in groups.items()],
-                            lr=1e-3, betas=(0.9, 0.99), weight_decay=cfg.wd)
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
-    if use_compile:  # one static graph per stage size x (frozen, unfrozen, eval): keep them all
+                            lr=1e-3, betas=(0.9, 0.99), weight_decay=cfg.wd, fused=cuda or None)
+    if cfg.compile != "off":  # one static graph per stage size x (frozen, unfrozen, eval)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    forward = torch.compile(model, dynamic=False) if use_compile else model
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
     weight = None
     if cfg.class_weights:  # inverse frequency, mean weight 1
@@ -240,9 +263,29 @@ def setup(cfg, sizes=None):
     aug = data.Augment(cfg.rotate, cfg.zoom, cfg.warp, cfg.lighting, flip=cfg.flip) \
         if cfg.aug else None
     print(f"device {dev}, {'bf16 autocast, channels_last' if cuda else 'fp32'}, "
-          f"compile {'on' if use_compile else 'off'}, run folder {run_dir}")
-    return Run(cfg, run_dir, dev, classes, items, pixels, model, opt,
-               make_step(forward, opt, amp, weight), forward, aug, weight)
+          f"compile {cfg.compile}, run folder {run_dir}")
+    run = Run(cfg, run_dir, dev, classes, items, pixels, model, opt, None, model, None, aug,
+              weight)
+    run.step = make_step(run, amp)
+    return run
+
+
+def use_compile(run, stage):
+    """Pick the compiled or the eager model for this stage (see compile_pays)."""
+    c = run.cfg.compile
+    images = (stage.frozen_epochs + stage.unfrozen_epochs) * len(run.items["train"])
+    on = c == "on" or (c == "auto" and run.device.type == "cuda"
+                       and compile_pays(images, stage.size))
+    if on and run.compiled is None:  # compiles lazily, at the first call per shape
+        run.compiled = torch.compile(run.model, dynamic=False)
+    run.forward = run.compiled if on else run.model
+    return on
+
+
+def sync(run):
+    """Wait for the device, so that a wall-clock time means the work is done."""
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def git_commit():
@@ -326,13 +369,20 @@ def fit(run, tensors, batch_size, epochs, lrs, tag, log):
             loss = run.step(x, y)
             loss_sum += loss
             k += 1
+            if k == 1:  # the phase's first step: autotuning, and compilation where on
+                sync(run)
+                run.timings["first_steps"] = run.timings.get("first_steps", 0) + \
+                    time.time() - t0
             if i % 10 == 0 or i == len(batches) - 1:  # .item() syncs: only when shown
                 bar.set_postfix(loss=f"{loss.item():.3f}",
                                 lr=f"{run.opt.param_groups[-1]['lr']:.1e}",
                                 img_s=f"{(i + 1) * batch_size / (time.time() - t0):.0f}")
+        sync(run)
         train_time = time.time() - t0
         val_loss, val_acc, _ = predict(run, *tensors["val"]) if len(tensors["val"][1]) \
             else (float("nan"), float("nan"), None)
+        add_time(run, "train", train_time)
+        add_time(run, "eval", time.time() - t0 - train_time)
         row = {"phase": tag, "epoch": epoch + 1, "train_loss": loss_sum.item() / len(batches),
                "val_loss": val_loss, "val_acc": val_acc, "lr": lrs[-1],
                "img_s": len(batches) * batch_size / train_time, "time": time.time() - t0}
@@ -345,6 +395,10 @@ def fit(run, tensors, batch_size, epochs, lrs, tag, log):
     return rows
 
 
+def add_time(run, kind, seconds):
+    run.timings[kind] = run.timings.get(kind, 0.0) + seconds
+
+
 def save_checkpoint(run, path, **extra):
     """Weights, class names and config: loadable with torch.load(weights_only=True)."""
     torch.save({"model": run.model.state_dict(), "classes": run.classes,
@@ -352,13 +406,15 @@ def save_checkpoint(run, path, **extra):
 
 
 def main(cfg):
-    run = setup(cfg)
     t_start = time.time()
+    run = setup(cfg)
+    add_time(run, "setup", time.time() - t_start)  # reading, decoding or cache, model
     stages = make_stages(cfg)
     with open(os.path.join(run.dir, "metrics.jsonl"), "w") as log:
         for i, st in enumerate(stages):
             print(f"\n== stage {i + 1}/{len(stages)}: {st.size} px, head {st.frozen_epochs} "
-                  f"+ all layers {st.unfrozen_epochs} epochs, batch {st.batch_size}")
+                  f"+ all layers {st.unfrozen_epochs} epochs, batch {st.batch_size}, "
+                  f"compiled: {'yes' if use_compile(run, st) else 'no'}")
             tensors = stage_tensors(run, st.size)
             table = []
             for phase, epochs, spec in [("frozen", st.frozen_epochs, st.lr_frozen),
@@ -367,7 +423,9 @@ def main(cfg):
                     continue
                 tag = f"s{i + 1}_{st.size}_{phase}"
                 set_body_frozen(run.model, phase == "frozen")
+                t0 = time.time()
                 lrs = resolve_lrs(run, tensors, st.batch_size, phase == "frozen", spec, tag)
+                add_time(run, "lr_find", time.time() - t0)
                 print(f"  {tag}: max LR per group " + ", ".join(
                     f"{g['name']} {lr:.1e}" for g, lr in zip(run.opt.param_groups, lrs)))
                 rows = fit(run, tensors, st.batch_size, epochs, lrs, tag, log)
@@ -383,14 +441,17 @@ def main(cfg):
     save_checkpoint(run, os.path.join(run.dir, "model.pt"), size=stages[-1].size)
 
     # The test split, touched once: at the last stage's size, no augmentation
+    t0 = time.time()
     _, _, preds = predict(run, *tensors["test"])
+    add_time(run, "eval", time.time() - t0)
     m = classification_metrics(run.items["test"].labels, preds.tolist(), run.classes,
                                run.items["test"].sources)
-    m["train_time_s"] = time.time() - t_start
+    m["timings_s"] = {**run.timings, "total": time.time() - t_start}
     with open(os.path.join(run.dir, "test_metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
     print(f"\n== test split ({len(preds)} images, {stages[-1].size} px)\n" + format_metrics(m))
-    print(f"\nrun folder: {run.dir} ({m['train_time_s']:.0f}s of training and evaluation)")
+    print(f"\nrun folder: {run.dir}; seconds: " +
+          ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
     return m
 
 
