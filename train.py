@@ -360,7 +360,7 @@ def fit(run, tensors, batch_size, epochs, lrs, tag, log):
     batches = train_batches(run, tensors, batch_size, tag)
     total, k, rows = epochs * len(batches), 0, []
     for epoch in range(epochs):
-        t0, loss_sum = time.time(), torch.zeros((), device=run.device)
+        t0, loss_sum, shown = time.time(), torch.zeros((), device=run.device), None
         bar = tqdm(batches, desc=f"{tag} {epoch + 1}/{epochs}", leave=False)
         for i, (x, y) in enumerate(bar):
             for g, lr_max in zip(run.opt.param_groups, lrs):
@@ -373,10 +373,13 @@ def fit(run, tensors, batch_size, epochs, lrs, tag, log):
                 sync(run)
                 run.timings["first_steps"] = run.timings.get("first_steps", 0) + \
                     time.time() - t0
-            if i % 10 == 0 or i == len(batches) - 1:  # .item() syncs: only when shown
-                bar.set_postfix(loss=f"{loss.item():.3f}",
-                                lr=f"{run.opt.param_groups[-1]['lr']:.1e}",
-                                img_s=f"{(i + 1) * batch_size / (time.time() - t0):.0f}")
+            if i % 10 == 0:  # show the loss of 10 steps ago: reading it waits for that
+                # step only, while the device keeps working on the ones queued since
+                if shown is not None:
+                    bar.set_postfix(loss=f"{shown.item():.3f}",
+                                    lr=f"{run.opt.param_groups[-1]['lr']:.1e}",
+                                    img_s=f"{(i + 1) * batch_size / (time.time() - t0):.0f}")
+                shown = loss
         sync(run)
         train_time = time.time() - t0
         val_loss, val_acc, _ = predict(run, *tensors["val"]) if len(tensors["val"][1]) \
