@@ -27,7 +27,7 @@ import data
 import phantom
 import train
 from model import set_body_frozen
-from train import knob
+from config import Config, add_flags, knob
 
 
 @dataclass
@@ -92,7 +92,7 @@ def measure_steps(bc, dev):
     """(a), (b) and peak memory for every stage size and phase."""
     sizes = [int(s) for s in bc.sizes.split(",")]
     n_train = max(bc.batch_size * (bc.steps + bc.warmup), 64)
-    cfg = train.Config(data="phantom", phantoms=n_train, arch=bc.arch, weights="none",
+    cfg = Config(data="phantom", phantoms=n_train, arch=bc.arch, weights="none",
                        device=dev, stages=bc.sizes, frozen_epochs="0", unfrozen_epochs="1",
                        lr_unfrozen="1e-3",
                        batch_size=str(bc.batch_size), runs=tempfile.mkdtemp(), cache_dir="",
@@ -128,7 +128,7 @@ def end_to_end(bc, dev, root, n_train, n_test):
     out = {}
     cache = tempfile.mkdtemp()
     for cache_state in ("cold", "warm"):
-        cfg = train.Config(data=root, weights="none", arch=bc.arch, device=dev,
+        cfg = Config(data=root, weights="none", arch=bc.arch, device=dev,
                            stages=bc.sizes, batch_size=str(bc.batch_size), cache_dir=cache,
                            runs=tempfile.mkdtemp(), name=cache_state)
         if bc.quick:  # one epoch per stage, short LR sweeps
@@ -142,7 +142,7 @@ def end_to_end(bc, dev, root, n_train, n_test):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_flags(p, BenchConfig)
+    add_flags(p, BenchConfig)
     args = p.parse_args(argv)
     if args.quick:
         p.set_defaults(**QUICK)

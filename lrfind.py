@@ -15,6 +15,7 @@ import os
 
 from tqdm import tqdm
 
+from config import parse_args
 from plots import line_plot
 from schedule import lr_sweep
 
@@ -131,8 +132,9 @@ def save_lr_find(prefix, lrs, raw, smooth, method="valley"):
 def main(argv=None):
     import train  # train.py imports this module; import it only when run as a script
 
-    cfg, extra = train.parse_args(argv, extra={"size": (int, 128, "image size in pixels"),
-                                               "phase": (str, "frozen", "frozen | unfrozen")})
+    cfg, extra = parse_args(argv, doc=__doc__,
+                            extra={"size": (int, 128, "image size in pixels"),
+                                   "phase": (str, "frozen", "frozen | unfrozen")})
     size, phase = extra["size"], extra["phase"]
     run = train.setup(cfg, sizes=[size])  # decode the images at this size only
     tensors = train.stage_tensors(run, size)

@@ -11,7 +11,6 @@ discriminative learning rates per layer group (schedule.py). The paper's stages,
 128 px 3+5 epochs, 224 px 3+5, 229 px 0+25 at LRs 1e-6..1e-4: 41 epochs. Every run writes
 runs/<name>/ with its config, metrics, LR-finder curves, checkpoints and test metrics.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -20,7 +19,7 @@ import subprocess
 import time
 import zlib
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,132 +27,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+from batches import Augment, Batches
+from config import Config, make_stages, parse_args
 from lrfind import lr_find, save_lr_find
 from metrics import classification_metrics, format_metrics
-from model import ARCHS, build_model, layer_groups, set_body_frozen
+from model import build_model, layer_groups, set_body_frozen
 from schedule import discriminative_lrs, one_cycle
-
-
-def knob(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclass
-class Config:
-    # data
-    data: str = knob("", "COVIDx or ImageFolder root, or 'phantom' for synthetic films")
-    train_split: str = knob("", "train split file (default: found in --data)")
-    test_split: str = knob("", "test split file (default: found in --data)")
-    image_dir: str = knob("", "folder holding all images (default: --data/train, --data/test)")
-    subtypes: str = knob("", "subtype.csv: relabel pneumonia as bacterial/viral (4 classes)")
-    phantoms: int = knob(2000, "number of phantom training films (--data phantom)")
-    val_frac: float = knob(0.1, "fraction of training patients held out for validation")
-    allow_patient_overlap: bool = knob(False, "allow patients in both train and test")
-    cache_dir: str = knob(os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
-        "~/.cache")), "covid-resnet"), "where decoded images are cached ('' for none)")
-    resize: str = knob("squish", "squish (whole film) | crop (centre square)",
-                       ["squish", "crop"])
-    # model
-    arch: str = knob("resnet50", "torchvision ResNet body", list(ARCHS))
-    weights: str = knob("imagenet", "imagenet | none | path to a state dict")
-    # schedule: one value per stage, or one value for all stages
-    stages: str = knob("128,224,229", "image size of each stage")
-    frozen_epochs: str = knob("3,3,0", "epochs training the head only, per stage")
-    unfrozen_epochs: str = knob("5,5,25", "epochs training all layers, per stage")
-    lr_frozen: str = knob("auto", "max LR per stage: auto (LR finder) | x | lo:hi")
-    lr_unfrozen: str = knob("auto,auto,1e-6:1e-4", "auto = slice(finder's LR) | x | lo:hi")
-    batch_size: str = knob("64", "batch size per stage")
-    pct_start: float = knob(0.25, "one-cycle: fraction of steps warming up")
-    div: float = knob(25.0, "one-cycle: start LR = max LR / div")
-    div_final: float = knob(1e5, "one-cycle: final LR = max LR / div_final")
-    wd: float = knob(0.01, "AdamW decoupled weight decay")
-    lr_find_steps: int = knob(100, "LR finder: steps of the sweep")
-    lr_find_start: float = knob(1e-7, "LR finder: first LR")
-    lr_find_end: float = knob(10.0, "LR finder: last LR")
-    lr_find_beta: float = knob(0.98, "LR finder: loss smoothing (EMA) factor")
-    suggest: str = knob("valley", "LR finder suggestion", ["valley", "steep", "minimum"])
-    # augmentation and class imbalance
-    aug: bool = knob(True, "augment training batches (fastai's defaults)")
-    rotate: float = knob(10.0, "max rotation, degrees")
-    zoom: float = knob(1.1, "max zoom")
-    warp: float = knob(0.2, "perspective warp magnitude")
-    lighting: float = knob(0.2, "brightness/contrast change")
-    flip: bool = knob(False, "random left-right flips")
-    balance: bool = knob(False, "sample every class equally often")
-    class_weights: bool = knob(False, "weight the loss by inverse class frequency")
-    # system
-    seed: int = knob(0, "random seed")
-    device: str = knob("auto", "auto | cpu | cuda | cuda:N")
-    compile: str = knob("auto", "torch.compile: auto = per stage on CUDA, where it pays",
-                        ["auto", "on", "off"])
-    runs: str = knob("runs", "folder for run folders")
-    name: str = knob("", "run name (default: date-time and data set)")
-    demo: bool = knob(False, "quick demo: phantoms, random init, CPU, small sizes")
-
-
-# The demo: every part of the recipe (3 stages, 5 LR finders, one-cycle, discriminative LRs)
-# on small phantoms and sizes, so that it runs on a 2-core CPU in about two minutes. It uses
-# ResNet-18: from random init, ResNet-50 needs about 3x the CPU time to learn the phantoms.
-# Short sweeps need a shorter loss average than fastai's 0.98 (a memory of ~50 steps).
-DEMO = dict(data="phantom", phantoms=640, arch="resnet18", weights="none", device="cpu",
-            stages="32,48,64", frozen_epochs="1,1,0", unfrozen_epochs="3,3,4",
-            lr_unfrozen="auto", batch_size="32", lr_find_steps=30, lr_find_start=1e-4,
-            lr_find_end=1.0, lr_find_beta=0.9)
-
-
-def add_flags(parser, cls):
-    """One command-line flag per field of the dataclass `cls`, typed by its default."""
-    for f in fields(cls):
-        kw = dict(default=f.default, help=f.metadata["help"] + " (default: %(default)s)",
-                  choices=f.metadata["choices"])
-        if isinstance(f.default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = type(f.default)
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
-
-
-def parse_args(argv=None, extra=None):
-    """Config from the command line; every field is a flag. extra: {name: (type, default, help)}."""
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(p, Config)
-    for k, (t, d, h) in (extra or {}).items():
-        p.add_argument("--" + k, type=t, default=d, help=h)
-    args = p.parse_args(argv)
-    if args.demo:  # demo values become the defaults; flags given explicitly still win
-        p.set_defaults(**DEMO)
-        args = p.parse_args(argv)
-    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
-    if not cfg.data:
-        p.error("pass --data PATH (a COVIDx or ImageFolder root), --data phantom, or --demo")
-    return (cfg, {k: getattr(args, k) for k in extra}) if extra else cfg
-
-
-@dataclass
-class Stage:
-    size: int
-    frozen_epochs: int
-    unfrozen_epochs: int
-    batch_size: int
-    lr_frozen: str
-    lr_unfrozen: str
-
-
-def make_stages(cfg):
-    """The stages as data: comma lists in the config, one value per stage (or one for all)."""
-    sizes = [int(s) for s in cfg.stages.split(",")]
-    cols = {}
-    for name, conv in [("frozen_epochs", int), ("unfrozen_epochs", int), ("batch_size", int),
-                       ("lr_frozen", str), ("lr_unfrozen", str)]:
-        vals = [conv(v) for v in getattr(cfg, name).split(",")]
-        if len(vals) == 1:
-            vals *= len(sizes)
-        if len(vals) != len(sizes):
-            raise SystemExit(f"--{name.replace('_', '-')} has {len(vals)} values for "
-                             f"{len(sizes)} stages ({cfg.stages})")
-        cols[name] = vals
-    return [Stage(s, *(cols[k][i] for k in cols)) for i, s in enumerate(sizes)]
 
 
 @dataclass
@@ -260,7 +139,7 @@ def setup(cfg, sizes=None):
     if cfg.class_weights:  # inverse frequency, mean weight 1
         counts = torch.bincount(torch.tensor(items["train"].labels), minlength=len(classes))
         weight = (counts.sum() / (len(classes) * counts.clamp(min=1).float())).to(dev)
-    aug = data.Augment(cfg.rotate, cfg.zoom, cfg.warp, cfg.lighting, flip=cfg.flip) \
+    aug = Augment(cfg.rotate, cfg.zoom, cfg.warp, cfg.lighting, flip=cfg.flip) \
         if cfg.aug else None
     print(f"device {dev}, {'bf16 autocast, channels_last' if cuda else 'fp32'}, "
           f"compile {cfg.compile}, run folder {run_dir}")
@@ -304,7 +183,7 @@ def stage_tensors(run, size):
 
 def train_batches(run, tensors, batch_size, tag):
     """Shuffled, augmented training batches; each phase draws its own reproducible order."""
-    return data.Batches(*tensors["train"], batch_size, train=True, aug=run.aug,
+    return Batches(*tensors["train"], batch_size, train=True, aug=run.aug,
                         balance=run.cfg.balance, seed=run.cfg.seed + zlib.crc32(tag.encode()),
                         channels_last=run.device.type == "cuda")
 
@@ -339,7 +218,7 @@ def predict(run, x, y, batch_size=256):
     run.model.eval()
     amp = torch.autocast("cuda", torch.bfloat16) if run.device.type == "cuda" else nullcontext()
     loss, preds = 0.0, []
-    for xb, yb in data.Batches(x, y, batch_size, train=False,
+    for xb, yb in Batches(x, y, batch_size, train=False,
                                channels_last=run.device.type == "cuda"):
         n = len(yb)
         if n < batch_size:  # pad the last batch: one static shape, no recompilation
@@ -459,4 +338,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(parse_args(doc=__doc__))

@@ -7,6 +7,7 @@ import torch
 
 import lrfind
 import train
+from config import make_stages, parse_args
 from model import build_model
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cxr-sample")
@@ -39,7 +40,7 @@ def check_run_folder(run_dir, classes, n_epochs):
 
 
 def test_tiny_three_stage_run_on_phantoms_beats_chance(tmp_path, capsys):
-    cfg = train.parse_args(["--data", "phantom", "--phantoms", "320", "--runs", str(tmp_path),
+    cfg = parse_args(["--data", "phantom", "--phantoms", "320", "--runs", str(tmp_path),
                             "--name", "ph", "--cache-dir", ""] + TINY)
     m = train.main(cfg)
     rows, saved = check_run_folder(tmp_path / "ph", ["COVID-19", "bacterial", "normal", "viral"],
@@ -55,7 +56,7 @@ def test_tiny_three_stage_run_on_phantoms_beats_chance(tmp_path, capsys):
 @pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="../shared/data/cxr-sample absent")
 def test_tiny_three_stage_run_on_the_real_sample(tmp_path):
     cache = tmp_path / "cache"
-    cfg = train.parse_args(["--data", SAMPLE, "--runs", str(tmp_path), "--name", "real",
+    cfg = parse_args(["--data", SAMPLE, "--runs", str(tmp_path), "--name", "real",
                             "--cache-dir", str(cache)] + TINY)
     m = train.main(cfg)
     rows, saved = check_run_folder(tmp_path / "real", ["COVID-19", "normal", "pneumonia"], 8)
@@ -75,26 +76,26 @@ def test_lrfind_runs_on_its_own(tmp_path):
 
 
 def test_stages_are_data_from_the_command_line():
-    cfg = train.parse_args(["--data", "x"])
-    st = train.make_stages(cfg)  # the paper's schedule by default: 41 epochs
+    cfg = parse_args(["--data", "x"])
+    st = make_stages(cfg)  # the paper's schedule by default: 41 epochs
     assert [(s.size, s.frozen_epochs, s.unfrozen_epochs) for s in st] == \
         [(128, 3, 5), (224, 3, 5), (229, 0, 25)]
     assert sum(s.frozen_epochs + s.unfrozen_epochs for s in st) == 41
     assert st[2].lr_unfrozen == "1e-6:1e-4" and st[0].lr_frozen == "auto"
     assert all(s.batch_size == 64 for s in st)
-    cfg = train.parse_args(["--data", "x", "--stages", "64,96", "--frozen-epochs", "0",
+    cfg = parse_args(["--data", "x", "--stages", "64,96", "--frozen-epochs", "0",
                             "--unfrozen-epochs", "1,2", "--lr-unfrozen", "1e-3"])
-    assert [(s.size, s.frozen_epochs, s.unfrozen_epochs) for s in train.make_stages(cfg)] == \
+    assert [(s.size, s.frozen_epochs, s.unfrozen_epochs) for s in make_stages(cfg)] == \
         [(64, 0, 1), (96, 0, 2)]
     with pytest.raises(SystemExit, match="3 values for 2 stages"):
-        train.make_stages(train.parse_args(["--data", "x", "--stages", "64,96"]))
+        make_stages(parse_args(["--data", "x", "--stages", "64,96"]))
 
 
 def test_demo_defaults_can_be_overridden_and_data_is_required(capsys):
-    cfg = train.parse_args(["--demo", "--stages", "32,40,48"])
+    cfg = parse_args(["--demo", "--stages", "32,40,48"])
     assert cfg.data == "phantom" and cfg.weights == "none" and cfg.stages == "32,40,48"
     with pytest.raises(SystemExit):
-        train.parse_args([])
+        parse_args([])
     assert "--data PATH" in capsys.readouterr().err
 
 
@@ -110,7 +111,7 @@ def test_bad_data_stops_before_training(tmp_path):
     from test_data import make_covidx
     make_covidx(tmp_path / "d")
     (tmp_path / "d" / "test" / "test2.png").write_bytes(b"not a png")
-    cfg = train.parse_args(["--data", str(tmp_path / "d"), "--runs", str(tmp_path / "runs"),
+    cfg = parse_args(["--data", str(tmp_path / "d"), "--runs", str(tmp_path / "runs"),
                             "--cache-dir", ""] + TINY)
     with pytest.raises(train.data.DataError, match="test2.png"):
         train.main(cfg)
@@ -118,7 +119,7 @@ def test_bad_data_stops_before_training(tmp_path):
 
 
 def test_class_weights_and_balance_options(tmp_path):
-    cfg = train.parse_args(["--data", "phantom", "--phantoms", "64", "--runs", str(tmp_path),
+    cfg = parse_args(["--data", "phantom", "--phantoms", "64", "--runs", str(tmp_path),
                             "--cache-dir", "", "--class-weights", "--balance"] + TINY)
     run = train.setup(cfg, sizes=[32])
     counts = torch.bincount(torch.tensor(run.items["train"].labels), minlength=4).float()
