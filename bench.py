@@ -94,7 +94,6 @@ def measure_steps(bc, dev):
     n_train = max(bc.batch_size * (bc.steps + bc.warmup), 64)
     cfg = Config(data="phantom", phantoms=n_train, arch=bc.arch, weights="none",
                        device=dev, stages=bc.sizes, frozen_epochs="0", unfrozen_epochs="1",
-                       lr_unfrozen="1e-3",
                        batch_size=str(bc.batch_size), runs=tempfile.mkdtemp(), cache_dir="",
                        compile="off")
     run = train.setup(cfg)
@@ -132,8 +131,7 @@ def end_to_end(bc, dev, root, n_train, n_test):
                            stages=bc.sizes, batch_size=str(bc.batch_size), cache_dir=cache,
                            runs=tempfile.mkdtemp(), name=cache_state)
         if bc.quick:  # one epoch per stage, short LR sweeps
-            cfg.frozen_epochs, cfg.unfrozen_epochs, cfg.lr_unfrozen = "1", "1", "auto"
-            cfg.lr_find_steps = 4
+            cfg.frozen_epochs, cfg.unfrozen_epochs, cfg.lr_find_steps = "1", "1", 4
         m = train.main(cfg)
         out[cache_state] = {**m["timings_s"], "accuracy": m["accuracy"]["value"]}
     return out

@@ -122,7 +122,11 @@ class Stage:
 
 
 def make_stages(cfg):
-    """The stages as data: comma lists in the config, one value per stage (or one for all)."""
+    """The stages as data: comma lists in the config, one value per stage (or one for all).
+
+    A default list longer than --stages (the paper's three stages) is cut to the stages given;
+    a list given on the command line must fit them.
+    """
     sizes = [int(s) for s in cfg.stages.split(",")]
     cols = {}
     for name, conv in [("frozen_epochs", int), ("unfrozen_epochs", int), ("batch_size", int),
@@ -130,6 +134,9 @@ def make_stages(cfg):
         vals = [conv(v) for v in getattr(cfg, name).split(",")]
         if len(vals) == 1:
             vals *= len(sizes)
+        if len(vals) > len(sizes) and getattr(cfg, name) == Config.__dataclass_fields__[
+                name].default:
+            vals = vals[:len(sizes)]
         if len(vals) != len(sizes):
             raise SystemExit(f"--{name.replace('_', '-')} has {len(vals)} values for "
                              f"{len(sizes)} stages ({cfg.stages})")

@@ -87,8 +87,12 @@ def test_stages_are_data_from_the_command_line():
                             "--unfrozen-epochs", "1,2", "--lr-unfrozen", "1e-3"])
     assert [(s.size, s.frozen_epochs, s.unfrozen_epochs) for s in make_stages(cfg)] == \
         [(64, 0, 1), (96, 0, 2)]
+    # the paper's lists are cut to the stages given; lists given explicitly must fit
+    st = make_stages(parse_args(["--data", "x", "--stages", "64,96"]))
+    assert [(s.frozen_epochs, s.unfrozen_epochs, s.lr_unfrozen) for s in st] == \
+        [(3, 5, "auto"), (3, 5, "auto")]
     with pytest.raises(SystemExit, match="3 values for 2 stages"):
-        make_stages(parse_args(["--data", "x", "--stages", "64,96"]))
+        make_stages(parse_args(["--data", "x", "--stages", "64,96", "--lr-unfrozen", "1,2,3"]))
 
 
 def test_demo_defaults_can_be_overridden_and_data_is_required(capsys):
