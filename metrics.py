@@ -35,36 +35,84 @@ def _rate(k, n):
     return {"value": k / n if n else None, "ci95": list(wilson(k, n)), "k": k, "n": n}
 
 
-def classification_metrics(y_true, y_pred, classes, sources=None):
-    """Accuracy, macro-F1, confusion matrix, and per class sensitivity, PPV and F1 with CIs.
+def roc_auc(scores, positive):
+    """Area under the ROC curve: P(score of a random positive > one of a random negative),
+    ties counting half (the Mann-Whitney U statistic). None without both kinds of image."""
+    n_pos = sum(positive)
+    n_neg = len(positive) - n_pos
+    if not n_pos or not n_neg:
+        return None
+    order = sorted(range(len(scores)), key=scores.__getitem__)
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):  # average ranks over runs of tied scores
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            ranks[k] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(r for r, p in zip(ranks, positive) if p)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def roc_curve(scores, positive):
+    """(false positive rates, true positive rates), threshold sweeping from high to low."""
+    n_pos, n_neg = sum(positive), len(positive) - sum(positive)
+    pairs = sorted(zip(scores, positive), reverse=True)
+    fpr, tpr, tp, fp = [0.0], [0.0], 0, 0
+    for i, (s, p) in enumerate(pairs):
+        tp, fp = tp + p, fp + (not p)
+        if i + 1 == len(pairs) or pairs[i + 1][0] != s:  # one point per distinct threshold
+            fpr.append(fp / max(n_neg, 1))
+            tpr.append(tp / max(n_pos, 1))
+    return fpr, tpr
+
+
+def classification_metrics(y_true, y_pred, classes, sources=None, probs=None):
+    """Accuracy, balanced accuracy, macro-F1, confusion matrix, and per class sensitivity,
+    specificity, PPV, NPV and F1 with 95% Wilson intervals; ROC-AUC one-vs-rest with `probs`.
 
     F1 = TP / (TP + (FP + FN) / 2) is treated as a proportion of TP + (FP + FN) / 2 trials
     for its interval: an approximation, but one that shrinks with the evidence as it should.
-    With `sources` (one per image), the accuracy per source too: a model that scores very
+    With `sources` (one per image), the same metrics per source too: a model that scores very
     differently on two hospitals' films may have learnt the hospital, not the disease.
+    A rate with nothing to divide by (a class never predicted has no PPV) is None, not 0.
     """
     C = len(classes)
+    y_true, y_pred = [int(t) for t in y_true], [int(p) for p in y_pred]
     cm = confusion_matrix(y_true, y_pred, C)
-    n = sum(map(sum, cm))
+    n = len(y_true)
     correct = sum(cm[i][i] for i in range(C))
     per_class = {}
     for i, c in enumerate(classes):
         tp = cm[i][i]
         fn = sum(cm[i]) - tp
         fp = sum(cm[r][i] for r in range(C)) - tp
+        tn = n - tp - fn - fp
         f1_n = tp + (fp + fn) / 2
         per_class[c] = {"support": tp + fn, "sensitivity": _rate(tp, tp + fn),
-                        "ppv": _rate(tp, tp + fp),
+                        "specificity": _rate(tn, tn + fp), "ppv": _rate(tp, tp + fp),
+                        "npv": _rate(tn, tn + fn),
                         "f1": {"value": tp / f1_n if f1_n else None,
                                "ci95": list(wilson(tp, f1_n))}}
+        if probs is not None:
+            per_class[c]["roc_auc"] = roc_auc([float(p[i]) for p in probs],
+                                              [t == i for t in y_true])
     f1s = [m["f1"]["value"] or 0.0 for m in per_class.values()]
-    out = {"n": n, "accuracy": _rate(correct, n), "macro_f1": sum(f1s) / C,
-           "per_class": per_class, "confusion_matrix": cm, "classes": list(classes)}
+    sens = [m["sensitivity"]["value"] for m in per_class.values()
+            if m["sensitivity"]["value"] is not None]
+    out = {"n": n, "accuracy": _rate(correct, n),
+           "balanced_accuracy": sum(sens) / len(sens) if sens else None,
+           "macro_f1": sum(f1s) / C, "per_class": per_class, "confusion_matrix": cm,
+           "classes": list(classes)}
     if sources and any(sources):
         out["per_source"] = {}
         for s in sorted(set(sources)):
-            pairs = [(t, p) for t, p, src in zip(y_true, y_pred, sources) if src == s]
-            out["per_source"][s] = _rate(sum(int(t) == int(p) for t, p in pairs), len(pairs))
+            idx = [k for k, src in enumerate(sources) if src == s]
+            out["per_source"][s] = classification_metrics(
+                [y_true[k] for k in idx], [y_pred[k] for k in idx], classes,
+                probs=None if probs is None else [probs[k] for k in idx])
     return out
 
 
@@ -76,20 +124,30 @@ def _pct(r):
 
 def format_metrics(m):
     """The metrics as a plain-text table, for the terminal and the logs."""
-    acc = m["accuracy"]
-    lines = [f"accuracy {_pct(acc)} % ({acc['k']}/{acc['n']}), macro-F1 {m['macro_f1']:.3f}",
+    acc, bal = m["accuracy"], m["balanced_accuracy"]
+    lines = [f"accuracy {_pct(acc)} % ({acc['k']}/{acc['n']}), balanced accuracy "
+             f"{'n/a' if bal is None else f'{100 * bal:.1f} %'}, macro-F1 {m['macro_f1']:.3f}",
              "95% Wilson intervals in brackets", "",
              f"{'class':>12} {'n':>5}  {'sensitivity %':>20}  {'PPV %':>20}  {'F1 %':>20}"]
     for c, r in m["per_class"].items():
         lines.append(f"{c:>12} {r['support']:>5}  {_pct(r['sensitivity']):>20}  "
                      f"{_pct(r['ppv']):>20}  {_pct(r['f1']):>20}")
+    if "roc_auc" in next(iter(m["per_class"].values())):
+        lines += ["", f"{'class':>12} {'specificity %':>20}  {'NPV %':>20}  {'ROC-AUC':>8}"]
+        for c, r in m["per_class"].items():
+            auc = "n/a" if r["roc_auc"] is None else f"{r['roc_auc']:.3f}"
+            lines.append(f"{c:>12} {_pct(r['specificity']):>20}  {_pct(r['npv']):>20}  "
+                         f"{auc:>8}")
     w = max(8, *(len(c) for c in m["classes"]))
     lines += ["", "confusion matrix (rows: true, columns: predicted)",
               " " * (w + 1) + " ".join(f"{c[:w]:>{w}}" for c in m["classes"])]
     for c, row in zip(m["classes"], m["confusion_matrix"]):
         lines.append(f"{c[:w]:>{w}} " + " ".join(f"{v:>{w}}" for v in row))
     if "per_source" in m:
-        lines += ["", "accuracy per source (a large gap can mean a shortcut)"]
+        lines += ["", "per source (a large gap can mean a shortcut)",
+                  f"{'source':>12} {'n':>5}  {'accuracy %':>20}  "
+                  + "  ".join(f"{'sens. ' + c[:10]:>20}" for c in m["classes"])]
         for s, r in m["per_source"].items():
-            lines.append(f"{s:>12} {r['n']:>5}  {_pct(r)}")
+            lines.append(f"{s:>12} {r['n']:>5}  {_pct(r['accuracy']):>20}  " + "  ".join(
+                f"{_pct(r['per_class'][c]['sensitivity']):>20}" for c in m["classes"]))
     return "\n".join(lines)

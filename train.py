@@ -214,23 +214,22 @@ def resolve_lrs(run, tensors, batch_size, frozen, spec, tag):
 
 @torch.no_grad()
 def predict(run, x, y, batch_size=256):
-    """(mean loss, accuracy, predicted classes) of the model over (x, y), no augmentation."""
+    """(mean loss, accuracy, class probabilities (N, C) on the CPU) over (x, y), unaugmented."""
     run.model.eval()
     amp = torch.autocast("cuda", torch.bfloat16) if run.device.type == "cuda" else nullcontext()
-    loss, preds = 0.0, []
-    for xb, yb in Batches(x, y, batch_size, train=False,
-                               channels_last=run.device.type == "cuda"):
+    loss, probs = torch.zeros((), device=run.device), []
+    for xb, yb in Batches(x, y, batch_size, train=False, channels_last=run.device.type == "cuda"):
         n = len(yb)
         if n < batch_size:  # pad the last batch: one static shape, no recompilation
             xb = torch.cat([xb, xb.new_zeros(batch_size - n, *xb.shape[1:])])
         with amp:
             logits = run.forward(xb)[:n].float()
-        loss += F.cross_entropy(logits, yb, weight=run.loss_weight, reduction="sum").item()
-        preds.append(logits.argmax(1))
+        loss += F.cross_entropy(logits, yb, weight=run.loss_weight, reduction="sum")
+        probs.append(logits.softmax(1))
     run.model.train()
-    preds = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    probs = torch.cat(probs) if probs else torch.zeros(0, len(run.classes), device=run.device)
     n = max(1, len(y))
-    return loss / n, (preds == y).float().sum().item() / n, preds.cpu()
+    return loss.item() / n, (probs.argmax(1) == y).float().sum().item() / n, probs.cpu()
 
 
 def fit(run, tensors, batch_size, epochs, lrs, tag, log):
@@ -324,14 +323,14 @@ def main(cfg):
 
     # The test split, touched once: at the last stage's size, no augmentation
     t0 = time.time()
-    _, _, preds = predict(run, *tensors["test"])
+    _, _, probs = predict(run, *tensors["test"])
     add_time(run, "eval", time.time() - t0)
-    m = classification_metrics(run.items["test"].labels, preds.tolist(), run.classes,
-                               run.items["test"].sources)
+    m = classification_metrics(run.items["test"].labels, probs.argmax(1).tolist(), run.classes,
+                               run.items["test"].sources, probs.tolist())
     m["timings_s"] = {**run.timings, "total": time.time() - t_start}
     with open(os.path.join(run.dir, "test_metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
-    print(f"\n== test split ({len(preds)} images, {stages[-1].size} px)\n" + format_metrics(m))
+    print(f"\n== test split ({len(probs)} images, {stages[-1].size} px)\n" + format_metrics(m))
     print(f"\nrun folder: {run.dir}; seconds: " +
           ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
     return m

@@ -1,7 +1,7 @@
 """Metrics against hand-computed values, Wilson intervals against published ones."""
 import pytest
 
-from metrics import classification_metrics, format_metrics, wilson
+from metrics import classification_metrics, format_metrics, roc_auc, roc_curve, wilson
 
 
 def test_wilson_matches_published_values():
@@ -29,12 +29,34 @@ def test_per_class_metrics_by_hand():
     assert c["support"] == 0 and a["support"] == 3
     assert m["macro_f1"] == pytest.approx(0.5 / 3)
     assert a["sensitivity"]["ci95"] == pytest.approx(list(wilson(2, 3)))
+    # specificity TN / (TN + FP) and NPV TN / (TN + FN); TN = 6 - TP - FN - FP
+    assert a["specificity"]["value"] == 0.0 and a["npv"]["value"] == 0.0
+    assert b["specificity"]["value"] == 1.0 and b["npv"]["value"] == 0.5
+    assert c["specificity"]["value"] == pytest.approx(5 / 6) and c["npv"]["value"] == 1.0
+    # balanced accuracy: mean sensitivity over the classes that have images
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 0) / 2)
     table = format_metrics(m)
     assert "n/a" in table and "33.3" in table
 
 
-def test_per_source_accuracy():
+def test_roc_auc_and_curve():
+    scores, positive = [0.9, 0.8, 0.7, 0.6], [True, False, True, False]
+    assert roc_auc(scores, positive) == pytest.approx(0.75)  # 3 of 4 pairs ranked right
+    assert roc_auc([0.5, 0.5], [True, False]) == pytest.approx(0.5)  # a tie counts half
+    assert roc_auc([0.1, 0.2], [True, True]) is None  # no negatives: undefined
+    fpr, tpr = roc_curve(scores, positive)
+    assert fpr == [0, 0, 0.5, 0.5, 1] and tpr == [0, 0.5, 0.5, 1, 1]
+
+
+def test_per_source_metrics_and_auc_per_class():
+    probs = [[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]]
     m = classification_metrics([0, 0, 1, 1], [0, 0, 0, 1], ["x", "y"],
-                               sources=["h1", "h1", "h2", "h2"])
-    assert m["per_source"]["h1"]["value"] == 1.0 and m["per_source"]["h2"]["value"] == 0.5
+                               sources=["h1", "h1", "h2", "h2"], probs=probs)
+    assert m["per_source"]["h1"]["accuracy"]["value"] == 1.0
+    assert m["per_source"]["h2"]["accuracy"]["value"] == 0.5
+    assert m["per_source"]["h2"]["per_class"]["y"]["sensitivity"]["value"] == 0.5
+    assert m["per_class"]["x"]["roc_auc"] == pytest.approx(0.75)
+    assert m["per_source"]["h1"]["per_class"]["x"]["roc_auc"] is None  # h1 has only x
+    table = format_metrics(m)
+    assert "ROC-AUC" in table and "per source" in table and "NPV" in table
     assert "per_source" not in classification_metrics([0], [0], ["x"], sources=[""])
