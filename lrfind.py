@@ -16,7 +16,7 @@ import os
 from tqdm import tqdm
 
 from config import parse_args
-from plots import line_plot
+from plots import COLOURS, LIGHT, line_plot
 from schedule import lr_sweep
 
 
@@ -125,7 +125,7 @@ def save_lr_find(prefix, lrs, raw, smooth, method="valley"):
     line_plot(prefix + ".png", [(lrs[:keep], raw[:keep], "raw loss"),
                                 (lrs[:keep], smooth[:keep], "smoothed loss")],
               "learning rate (log scale)", "loss", title=os.path.basename(prefix),
-              logx=True, marks=[(lr, y_at, f"{method} {lr:.1e}")])
+              logx=True, marks=[(lr, y_at, f"{method} {lr:.1e}")], colours=[LIGHT, COLOURS[0]])
     return lr
 
 

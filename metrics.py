@@ -144,10 +144,12 @@ def format_metrics(m):
     for c, row in zip(m["classes"], m["confusion_matrix"]):
         lines.append(f"{c[:w]:>{w}} " + " ".join(f"{v:>{w}}" for v in row))
     if "per_source" in m:
-        lines += ["", "per source (a large gap can mean a shortcut)",
+        lines += ["", "per source: accuracy, and sensitivity % per class (a large gap between "
+                  "sources can mean a shortcut)",
                   f"{'source':>12} {'n':>5}  {'accuracy %':>20}  "
-                  + "  ".join(f"{'sens. ' + c[:10]:>20}" for c in m["classes"])]
+                  + " ".join(f"{c[:w]:>{w}}" for c in m["classes"])]
         for s, r in m["per_source"].items():
-            lines.append(f"{s:>12} {r['n']:>5}  {_pct(r['accuracy']):>20}  " + "  ".join(
-                f"{_pct(r['per_class'][c]['sensitivity']):>20}" for c in m["classes"]))
+            sens = [r["per_class"][c]["sensitivity"]["value"] for c in m["classes"]]
+            lines.append(f"{s:>12} {r['n']:>5}  {_pct(r['accuracy']):>20}  " + " ".join(
+                f"{'n/a' if v is None else f'{100 * v:.1f}':>{w}}" for v in sens))
     return "\n".join(lines)

@@ -7,8 +7,8 @@ import math
 
 from PIL import Image, ImageDraw, ImageFont
 
-# a light blue first, for a noisy raw series drawn behind its smoothed version
-COLOURS = [(180, 200, 225), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+LIGHT, GREY = (180, 200, 225), (150, 150, 150)  # a noisy raw series; a reference line
 
 
 def _font(size):
@@ -31,8 +31,11 @@ def _fmt(v, logx):
     return f"1e{round(math.log10(v))}" if logx else f"{v:.3g}"
 
 
-def line_plot(path, series, xlabel, ylabel, title="", logx=False, marks=(), size=(800, 500)):
-    """Draw series [(xs, ys, label), ...] into a PNG at path; marks [(x, y, label)] as dots."""
+def line_plot(path, series, xlabel, ylabel, title="", logx=False, marks=(), size=(800, 500),
+              colours=COLOURS, legend_at="top"):
+    """Draw series [(xs, ys, label), ...] into a PNG at path; marks [(x, y, label)] as dots.
+
+    colours: one per series, in order; legend_at: "top" or "bottom" (right-hand corner)."""
     W, H = size
     left, right, top, bottom = 80, 20, 40, 60
     img = Image.new("RGB", size, "white")
@@ -67,17 +70,47 @@ def line_plot(path, series, xlabel, ylabel, title="", logx=False, marks=(), size
     d.text((10, top - 25), ylabel, fill="black", font=font)
     d.text((W / 2, 12), title, fill="black", font=font, anchor="mt")
 
+    ly = top + 15 if legend_at == "top" else H - bottom - 15 - 20 * (len(series) - 1)
     for k, (xs, ys, label) in enumerate(series):
-        c = COLOURS[k % len(COLOURS)]
+        c = colours[k % len(colours)]
         line = [(px(x), py(y)) for x, y in zip(xs, ys)
                 if math.isfinite(y) and y0 <= y <= y1 and (x > 0 or not logx)]
         if len(line) > 1:
-            d.line(line, fill=c, width=2)
-        d.line([W - right - 170, top + 15 + 20 * k, W - right - 145, top + 15 + 20 * k],
-               fill=c, width=3)
-        d.text((W - right - 140, top + 15 + 20 * k), label, fill="black", font=small,
-               anchor="lm")
+            d.line(line, fill=c, width=3, joint="curve")
+        d.line([W - right - 170, ly + 20 * k, W - right - 145, ly + 20 * k], fill=c, width=3)
+        d.text((W - right - 140, ly + 20 * k), label, fill="black", font=small, anchor="lm")
     for x, y, label in marks:
         d.ellipse([px(x) - 6, py(y) - 6, px(x) + 6, py(y) + 6], outline=(214, 39, 40), width=3)
         d.text((px(x) + 10, py(y) - 10), label, fill=(214, 39, 40), font=small, anchor="ld")
+    img.save(path)
+
+
+def confusion_plot(path, cm, classes, title="confusion matrix"):
+    """Confusion matrix as a PNG: counts in cells shaded by the row's fraction (sensitivity
+    on the diagonal), true classes down, predicted across."""
+    C = len(classes)
+    cell, left, top = 110, 150, 90
+    W, H = left + C * cell + 30, top + C * cell + 70
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    font, small = _font(16), _font(14)
+    d.text((W / 2, 12), title, fill="black", font=font, anchor="mt")
+    d.text((left + C * cell / 2, top - 50), "predicted", fill="black", font=font, anchor="mm")
+    d.text((12, top + C * cell + 35), "rows: true class", fill="black", font=small)
+    for i, row in enumerate(cm):
+        total = sum(row)
+        for j, v in enumerate(row):
+            frac = v / total if total else 0.0
+            shade = (int(255 - 200 * frac), int(255 - 130 * frac), 255)  # white -> blue
+            x0, y0 = left + j * cell, top + i * cell
+            d.rectangle([x0, y0, x0 + cell, y0 + cell], fill=shade, outline="grey")
+            ink = "white" if frac > 0.6 else "black"
+            d.text((x0 + cell / 2, y0 + cell / 2 - 9), str(v), fill=ink, font=font, anchor="mm")
+            d.text((x0 + cell / 2, y0 + cell / 2 + 12), f"{100 * frac:.0f}%", fill=ink,
+                   font=small, anchor="mm")
+    for k, c in enumerate(classes):
+        d.text((left + k * cell + cell / 2, top - 10), c[:14], fill="black", font=small,
+               anchor="mb")
+        d.text((left - 8, top + k * cell + cell / 2), c[:18], fill="black", font=small,
+               anchor="rm")
     img.save(path)

@@ -11,6 +11,7 @@ discriminative learning rates per layer group (schedule.py). The paper's stages,
 128 px 3+5 epochs, 224 px 3+5, 229 px 0+25 at LRs 1e-6..1e-4: 41 epochs. Every run writes
 runs/<name>/ with its config, metrics, LR-finder curves, checkpoints and test metrics.
 """
+import csv
 import dataclasses
 import json
 import os
@@ -32,6 +33,7 @@ from config import Config, make_stages, parse_args
 from lrfind import lr_find, save_lr_find
 from metrics import classification_metrics, format_metrics
 from model import build_model, layer_groups, set_body_frozen
+from report import write_report
 from schedule import discriminative_lrs, one_cycle
 
 
@@ -265,7 +267,7 @@ def fit(run, tensors, batch_size, epochs, lrs, tag, log):
         add_time(run, "train", train_time)
         add_time(run, "eval", time.time() - t0 - train_time)
         row = {"phase": tag, "epoch": epoch + 1, "train_loss": loss_sum.item() / len(batches),
-               "val_loss": val_loss, "val_acc": val_acc, "lr": lrs[-1],
+               "val_loss": val_loss, "val_acc": val_acc, "lr": lrs[-1], "max_lrs": lrs,
                "img_s": len(batches) * batch_size / train_time, "time": time.time() - t0}
         rows.append(row)
         log.write(json.dumps(row) + "\n")
@@ -278,6 +280,18 @@ def fit(run, tensors, batch_size, epochs, lrs, tag, log):
 
 def add_time(run, kind, seconds):
     run.timings[kind] = run.timings.get(kind, 0.0) + seconds
+
+
+def save_predictions(run, probs, path):
+    """One row per test image: where it came from, its label, the prediction, probabilities."""
+    it = run.items["test"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "patient", "source", "label", "predicted"] +
+                   [f"p_{c}" for c in run.classes])
+        for k, (p, top) in enumerate(zip(probs.tolist(), probs.argmax(1).tolist())):
+            w.writerow([it.paths[k] or "", it.patients[k], it.sources[k],
+                        run.classes[it.labels[k]], run.classes[top]] + [f"{v:.6f}" for v in p])
 
 
 def save_checkpoint(run, path, **extra):
@@ -330,8 +344,10 @@ def main(cfg):
     m["timings_s"] = {**run.timings, "total": time.time() - t_start}
     with open(os.path.join(run.dir, "test_metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
+    save_predictions(run, probs, os.path.join(run.dir, "test_predictions.csv"))
+    write_report(run.dir)
     print(f"\n== test split ({len(probs)} images, {stages[-1].size} px)\n" + format_metrics(m))
-    print(f"\nrun folder: {run.dir}; seconds: " +
+    print(f"\nrun folder: {run.dir} (report.md); seconds: " +
           ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
     return m
 

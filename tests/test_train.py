@@ -1,9 +1,12 @@
 """End to end: tiny three-stage runs on phantoms and on the real sample, and the command line."""
+import csv
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import lrfind
 import train
@@ -32,6 +35,19 @@ def check_run_folder(run_dir, classes, n_epochs):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert len(rows) == n_epochs
     assert rows[-1]["phase"] == "s3_48_unfrozen" and rows[-1]["lr"] == pytest.approx(1e-2)
+    # the run's one-page report and its plots
+    for png, size in [("curves.png", (800, 500)), ("roc.png", (800, 500)),
+                      ("confusion_matrix.png", None)]:
+        img = Image.open(os.path.join(run_dir, png))
+        assert size is None or img.size == size
+        assert len(np.unique(np.asarray(img.convert("L")))) > 10, png  # not blank
+    report = open(os.path.join(run_dir, "report.md")).read()
+    for part in ("## Stages", "| s3_48_unfrozen | 3 |", "![s1_32_frozen](lrfind_s1_32_frozen.png)",
+                 "confusion matrix (rows: true", "![ROC curves](roc.png)", '"stages": "32,40,48"'):
+        assert part in report, part
+    with open(os.path.join(run_dir, "test_predictions.csv")) as f:
+        preds = list(csv.DictReader(f))
+    assert [p["label"] for p in preds][:1] and set(p["predicted"] for p in preds) <= set(classes)
     ck = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
     assert ck["classes"] == classes and ck["config"]["arch"] == "resnet18"
     m = build_model(len(classes), os.path.join(run_dir, "model.pt"), "resnet18")
@@ -46,6 +62,7 @@ def test_tiny_three_stage_run_on_phantoms_beats_chance(tmp_path, capsys):
     rows, saved = check_run_folder(tmp_path / "ph", ["COVID-19", "bacterial", "normal", "viral"],
                                    8)
     assert saved["accuracy"] == m["accuracy"] and saved["n"] == 64
+    assert all(0 <= saved["per_class"][c]["roc_auc"] <= 1 for c in saved["classes"])
     assert m["accuracy"]["value"] > 0.45  # chance is 0.25 for four balanced classes
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     out = capsys.readouterr().out
