@@ -153,3 +153,27 @@ def set_body_frozen(model, frozen):
             continue
         for p in m.parameters(recurse=False):
             p.requires_grad_(not frozen)
+
+
+def load_checkpoint(path):
+    """One of our checkpoints -> (model, checkpoint dict), with a clear error for anything else.
+
+    path may be a run folder (its model.pt is taken). Loads with weights_only=True: tensors,
+    numbers and strings only, so a checkpoint from elsewhere cannot run code.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.pt")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such checkpoint (give a run folder or a .pt file)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding arbitrary objects
+        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); is the file complete?") from e
+    if not (isinstance(ck, dict) and {"model", "classes", "config"} <= set(ck)):
+        raise SystemExit(f"{path}: not a COVID-ResNet checkpoint (it needs model, classes and "
+                         f"config entries; train.py writes them)")
+    model = COVIDResNet(getattr(torchvision.models, ck["config"]["arch"])(weights=None),
+                        len(ck["classes"]))
+    _load_into(model, ck["model"], path, ck["config"]["arch"])
+    return model, ck

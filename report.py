@@ -15,6 +15,32 @@ from metrics import format_metrics, roc_curve
 from plots import COLOURS, GREY, confusion_plot, line_plot
 
 
+def write_predictions(path, items, labels, probs, classes):
+    """predictions CSV: path, patient, source, label, prediction, class probabilities.
+
+    labels are class indices into `classes` (the model's), probs a list of rows."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "patient", "source", "label", "predicted"] +
+                   [f"p_{c}" for c in classes])
+        for k, pr in enumerate(probs):
+            top = max(range(len(pr)), key=pr.__getitem__)
+            w.writerow([items.paths[k] or "", items.patients[k], items.sources[k],
+                        classes[labels[k]], classes[top]] + [f"{v:.6f}" for v in pr])
+
+
+def roc_plot(path, probs, labels, classes, per_class):
+    """One-vs-rest ROC curve of every class, with its AUC from the metrics, and chance."""
+    series = []
+    for i, c in enumerate(classes):
+        fpr, tpr = roc_curve([pr[i] for pr in probs], [y == i for y in labels])
+        auc = per_class[c].get("roc_auc")
+        series.append((fpr, tpr, f"{c} (AUC {'n/a' if auc is None else f'{auc:.3f}'})"))
+    line_plot(path, series + [([0, 1], [0, 1], "chance")], "false positive rate",
+              "true positive rate", title="ROC, each class against the rest",
+              colours=COLOURS[:len(series)] + [GREY], legend_at="bottom")
+
+
 def stage_table(rows):
     """Markdown table: one line per phase, from the per-epoch rows of metrics.jsonl."""
     phases = {}
@@ -46,14 +72,8 @@ def write_report(run_dir):
                    f"test split, {m['n']} images")
     with open(p("test_predictions.csv"), newline="") as f:
         preds = list(csv.DictReader(f))
-    series = []
-    for c in m["classes"]:
-        fpr, tpr = roc_curve([float(r["p_" + c]) for r in preds], [r["label"] == c for r in preds])
-        auc = m["per_class"][c].get("roc_auc")
-        series.append((fpr, tpr, f"{c} (AUC {'n/a' if auc is None else f'{auc:.3f}'})"))
-    line_plot(p("roc.png"), series + [([0, 1], [0, 1], "chance")], "false positive rate",
-              "true positive rate", title="ROC, each class against the rest",
-              colours=COLOURS[:len(series)] + [GREY], legend_at="bottom")
+    roc_plot(p("roc.png"), [[float(r["p_" + c]) for c in m["classes"]] for r in preds],
+             [m["classes"].index(r["label"]) for r in preds], m["classes"], m["per_class"])
 
     lrfinds = sorted(f for f in os.listdir(run_dir) if f.startswith("lrfind_") and
                      f.endswith(".png"))

@@ -11,7 +11,6 @@ discriminative learning rates per layer group (schedule.py). The paper's stages,
 128 px 3+5 epochs, 224 px 3+5, 229 px 0+25 at LRs 1e-6..1e-4: 41 epochs. Every run writes
 runs/<name>/ with its config, metrics, LR-finder curves, checkpoints and test metrics.
 """
-import csv
 import dataclasses
 import json
 import os
@@ -28,12 +27,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from batches import Augment, Batches
+from batches import Augment, Batches, normalize
 from config import Config, make_stages, parse_args
 from lrfind import lr_find, save_lr_find
 from metrics import classification_metrics, format_metrics
 from model import build_model, layer_groups, set_body_frozen
-from report import write_report
+from report import write_predictions, write_report
 from schedule import discriminative_lrs, one_cycle
 
 
@@ -215,23 +214,37 @@ def resolve_lrs(run, tensors, batch_size, frozen, spec, tag):
 
 
 @torch.no_grad()
+def class_logits(model, forward, images, batch_size=256, aug=None, seed=0):
+    """Logits (N, C) for uint8 images (N, 1, S, S) on the model's device, in eval mode.
+
+    forward is the model or its compiled version; aug (a batches.Augment) makes one pass of
+    test-time augmentation. The last batch is padded: one static shape, no recompilation.
+    """
+    cuda = images.device.type == "cuda"
+    amp = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
+    gen = torch.Generator(device=images.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].float().div_(255)
+        n = len(x)
+        if aug is not None:
+            x = aug(x, gen)
+        if n < batch_size:
+            x = torch.cat([x, x.new_zeros(batch_size - n, *x.shape[1:])])
+        with amp:
+            out.append(forward(normalize(x, channels_last=cuda))[:n].float())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, model.head[-1].out_features)
+
+
 def predict(run, x, y, batch_size=256):
     """(mean loss, accuracy, class probabilities (N, C) on the CPU) over (x, y), unaugmented."""
-    run.model.eval()
-    amp = torch.autocast("cuda", torch.bfloat16) if run.device.type == "cuda" else nullcontext()
-    loss, probs = torch.zeros((), device=run.device), []
-    for xb, yb in Batches(x, y, batch_size, train=False, channels_last=run.device.type == "cuda"):
-        n = len(yb)
-        if n < batch_size:  # pad the last batch: one static shape, no recompilation
-            xb = torch.cat([xb, xb.new_zeros(batch_size - n, *xb.shape[1:])])
-        with amp:
-            logits = run.forward(xb)[:n].float()
-        loss += F.cross_entropy(logits, yb, weight=run.loss_weight, reduction="sum")
-        probs.append(logits.softmax(1))
-    run.model.train()
-    probs = torch.cat(probs) if probs else torch.zeros(0, len(run.classes), device=run.device)
+    logits = class_logits(run.model, run.forward, x, batch_size)
     n = max(1, len(y))
-    return loss.item() / n, (probs.argmax(1) == y).float().sum().item() / n, probs.cpu()
+    loss = F.cross_entropy(logits, y, weight=run.loss_weight, reduction="sum").item() / n
+    return loss, (logits.argmax(1) == y).float().sum().item() / n, logits.softmax(1).cpu()
 
 
 def fit(run, tensors, batch_size, epochs, lrs, tag, log):
@@ -280,18 +293,6 @@ def fit(run, tensors, batch_size, epochs, lrs, tag, log):
 
 def add_time(run, kind, seconds):
     run.timings[kind] = run.timings.get(kind, 0.0) + seconds
-
-
-def save_predictions(run, probs, path):
-    """One row per test image: where it came from, its label, the prediction, probabilities."""
-    it = run.items["test"]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "patient", "source", "label", "predicted"] +
-                   [f"p_{c}" for c in run.classes])
-        for k, (p, top) in enumerate(zip(probs.tolist(), probs.argmax(1).tolist())):
-            w.writerow([it.paths[k] or "", it.patients[k], it.sources[k],
-                        run.classes[it.labels[k]], run.classes[top]] + [f"{v:.6f}" for v in p])
 
 
 def save_checkpoint(run, path, **extra):
@@ -344,7 +345,8 @@ def main(cfg):
     m["timings_s"] = {**run.timings, "total": time.time() - t_start}
     with open(os.path.join(run.dir, "test_metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
-    save_predictions(run, probs, os.path.join(run.dir, "test_predictions.csv"))
+    write_predictions(os.path.join(run.dir, "test_predictions.csv"), run.items["test"],
+                      run.items["test"].labels, probs.tolist(), run.classes)
     write_report(run.dir)
     print(f"\n== test split ({len(probs)} images, {stages[-1].size} px)\n" + format_metrics(m))
     print(f"\nrun folder: {run.dir} (report.md); seconds: " +
