@@ -3,7 +3,7 @@
     python report.py runs/NAME          # (train.py writes it at the end of every run)
 
 Reads config.json, metrics.jsonl, the LR-finder curves, test_metrics.json and
-test_predictions.csv; writes curves.png (loss and accuracy per epoch), confusion_matrix.png,
+test_predictions.csv; writes loss.png and accuracy.png (per epoch), confusion_matrix.png,
 roc.png and report.md, which shows them with the stage table and the test metrics.
 """
 import csv
@@ -64,10 +64,11 @@ def write_report(run_dir):
     rows = [json.loads(line) for line in open(p("metrics.jsonl")) if line.strip()]
     m = json.load(open(p("test_metrics.json")))
     epochs = list(range(1, len(rows) + 1))
-    line_plot(p("curves.png"), [(epochs, [r["train_loss"] for r in rows], "train loss"),
-                                (epochs, [r["val_loss"] for r in rows], "validation loss"),
-                                (epochs, [r["val_acc"] for r in rows], "validation accuracy")],
-              "epoch (all phases in order)", "loss / accuracy", title="training curves")
+    line_plot(p("loss.png"), [(epochs, [r["train_loss"] for r in rows], "train loss"),
+                              (epochs, [r["val_loss"] for r in rows], "validation loss")],
+              "epoch (all phases in order)", "cross-entropy loss", title="loss per epoch")
+    line_plot(p("accuracy.png"), [(epochs, [r["val_acc"] for r in rows], "validation")],
+              "epoch (all phases in order)", "accuracy", title="validation accuracy per epoch")
     confusion_plot(p("confusion_matrix.png"), m["confusion_matrix"], m["classes"],
                    f"test split, {m['n']} images")
     with open(p("test_predictions.csv"), newline="") as f:
@@ -81,7 +82,8 @@ def write_report(run_dir):
             f"Data `{cfg['data']}`, {cfg['arch']} with weights `{cfg['weights']}`, stages "
             f"{cfg['stages']} px, device {cfg.get('device', '?')}, torch {cfg.get('torch', '?')}, "
             f"git commit `{cfg.get('git_commit', '?')[:12]}`, seed {cfg['seed']}.", "",
-            "## Stages", "", stage_table(rows), "", "![training curves](curves.png)", "",
+            "## Stages", "", stage_table(rows), "",
+            "![loss per epoch](loss.png) ![accuracy per epoch](accuracy.png)", "",
             "## LR range tests", "",
             "Each phase's sweep; the red circle marks the learning rate taken.", ""]
     text += [f"![{f[7:-4]}]({f})" for f in lrfinds] or ["(no phase used `auto`)"]

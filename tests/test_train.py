@@ -36,7 +36,8 @@ def check_run_folder(run_dir, classes, n_epochs):
     assert len(rows) == n_epochs
     assert rows[-1]["phase"] == "s3_48_unfrozen" and rows[-1]["lr"] == pytest.approx(1e-2)
     # the run's one-page report and its plots
-    for png, size in [("curves.png", (800, 500)), ("roc.png", (800, 500)),
+    for png, size in [("loss.png", (800, 500)), ("accuracy.png", (800, 500)),
+                      ("roc.png", (800, 500)),
                       ("confusion_matrix.png", None)]:
         img = Image.open(os.path.join(run_dir, png))
         assert size is None or img.size == size

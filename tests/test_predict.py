@@ -1,0 +1,63 @@
+"""predict.py: CSV for the readable images, skipped files listed, Grad-CAM overlays."""
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import phantom
+import predict
+from model import build_model
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    m = build_model(4, "none", "resnet18")
+    path = tmp_path / "model.pt"
+    torch.save({"model": m.state_dict(), "classes": phantom.CLASSES,
+                "config": {"arch": "resnet18"}, "size": 64}, path)
+    return path
+
+
+def test_gradcam_shape_range_and_target():
+    torch.manual_seed(0)
+    model = build_model(4, "none", "resnet18").eval()
+    x = torch.randn(1, 3, 64, 64)
+    cams = [predict.gradcam(model, x, t) for t in range(4)]
+    assert cams[0].shape == (2, 2)  # layer4 is 1/32 of the input
+    for cam in cams:
+        assert cam.min() >= 0 and cam.max() <= 1
+    assert any(not torch.allclose(cams[0], c) for c in cams[1:])  # depends on the class
+    assert all(p.grad is None for p in model.parameters())  # the weights are left alone
+
+
+def test_predict_folder_with_bad_files(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for i, c in enumerate(["normal", "viral"]):
+        Image.fromarray(phantom.render(c, rng)).resize((90, 70)).save(folder / f"{c}.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "notes.txt").write_text("a note")
+    out = tmp_path / "out" / "p.csv"
+    files, probs, skipped = predict.main([str(checkpoint), str(folder), "--out", str(out),
+                                          "--cam", str(tmp_path / "cams")])
+    assert [os.path.basename(f) for f in files] == ["normal.png", "viral.png"]
+    assert sorted(os.path.basename(f) for f, _ in skipped) == ["corrupt.png", "notes.txt"]
+    assert "skipped" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 2 and rows[0]["predicted"] in phantom.CLASSES
+    assert abs(sum(float(rows[0][f"p_{c}"]) for c in phantom.CLASSES) - 1) < 1e-4
+    cam = Image.open(tmp_path / "cams" / "normal_cam.png")
+    assert cam.size == (90, 70) and cam.mode == "RGB"  # the radiograph's own size
+    assert len(np.unique(np.asarray(cam.convert("L")))) > 10
+
+
+def test_predict_with_no_readable_image_is_an_error(checkpoint, tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(SystemExit, match="no readable images"):
+        predict.main([str(checkpoint), str(tmp_path / "a.txt"), "--out",
+                      str(tmp_path / "p.csv")])
