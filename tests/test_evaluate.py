@@ -40,8 +40,10 @@ def test_evaluate_writes_metrics_tables_and_plots(checkpoint, tmp_path):
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == 40
     assert all(abs(sum(float(r[f"p_{c}"]) for c in phantom.CLASSES) - 1) < 1e-4 for r in rows)
-    for png in ("confusion_matrix.png", "roc.png"):
-        assert len(np.unique(np.asarray(Image.open(out / png).convert("L")))) > 10
+    for png, size in [("confusion_matrix.png", (620, 600)), ("roc.png", (800, 500))]:
+        img = Image.open(out / png)
+        assert img.size == size  # the matrix: 110 px per class and margins for the labels
+        assert len(np.unique(np.asarray(img.convert("L")))) > 10
     assert "balanced accuracy" in open(out / "metrics.md").read()
 
 
