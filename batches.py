@@ -1,6 +1,6 @@
 """Training batches made on the device from uint8 images: shuffle, augment, normalise.
 
-    for x, y in Batches(images, labels, 64, train=True, aug=Augment()): ...
+    for x, y in Batches(images, labels, 64, aug=Augment()): ...
 
 images is the (N, 1, S, S) uint8 tensor of one stage size (data.load_pixels), already on the
 training device. Every step is a handful of batched torch ops there: a device randperm, one
@@ -74,32 +74,28 @@ def normalize(x, channels_last=False):
 
 
 class Batches:
-    """(x, y) batches from uint8 images (N, 1, S, S) and labels (N,) on the training device.
+    """Training batches (x, y) from uint8 images (N, 1, S, S) and labels (N,) on the device.
 
-    train=True: a new random order each pass (device randperm), the partial last batch dropped
-    (static shapes), augmentation; balance=True draws each class equally often instead, with
-    replacement (COVID-Net's rebalancing of its few COVID-19 films). train=False: in order,
-    every image once, no augmentation.
+    A new random order each pass (device randperm) and the partial last batch dropped (static
+    shapes); balance=True draws each class equally often instead, with replacement (COVID-Net's
+    rebalancing of its few COVID-19 films). Evaluation uses train.class_logits instead.
     """
 
-    def __init__(self, images, labels, batch_size, train, aug=None, balance=False,
-                 seed=0, channels_last=False):
+    def __init__(self, images, labels, batch_size, aug=None, balance=False, seed=0,
+                 channels_last=False):
         self.images, self.labels, self.bs = images, labels, batch_size
-        self.train, self.aug, self.balance, self.cl = train, aug, balance, channels_last
+        self.aug, self.balance, self.cl = aug, balance, channels_last
         self.gen = torch.Generator(device=images.device).manual_seed(seed)
-        if train and len(labels) < batch_size:
+        if len(labels) < batch_size:
             raise DataError(f"{len(labels)} training images are fewer than one batch "
                             f"({batch_size}); lower --batch-size")
 
     def __len__(self):
-        n = len(self.labels)
-        return n // self.bs if self.train else math.ceil(n / self.bs)
+        return len(self.labels) // self.bs
 
     def __iter__(self):
         n = len(self.labels)
-        if not self.train:
-            idx = torch.arange(n, device=self.images.device)
-        elif self.balance:  # weight each image by 1 / its class size
+        if self.balance:  # weight each image by 1 / its class size
             w = 1.0 / torch.bincount(self.labels).float()[self.labels]
             idx = torch.multinomial(w, n, replacement=True, generator=self.gen)
         else:
@@ -107,6 +103,6 @@ class Batches:
         for i in range(len(self)):
             j = idx[i * self.bs:(i + 1) * self.bs]
             x = self.images[j].float().div_(255)
-            if self.train and self.aug is not None:
+            if self.aug is not None:
                 x = self.aug(x, self.gen)
             yield normalize(x, self.cl), self.labels[j]

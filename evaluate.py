@@ -21,7 +21,7 @@ from metrics import classification_metrics, format_metrics
 from model import load_checkpoint
 from plots import confusion_plot
 from report import roc_plot, write_predictions
-from train import class_logits
+from train import class_logits, pick_device
 
 
 def map_classes(data_classes, model_classes, class_map=""):
@@ -67,8 +67,7 @@ def main(argv=None):
 
     model, ck = load_checkpoint(a.checkpoint)
     classes, size = ck["classes"], a.size or ck.get("size") or 224
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                       if a.device == "auto" else a.device)
+    dev = pick_device(a.device)
     model = model.to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from batches import normalize
 from data import decode, to_gray
 from model import load_checkpoint
-from train import class_logits
+from train import class_logits, pick_device
 
 
 def find_files(args):
@@ -84,9 +84,10 @@ def main(argv=None):
 
     model, ck = load_checkpoint(a.checkpoint)
     classes, size = ck["classes"], a.size or ck.get("size") or 224
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                       if a.device == "auto" else a.device)
+    dev = pick_device(a.device)
     model = model.to(dev).eval()
+    if dev.type == "cuda":  # class_logits feeds channels_last batches on CUDA
+        model = model.to(memory_format=torch.channels_last)
     files, pixels, skipped = [], [], []
     for f in find_files(a.images):
         r = decode(f, [size])

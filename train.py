@@ -84,16 +84,22 @@ def make_step(run, amp):
     return step
 
 
+def pick_device(name):
+    """'auto': the GPU where there is one, else the CPU. Asking for a missing GPU is an error."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                       if name == "auto" else name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device is available; use --device cpu")
+    return dev
+
+
 def setup(cfg, sizes=None):
     """Read and decode the data (at `sizes`, default the stages'), build model and optimizer,
     and make the run folder."""
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                       if cfg.device == "auto" else cfg.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {cfg.device}: no CUDA device is available; use --device cpu")
+    dev = pick_device(cfg.device)
     print("config: " + json.dumps(dataclasses.asdict(cfg)))
     classes, splits = data.load_dataset(
         cfg.data, cfg.train_split, cfg.test_split, cfg.image_dir, cfg.subtypes, cfg.phantoms,
@@ -184,7 +190,7 @@ def stage_tensors(run, size):
 
 def train_batches(run, tensors, batch_size, tag):
     """Shuffled, augmented training batches; each phase draws its own reproducible order."""
-    return Batches(*tensors["train"], batch_size, train=True, aug=run.aug,
+    return Batches(*tensors["train"], batch_size, aug=run.aug,
                         balance=run.cfg.balance, seed=run.cfg.seed + zlib.crc32(tag.encode()),
                         channels_last=run.device.type == "cuda")
 

@@ -4,10 +4,10 @@ import torch
 import batches as B
 
 
-def test_batches_train_and_eval():
+def test_batches_one_pass_per_epoch_and_balance():
     imgs = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 4, 4).clone()
     labels = torch.tensor([0] * 8 + [1] * 2)
-    train = B.Batches(imgs, labels, 3, train=True, seed=1)
+    train = B.Batches(imgs, labels, 3, seed=1)
     batches = list(train)
     assert len(batches) == len(train) == 3  # the partial last batch is dropped
     assert all(x.shape == (3, 3, 4, 4) and x.dtype == torch.float32 for x, _ in batches)
@@ -15,19 +15,16 @@ def test_batches_train_and_eval():
             for x, _ in batches for i in range(3)]
     assert len(set(seen)) == 9  # no image twice in one pass
     assert [b[0].sum() for b in batches] != [b[0].sum() for b in train]  # reshuffled
-    ev = list(B.Batches(imgs, labels, 4, train=False))
-    assert [len(y) for _, y in ev] == [4, 4, 2] and torch.equal(torch.cat([y for _, y in ev]),
-                                                                 labels)
-    balanced = B.Batches(imgs, labels, 10, train=True, balance=True, seed=0)
+    balanced = B.Batches(imgs, labels, 10, balance=True, seed=0)
     ys = torch.cat([y for _ in range(50) for _, y in balanced])
     assert 0.4 < ys.float().mean().item() < 0.6  # the 20% class drawn half the time
 
 
 def test_no_augmentation_is_identity_and_normalisation_is_imagenet():
     imgs = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
-    x, _ = next(iter(B.Batches(imgs, torch.zeros(4, dtype=torch.long), 4, train=False)))
+    x, y = next(iter(B.Batches(imgs, torch.arange(4), 4)))  # no aug given; y: which image
     for c in range(3):
-        expect = (imgs[:, 0].float() / 255 - B.MEAN[c]) / B.STD[c]
+        expect = (imgs[y, 0].float() / 255 - B.MEAN[c]) / B.STD[c]
         assert torch.allclose(x[:, c], expect, atol=1e-6)
     cl = B.normalize(imgs.float() / 255, channels_last=True)
     assert cl.is_contiguous(memory_format=torch.channels_last)

@@ -149,3 +149,17 @@ def test_class_weights_and_balance_options(tmp_path):
     assert torch.allclose(run.loss_weight, expect)
     batches = train.train_batches(run, train.stage_tensors(run, 32), 16, "t")
     assert batches.balance and len(batches) == len(run.items["train"]) // 16
+
+
+def test_class_logits_every_image_once_in_order():
+    torch.manual_seed(0)
+    model = build_model(3, "none", "resnet18").eval()
+    images = torch.randint(0, 256, (10, 1, 32, 32), dtype=torch.uint8)
+    logits = train.class_logits(model, model, images, batch_size=4)  # 4 + 4 + 2 (padded)
+    assert logits.shape == (10, 3)
+    with torch.no_grad():
+        direct = model(train.normalize(images.float() / 255))
+    assert torch.allclose(logits, direct, atol=1e-4)
+    model.train()
+    train.class_logits(model, model, images[:2], batch_size=4)
+    assert model.training  # the model's mode is given back
