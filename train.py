@@ -11,10 +11,12 @@ discriminative learning rates per layer group (schedule.py). The paper's stages,
 128 px 3+5 epochs, 224 px 3+5, 229 px 0+25 at LRs 1e-6..1e-4: 41 epochs. Every run writes
 runs/<name>/ with its config, metrics, LR-finder curves, checkpoints and test metrics.
 """
+import copy
 import dataclasses
 import json
 import os
 import random
+import shutil
 import subprocess
 import time
 import zlib
@@ -93,6 +95,27 @@ def pick_device(name):
     return dev
 
 
+def check_writable(run_dir, need_bytes):
+    """Fail now, not at the first checkpoint hours later, if run_dir cannot take the run."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, ".write-test")
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"cannot write the run folder {run_dir} ({e.strerror}); choose "
+                         "another with --runs DIR") from e
+    free = shutil.disk_usage(run_dir).free
+    if free < need_bytes:
+        if not os.listdir(run_dir):
+            os.rmdir(run_dir)
+        raise SystemExit(f"{run_dir} has {free / 2**20:.0f} MiB free; the run's checkpoints "
+                         f"need about {need_bytes / 2**20:.0f} MiB. Free space or use --runs DIR")
+
+
 def setup(cfg, sizes=None):
     """Read and decode the data (at `sizes`, default the stages'), build model and optimizer,
     and make the run folder."""
@@ -124,7 +147,8 @@ def setup(cfg, sizes=None):
     name = cfg.name or time.strftime("%Y%m%d-%H%M%S-") + os.path.basename(
         os.path.normpath(cfg.data))
     run_dir = os.path.join(cfg.runs, name)
-    os.makedirs(run_dir, exist_ok=True)
+    check_writable(run_dir, need_bytes=len(make_stages(cfg)) * 3 * 4 * sum(
+        p.numel() for p in model.parameters()))  # a checkpoint per stage: weights + Adam
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump({**dataclasses.asdict(cfg), "git_commit": git_commit(),
                    "torch": torch.__version__, "device": str(dev)}, f, indent=1)
@@ -254,12 +278,18 @@ def predict(run, x, y, batch_size=256):
 
 
 def fit(run, tensors, batch_size, epochs, lrs, tag, log):
-    """fastai's fit_one_cycle: `epochs` epochs, LR and beta1 of each group set by hand each step."""
+    """fastai's fit_one_cycle: `epochs` epochs, LR and beta1 of each group set by hand each step.
+
+    A NaN or infinite loss ends the phase: model and optimizer go back to their state at the
+    start of that epoch, and the step and LR where it happened are reported.
+    """
     c = run.cfg
     batches = train_batches(run, tensors, batch_size, tag)
     total, k, rows = epochs * len(batches), 0, []
     for epoch in range(epochs):
         t0, loss_sum, shown = time.time(), torch.zeros((), device=run.device), None
+        good = copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.opt.state_dict())
+        first_bad = torch.full((), -1, device=run.device)  # step of the first bad loss
         bar = tqdm(batches, desc=f"{tag} {epoch + 1}/{epochs}", leave=False)
         for i, (x, y) in enumerate(bar):
             for g, lr_max in zip(run.opt.param_groups, lrs):
@@ -267,6 +297,8 @@ def fit(run, tensors, batch_size, epochs, lrs, tag, log):
                 g["betas"] = (mom, g["betas"][1])
             loss = run.step(x, y)
             loss_sum += loss
+            # noted on the device, read once per epoch: no host sync in the step
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), k, first_bad)
             k += 1
             if k == 1:  # the phase's first step: autotuning, and compilation where on
                 sync(run)
@@ -281,6 +313,14 @@ def fit(run, tensors, batch_size, epochs, lrs, tag, log):
                 shown = loss
         sync(run)
         train_time = time.time() - t0
+        bad = int(first_bad.item())
+        if bad >= 0:
+            run.model.load_state_dict(good[0])
+            run.opt.load_state_dict(good[1])
+            bad_lr = one_cycle(bad, total, lrs[-1], c.pct_start, c.div, c.div_final)[0]
+            print(f"{tag}: the loss was not finite at step {bad + 1} of {total} (head LR "
+                  f"{bad_lr:.2e}). Weights and optimizer are back at the start of epoch "
+                  f"{epoch + 1}; this phase ends here. A lower LR may help.")
         val_loss, val_acc, _ = predict(run, *tensors["val"]) if len(tensors["val"][1]) \
             else (float("nan"), float("nan"), None)
         add_time(run, "train", train_time)
@@ -288,12 +328,16 @@ def fit(run, tensors, batch_size, epochs, lrs, tag, log):
         row = {"phase": tag, "epoch": epoch + 1, "train_loss": loss_sum.item() / len(batches),
                "val_loss": val_loss, "val_acc": val_acc, "lr": lrs[-1], "max_lrs": lrs,
                "img_s": len(batches) * batch_size / train_time, "time": time.time() - t0}
+        if bad >= 0:
+            row.update(train_loss=float("nan"), diverged_at_step=bad + 1, diverged_lr=bad_lr)
         rows.append(row)
         log.write(json.dumps(row) + "\n")
         log.flush()
         print(f"{tag} epoch {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f}, "
               f"val loss {val_loss:.4f}, val acc {100 * val_acc:.1f}%, "
               f"{row['img_s']:.0f} img/s, {row['time']:.1f}s")
+        if bad >= 0:
+            break
     return rows
 
 

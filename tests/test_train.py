@@ -163,3 +163,30 @@ def test_class_logits_every_image_once_in_order():
     model.train()
     train.class_logits(model, model, images[:2], batch_size=4)
     assert model.training  # the model's mode is given back
+
+
+def test_unwritable_or_full_run_folder_fails_before_training(tmp_path, monkeypatch):
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where the runs folder should be")
+    args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", ""] + TINY
+    with pytest.raises(SystemExit, match="cannot write the run folder"):
+        train.setup(parse_args(args + ["--runs", str(blocker)]))
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: type("U", (), {"free": 10**6}))
+    with pytest.raises(SystemExit, match=r"1 MiB free; the run's checkpoints need about \d+"):
+        train.setup(parse_args(args + ["--runs", str(tmp_path / "full"), "--name", "x"]))
+    assert not os.path.exists(tmp_path / "full" / "x")
+
+
+def test_a_diverging_phase_stops_and_restores_the_last_good_state(tmp_path, capsys):
+    args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", "", "--runs", str(tmp_path)]
+    run = train.setup(parse_args(args + TINY))
+    tensors = train.stage_tensors(run, 32)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    with open(tmp_path / "log.jsonl", "w") as log:  # an LR of 1e30 overflows at once
+        rows = train.fit(run, tensors, 16, 3, [1e30] * 3, "boom", log)
+    assert len(rows) == 1 and rows[0]["diverged_at_step"] >= 1  # stopped in epoch 1
+    for k, v in run.model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # back at the start of the epoch
+    out = capsys.readouterr().out
+    assert "the loss was not finite at step" in out and "head LR" in out
+    assert json.loads(open(tmp_path / "log.jsonl").read())["diverged_lr"] > 0
