@@ -76,7 +76,8 @@ def find_split_files(root):
 
 
 def read_split_file(path):
-    """Lines `patient_id filename label [source]` -> list of (patient, filename, label, source)."""
+    """Lines `patient_id filename label [source]` -> ([(patient, filename, label, source)],
+    [a description of each malformed line])."""
     rows, bad = [], []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -84,13 +85,10 @@ def read_split_file(path):
             if not parts:
                 continue
             if len(parts) not in (3, 4):
-                bad.append(f"  line {n}: {line.strip()[:80]!r}")
+                bad.append(f"{os.path.basename(path)} line {n}: {line.strip()[:80]!r}")
                 continue
             rows.append((parts[0], parts[1], parts[2], parts[3] if len(parts) == 4 else ""))
-    if bad:
-        raise DataError(f"{path}: {len(bad)} malformed lines (expected `patient_id filename "
-                        f"label [source]`):\n" + "\n".join(bad[:10]))
-    return rows
+    return rows, bad
 
 
 def read_image_folder(root, base=None):
@@ -99,13 +97,18 @@ def read_image_folder(root, base=None):
     An ImageFolder tree names no patients: each image counts as its own (its path relative to
     base), so no patient-level check or split can be made. Prefer split files where you can.
     """
-    rows = []
+    rows, other = [], []
     for cls in sorted(d.name for d in os.scandir(root) if d.is_dir()):
         for dirpath, _, files in sorted(os.walk(os.path.join(root, cls))):
             for f in sorted(files):
+                path = os.path.join(dirpath, f)
                 if f.lower().endswith(IMAGE_EXTS):
-                    path = os.path.join(dirpath, f)
                     rows.append((os.path.relpath(path, base or root), path, cls, ""))
+                else:
+                    other.append(path)
+    if other:
+        print(f"warning: skipped {len(other)} files that are not images in {root} (e.g. "
+              f"{', '.join(other[:3])})")
     return rows
 
 
@@ -144,14 +147,16 @@ def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtyp
         files = [f if os.path.isabs(f) else os.path.join(root, f) for f in files]
     else:
         files = find_split_files(root)
-    rows = {}
+    rows, malformed = {}, []
     if files:
         for split, f in zip(("train", "test"), files):
             if not os.path.isfile(f):
                 raise DataError(f"split file {f} not found")
             folder = image_dir or os.path.join(root, split)
+            split_rows, bad = read_split_file(f)
+            malformed += bad
             rows[split] = [(p, os.path.join(folder, fn), lab, src)
-                           for p, fn, lab, src in read_split_file(f)]
+                           for p, fn, lab, src in split_rows]
     elif all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test")):
         rows = {s: read_image_folder(os.path.join(root, s), root) for s in ("train", "test")}
     else:  # root/<class>/*: hold out 20% of the patients as the test split
@@ -168,22 +173,36 @@ def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtyp
     if subtypes:
         rows = {s: apply_subtypes(r, subtypes) for s, r in rows.items()}
     classes = sorted({r[2] for r in rows["train"]})
-    check_rows(rows, classes, allow_patient_overlap)
+    check_rows(rows, classes, allow_patient_overlap, malformed)
     idx = {c: i for i, c in enumerate(classes)}
     splits = {s: Items([r[1] for r in rs], [idx[r[2]] for r in rs], [r[0] for r in rs],
                        [r[3] for r in rs]) for s, rs in rows.items()}
     return classes, splits
 
 
-def check_rows(rows, classes, allow_patient_overlap):
-    """Problems found before any decoding: empty splits, unknown labels, shared patients."""
+def _listing(what, items, fix=""):
+    """'N <what>: first ten, one per line' for an error message."""
+    return (f"{len(items)} {what}{fix}:\n    " + "\n    ".join(items[:10]) +
+            ("\n    ..." if len(items) > 10 else ""))
+
+
+def check_rows(rows, classes, allow_patient_overlap, malformed=()):
+    """Every problem found before any decoding, in one message: malformed lines, empty splits,
+    unknown labels, files listed twice, patients in both splits."""
     problems = []
+    if malformed:
+        problems.append(_listing("malformed lines", list(malformed),
+                                 " (expected `patient_id filename label [source]`)"))
     for split, rs in rows.items():
         if not rs:
             problems.append(f"the {split} split is empty")
         unknown = Counter(r[2] for r in rs if r[2] not in classes)
         if unknown:
             problems.append(f"{split} has labels absent from train: {dict(unknown)}")
+    seen = Counter(r[1] for rs in rows.values() for r in rs)
+    twice = sorted(p for p, n in seen.items() if n > 1)
+    if twice:
+        problems.append(_listing("files listed more than once", twice))
     shared = {r[0] for r in rows["train"]} & {r[0] for r in rows["test"]}
     if shared and not allow_patient_overlap:
         problems.append(f"{len(shared)} patients are in both train and test (e.g. "
@@ -284,9 +303,12 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None):
         return {s: F.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
                 .round().clamp(0, 255).to(torch.uint8) for s in sizes}
     missing = [p for p in items.paths if not os.path.isfile(p)]
-    if missing:
-        raise DataError(f"{len(missing)} listed images are missing:\n  " +
-                        "\n  ".join(missing[:10]) + "\nCheck --data / --image-dir.")
+    if missing:  # also look for unreadable files, so that one message lists both
+        present = [p for p in items.paths if os.path.isfile(p)]
+        bad = [f"{p} ({r})" for p in present for r in [decode(p, [8])] if isinstance(r, str)]
+        raise DataError(_listing("listed images are missing", missing,
+                                 " (check --data / --image-dir)") +
+                        ("\n" + _listing("images could not be read", bad) if bad else ""))
     out, todo, keys = {}, [], {}
     key = cache_dir and fingerprint(items.paths, mode)
     for s in sizes:
@@ -307,8 +329,8 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None):
                                          chunksize=16), **bar))
     bad = [f"{p} ({r})" for p, r in zip(items.paths, results) if isinstance(r, str)]
     if bad:
-        raise DataError(f"{len(bad)} images could not be read:\n  " + "\n  ".join(bad[:10]) +
-                        "\nReplace or remove them from the split file.")
+        raise DataError(_listing("images could not be read", bad) +
+                        "\nReplace them, or remove them from the split file.")
     for k, s in enumerate(todo):
         arr = np.stack([r[k] for r in results])[:, None]  # (N, 1, s, s)
         if keys[s]:

@@ -135,7 +135,7 @@ def test_malformed_line_is_reported_with_its_number(tmp_path):
 def test_patient_in_train_and_test_is_an_error_unless_allowed(tmp_path):
     make_covidx(tmp_path)
     with open(tmp_path / "test.txt", "a") as f:
-        f.write("train-p0 test0.png normal src\n")
+        f.write("train-p0 extra.png normal src\n")
     with pytest.raises(data.DataError, match="train-p0.*--allow-patient-overlap"):
         data.load_dataset(str(tmp_path))
     data.load_dataset(str(tmp_path), allow_patient_overlap=True)
@@ -200,3 +200,43 @@ def test_real_sample_three_and_four_classes():
     classes, splits = data.load_dataset(SAMPLE, subtypes=os.path.join(SAMPLE, "subtype.csv"))
     assert classes == ["COVID-19", "bacterial", "normal", "viral"]
     assert len(splits["train"]) < 192  # pneumonia films of unknown kind are left out
+
+
+def test_all_problems_of_a_data_set_in_one_message(tmp_path):
+    make_covidx(tmp_path)
+    with open(tmp_path / "train.txt", "a") as f:
+        f.write("only-two fields\n")
+        f.write("train-p9 train1.png normal src\n")  # the same file a second time
+    with open(tmp_path / "test.txt", "a") as f:
+        f.write("a b c d e\n")
+        f.write("test-p9 extra.png pneumonia src\n")  # a label train does not have
+    with pytest.raises(data.DataError) as e:
+        data.load_dataset(str(tmp_path))
+    msg = str(e.value)
+    assert "2 malformed lines" in msg and "train.txt line 7" in msg and "test.txt line 7" in msg
+    assert "1 files listed more than once" in msg and "train1.png" in msg
+    assert "labels absent from train: {'pneumonia': 1}" in msg
+
+
+def test_missing_and_corrupt_files_in_one_message_with_counts(tmp_path):
+    make_covidx(tmp_path, n=30)
+    for i in range(12):
+        os.remove(tmp_path / "train" / f"train{i}.png")
+    (tmp_path / "train" / "train20.png").write_bytes(b"garbage")
+    classes, splits = data.load_dataset(str(tmp_path))
+    with pytest.raises(data.DataError) as e:
+        data.load_pixels(splits["train"], [8])
+    msg = str(e.value)
+    assert msg.startswith("12 listed images are missing") and "\n    ..." in msg  # first ten
+    assert msg.count("train1") >= 1 and "1 images could not be read" in msg
+    assert "train20.png" in msg
+
+
+def test_non_image_files_in_an_image_folder_are_skipped_with_a_warning(tmp_path, capsys):
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / split / "normal")
+        write_image(tmp_path / split / "normal" / "a.png", "L")
+        (tmp_path / split / "normal" / "Thumbs.db").write_bytes(b"x")
+    classes, splits = data.load_dataset(str(tmp_path))
+    assert len(splits["train"]) == 1
+    assert "skipped 1 files that are not images" in capsys.readouterr().out
