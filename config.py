@@ -67,6 +67,7 @@ class Config:
     runs: str = knob("runs", "folder for run folders")
     name: str = knob("", "run name; empty: date-time and data set")
     demo: bool = knob(False, "quick demo: phantoms, random init, CPU, small sizes")
+    resume: str = knob("", "run folder to continue from its last complete epoch (last.pt)")
 
 
 # The demo: every part of the recipe (3 stages, 5 LR finders, one-cycle, discriminative LRs)
@@ -106,7 +107,7 @@ def parse_args(argv=None, extra=None, doc=__doc__):
         p.set_defaults(**DEMO)
         args = p.parse_args(argv)
     cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
-    if not cfg.data:
+    if not cfg.data and not cfg.resume:
         p.error("pass --data PATH (a COVIDx or ImageFolder root), --data phantom, or --demo")
     return (cfg, {k: getattr(args, k) for k in extra}) if extra else cfg
 

@@ -55,6 +55,7 @@ class Run:
     aug: object
     loss_weight: torch.Tensor = None
     timings: dict = field(default_factory=dict)  # seconds spent per kind of work
+    history: list = field(default_factory=list)  # one dict per epoch, as in metrics.jsonl
 
 
 # Measured on one H100 (torch 2.11, bf16, channels_last, batch 256; issue #3): an eager
@@ -277,16 +278,20 @@ def predict(run, x, y, batch_size=256):
     return loss, (logits.argmax(1) == y).float().sum().item() / n, logits.softmax(1).cpu()
 
 
-def fit(run, tensors, batch_size, epochs, lrs, tag, log):
+def fit(run, tensors, batch_size, epochs, lrs, tag, log, where, start=0, gen_state=None):
     """fastai's fit_one_cycle: `epochs` epochs, LR and beta1 of each group set by hand each step.
 
     A NaN or infinite loss ends the phase: model and optimizer go back to their state at the
-    start of that epoch, and the step and LR where it happened are reported.
+    start of that epoch, and the step and LR where it happened are reported. After every epoch
+    last.pt holds all it takes to go on from there (where: the stage and phase); a resumed
+    phase passes the epoch to start at and its batch generator's state.
     """
     c = run.cfg
     batches = train_batches(run, tensors, batch_size, tag)
-    total, k, rows = epochs * len(batches), 0, []
-    for epoch in range(epochs):
+    if gen_state is not None:
+        batches.gen.set_state(gen_state)
+    total, k, rows = epochs * len(batches), start * len(batches), []
+    for epoch in range(start, epochs):
         t0, loss_sum, shown = time.time(), torch.zeros((), device=run.device), None
         good = copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.opt.state_dict())
         first_bad = torch.full((), -1, device=run.device)  # step of the first bad loss
@@ -325,14 +330,20 @@ def fit(run, tensors, batch_size, epochs, lrs, tag, log):
             else (float("nan"), float("nan"), None)
         add_time(run, "train", train_time)
         add_time(run, "eval", time.time() - t0 - train_time)
-        row = {"phase": tag, "epoch": epoch + 1, "train_loss": loss_sum.item() / len(batches),
+        row = {"phase": tag, **where, "epoch": epoch + 1,
+               "train_loss": loss_sum.item() / len(batches),
                "val_loss": val_loss, "val_acc": val_acc, "lr": lrs[-1], "max_lrs": lrs,
                "img_s": len(batches) * batch_size / train_time, "time": time.time() - t0}
         if bad >= 0:
             row.update(train_loss=float("nan"), diverged_at_step=bad + 1, diverged_lr=bad_lr)
         rows.append(row)
+        run.history.append(row)
         log.write(json.dumps(row) + "\n")
         log.flush()
+        save_checkpoint(run, os.path.join(run.dir, "last.pt"), **where, epoch=epoch + 1,
+                        phase_epochs=epochs, lrs=lrs, batches_gen=batches.gen.get_state(),
+                        opt=run.opt.state_dict(), rng=rng_state(), history=run.history,
+                        timings=run.timings)
         print(f"{tag} epoch {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f}, "
               f"val loss {val_loss:.4f}, val acc {100 * val_acc:.1f}%, "
               f"{row['img_s']:.0f} img/s, {row['time']:.1f}s")
@@ -346,18 +357,76 @@ def add_time(run, kind, seconds):
 
 
 def save_checkpoint(run, path, **extra):
-    """Weights, class names and config: loadable with torch.load(weights_only=True)."""
-    torch.save({"model": run.model.state_dict(), "classes": run.classes,
-                "config": dataclasses.asdict(run.cfg), **extra}, path)
+    """Weights, class names and config: loadable with torch.load(weights_only=True).
+
+    Atomic: written to a temporary file, flushed to disk, then renamed over `path`, so a
+    crash leaves the previous checkpoint whole."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save({"model": run.model.state_dict(), "classes": run.classes,
+                    "config": dataclasses.asdict(run.cfg), **extra}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state():
+    """Every random generator training draws from, in a form torch.save(weights_only) keeps."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                      *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+def resume_from(cfg):
+    """(config, saved state) to continue the run folder cfg.resume from its last.pt."""
+    path = os.path.join(cfg.resume, "last.pt")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--resume {cfg.resume}: no last.pt there (it is written after every "
+                         "epoch); nothing to resume")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = Config(**state["config"])
+    # the same run folder, whatever name it was first given
+    saved.runs, saved.name = os.path.split(os.path.normpath(cfg.resume))
+    saved.resume = cfg.resume
+    return saved, state
 
 
 def main(cfg):
     t_start = time.time()
+    state = None
+    if cfg.resume:
+        cfg, state = resume_from(cfg)
     run = setup(cfg)
     add_time(run, "setup", time.time() - t_start)  # reading, decoding or cache, model
     stages = make_stages(cfg)
+    done = set()  # (stage, phase) pairs finished before a resume
+    if state:
+        run.model.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["opt"])
+        set_rng_state(state["rng"])
+        run.history, run.timings = state["history"], state["timings"]
+        done = {(r["stage"], r["phase_name"]) for r in run.history} - \
+            {(state["stage"], state["phase_name"])}
+        print(f"resuming {run.dir} after epoch {state['epoch']} of {state['phase_name']} "
+              f"in stage {state['stage'] + 1}")
     with open(os.path.join(run.dir, "metrics.jsonl"), "w") as log:
+        for row in run.history:  # what the interrupted run had logged
+            log.write(json.dumps(row) + "\n")
         for i, st in enumerate(stages):
+            if state and i < state["stage"]:
+                continue
             print(f"\n== stage {i + 1}/{len(stages)}: {st.size} px, head {st.frozen_epochs} "
                   f"+ all layers {st.unfrozen_epochs} epochs, batch {st.batch_size}, "
                   f"compiled: {'yes' if use_compile(run, st) else 'no'}")
@@ -365,17 +434,24 @@ def main(cfg):
             table = []
             for phase, epochs, spec in [("frozen", st.frozen_epochs, st.lr_frozen),
                                         ("unfrozen", st.unfrozen_epochs, st.lr_unfrozen)]:
-                if epochs == 0:
+                if epochs == 0 or (i, phase) in done:
                     continue
                 tag = f"s{i + 1}_{st.size}_{phase}"
+                where = dict(stage=i, phase_name=phase)
                 set_body_frozen(run.model, phase == "frozen")
-                t0 = time.time()
-                lrs = resolve_lrs(run, tensors, st.batch_size, phase == "frozen", spec, tag)
-                add_time(run, "lr_find", time.time() - t0)
+                if state and (i, phase) == (state["stage"], state["phase_name"]):
+                    lrs, start, gen = state["lrs"], state["epoch"], state["batches_gen"]
+                    state = None  # from here on, as if never interrupted
+                else:
+                    t0 = time.time()
+                    lrs = resolve_lrs(run, tensors, st.batch_size, phase == "frozen", spec, tag)
+                    add_time(run, "lr_find", time.time() - t0)
+                    start, gen = 0, None
                 print(f"  {tag}: max LR per group " + ", ".join(
                     f"{g['name']} {lr:.1e}" for g, lr in zip(run.opt.param_groups, lrs)))
-                rows = fit(run, tensors, st.batch_size, epochs, lrs, tag, log)
-                table.append((phase, epochs, lrs, rows[-1], sum(r["time"] for r in rows)))
+                fit(run, tensors, st.batch_size, epochs, lrs, tag, log, where, start, gen)
+                rows = [r for r in run.history if r["phase"] == tag]
+                table.append((phase, len(rows), lrs, rows[-1], sum(r["time"] for r in rows)))
             print(f"\n{'phase':>9} {'epochs':>6} {'max LRs':>26} {'train loss':>10} "
                   f"{'val loss':>9} {'val acc':>8} {'time':>7}")
             for phase, epochs, lrs, r, t in table:

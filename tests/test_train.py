@@ -183,7 +183,8 @@ def test_a_diverging_phase_stops_and_restores_the_last_good_state(tmp_path, caps
     tensors = train.stage_tensors(run, 32)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     with open(tmp_path / "log.jsonl", "w") as log:  # an LR of 1e30 overflows at once
-        rows = train.fit(run, tensors, 16, 3, [1e30] * 3, "boom", log)
+        rows = train.fit(run, tensors, 16, 3, [1e30] * 3, "boom", log,
+                         dict(stage=0, phase_name="unfrozen"))
     assert len(rows) == 1 and rows[0]["diverged_at_step"] >= 1  # stopped in epoch 1
     for k, v in run.model.state_dict().items():
         assert torch.equal(v, before[k]), k  # back at the start of the epoch
