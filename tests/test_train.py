@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import lrfind
+import checkpoint
 import train
 from config import make_stages, parse_args
 from model import build_model
@@ -171,7 +172,7 @@ def test_unwritable_or_full_run_folder_fails_before_training(tmp_path, monkeypat
     args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", ""] + TINY
     with pytest.raises(SystemExit, match="cannot write the run folder"):
         train.setup(parse_args(args + ["--runs", str(blocker)]))
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: type("U", (), {"free": 10**6}))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: type("U", (), {"free": 10**6}))
     with pytest.raises(SystemExit, match=r"1 MiB free; the run's checkpoints need about \d+"):
         train.setup(parse_args(args + ["--runs", str(tmp_path / "full"), "--name", "x"]))
     assert not os.path.exists(tmp_path / "full" / "x")
