@@ -35,7 +35,7 @@ from config import Config, make_stages, parse_args
 from lrfind import lr_find, save_lr_find
 from metrics import classification_metrics, format_metrics
 from model import build_model, layer_groups, set_body_frozen
-from report import write_predictions, write_report
+from report import stage_table, write_predictions, write_report
 from schedule import discriminative_lrs, one_cycle
 
 
@@ -128,8 +128,9 @@ def setup(cfg, sizes=None):
     name = cfg.name or time.strftime("%Y%m%d-%H%M%S-") + os.path.basename(
         os.path.normpath(cfg.data))
     run_dir = os.path.join(cfg.runs, name)
-    check_writable(run_dir, need_bytes=len(make_stages(cfg)) * 3 * 4 * sum(
-        p.numel() for p in model.parameters()))  # a checkpoint per stage: weights + Adam
+    # fp32 weights in each stage checkpoint and model.pt; last.pt adds Adam's two moments
+    check_writable(run_dir, need_bytes=(len(make_stages(cfg)) + 4) * 4 * sum(
+        p.numel() for p in model.parameters()))
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump({**dataclasses.asdict(cfg), "git_commit": git_commit(),
                    "torch": torch.__version__, "device": str(dev)}, f, indent=1)
@@ -364,7 +365,6 @@ def main(cfg):
                   f"+ all layers {st.unfrozen_epochs} epochs, batch {st.batch_size}, "
                   f"compiled: {'yes' if use_compile(run, st) else 'no'}")
             tensors = stage_tensors(run, st.size)
-            table = []
             for phase, epochs, spec in [("frozen", st.frozen_epochs, st.lr_frozen),
                                         ("unfrozen", st.unfrozen_epochs, st.lr_unfrozen)]:
                 if epochs == 0 or (i, phase) in done:
@@ -383,14 +383,8 @@ def main(cfg):
                 print(f"  {tag}: max LR per group " + ", ".join(
                     f"{g['name']} {lr:.1e}" for g, lr in zip(run.opt.param_groups, lrs)))
                 fit(run, tensors, st.batch_size, epochs, lrs, tag, log, where, start, gen)
-                rows = [r for r in run.history if r["phase"] == tag]
-                table.append((phase, len(rows), lrs, rows[-1], sum(r["time"] for r in rows)))
-            print(f"\n{'phase':>9} {'epochs':>6} {'max LRs':>26} {'train loss':>10} "
-                  f"{'val loss':>9} {'val acc':>8} {'time':>7}")
-            for phase, epochs, lrs, r, t in table:
-                lr_txt = "/".join(f"{lr:.0e}" for lr in lrs)
-                print(f"{phase:>9} {epochs:>6} {lr_txt:>26} {r['train_loss']:>10.4f} "
-                      f"{r['val_loss']:>9.4f} {100 * r['val_acc']:>7.1f}% {t:>6.1f}s")
+            # the stage's table, as report.md shows it
+            print("\n" + stage_table([r for r in run.history if r["stage"] == i]))
             save_checkpoint(run, os.path.join(run.dir, f"stage{i + 1}_{st.size}.pt"),
                             stage=i + 1, size=st.size)
     save_checkpoint(run, os.path.join(run.dir, "model.pt"), size=stages[-1].size)
