@@ -27,6 +27,7 @@ class Config:
     phantoms: int = knob(2000, "number of phantom training films (--data phantom)")
     val_frac: float = knob(0.1, "fraction of training patients held out for validation")
     allow_patient_overlap: bool = knob(False, "allow patients in both train and test")
+    allow_missing_class: bool = knob(False, "allow a class with no train or no test images")
     cache_dir: str = knob(os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
         "~/.cache")), "covid-resnet"), "where decoded images are cached ('' for none)")
     resize: str = knob("squish", "squish (whole film) | crop (centre square)",

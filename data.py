@@ -1,7 +1,9 @@
 """Chest X-ray data: read COVIDx or an ImageFolder tree, check it, decode every image once.
 
-    classes, splits = load_dataset("path/to/covidx")      # or "phantom"
-    pixels = load_pixels(splits["train"], sizes=(128, 224, 229), cache_dir=...)
+    problems = Problems()                                  # gathers what is wrong ...
+    classes, splits = load_dataset("path/to/covidx", problems=problems)   # or "phantom"
+    pixels = load_pixels(splits["train"], (128, 224, 229), cache_dir, problems=problems)
+    problems.check()                                       # ... and raises it in one message
 
 The airbench way: every image is decoded once, in parallel on all cores, into uint8 tensors
 (one channel, one tensor per stage size) that are cached on disk and moved to the training
@@ -13,6 +15,7 @@ import glob
 import hashlib
 import os
 import random
+import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -27,11 +30,35 @@ from tqdm import tqdm
 import phantom
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-CACHE_VERSION = 2  # bump when decoding changes, so old caches are not reused
+CACHE_VERSION = 3  # bump when decoding changes, so old caches are not reused
 
 
 class DataError(ValueError):
     """The data set is not usable as given; the message lists what is wrong and where."""
+
+
+def run_cli(main, *args):
+    """main(*args), ending the program with the message alone on a DataError: the traceback
+    would add nothing about the data that the message does not say."""
+    try:
+        return main(*args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+class Problems(list):
+    """What is wrong with a data set, gathered while reading and decoding it, so that one
+    message lists everything (rather than one fix, one rerun, the next error)."""
+
+    def add(self, what, entries, fix=""):
+        """'N <what><fix>:' and the first ten entries, one per line; nothing when none."""
+        if entries:
+            self.append(f"{len(entries)} {what}{fix}:\n    " + "\n    ".join(entries[:10]) +
+                        ("\n    ..." if len(entries) > 10 else ""))
+
+    def check(self):
+        if self:
+            raise DataError("the data set is not usable:\n  " + "\n  ".join(self))
 
 
 @dataclass
@@ -92,13 +119,14 @@ def read_split_file(path):
 
 
 def read_image_folder(root, base=None):
-    """root/<class>/<image> -> list of (patient, path, label, source).
+    """root/<class>/<image> -> ([(patient, path, label, source)], class folder names).
 
     An ImageFolder tree names no patients: each image counts as its own (its path relative to
     base), so no patient-level check or split can be made. Prefer split files where you can.
     """
     rows, other = [], []
-    for cls in sorted(d.name for d in os.scandir(root) if d.is_dir()):
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and d.name[0] != ".")
+    for cls in classes:
         for dirpath, _, files in sorted(os.walk(os.path.join(root, cls))):
             for f in sorted(files):
                 path = os.path.join(dirpath, f)
@@ -109,7 +137,7 @@ def read_image_folder(root, base=None):
     if other:
         print(f"warning: skipped {len(other)} files that are not images in {root} (e.g. "
               f"{', '.join(other[:3])})")
-    return rows
+    return rows, classes
 
 
 def apply_subtypes(rows, path):
@@ -129,12 +157,15 @@ def apply_subtypes(rows, path):
 
 
 def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtypes=None,
-                 n_phantoms=2000, seed=0, allow_patient_overlap=False):
-    """Read a data set -> (class names, {"train": Items, "test": Items}).
+                 n_phantoms=2000, seed=0, allow_patient_overlap=False, allow_missing_class=False,
+                 problems=None):
+    """Read and check a data set -> (class names, {"train": Items, "test": Items}).
 
     root is a COVIDx folder (split files plus train/ and test/ image folders, or all images in
     `image_dir`), an ImageFolder tree (root/train/<class>/*, root/test/<class>/*), or
-    "phantom" for synthetic radiographs. Class names are the sorted labels found in train.
+    "phantom" for synthetic radiographs. Class names are sorted. What is wrong with the data
+    raises a DataError, or, given a Problems list, is added to it (the images with problems
+    left out of the splits) so that decoding can look for more before one message says all.
     """
     if root == "phantom":
         return phantom.dataset(n_phantoms, seed)
@@ -147,7 +178,7 @@ def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtyp
         files = [f if os.path.isabs(f) else os.path.join(root, f) for f in files]
     else:
         files = find_split_files(root)
-    rows, malformed = {}, []
+    rows, malformed, named = {}, [], set()  # named: classes the layout promises
     if files:
         for split, f in zip(("train", "test"), files):
             if not os.path.isfile(f):
@@ -158,58 +189,64 @@ def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtyp
             rows[split] = [(p, os.path.join(folder, fn), lab, src)
                            for p, fn, lab, src in split_rows]
     elif all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test")):
-        rows = {s: read_image_folder(os.path.join(root, s), root) for s in ("train", "test")}
+        for s in ("train", "test"):
+            rows[s], names = read_image_folder(os.path.join(root, s), root)
+            named.update(names)
     else:  # root/<class>/*: hold out 20% of the patients as the test split
-        rows = read_image_folder(root)
-        if not rows:
+        found, names = read_image_folder(root)
+        named = set(names)
+        if not found:
             raise DataError(f"{root} has neither COVIDx split files (train.txt/test.txt, "
                             "train_split.txt, train_COVIDx*.txt) nor class folders of images; "
                             "name the split files with --train-split/--test-split")
         print(f"{root}: no test split given; holding out 20% of the patients as test")
-        classes = sorted({r[2] for r in rows})
-        labels = [classes.index(r[2]) for r in rows]
-        tr, te = split_patients(Items(labels=labels, patients=[r[0] for r in rows]), 0.2, seed)
-        rows = {"train": [rows[i] for i in tr], "test": [rows[i] for i in te]}
+        labels = [names.index(r[2]) for r in found]
+        tr, te = split_patients(Items(labels=labels, patients=[r[0] for r in found]), 0.2, seed)
+        rows = {"train": [found[i] for i in tr], "test": [found[i] for i in te]}
     if subtypes:
         rows = {s: apply_subtypes(r, subtypes) for s, r in rows.items()}
-    classes = sorted({r[2] for r in rows["train"]})
-    check_rows(rows, classes, allow_patient_overlap, malformed)
+        named = {c for c in named if c.lower() != "pneumonia"} | {"bacterial", "viral"}
+    classes = sorted(named | {r[2] for rs in rows.values() for r in rs})
+    found = Problems()
+    check_rows(rows, classes, found, malformed, allow_patient_overlap, allow_missing_class)
+    missing = {r[1]: 1 for rs in rows.values() for r in rs if not os.path.isfile(r[1])}
+    found.add("listed images are missing", list(missing), " (check --data / --image-dir)")
+    if problems is None:
+        found.check()
+    else:
+        problems += found
     idx = {c: i for i, c in enumerate(classes)}
-    splits = {s: Items([r[1] for r in rs], [idx[r[2]] for r in rs], [r[0] for r in rs],
-                       [r[3] for r in rs]) for s, rs in rows.items()}
+    splits = {}
+    for s, rs in rows.items():
+        rs = [r for r in rs if r[1] not in missing]
+        splits[s] = Items([r[1] for r in rs], [idx[r[2]] for r in rs], [r[0] for r in rs],
+                          [r[3] for r in rs])
     return classes, splits
 
 
-def _listing(what, items, fix=""):
-    """'N <what>: first ten, one per line' for an error message."""
-    return (f"{len(items)} {what}{fix}:\n    " + "\n    ".join(items[:10]) +
-            ("\n    ..." if len(items) > 10 else ""))
-
-
-def check_rows(rows, classes, allow_patient_overlap, malformed=()):
-    """Every problem found before any decoding, in one message: malformed lines, empty splits,
-    unknown labels, files listed twice, patients in both splits."""
-    problems = []
-    if malformed:
-        problems.append(_listing("malformed lines", list(malformed),
-                                 " (expected `patient_id filename label [source]`)"))
+def check_rows(rows, classes, problems, malformed=(), allow_patient_overlap=False,
+               allow_missing_class=False):
+    """Add to `problems` what is wrong before any image is opened: malformed lines, empty
+    splits, classes with no images, files listed twice, patients in both splits."""
+    problems.add("malformed lines", list(malformed),
+                 " (expected `patient_id filename label [source]`)")
     for split, rs in rows.items():
         if not rs:
             problems.append(f"the {split} split is empty")
-        unknown = Counter(r[2] for r in rs if r[2] not in classes)
-        if unknown:
-            problems.append(f"{split} has labels absent from train: {dict(unknown)}")
+    counts = {s: Counter(r[2] for r in rs) for s, rs in rows.items()}
+    if rows["train"] and rows["test"] and not allow_missing_class:
+        why = {"train": "the model cannot learn it", "test": "its sensitivity is unmeasurable"}
+        problems.add("classes with no images", [
+            f"{c}: none in {' or '.join(where)} ({'; '.join(why[s] for s in where)})"
+            for c in classes for where in [[s for s in rows if not counts[s][c]]] if where],
+            " (add images or fix the labels, or pass --allow-missing-class to go on anyway)")
     seen = Counter(r[1] for rs in rows.values() for r in rs)
-    twice = sorted(p for p, n in seen.items() if n > 1)
-    if twice:
-        problems.append(_listing("files listed more than once", twice))
+    problems.add("files listed more than once", sorted(p for p, n in seen.items() if n > 1))
     shared = {r[0] for r in rows["train"]} & {r[0] for r in rows["test"]}
     if shared and not allow_patient_overlap:
         problems.append(f"{len(shared)} patients are in both train and test (e.g. "
                         f"{', '.join(sorted(shared)[:5])}): test accuracy would be inflated. "
                         "Fix the split, or pass --allow-patient-overlap to go on anyway")
-    if problems:
-        raise DataError("the data set is not usable:\n  " + "\n  ".join(problems))
 
 
 def split_patients(items, frac, seed):
@@ -264,17 +301,19 @@ def resize(img, size, mode="squish"):
 
 
 def decode(path, sizes, mode="squish"):
-    """One file -> [uint8 array (size, size) for each size], or the error as a string."""
+    """One file -> ((width, height), [uint8 array (size, size) for each size]), or the error
+    as a string."""
     try:
         with Image.open(path) as img:
             img.draft("L", (max(sizes), max(sizes)))  # JPEG: decode at a reduced scale
             img = to_gray(ImageOps.exif_transpose(img))
+            dims = img.size  # a draft shrinks only films 2x the size: small ones stay true
             # Box-average down to within 2x of the largest size first: an exact anti-aliased
             # shrink that makes the three resizes of a 1024 px film 5x cheaper (6 -> 1.2 ms)
             factor = min(img.size) // (2 * max(sizes))
             if factor >= 2:
                 img = img.reduce(factor)
-            return [np.asarray(resize(img, s, mode)) for s in sizes]
+            return dims, [np.asarray(resize(img, s, mode)) for s in sizes]
     except Exception as e:  # corrupt, truncated, not an image
         return f"{type(e).__name__}: {e}"
 
@@ -286,58 +325,71 @@ def fingerprint(paths, mode):
     """
     h = hashlib.sha1(f"v{CACHE_VERSION} {mode}".encode())
     for p in paths:
-        st = os.stat(p)
+        st = os.stat(p) if os.path.exists(p) else os.stat_result((0,) * 10)
         h.update(f"{os.path.abspath(p)} {st.st_size} {st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
-def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None):
+def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, problems=None):
     """{size: uint8 tensor (N, 1, size, size)} for the images of `items`, decoded once.
 
     Cached in cache_dir (never next to the data, which may be read-only), keyed by the files
-    and the size: a second run reads the cache and decodes nothing.
+    and the size: a second run reads the cache and decodes nothing. Unreadable images raise a
+    DataError or, given a Problems list, are added to it; None is then returned whenever the
+    list is not empty (if it already was, the images are only checked, at a tiny size).
+    Images smaller than a size are upscaled to it, with a warning.
     """
     sizes = sorted(set(sizes))
     if items.pixels is not None:  # phantoms: resize the rendered films on the CPU
         x = torch.from_numpy(items.pixels).unsqueeze(1).float()
         return {s: F.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
                 .round().clamp(0, 255).to(torch.uint8) for s in sizes}
-    missing = [p for p in items.paths if not os.path.isfile(p)]
-    if missing:  # also look for unreadable files, so that one message lists both
-        present = [p for p in items.paths if os.path.isfile(p)]
-        bad = [f"{p} ({r})" for p in present for r in [decode(p, [8])] if isinstance(r, str)]
-        raise DataError(_listing("listed images are missing", missing,
-                                 " (check --data / --image-dir)") +
-                        ("\n" + _listing("images could not be read", bad) if bad else ""))
-    out, todo, keys = {}, [], {}
-    key = cache_dir and fingerprint(items.paths, mode)
-    for s in sizes:
-        keys[s] = cache_dir and os.path.join(cache_dir, f"{key}-{s}px.npy")
-        if keys[s] and os.path.isfile(keys[s]):
-            out[s] = torch.from_numpy(np.load(keys[s]))
+    check_only = bool(problems)  # the data set is unusable already: find the rest quickly
+    key = cache_dir and not check_only and fingerprint(items.paths, mode)
+    cached = {s: key and os.path.join(cache_dir, f"{key}-{s}{'' if s == 'dims' else 'px'}.npy")
+              for s in ["dims", *sizes]}
+    out = {}
+    if key and os.path.isfile(cached["dims"]):  # (N, 2) width and height of each image
+        dims = np.load(cached["dims"])
+        out = {s: torch.from_numpy(np.load(cached[s])) for s in sizes if os.path.isfile(cached[s])}
+    todo = [8] if check_only else [s for s in sizes if s not in out]
+    if todo:
+        workers, n = workers or os.cpu_count(), len(items.paths)
+        bar = dict(total=n, desc=f"{'checking' if check_only else 'decoding'} {n} images"
+                   f"{'' if check_only else f' at {todo} px'}", unit="img")
+        if workers == 1 or n < 64:  # a pool costs more than it saves on a few images
+            results = [decode(p, todo, mode) for p in tqdm(items.paths, **bar)]
         else:
-            todo.append(s)
-    if not todo:
-        return out
-    workers, n = workers or os.cpu_count(), len(items.paths)
-    bar = dict(total=n, desc=f"decoding {n} images at {todo} px", unit="img")
-    if workers == 1 or n < 64:  # a pool costs more than it saves on a few images
-        results = [decode(p, todo, mode) for p in tqdm(items.paths, **bar)]
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(pool.map(decode, items.paths, repeat(todo), repeat(mode),
-                                         chunksize=16), **bar))
-    bad = [f"{p} ({r})" for p, r in zip(items.paths, results) if isinstance(r, str)]
-    if bad:
-        raise DataError(_listing("images could not be read", bad) +
-                        "\nReplace them, or remove them from the split file.")
-    for k, s in enumerate(todo):
-        arr = np.stack([r[k] for r in results])[:, None]  # (N, 1, s, s)
-        if keys[s]:
+            with ProcessPoolExecutor(workers) as pool:
+                results = list(tqdm(pool.map(decode, items.paths, repeat(todo), repeat(mode),
+                                             chunksize=16), **bar))
+        found = Problems()
+        found.add("images could not be read", [f"{p} ({r})" for p, r in
+                                               zip(items.paths, results) if isinstance(r, str)],
+                  " (replace them, or remove them from the split file)")
+        if problems is None:
+            found.check()
+        elif problems or found:
+            problems += found
+            return None
+        dims = np.array([r[0] for r in results], dtype=np.int32).reshape(-1, 2)
+        for k, s in enumerate(todo):
+            out[s] = torch.from_numpy(np.stack([r[1][k] for r in results])[:, None])
+        if key:
             os.makedirs(cache_dir, exist_ok=True)
-            tmp = f"{keys[s]}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-            os.replace(tmp, keys[s])  # atomic: a killed run leaves no half-written cache
-        out[s] = torch.from_numpy(arr)
+            for s, arr in [*((s, out[s].numpy()) for s in todo), ("dims", dims)]:
+                path = cached[s]
+                tmp = f"{path}.{os.getpid()}.tmp"
+                with open(tmp, "wb") as f:
+                    np.save(f, arr)
+                os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
+    warn_small(items.paths, dims, max(sizes))
     return out
+
+
+def warn_small(paths, dims, size):
+    """Say which images are upscaled to `size`: they come out softer than the rest."""
+    small = [f"{p} ({w}x{h})" for p, (w, h) in zip(paths, dims.tolist()) if min(w, h) < size]
+    if small:
+        print(f"warning: {len(small)} of {len(paths)} images are smaller than {size} px and are "
+              f"upscaled to it (softer than the rest), e.g. {', '.join(small[:3])}")

@@ -71,13 +71,15 @@ def main(argv=None):
     model = model.to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    problems = data.Problems()
     data_classes, splits = data.load_dataset(a.data, a.train_split, a.test_split, a.image_dir,
-                                             a.subtypes, a.phantoms, a.seed,
-                                             allow_patient_overlap=True)
+                                             a.subtypes, a.phantoms, a.seed, True, True, problems)
     to_model = map_classes(data_classes, classes, a.class_map)
     items = splits[a.split]
     labels = [to_model[y] for y in items.labels]
-    images = data.load_pixels(items, [size], a.cache_dir or None)[size].to(dev)
+    images = data.load_pixels(items, [size], a.cache_dir or None, problems=problems)
+    problems.check()
+    images = images[size].to(dev)
 
     probs = class_logits(model, model, images, a.batch_size).softmax(1)
     for k in range(a.tta):  # fastai's TTA: the mean of the plain and augmented predictions
@@ -109,4 +111,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_cli(main)

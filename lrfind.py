@@ -15,6 +15,7 @@ import os
 
 from tqdm import tqdm
 
+import data
 from config import parse_args
 from plots import COLOURS, LIGHT, line_plot
 from schedule import lr_sweep
@@ -145,4 +146,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_cli(main)

@@ -95,7 +95,7 @@ def main(argv=None):
             skipped.append((f, r))
         else:
             files.append(f)
-            pixels.append(r[0])
+            pixels.append(r[1][0])
     for f, why in skipped:
         print(f"skipped {f}: {why}")
     if not files:

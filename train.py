@@ -105,9 +105,16 @@ def setup(cfg, sizes=None):
     torch.manual_seed(cfg.seed)
     dev = pick_device(cfg.device)
     print("config: " + json.dumps(dataclasses.asdict(cfg)))
+    problems = data.Problems()  # all that is wrong with the data, said once, before training
     classes, splits = data.load_dataset(
         cfg.data, cfg.train_split, cfg.test_split, cfg.image_dir, cfg.subtypes, cfg.phantoms,
-        cfg.seed, cfg.allow_patient_overlap)
+        cfg.seed, cfg.allow_patient_overlap, cfg.allow_missing_class, problems)
+    # Decode once, at every stage size in one pass; val is carved from the decoded train set
+    sizes = sizes or [s.size for s in make_stages(cfg)]
+    cache = cfg.cache_dir or None
+    full = data.load_pixels(splits["train"], sizes, cache, cfg.resize, problems=problems)
+    test = data.load_pixels(splits["test"], sizes, cache, cfg.resize, problems=problems)
+    problems.check()
     tr, va = data.split_patients(splits["train"], cfg.val_frac, cfg.seed)
     items = {"train": splits["train"].subset(tr), "val": splits["train"].subset(va),
              "test": splits["test"]}
@@ -115,13 +122,8 @@ def setup(cfg, sizes=None):
         counts = np.bincount(it.labels, minlength=len(classes))
         print(f"{k:>5}: {len(it):5d} images, " +
               ", ".join(f"{c} {n}" for c, n in zip(classes, counts)))
-    # Decode once, at every stage size in one pass; val is carved from the decoded train set
-    sizes = sizes or [s.size for s in make_stages(cfg)]
-    cache = cfg.cache_dir or None
-    full = data.load_pixels(splits["train"], sizes, cache, cfg.resize)
     pixels = {"train": {s: t[tr] for s, t in full.items()},
-              "val": {s: t[va] for s, t in full.items()},
-              "test": data.load_pixels(splits["test"], sizes, cache, cfg.resize)}
+              "val": {s: t[va] for s, t in full.items()}, "test": test}
 
     model = build_model(len(classes), cfg.weights, cfg.arch).to(dev)
     # The run folder comes last: a run that cannot start leaves none behind
@@ -408,4 +410,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_args(doc=__doc__))
+    data.run_cli(main, parse_args(doc=__doc__))

@@ -92,8 +92,8 @@ def test_every_image_mode_decodes_to_gray(tmp_path, mode):
     ext = ".jpg" if mode == "CMYK" else ".png"
     path = tmp_path / f"img{ext}"
     write_image(path, mode)
-    out = data.decode(str(path), [20, 10])
-    assert [a.shape for a in out] == [(20, 20), (10, 10)]
+    dims, out = data.decode(str(path), [20, 10])
+    assert dims == (40, 30) and [a.shape for a in out] == [(20, 20), (10, 10)]
     assert all(a.dtype == np.uint8 for a in out)
     a = out[0].astype(int)
     assert a[:, -1].mean() > 200 and a[:, 5].mean() < 80  # the gradient survives
@@ -115,12 +115,12 @@ def test_jpeg_16bit_and_rgba_through_load_pixels(tmp_path):
 def test_missing_and_corrupt_files_are_named(tmp_path):
     make_covidx(tmp_path)
     os.remove(tmp_path / "train" / "train3.png")
-    classes, splits = data.load_dataset(str(tmp_path))
-    with pytest.raises(data.DataError, match="train3.png"):
-        data.load_pixels(splits["train"], [8])
+    with pytest.raises(data.DataError, match=r"1 listed images are missing.*:\n.*train3.png"):
+        data.load_dataset(str(tmp_path))
     write_image(tmp_path / "train" / "train3.png", "L")
+    classes, splits = data.load_dataset(str(tmp_path))
     (tmp_path / "train" / "train4.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.raises(data.DataError, match=r"1 images could not be read:\n.*train4.png"):
+    with pytest.raises(data.DataError, match=r"1 images could not be read.*:\n.*train4.png"):
         data.load_pixels(splits["train"], [8])
 
 
@@ -136,17 +136,44 @@ def test_patient_in_train_and_test_is_an_error_unless_allowed(tmp_path):
     make_covidx(tmp_path)
     with open(tmp_path / "test.txt", "a") as f:
         f.write("train-p0 extra.png normal src\n")
+    write_image(tmp_path / "test" / "extra.png", "L")
     with pytest.raises(data.DataError, match="train-p0.*--allow-patient-overlap"):
         data.load_dataset(str(tmp_path))
     data.load_dataset(str(tmp_path), allow_patient_overlap=True)
 
 
-def test_unknown_test_label_is_an_error(tmp_path):
+def test_a_test_label_unknown_to_train_is_a_class_with_no_training_images(tmp_path):
     make_covidx(tmp_path)
     with open(tmp_path / "test.txt", "a") as f:
-        f.write("new-p test0.png pneumonia src\n")
-    with pytest.raises(data.DataError, match="pneumonia"):
+        f.write("new-p new.png pneumonia src\n")
+    write_image(tmp_path / "test" / "new.png", "L")
+    with pytest.raises(data.DataError, match=r"1 classes with no images.*\n *pneumonia: none "
+                       r"in train \(the model cannot learn it\)"):
         data.load_dataset(str(tmp_path))
+    classes, _ = data.load_dataset(str(tmp_path), allow_missing_class=True)
+    assert classes == ["COVID-19", "normal", "pneumonia"]
+
+
+def test_an_empty_class_folder_is_a_class_with_no_images(tmp_path):
+    for split in ("train", "test"):
+        for cls in ("COVID-19", "normal"):
+            os.makedirs(tmp_path / split / cls)
+            if (split, cls) != ("test", "COVID-19"):
+                write_image(tmp_path / split / cls / "a.png", "L")
+    with pytest.raises(data.DataError, match="COVID-19: none in test .its sensitivity"):
+        data.load_dataset(str(tmp_path))
+    classes, splits = data.load_dataset(str(tmp_path), allow_missing_class=True)
+    assert classes == ["COVID-19", "normal"] and splits["test"].labels == [1]
+
+
+@pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="../shared/data/cxr-sample absent")
+def test_subtypes_that_leave_a_class_empty_are_reported(tmp_path):
+    with open(tmp_path / "subtype.csv", "w") as f:  # every pneumonia is bacterial
+        f.write("filename,subtype\n" + "".join(
+            f"{line.split()[1]},bacterial\n" for split in ("train", "test")
+            for line in open(os.path.join(SAMPLE, f"{split}.txt")) if "pneumonia" in line))
+    with pytest.raises(data.DataError, match=r"viral: none in train or test"):
+        data.load_dataset(SAMPLE, subtypes=str(tmp_path / "subtype.csv"))
 
 
 def test_cache_is_reused_and_never_written_beside_the_data(tmp_path, monkeypatch):
@@ -154,7 +181,7 @@ def test_cache_is_reused_and_never_written_beside_the_data(tmp_path, monkeypatch
     before = sorted(os.listdir(tmp_path / "d"))
     classes, splits = data.load_dataset(str(tmp_path / "d"))
     first = data.load_pixels(splits["train"], [8, 12], cache_dir=str(tmp_path / "cache"))
-    assert len(os.listdir(tmp_path / "cache")) == 2  # one file per size
+    assert len(os.listdir(tmp_path / "cache")) == 3  # one file per size, one of image sizes
     assert sorted(os.listdir(tmp_path / "d")) == before
 
     def no_decoding(*a, **k):
@@ -203,33 +230,47 @@ def test_real_sample_three_and_four_classes():
 
 
 def test_all_problems_of_a_data_set_in_one_message(tmp_path):
-    make_covidx(tmp_path)
+    make_covidx(tmp_path, n=30)
     with open(tmp_path / "train.txt", "a") as f:
         f.write("only-two fields\n")
         f.write("train-p9 train1.png normal src\n")  # the same file a second time
     with open(tmp_path / "test.txt", "a") as f:
         f.write("a b c d e\n")
-        f.write("test-p9 extra.png pneumonia src\n")  # a label train does not have
-    with pytest.raises(data.DataError) as e:
-        data.load_dataset(str(tmp_path))
-    msg = str(e.value)
-    assert "2 malformed lines" in msg and "train.txt line 7" in msg and "test.txt line 7" in msg
-    assert "1 files listed more than once" in msg and "train1.png" in msg
-    assert "labels absent from train: {'pneumonia': 1}" in msg
-
-
-def test_missing_and_corrupt_files_in_one_message_with_counts(tmp_path):
-    make_covidx(tmp_path, n=30)
+        f.write("train-p3 extra.png pneumonia src\n")  # a new label; a train patient
     for i in range(12):
-        os.remove(tmp_path / "train" / f"train{i}.png")
+        os.remove(tmp_path / "train" / f"train{i + 2}.png")
     (tmp_path / "train" / "train20.png").write_bytes(b"garbage")
-    classes, splits = data.load_dataset(str(tmp_path))
+    (tmp_path / "test" / "test5.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    problems = data.Problems()
+    classes, splits = data.load_dataset(str(tmp_path), problems=problems)
+    assert len(problems) == 5 and len(splits["train"]) == 30 + 1 - 12  # missing left out
+    assert data.load_pixels(splits["train"], [8], problems=problems) is None
+    assert data.load_pixels(splits["test"], [8], problems=problems) is None
     with pytest.raises(data.DataError) as e:
-        data.load_pixels(splits["train"], [8])
+        problems.check()
     msg = str(e.value)
-    assert msg.startswith("12 listed images are missing") and "\n    ..." in msg  # first ten
-    assert msg.count("train1") >= 1 and "1 images could not be read" in msg
-    assert "train20.png" in msg
+    assert msg.startswith("the data set is not usable:\n  2 malformed lines")
+    assert "train.txt line 31: 'only-two fields'" in msg and "test.txt line 31" in msg
+    assert "pneumonia: none in train" in msg
+    assert "1 files listed more than once" in msg and "train1.png" in msg
+    assert "1 patients are in both train and test (e.g. train-p3)" in msg
+    assert "13 listed images are missing" in msg and "train2.png" in msg  # in listed order
+    assert msg.count("train1") >= 1 and "\n    ..." in msg  # the first ten, then ...
+    assert "1 images could not be read" in msg and "train20.png" in msg
+    assert "test5.png (" in msg
+
+
+def test_images_smaller_than_the_stage_size_are_upscaled_with_a_warning(tmp_path, capsys):
+    make_covidx(tmp_path)  # 40 x 30 images
+    write_image(tmp_path / "train" / "train0.png", "L", size=(300, 260))
+    classes, splits = data.load_dataset(str(tmp_path))
+    for _ in range(2):  # decoded, then from the cache: the warning comes both times
+        px = data.load_pixels(splits["train"], [64, 256], cache_dir=str(tmp_path / "cache"))
+        assert px[256].shape == (6, 1, 256, 256)
+        out = capsys.readouterr().out
+        assert "warning: 5 of 6 images are smaller than 256 px" in out and "(40x30)" in out
+    data.load_pixels(splits["train"], [24])
+    assert "smaller" not in capsys.readouterr().out
 
 
 def test_non_image_files_in_an_image_folder_are_skipped_with_a_warning(tmp_path, capsys):

@@ -2,6 +2,8 @@
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -82,7 +84,7 @@ def test_tiny_three_stage_run_on_the_real_sample(tmp_path):
     assert m["n"] == 47 and sum(map(sum, m["confusion_matrix"])) == 47
     assert set(m["per_source"]) == {"actualmed", "figure1", "kermany", "nih"}
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
-    assert len(os.listdir(cache)) == 6  # train and test, at three sizes; data left untouched
+    assert len(os.listdir(cache)) == 8  # train and test: three sizes and the films' sizes
 
 
 def test_lrfind_runs_on_its_own(tmp_path):
@@ -130,15 +132,24 @@ def test_resolve_lrs_forms():
     assert train.resolve_lrs(R, None, 0, True, "3e-3", "") == pytest.approx([3e-3] * 3)
 
 
-def test_bad_data_stops_before_training(tmp_path):
+def test_bad_data_stops_before_training_with_one_message(tmp_path):
     from test_data import make_covidx
     make_covidx(tmp_path / "d")
-    (tmp_path / "d" / "test" / "test2.png").write_bytes(b"not a png")
-    cfg = parse_args(["--data", str(tmp_path / "d"), "--runs", str(tmp_path / "runs"),
-                            "--cache-dir", ""] + TINY)
-    with pytest.raises(train.data.DataError, match="test2.png"):
-        train.main(cfg)
-    assert not os.path.exists(tmp_path / "runs")  # failed before any run folder or training
+    (tmp_path / "d" / "test" / "test2.png").write_bytes(b"not a png")  # found by decoding
+    os.remove(tmp_path / "d" / "train" / "train4.png")  # found by reading the split file
+    with open(tmp_path / "d" / "train.txt", "a") as f:
+        f.write("p9 train9.png\n")
+    args = ["--data", str(tmp_path / "d"), "--runs", str(tmp_path / "runs"), "--cache-dir", ""]
+    r = subprocess.run([sys.executable, "train.py"] + args + TINY, capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.abspath(train.__file__)))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    msg = r.stderr.split("error: the data set is not usable:\n")[1]
+    assert [line.split(" (")[0] for line in msg.splitlines() if line[2] != " "] == [
+        "  1 malformed lines", "  1 listed images are missing", "  1 images could not be read"]
+    assert "train.txt line 7: 'p9 train9.png'" in msg and "train4.png" in msg
+    assert "test2.png (UnidentifiedImageError" in msg
+    assert r.stdout.startswith("config:") and len(r.stdout.splitlines()) == 1  # nothing began
+    assert not os.path.exists(tmp_path / "runs")
 
 
 def test_class_weights_and_balance_options(tmp_path):
