@@ -42,12 +42,17 @@ def save_checkpoint(run, path, **extra):
     Atomic: written to a temporary file, flushed to disk, then renamed over `path`, so a
     crash leaves the previous checkpoint whole."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save({"model": run.model.state_dict(), "classes": run.classes,
-                    "config": dataclasses.asdict(run.cfg), **extra}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"model": run.model.state_dict(), "classes": run.classes,
+                        "config": dataclasses.asdict(run.cfg), **extra}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, interrupted: no half-written file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def rng_state():

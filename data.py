@@ -208,7 +208,8 @@ def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtyp
         named = {c for c in named if c.lower() != "pneumonia"} | {"bacterial", "viral"}
     classes = sorted(named | {r[2] for rs in rows.values() for r in rs})
     found = Problems()
-    check_rows(rows, classes, found, malformed, allow_patient_overlap, allow_missing_class)
+    check_rows(rows, classes, found, malformed, named, allow_patient_overlap,
+               allow_missing_class)
     missing = {r[1]: 1 for rs in rows.values() for r in rs if not os.path.isfile(r[1])}
     found.add("listed images are missing", list(missing), " (check --data / --image-dir)")
     if problems is None:
@@ -224,10 +225,11 @@ def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtyp
     return classes, splits
 
 
-def check_rows(rows, classes, problems, malformed=(), allow_patient_overlap=False,
+def check_rows(rows, classes, problems, malformed=(), named=(), allow_patient_overlap=False,
                allow_missing_class=False):
     """Add to `problems` what is wrong before any image is opened: malformed lines, empty
-    splits, classes with no images, files listed twice, patients in both splits."""
+    splits, unknown labels, classes with no images (of `named`, the classes the folders or
+    --subtypes promise, and of train's), files listed twice, patients in both splits."""
     problems.add("malformed lines", list(malformed),
                  " (expected `patient_id filename label [source]`)")
     for split, rs in rows.items():
@@ -235,10 +237,15 @@ def check_rows(rows, classes, problems, malformed=(), allow_patient_overlap=Fals
             problems.append(f"the {split} split is empty")
     counts = {s: Counter(r[2] for r in rs) for s, rs in rows.items()}
     if rows["train"] and rows["test"] and not allow_missing_class:
+        unknown = [c for c in classes if not counts["train"][c] and c not in named]
+        problems.add("test labels that train does not have", [
+            f"{c} ({counts['test'][c]} images)" for c in unknown],
+            " (a typo, or split files of two versions? --allow-missing-class goes on anyway)")
         why = {"train": "the model cannot learn it", "test": "its sensitivity is unmeasurable"}
         problems.add("classes with no images", [
             f"{c}: none in {' or '.join(where)} ({'; '.join(why[s] for s in where)})"
-            for c in classes for where in [[s for s in rows if not counts[s][c]]] if where],
+            for c in classes if c not in unknown
+            for where in [[s for s in rows if not counts[s][c]]] if where],
             " (add images or fix the labels, or pass --allow-missing-class to go on anyway)")
     seen = Counter(r[1] for rs in rows.values() for r in rs)
     problems.add("files listed more than once", sorted(p for p, n in seen.items() if n > 1))

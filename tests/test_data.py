@@ -142,16 +142,24 @@ def test_patient_in_train_and_test_is_an_error_unless_allowed(tmp_path):
     data.load_dataset(str(tmp_path), allow_patient_overlap=True)
 
 
-def test_a_test_label_unknown_to_train_is_a_class_with_no_training_images(tmp_path):
+def test_a_test_label_that_train_lacks_is_an_unknown_label(tmp_path):
     make_covidx(tmp_path)
     with open(tmp_path / "test.txt", "a") as f:
         f.write("new-p new.png pneumonia src\n")
     write_image(tmp_path / "test" / "new.png", "L")
-    with pytest.raises(data.DataError, match=r"1 classes with no images.*\n *pneumonia: none "
-                       r"in train \(the model cannot learn it\)"):
+    with pytest.raises(data.DataError, match=r"1 test labels that train does not have .a typo"
+                       r".*:\n    pneumonia \(1 images\)") as e:
         data.load_dataset(str(tmp_path))
+    assert "classes with no images" not in str(e.value)
     classes, _ = data.load_dataset(str(tmp_path), allow_missing_class=True)
     assert classes == ["COVID-19", "normal", "pneumonia"]
+
+
+def test_an_empty_data_set_is_named(tmp_path):
+    make_covidx(tmp_path)
+    open(tmp_path / "train.txt", "w").close()
+    with pytest.raises(data.DataError, match=r"not usable:\n  the train split is empty$"):
+        data.load_dataset(str(tmp_path))
 
 
 def test_an_empty_class_folder_is_a_class_with_no_images(tmp_path):
@@ -251,7 +259,7 @@ def test_all_problems_of_a_data_set_in_one_message(tmp_path):
     msg = str(e.value)
     assert msg.startswith("the data set is not usable:\n  2 malformed lines")
     assert "train.txt line 31: 'only-two fields'" in msg and "test.txt line 31" in msg
-    assert "pneumonia: none in train" in msg
+    assert "1 test labels that train does not have" in msg and "pneumonia (1 images)" in msg
     assert "1 files listed more than once" in msg and "train1.png" in msg
     assert "1 patients are in both train and test (e.g. train-p3)" in msg
     assert "13 listed images are missing" in msg and "train2.png" in msg  # in listed order

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,3 +59,28 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path):
     ma = json.load(open(tmp_path / "whole" / "test_metrics.json"))
     mb = json.load(open(tmp_path / "killed" / "test_metrics.json"))
     assert ma["confusion_matrix"] == mb["confusion_matrix"]
+
+
+def test_a_checkpoint_write_that_dies_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    import checkpoint
+    from config import Config
+    run = type("R", (), {"model": torch.nn.Linear(3, 2), "classes": ["a", "b"],
+                         "cfg": Config()})
+    path = str(tmp_path / "last.pt")
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    checkpoint.save_checkpoint(run, path, epoch=1)
+    assert synced and os.listdir(tmp_path) == ["last.pt"]  # flushed to disk; no temporary left
+
+    def dies_halfway(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint.torch, "save", dies_halfway)
+    with torch.no_grad():
+        run.model.weight.add_(1)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_checkpoint(run, path, epoch=2)
+    assert os.listdir(tmp_path) == ["last.pt"]
+    saved = torch.load(path, weights_only=True)  # the previous checkpoint, intact
+    assert saved["epoch"] == 1 and not torch.equal(saved["model"]["weight"], run.model.weight)
