@@ -353,8 +353,7 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
                 .round().clamp(0, 255).to(torch.uint8) for s in sizes}
     check_only = bool(problems)  # the data set is unusable already: find the rest quickly
     key = cache_dir and not check_only and fingerprint(items.paths, mode)
-    cached = {s: key and os.path.join(cache_dir, f"{key}-{s}{'' if s == 'dims' else 'px'}.npy")
-              for s in ["dims", *sizes]}
+    cached = {s: key and os.path.join(cache_dir, f"{key}-{s}.npy") for s in ["dims", *sizes]}
     out = {}
     if key and os.path.isfile(cached["dims"]):  # (N, 2) width and height of each image
         dims = np.load(cached["dims"])
@@ -362,8 +361,8 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
     todo = [8] if check_only else [s for s in sizes if s not in out]
     if todo:
         workers, n = workers or os.cpu_count(), len(items.paths)
-        bar = dict(total=n, desc=f"{'checking' if check_only else 'decoding'} {n} images"
-                   f"{'' if check_only else f' at {todo} px'}", unit="img")
+        bar = dict(total=n, unit="img", desc=f"checking {n} images" if check_only
+                   else f"decoding {n} images at {todo} px")
         if workers == 1 or n < 64:  # a pool costs more than it saves on a few images
             results = [decode(p, todo, mode) for p in tqdm(items.paths, **bar)]
         else:
