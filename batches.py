@@ -1,10 +1,11 @@
-"""Training batches made on the device from uint8 images: shuffle, augment, normalise.
+"""Training batches made on the device from uint8 films: shuffle, augment, crop, normalise.
 
-    for x, y in Batches(images, labels, 64, aug=Augment()): ...
+    for x, y in Batches(images, labels, 64, 128, aug=Augment(), hw=hw): ...
 
-images is the (N, 1, S, S) uint8 tensor of one stage size (data.load_pixels), already on the
+images is the (N, 1, T, T) uint8 tensor of one stage size (data.Films), already on the
 training device. Every step is a handful of batched torch ops there: a device randperm, one
-grid_sample for all geometric augmentation, a logit-space lighting change, normalisation.
+grid_sample for all geometric augmentation *and* the crop, fastai's lighting in logit space,
+normalisation. Evaluation takes its centre crop through the same code (view()).
 """
 import math
 from dataclasses import dataclass
@@ -21,44 +22,153 @@ STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Augment:
-    """fastai v1's get_transforms() defaults, as batched torch ops on the device."""
-    rotate: float = 10.0  # degrees, either way
-    zoom: float = 1.1  # up to 1.1x magnification, centre drawn at random
-    warp: float = 0.2  # perspective warp magnitude
-    lighting: float = 0.2  # brightness and contrast change
-    p_affine: float = 0.75  # probability of the geometric transform, per image
-    p_lighting: float = 0.75
-    flip: bool = False  # left-right flip moves the heart: off for radiographs by default
+    """fastai v1's get_transforms() defaults (vision/transform.py), with its ResizeMethod.CROP.
 
-    def __call__(self, x, gen):
-        """x: (B, 1, H, W) float in [0, 1] -> same shape and range, transformed per image."""
-        B, _, H, W = x.shape
-        rand = lambda *shape: torch.rand(*shape, device=x.device, generator=gen)
-        on = (rand(B) < self.p_affine).float()  # the images that get the geometric transform
-        ang = (rand(B) * 2 - 1) * math.radians(self.rotate) * on
-        s = 1 / (1 + rand(B) * (self.zoom - 1) * on)  # <1: look at a smaller region
-        tx, ty = [(rand(B) * 2 - 1) * (1 - s) for _ in range(2)]  # crop stays in the film
-        px, py = [(rand(B) * 2 - 1) * self.warp / 2 * on for _ in range(2)]
-        fx = torch.where(rand(B) < 0.5, -1.0, 1.0) if self.flip else torch.ones_like(s)
-        cos, sin = torch.cos(ang) * s, torch.sin(ang) * s
-        # Homography from output to input coordinates in [-1, 1]: zoom/rotate, shift, warp
-        M = torch.stack([cos * fx, -sin, tx, sin * fx, cos, ty, px, py, torch.ones_like(s)], 1)
-        M = M.view(B, 3, 3)
-        ys, xs = torch.meshgrid(torch.linspace(-1 + 1 / H, 1 - 1 / H, H, device=x.device),
-                                torch.linspace(-1 + 1 / W, 1 - 1 / W, W, device=x.device),
-                                indexing="ij")
-        base = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, H * W, 3)
-        g = base @ M.transpose(1, 2)  # (B, H*W, 3)
-        grid = (g[..., :2] / g[..., 2:]).view(B, H, W, 2)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
-                          align_corners=False)
-        if self.lighting > 0:  # in logit space, as fastai: stays inside (0, 1)
-            on = (rand(B, 1, 1, 1) < self.p_lighting).float()
-            b = 0.5 + (rand(B, 1, 1, 1) * 2 - 1) * self.lighting / 2 * on
-            lo = math.log(1 - self.lighting)
-            c = torch.exp((rand(B, 1, 1, 1) * -2 * lo + lo) * on)  # log-uniform (0.8, 1.25)
-            x = torch.sigmoid(torch.logit(x.clamp(1e-4, 1 - 1e-4)) * c + torch.logit(b))
+    As in fastai v1, every transform draws its own coin per image: flip p 0.5, then warp,
+    rotate and zoom each with p_affine, brightness and contrast each with p_lighting; the
+    random crop always. draw() returns the parameters; __call__ applies them.
+    """
+    rotate: float = 10.0  # degrees, either way
+    zoom: float = 1.1  # up to 1.1x magnification, its centre drawn at random
+    warp: float = 0.2  # symmetric_warp: four corner offsets, each uniform in +-warp
+    lighting: float = 0.2  # brightness 0.5 +- 0.1, contrast log-uniform in (0.8, 1.25)
+    p_affine: float = 0.75  # probability of each geometric transform, per image
+    p_lighting: float = 0.75
+    flip: bool = True  # left-right, p 0.5 (fastai v1's do_flip); --no-flip keeps the heart left
+
+    def draw(self, n, gen, device):
+        """One batch's random parameters: a dict of (n, ...) tensors.
+
+        Every transform's parameters are drawn for every image (those whose coin says no get
+        the identity), so the generator advances the same amount whatever the coins say.
+        """
+        u = lambda *shape: torch.rand(n, *shape, device=device, generator=gen)
+        coin = lambda p: u() < p
+        flip = coin(0.5) & self.flip
+        warp = (u(4) * 2 - 1) * self.warp * coin(self.p_affine)[:, None]
+        angle = (u() * 2 - 1) * self.rotate * coin(self.p_affine)
+        zoom = torch.where(coin(self.p_affine), 1 + u() * (self.zoom - 1), 1.0)
+        zoom_at, crop_at = u(2), u(2)  # (x, y) in [0, 1]: fastai's (col_pct, row_pct)
+        lo = math.log(1 - self.lighting) if self.lighting < 1 else -math.inf
+        brightness = torch.where(coin(self.p_lighting),
+                                 0.5 + (u() * 2 - 1) * self.lighting / 2, 0.5)
+        contrast = torch.where(coin(self.p_lighting), torch.exp(lo - 2 * lo * u()), 1.0)
+        return dict(flip=flip, warp=warp, angle=angle, zoom=zoom, zoom_at=zoom_at,
+                    crop_at=crop_at, brightness=brightness, contrast=contrast)
+
+    def __call__(self, x, gen, size=None, hw=None, p=None):
+        """x: (B, 1, T, T) float in [0, 1] -> (B, 1, size, size), transformed per image.
+
+        hw: each film's height / width with --resize crop (None: squished films, no crop).
+        p: parameters from draw(), or drawn here.
+        """
+        p = p or self.draw(len(x), gen, x.device)
+        x = sample(x, film_matrix(p, hw, len(x), x.device), size or x.shape[-1])
+        return lighting(x, p["brightness"], p["contrast"]) if self.lighting > 0 else x
+
+
+def _mat(rows, n, device):
+    """(n, 3, 3) from a 3x3 nested list of scalars or (n,) tensors."""
+    return torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device)
+                                     .expand(n) for v in r], -1) for r in rows], -2)
+
+
+def crop_matrix(hw, at, n, device):
+    """Output coords -> film coords of the square window fastai v1's ResizeMethod.CROP takes.
+
+    The film, resized so its shorter side is the output size, spans [-1, 1] on both axes;
+    the window spans all of the short axis and 1/aspect of the long one. at (n, 2) in [0, 1]
+    places it along x and y (fastai's col_pct, row_pct): 0.5 is the centre crop of
+    evaluation, uniform the random crop of training. hw None: no crop (squished films).
+    """
+    if hw is None:
+        return torch.eye(3, device=device).expand(n, 3, 3)
+    sx, sy = hw.clamp(max=1), (1 / hw).clamp(max=1)  # window / film, per axis
+    z = torch.zeros_like(sx)
+    return _mat([[sx, z, (2 * at[:, 0] - 1) * (1 - sx)],
+                 [z, sy, (2 * at[:, 1] - 1) * (1 - sy)], [0, 0, 1]], n, device)
+
+
+def warp_matrix(m):
+    """fastai v1's symmetric_warp as a homography: (n, 4) magnitudes -> (n, 3, 3).
+
+    The corners (-1,-1), (-1,1), (1,-1), (1,1) are moved to targets that share the four
+    magnitudes in pairs (vision/transform.py: _symmetric_warp); the homography maps the
+    targets back onto the corners, as fastai's _find_coeffs solves it.
+    """
+    n = len(m)
+    src = torch.tensor([[-1., -1.], [-1., 1.], [1., -1.], [1., 1.]], device=m.device)
+    targ = torch.stack([torch.stack([-1 - m[:, 3], -1 - m[:, 1]], -1),
+                        torch.stack([-1 - m[:, 2], 1 + m[:, 1]], -1),
+                        torch.stack([1 + m[:, 3], -1 - m[:, 0]], -1),
+                        torch.stack([1 + m[:, 2], 1 + m[:, 0]], -1)], 1)  # (n, 4, 2)
+    A = m.new_zeros(n, 8, 8)
+    tx, ty = targ[..., 0], targ[..., 1]
+    ox, oy = src[:, 0].expand(n, 4), src[:, 1].expand(n, 4)
+    A[:, 0::2, 0], A[:, 0::2, 1], A[:, 0::2, 2] = tx, ty, 1
+    A[:, 1::2, 3], A[:, 1::2, 4], A[:, 1::2, 5] = tx, ty, 1
+    A[:, 0::2, 6], A[:, 0::2, 7] = -ox * tx, -ox * ty
+    A[:, 1::2, 6], A[:, 1::2, 7] = -oy * tx, -oy * ty
+    b = torch.stack([ox, oy], -1).reshape(n, 8)
+    # solve_ex: no check of the result, hence no wait for the device (a square is never
+    # singular at these magnitudes)
+    c = torch.linalg.solve_ex(A, b)[0]
+    return torch.cat([c, torch.ones_like(c[:, :1])], 1).view(n, 3, 3)
+
+
+def film_matrix(p, hw, n, device):
+    """Output coords -> film coords, all of fastai v1's geometry in one (n, 3, 3) matrix.
+
+    fastai v1 applies, in its transforms' order: warp (coord), rotate and zoom (affine),
+    flip (pixel), crop (last). A pixel u of the output is thus read from the film at
+    M(W(F(C(u)))): C the crop window, F the flip, W the warp, M = rotate @ zoom with fastai's
+    correction for non-square images (_affine_mult).
+    """
+    z, one = torch.zeros(n, device=device), torch.ones(n, device=device)
+    C = crop_matrix(hw, p["crop_at"], n, device)
+    f = torch.where(p["flip"], -1.0, 1.0)
+    Fl = _mat([[f, z, z], [z, one, z], [z, z, one]], n, device)
+    W = warp_matrix(p["warp"])
+    a = p["angle"] * math.pi / 180
+    s = 1 / p["zoom"]
+    c = (1 - s)[:, None] * (2 * p["zoom_at"] - 1)  # fastai's _zoom: where it zooms to
+    cos, sin = torch.cos(a), torch.sin(a)
+    M = _mat([[cos * s, -sin * s, cos * c[:, 0] - sin * c[:, 1]],
+              [sin * s, cos * s, sin * c[:, 0] + cos * c[:, 1]], [z, z, one]], n, device)
+    r = one if hw is None else hw  # rotate in pixels, not in the stretched [-1, 1] square
+    M[:, 0, 1] *= r
+    M[:, 1, 0] /= r
+    return M @ W @ Fl @ C
+
+
+def sample(x, H, size):
+    """Read (B, 1, T, T) films at H(u) for each output pixel centre u: (B, 1, size, size)."""
+    B = len(x)
+    ax = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, device=x.device)
+    ys, xs = torch.meshgrid(ax, ax, indexing="ij")
+    base = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, size * size, 3)
+    g = base @ H.transpose(1, 2)  # (B, size*size, 3)
+    grid = (g[..., :2] / g[..., 2:]).view(B, size, size, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                         align_corners=False)
+
+
+def lighting(x, brightness, contrast):
+    """fastai v1's brightness then contrast, in logit space: sigmoid((logit(x) + logit(b)) * c).
+
+    brightness, contrast: (B,); 0.5 and 1 leave an image as it is."""
+    b, c = brightness.view(-1, 1, 1, 1), contrast.view(-1, 1, 1, 1)
+    return torch.sigmoid((torch.logit(x.clamp(1e-7, 1 - 1e-7)) + torch.logit(b)) * c)
+
+
+def view(x, size, hw=None):
+    """Evaluation's input: the centre crop with --resize crop (fastai v1's validation
+    crop_pad), the film itself when squished. x: (B, 1, T, T) float -> (B, 1, size, size)."""
+    if hw is None and x.shape[-1] == size:
         return x
+    n = len(x)
+    at = torch.full((n, 2), 0.5, device=x.device)
+    return sample(x, crop_matrix(hw, at, n, x.device), size)
 
 
 _STATS = {}  # device -> (mean, std) tensors, made once rather than copied every batch
@@ -74,17 +184,18 @@ def normalize(x, channels_last=False):
 
 
 class Batches:
-    """Training batches (x, y) from uint8 images (N, 1, S, S) and labels (N,) on the device.
+    """Training batches (x, y) of `size` px from uint8 films (N, 1, T, T) and labels (N,).
 
     A new random order each pass (device randperm) and the partial last batch dropped (static
     shapes); balance=True draws each class equally often instead, with replacement (COVID-Net's
-    rebalancing of its few COVID-19 films). Evaluation uses train.class_logits instead.
+    rebalancing of its few COVID-19 films). hw: each film's height / width with --resize crop.
+    Without aug, a crop is the centre one, as fastai v1 does. Evaluation uses view() instead.
     """
 
-    def __init__(self, images, labels, batch_size, aug=None, balance=False, seed=0,
-                 channels_last=False):
-        self.images, self.labels, self.bs = images, labels, batch_size
-        self.aug, self.balance, self.cl = aug, balance, channels_last
+    def __init__(self, images, labels, batch_size, size, aug=None, hw=None, balance=False,
+                 seed=0, channels_last=False):
+        self.images, self.labels, self.bs, self.size = images, labels, batch_size, size
+        self.aug, self.hw, self.balance, self.cl = aug, hw, balance, channels_last
         self.gen = torch.Generator(device=images.device).manual_seed(seed)
         if len(labels) < batch_size:
             raise DataError(f"{len(labels)} training images are fewer than one batch "
@@ -103,6 +214,6 @@ class Batches:
         for i in range(len(self)):
             j = idx[i * self.bs:(i + 1) * self.bs]
             x = self.images[j].float().div_(255)
-            if self.aug is not None:
-                x = self.aug(x, self.gen)
+            hw = None if self.hw is None else self.hw[j]
+            x = self.aug(x, self.gen, self.size, hw) if self.aug else view(x, self.size, hw)
             yield normalize(x, self.cl), self.labels[j]

@@ -71,7 +71,8 @@ def throughput(run, bc, size, frozen, forward):
         run.step(x, y)
     ceiling = bc.batch_size / timed(run, lambda: run.step(x, y), bc.steps)
 
-    batches = train.train_batches(run, train.stage_tensors(run, size), bc.batch_size, "bench")
+    batches = train.train_batches(run, train.stage_tensors(run, size), size, bc.batch_size,
+                                  "bench")
     it = iter(batches)
 
     def real_step():

@@ -3,7 +3,10 @@
     cfg = parse_args(["--data", "PATH", "--stages", "128,224"])   # or parse_args() for sys.argv
     for stage in make_stages(cfg): ...                            # the stages are data
 
-Defaults are the paper's: 41 epochs at 128, 224 and 229 px, fastai's one-cycle and AdamW.
+Defaults are the paper's recipe: 41 epochs at 128, 224 and 229 px, with fastai v1's one-cycle,
+Adam, augmentation and cropping, which the paper ran. --recipe fastai-v1 | fastai-v2 sets the
+knobs of that whole family at once (RECIPES); a flag given explicitly still wins. FIDELITY.md
+lists every element of the recipe against fastai v1's source.
 """
 import argparse
 import os
@@ -30,11 +33,16 @@ class Config:
     allow_missing_class: bool = knob(False, "allow a class with no train or no test images")
     cache_dir: str = knob(os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
         "~/.cache")), "covid-resnet"), "where decoded images are cached ('' for none)")
-    resize: str = knob("squish", "squish (whole film) | crop (centre square)",
-                       ["squish", "crop"])
+    resize: str = knob("crop", "crop: shorter side to the size, random square in training, "
+                       "centre in evaluation (fastai v1) | squish: the whole film",
+                       ["crop", "squish"])
     # model
     arch: str = knob("resnet50", "torchvision ResNet body", list(ARCHS))
     weights: str = knob("imagenet", "imagenet | none | path to a state dict")
+    recipe: str = knob("paper", "paper: fastai v1 as the paper ran it, with the measured "
+                       "exceptions in FIDELITY.md | fastai-v1: strictly v1 | fastai-v2: v2's "
+                       "defaults; sets the knobs in config.RECIPES",
+                       ["paper", "fastai-v1", "fastai-v2"])
     # schedule: one value per stage, or one value for all stages
     stages: str = knob("128,224,229", "image size of each stage")
     frozen_epochs: str = knob("3,3,0", "epochs training the head only, per stage")
@@ -42,22 +50,31 @@ class Config:
     lr_frozen: str = knob("auto", "max LR per stage: auto (LR finder) | x | lo:hi")
     lr_unfrozen: str = knob("auto,auto,1e-6:1e-4", "auto = slice(finder's LR) | x | lo:hi")
     batch_size: str = knob("64", "batch size per stage")
-    pct_start: float = knob(0.25, "one-cycle: fraction of steps warming up")
+    one_cycle: str = knob("v1", "one-cycle steps: v1 (fastai v1's OneCycleScheduler) | torch "
+                          "(OneCycleLR, fastai v2's within a step)", ["v1", "torch"])
+    pct_start: float = knob(0.3, "one-cycle: fraction of steps warming up")
     div: float = knob(25.0, "one-cycle: start LR = max LR / div")
-    div_final: float = knob(1e5, "one-cycle: final LR = max LR / div_final")
+    div_final: float = knob(2.5e5, "one-cycle: final LR = max LR / div_final (v1: div * 1e4)")
+    opt_reset: str = knob("fresh", "optimizer at each phase start: fresh (new Adam, fastai v1) "
+                          "| moments (moments zeroed, fastai v2) | none (one for the run)",
+                          ["fresh", "moments", "none"])
     wd: float = knob(0.01, "AdamW decoupled weight decay")
     lr_find_steps: int = knob(100, "LR finder: steps of the sweep")
     lr_find_start: float = knob(1e-7, "LR finder: first LR")
     lr_find_end: float = knob(10.0, "LR finder: last LR")
     lr_find_beta: float = knob(0.98, "LR finder: loss smoothing (EMA) factor")
-    suggest: str = knob("valley", "LR finder suggestion", ["valley", "steep", "minimum"])
+    suggest: str = knob("valley", "LR finder suggestion: valley (fastai v2) | min_grad "
+                        "(fastai v1) | steep | minimum", ["valley", "min_grad", "steep", "minimum"])
     # augmentation and class imbalance
-    aug: bool = knob(True, "augment training batches (fastai's defaults)")
+    aug: bool = knob(True, "augment training batches (fastai v1's get_transforms)")
     rotate: float = knob(10.0, "max rotation, degrees")
     zoom: float = knob(1.1, "max zoom")
-    warp: float = knob(0.2, "perspective warp magnitude")
+    warp: float = knob(0.2, "symmetric warp: max offset of each corner")
     lighting: float = knob(0.2, "brightness/contrast change")
-    flip: bool = knob(False, "random left-right flips")
+    p_affine: float = knob(0.75, "probability of each of warp, rotation and zoom, per image")
+    p_lighting: float = knob(0.75, "probability of each of brightness and contrast, per image")
+    flip: bool = knob(True, "random left-right flips, p 0.5 (fastai v1); --no-flip keeps the "
+                      "heart on its side")
     balance: bool = knob(False, "sample every class equally often")
     class_weights: bool = knob(False, "weight the loss by inverse class frequency")
     # system
@@ -70,6 +87,15 @@ class Config:
     demo: bool = knob(False, "quick demo: phantoms, random init, CPU, small sizes")
     resume: str = knob("", "run folder to continue from its last complete epoch (last.pt)")
 
+
+# The recipe families (--recipe): each sets these knobs; the rest keep their defaults.
+# "paper" is the Config defaults: fastai v1, but for the LR finder's reading (FIDELITY.md).
+RECIPES = {
+    "paper": {},
+    "fastai-v1": dict(suggest="min_grad"),
+    "fastai-v2": dict(one_cycle="torch", pct_start=0.25, div_final=1e5, opt_reset="moments",
+                      suggest="valley"),
+}
 
 # The demo: every part of the recipe (3 stages, 5 LR finders, one-cycle, discriminative LRs)
 # on small phantoms and sizes, so that it runs on a 2-core CPU in about two minutes. It uses
@@ -104,9 +130,9 @@ def parse_args(argv=None, extra=None, doc=__doc__):
     for k, (t, d, h) in (extra or {}).items():
         p.add_argument("--" + k, type=t, default=d, help=h)
     args = p.parse_args(argv)
-    if args.demo:  # demo values become the defaults; flags given explicitly still win
-        p.set_defaults(**DEMO)
-        args = p.parse_args(argv)
+    # the recipe's and the demo's values become the defaults; flags given explicitly still win
+    p.set_defaults(**RECIPES[args.recipe], **(DEMO if args.demo else {}))
+    args = p.parse_args(argv)
     cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
     if not cfg.data and not cfg.resume:
         p.error("pass --data PATH (a COVIDx or ImageFolder root), --data phantom, or --demo")

@@ -2,7 +2,7 @@
 
     problems = Problems()                                  # gathers what is wrong ...
     classes, splits = load_dataset("path/to/covidx", problems=problems)   # or "phantom"
-    pixels = load_pixels(splits["train"], (128, 224, 229), cache_dir, problems=problems)
+    films = load_pixels(splits["train"], (128, 224, 229), cache_dir, problems=problems)
     problems.check()                                       # ... and raises it in one message
 
 The airbench way: every image is decoded once, in parallel on all cores, into uint8 tensors
@@ -13,6 +13,7 @@ the GPU never waits on a JPEG decoder.
 import csv
 import glob
 import hashlib
+import math
 import os
 import random
 import sys
@@ -30,7 +31,8 @@ from tqdm import tqdm
 import phantom
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-CACHE_VERSION = 3  # bump when decoding changes, so old caches are not reused
+CROP_MARGIN = 1.5  # --resize crop: films up to 1.5:1 keep full detail (see stored_size)
+CACHE_VERSION = 4  # bump when decoding changes, so old caches are not reused
 
 
 class DataError(ValueError):
@@ -300,16 +302,9 @@ def to_gray(img):
     return img.convert("L")
 
 
-def resize(img, size, mode="squish"):
-    """'squish' keeps the whole film (aspect changes a little); 'crop' keeps the centre."""
-    if mode == "crop":
-        img = ImageOps.fit(img, (min(img.size),) * 2)
-    return img.resize((size, size), Image.Resampling.BILINEAR)
-
-
-def decode(path, sizes, mode="squish"):
-    """One file -> ((width, height), [uint8 array (size, size) for each size]), or the error
-    as a string."""
+def decode(path, sizes):
+    """One file -> ((width, height), [uint8 array (size, size) for each size]): the whole film
+    squished to each square, or the error as a string."""
     try:
         with Image.open(path) as img:
             img.draft("L", (max(sizes), max(sizes)))  # JPEG: decode at a reduced scale
@@ -320,9 +315,35 @@ def decode(path, sizes, mode="squish"):
             factor = min(img.size) // (2 * max(sizes))
             if factor >= 2:
                 img = img.reduce(factor)
-            return dims, [np.asarray(resize(img, s, mode)) for s in sizes]
+            return dims, [np.asarray(img.resize((s, s), Image.Resampling.BILINEAR))
+                          for s in sizes]
     except Exception as e:  # corrupt, truncated, not an image
         return f"{type(e).__name__}: {e}"
+
+
+def film_aspect(paths):
+    """The largest long/short side ratio among the files, read from their headers alone."""
+    a = 1.0
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                w, h = img.size
+            a = max(a, max(w, h) / min(w, h))
+        except Exception:  # unreadable: decode() reports it
+            pass
+    return a
+
+
+def stored_size(size, mode, aspect):
+    """Side of the square a film is stored at for a stage of `size` px.
+
+    'squish' trains on the whole film squished to the square: stored at the size itself.
+    'crop' (fastai v1's ResizeMethod.CROP) trains on a square window of the film resized so
+    that its shorter side is `size`: along the long side that window is size/aspect of the
+    film. Stored squished to size * aspect (at most CROP_MARGIN), the window keeps its full
+    detail; batches.py takes it out with the augmentation's one grid_sample.
+    """
+    return size if mode == "squish" else math.ceil(size * min(aspect, CROP_MARGIN))
 
 
 def fingerprint(paths, mode):
@@ -337,20 +358,36 @@ def fingerprint(paths, mode):
     return h.hexdigest()[:16]
 
 
-def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, problems=None):
-    """{size: uint8 tensor (N, 1, size, size)} for the images of `items`, decoded once.
+@dataclass
+class Films:
+    """One split's decoded films: what training and evaluation read.
 
-    Cached in cache_dir (never next to the data, which may be read-only), keyed by the files
-    and the size: a second run reads the cache and decodes nothing. Unreadable images raise a
-    DataError or, given a Problems list, are added to it; None is then returned whenever the
-    list is not empty (if it already was, the images are only checked, at a tiny size).
-    Images smaller than a size are upscaled to it, with a warning.
+    images: {stage size: uint8 tensor (N, 1, T, T)}, each film whole, squished to the square
+            (T = the size; larger in crop mode, see stored_size)
+    hw:     (N,) float32, each film's height / width as decoded: where a crop may go
+    """
+    images: dict
+    hw: torch.Tensor
+
+    def subset(self, idx):
+        return Films({s: t[idx] for s, t in self.images.items()}, self.hw[idx])
+
+
+def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, problems=None):
+    """Films of `items` at every stage size, each file decoded once (mode: --resize).
+
+    Cached in cache_dir (never next to the data, which may be read-only), keyed by the files,
+    the mode and the size: a second run reads the cache and decodes nothing. Unreadable images
+    raise a DataError or, given a Problems list, are added to it; None is then returned
+    whenever the list is not empty (if it already was, the images are only checked, at a tiny
+    size). Images smaller than a size are upscaled to it, with a warning.
     """
     sizes = sorted(set(sizes))
-    if items.pixels is not None:  # phantoms: resize the rendered films on the CPU
+    if items.pixels is not None:  # phantoms: square films, resized on the CPU
         x = torch.from_numpy(items.pixels).unsqueeze(1).float()
-        return {s: F.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
-                .round().clamp(0, 255).to(torch.uint8) for s in sizes}
+        return Films({s: F.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
+                      .round().clamp(0, 255).to(torch.uint8) for s in sizes},
+                     torch.ones(len(items)))
     check_only = bool(problems)  # the data set is unusable already: find the rest quickly
     key = cache_dir and not check_only and fingerprint(items.paths, mode)
     cached = {s: key and os.path.join(cache_dir, f"{key}-{s}.npy") for s in ["dims", *sizes]}
@@ -360,15 +397,17 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
         out = {s: torch.from_numpy(np.load(cached[s])) for s in sizes if os.path.isfile(cached[s])}
     todo = [8] if check_only else [s for s in sizes if s not in out]
     if todo:
+        aspect = 1.0 if mode == "squish" or check_only else film_aspect(items.paths)
+        store = [stored_size(s, mode, aspect) for s in todo]
         workers, n = workers or os.cpu_count(), len(items.paths)
         bar = dict(total=n, unit="img", desc=f"checking {n} images" if check_only
-                   else f"decoding {n} images at {todo} px")
+                   else f"decoding {n} images at {store} px")
         if workers == 1 or n < 64:  # a pool costs more than it saves on a few images
-            results = [decode(p, todo, mode) for p in tqdm(items.paths, **bar)]
+            results = [decode(p, store) for p in tqdm(items.paths, **bar)]
         else:
             with ProcessPoolExecutor(workers) as pool:
-                results = list(tqdm(pool.map(decode, items.paths, repeat(todo), repeat(mode),
-                                             chunksize=16), **bar))
+                results = list(tqdm(pool.map(decode, items.paths, repeat(store), chunksize=16),
+                                    **bar))
         found = Problems()
         found.add("images could not be read", [f"{p} ({r})" for p, r in
                                                zip(items.paths, results) if isinstance(r, str)],
@@ -390,7 +429,8 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
                     np.save(f, arr)
                 os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
     warn_small(items.paths, dims, max(sizes))
-    return out
+    dims = torch.from_numpy(dims).float()
+    return Films(out, dims[:, 1] / dims[:, 0])
 
 
 def warn_small(paths, dims, size):

@@ -1,15 +1,17 @@
 """Evaluate a trained model on a data set's split: every screening metric, tables and plots.
 
     python evaluate.py runs/NAME --data PATH                  # its test split
-    python evaluate.py runs/NAME/model.pt --data OTHER --split train --tta 4
+    python evaluate.py runs/NAME/model.pt --data OTHER --split train --tta v1
     python evaluate.py runs/NAME --data OTHER --class-map bacteria=bacterial,viral=viral
 
 Accuracy, balanced accuracy, macro-F1; per class sensitivity, specificity, PPV, NPV and F1
 with 95% Wilson intervals, one-vs-rest ROC-AUC; the confusion matrix; and all of it per data
 source where the split file names one. Written to --out (default RUN/eval_<data>_<split>/) as
-metrics.json, metrics.md, predictions.csv, confusion_matrix.png and roc.png.
+metrics.json, metrics.md, predictions.csv, confusion_matrix.png and roc.png. Films are
+resized as the model was trained (--resize crop: the centre crop, as fastai v1 validates).
 """
 import argparse
+import dataclasses
 import json
 import os
 
@@ -17,11 +19,12 @@ import torch
 
 import data
 from batches import Augment
+from config import Config
 from metrics import classification_metrics, format_metrics
-from model import load_checkpoint
+from model import class_logits, load_checkpoint
 from plots import confusion_plot
 from report import roc_plot, write_predictions
-from train import class_logits, pick_device
+from train import pick_device
 
 
 def map_classes(data_classes, model_classes, class_map=""):
@@ -42,6 +45,39 @@ def map_classes(data_classes, model_classes, class_map=""):
     return out
 
 
+def tta_probs(model, images, size, hw, aug, tta, batch_size=128, seed=0):
+    """Class probabilities (N, C) with test-time augmentation `tta`:
+
+    'v1': fastai v1's Learner.TTA (vision/tta.py: _TTA): 0.4 x the plain prediction + 0.6 x the
+          mean over 8 views, each zoomed 1.35x towards one corner of the film and cropped at
+          that corner, 4 of them flipped, and all given the training's warp, rotation and
+          lighting at random (with their probabilities);
+    'k':  the mean of the plain prediction and k passes of the training augmentation.
+    aug: the model's training augmentation (batches.Augment); hw: films' height / width
+    with --resize crop, else None.
+    """
+    plain = class_logits(model, model, images, size, hw, batch_size).softmax(1)
+    gen = torch.Generator(device=images.device).manual_seed(seed)
+    if tta != "v1":
+        passes = [class_logits(model, model, images, size, hw, batch_size,
+                               lambda x, h: aug(x, gen, size, h)).softmax(1)
+                  for _ in range(int(tta))]
+        return torch.stack([plain, *passes]).mean(0)
+
+    def corner_view(i):
+        def transform(x, h):
+            n = len(x)
+            p = aug.draw(n, gen, x.device)  # warp, rotation, lighting: random, as trained
+            at = torch.tensor([float(i & 2 > 0), float(i & 1)], device=x.device).expand(n, 2)
+            p.update(zoom=torch.full((n,), 1.35, device=x.device), zoom_at=at, crop_at=at,
+                     flip=torch.full((n,), bool(i & 4), device=x.device))
+            return aug(x, gen, size, h, p)
+        return transform
+    views = [class_logits(model, model, images, size, hw, batch_size, corner_view(i))
+             .softmax(1) for i in range(8)]
+    return 0.4 * plain + 0.6 * torch.stack(views).mean(0)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,8 +90,9 @@ def main(argv=None):
     p.add_argument("--subtypes", default="", help="subtype.csv for 4-class labels")
     p.add_argument("--class-map", default="", help="data=model class names, comma separated")
     p.add_argument("--size", type=int, default=0, help="image size (default: the model's)")
-    p.add_argument("--tta", type=int, default=0, help="test-time augmented passes averaged "
-                   "with the plain one (default: 0, none)")
+    p.add_argument("--tta", default="0", help="test-time augmentation: v1 (fastai v1's TTA: "
+                   "0.4 plain + 0.6 mean of 8 corner views), or k: the mean of the plain pass "
+                   "and k augmented ones (default: 0, none)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~/.cache"),
@@ -65,8 +102,12 @@ def main(argv=None):
     p.add_argument("--out", default="", help="output folder")
     a = p.parse_args(argv)
 
+    if a.tta != "v1" and not a.tta.isdigit():
+        p.error(f"--tta {a.tta}: give v1 or a number of passes")
     model, ck = load_checkpoint(a.checkpoint)
     classes, size = ck["classes"], a.size or ck.get("size") or 224
+    # resized and augmented as the model was trained (older checkpoints: squished films)
+    cfg = {**dataclasses.asdict(Config()), "resize": "squish", **ck.get("config", {})}
     dev = pick_device(a.device)
     model = model.to(dev)
     if dev.type == "cuda":
@@ -77,15 +118,13 @@ def main(argv=None):
     to_model = map_classes(data_classes, classes, a.class_map)
     items = splits[a.split]
     labels = [to_model[y] for y in items.labels]
-    images = data.load_pixels(items, [size], a.cache_dir or None, problems=problems)
+    films = data.load_pixels(items, [size], a.cache_dir or None, cfg["resize"],
+                             problems=problems)
     problems.check()
-    images = images[size].to(dev)
-
-    probs = class_logits(model, model, images, a.batch_size).softmax(1)
-    for k in range(a.tta):  # fastai's TTA: the mean of the plain and augmented predictions
-        probs += class_logits(model, model, images, a.batch_size, Augment(), a.seed + k) \
-            .softmax(1)
-    probs = (probs / (1 + a.tta)).cpu()
+    images = films.images[size].to(dev)
+    hw = films.hw.to(dev) if cfg["resize"] == "crop" else None
+    aug = Augment(*(cfg[f.name] for f in dataclasses.fields(Augment)))
+    probs = tta_probs(model, images, size, hw, aug, a.tta, a.batch_size, a.seed).cpu()
     preds = probs.argmax(1).tolist()
     m = classification_metrics(labels, preds, classes, items.sources, probs.tolist())
     m.update(checkpoint=a.checkpoint, data=a.data, split=a.split, size=size, tta=a.tta)
@@ -99,7 +138,7 @@ def main(argv=None):
     table = format_metrics(m)
     with open(os.path.join(out, "metrics.md"), "w") as f:
         f.write(f"# {a.checkpoint} on {a.data} ({a.split} split, {size} px"
-                f"{f', TTA {a.tta}' if a.tta else ''})\n\n```\n{table}\n```\n\n"
+                f"{f', TTA {a.tta}' if a.tta != '0' else ''})\n\n```\n{table}\n```\n\n"
                 "![confusion matrix](confusion_matrix.png) ![ROC curves](roc.png)\n")
     write_predictions(os.path.join(out, "predictions.csv"), items, labels, probs.tolist(),
                       classes)

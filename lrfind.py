@@ -2,6 +2,8 @@
 
 Train for a few steps while the learning rate grows exponentially, watch the loss, and read a
 good learning rate off the curve; then put the model and optimizer back exactly as they were.
+The reading: `min_grad` (fastai v1's, the paper's), or `valley` (fastai v2's, our default: on
+flat, noisy curves min_grad lands in the noise at the low end; FIDELITY.md has the numbers).
 
     python lrfind.py --data PATH --size 128              # head only (the body frozen)
     python lrfind.py --data phantom --size 64 --phase unfrozen --weights none
@@ -13,6 +15,7 @@ import csv
 import math
 import os
 
+import numpy as np
 from tqdm import tqdm
 
 import data
@@ -62,10 +65,12 @@ def lr_find(step, model, opt, batches, n_steps=100, lr_start=1e-7, lr_end=10.0, 
 # ---------------------------------------------------------------------------------------------
 # Suggestions: pure functions of (lrs, smoothed losses) -> a learning rate
 
-def _trim(lrs, losses):
-    """Drop the first tenth (not yet trained) and the last five steps (diverging), as fastai."""
+def _trim(lrs, losses, skip_start, skip_end=5):
+    """The curve without its first skip_start points (not yet trained) and last skip_end
+    (diverging), and without non-finite losses; the whole finite curve when fewer than two
+    points would be left (a sweep stopped early), where fastai gives no suggestion at all."""
     n = len(losses)
-    keep = [(lr, l) for lr, l in list(zip(lrs, losses))[n // 10:n - 5 if n > 15 else n]
+    keep = [(lr, l) for lr, l in list(zip(lrs, losses))[skip_start:max(0, n - skip_end)]
             if math.isfinite(l)]
     if len(keep) < 2:
         keep = [(lr, l) for lr, l in zip(lrs, losses) if math.isfinite(l)]
@@ -74,13 +79,22 @@ def _trim(lrs, losses):
     return [k[0] for k in keep], [k[1] for k in keep]
 
 
-def valley(lrs, losses):
-    """fastai's default: the longest stretch where the loss keeps falling, 2/3 of the way down.
+def min_grad(lrs, losses, num_it=None):
+    """fastai v1's suggestion (basic_train.py: Recorder.plot(suggestion=True)): the LR where
+    the loss falls fastest, from np.gradient (central differences, one-sided at the ends) of
+    the curve without its first 10 and last 5 points; the first such LR on a tie."""
+    lrs, losses = _trim(lrs, losses, 10)
+    return lrs[int(np.argmin(np.gradient(np.array(losses))))]
 
-    Finds the longest decreasing subsequence of the loss and picks a point a little past its
-    middle: far enough from the start to be fast, early enough to be safe.
+
+def valley(lrs, losses, num_it=None):
+    """fastai v2's default (2021): the longest stretch where the loss keeps falling, a little
+    past its middle: far enough from the start to be fast, early enough to be safe.
+
+    As fastai v2 it skips the first num_it // 10 points of a sweep planned for num_it steps
+    (default: as many as were taken) and the last 5.
     """
-    lrs, losses = _trim(lrs, losses)
+    lrs, losses = _trim(lrs, losses, (num_it or len(losses)) // 10)
     n = len(losses)
     run = [1] * n  # run[i]: length of the longest decreasing sequence ending at i
     start = end = 0
@@ -90,32 +104,31 @@ def valley(lrs, losses):
                 run[i] = run[j] + 1
         if run[end] < run[i]:
             end, start = i, i - run[i]
-    # (fastai notes `start` inside the inner loop, from a run length it may still raise;
-    # here it comes from the final one, which is what "longest stretch" means)
     third = (end - start) / 3
     return lrs[max(0, start + int(third) + int(third / 2))]
 
 
-def steep(lrs, losses):
-    """The LR where the loss falls fastest per unit of log(lr)."""
-    lrs, losses = _trim(lrs, losses)
+def steep(lrs, losses, num_it=None):
+    """fastai v2's `steep`: the LR where the loss falls fastest per unit of log(lr), by forward
+    differences (the left point of the steepest segment)."""
+    lrs, losses = _trim(lrs, losses, (num_it or len(losses)) // 10)
     grads = [(losses[i + 1] - losses[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i]))
              for i in range(len(losses) - 1)]
     return lrs[min(range(len(grads)), key=grads.__getitem__)]
 
 
-def minimum(lrs, losses):
-    """One tenth of the LR at the lowest loss: the minimum itself is already too hot."""
-    lrs, losses = _trim(lrs, losses)
+def minimum(lrs, losses, num_it=None):
+    """fastai v2's `minimum`: a tenth of the LR at the lowest loss (the minimum is too hot)."""
+    lrs, losses = _trim(lrs, losses, (num_it or len(losses)) // 10)
     return lrs[min(range(len(losses)), key=losses.__getitem__)] / 10
 
 
-SUGGESTIONS = {"valley": valley, "steep": steep, "minimum": minimum}
+SUGGESTIONS = {"valley": valley, "min_grad": min_grad, "steep": steep, "minimum": minimum}
 
 
-def save_lr_find(prefix, lrs, raw, smooth, method="valley"):
+def save_lr_find(prefix, lrs, raw, smooth, method="valley", num_it=None):
     """Write prefix.csv (lr, loss, smoothed) and prefix.png; return the suggested LR."""
-    lr = SUGGESTIONS[method](lrs, smooth)
+    lr = SUGGESTIONS[method](lrs, smooth, num_it)
     with open(prefix + ".csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["lr", "loss", "smoothed_loss"])
@@ -140,7 +153,8 @@ def main(argv=None):
     run = train.setup(cfg, sizes=[size])  # decode the images at this size only
     tensors = train.stage_tensors(run, size)
     tag = f"{size}_{phase}"
-    lr = train.find_lr(run, tensors, int(cfg.batch_size.split(",")[0]), phase == "frozen", tag)
+    lr = train.find_lr(run, tensors, size, int(cfg.batch_size.split(",")[0]), phase == "frozen",
+                       tag)
     print(f"suggested LR ({cfg.suggest}): {lr:.2e}; curve in {run.dir}/lrfind_{tag}.png")
     return lr
 

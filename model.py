@@ -3,16 +3,20 @@
     model = build_model(n_classes=4, weights="imagenet")   # or "none", or a .pth path
     groups = layer_groups(model)                            # stem..layer2 | layer3..4 | head
     set_body_frozen(model, True)                            # train the head (and BN) only
+    logits = class_logits(model, model, films, size)        # evaluation's view of uint8 films
 
 The head is the one fastai v1's `cnn_learner` put on every body, which the paper used:
 concatenated average+max pooling, then BN-dropout-linear twice. Inputs are 3-channel,
-ImageNet-normalised images (data.py makes them from one-channel radiographs).
+ImageNet-normalised images (batches.py makes them from one-channel radiographs).
 """
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 import torchvision
+
+from batches import normalize, view
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -177,3 +181,29 @@ def load_checkpoint(path):
                         len(ck["classes"]))
     _load_into(model, ck["model"], path, ck["config"]["arch"])
     return model, ck
+
+
+@torch.no_grad()
+def class_logits(model, forward, images, size, hw=None, batch_size=256, transform=None):
+    """Logits (N, C) for uint8 films (N, 1, T, T) on the model's device, in eval mode.
+
+    forward is the model or its compiled version. Each batch is seen as evaluation sees it
+    (batches.view: with --resize crop, hw each film's height / width, the centre crop), or
+    through transform(x, hw) -> (B, 1, size, size), one pass of test-time augmentation.
+    The last batch is padded: one static shape, no recompilation.
+    """
+    cuda = images.device.type == "cuda"
+    amp = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].float().div_(255)
+        n, h = len(x), None if hw is None else hw[i:i + batch_size]
+        x = transform(x, h) if transform else view(x, size, h)
+        if n < batch_size:
+            x = torch.cat([x, x.new_zeros(batch_size - n, *x.shape[1:])])
+        with amp:
+            out.append(forward(normalize(x, channels_last=cuda))[:n].float())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, model.head[-1].out_features)

@@ -6,7 +6,8 @@
 Writes one CSV row per image (class probabilities and the top class). Files that are not
 images, or cannot be read, are listed as skipped; the rest are predicted. With --cam, each
 image gets a Grad-CAM heat map (Selvaraju et al., ICCV 2017) from the last convolutional block,
-blended over the original radiograph at its original size. A heat map shows what drove the
+blended over the original radiograph at its original size. Films are resized as the model was
+trained: with --resize crop the model sees the centre square, and so does the heat map. A heat map shows what drove the
 score, not where the disease is: a bright patch on a text marker or the edge of the film is a
 reason to distrust the model.
 """
@@ -19,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from batches import normalize
-from data import decode, to_gray
-from model import load_checkpoint
-from train import class_logits, pick_device
+from batches import normalize, view
+from data import decode, film_aspect, stored_size, to_gray
+from model import class_logits, load_checkpoint
+from train import pick_device
 
 
 def find_files(args):
@@ -58,15 +59,19 @@ def jet(t):
     return (np.stack(rgb, -1) * 255).astype(np.uint8)
 
 
-def save_cam(path, image_path, cam, alpha=0.45):
-    """Blend the heat map over the original radiograph, at the radiograph's own size."""
+def save_cam(path, image_path, cam, crop, alpha=0.45):
+    """Blend the heat map over the original radiograph, at the radiograph's own size: over
+    the whole film, or with crop over the centre square that the model saw."""
     with Image.open(image_path) as img:
         gray = to_gray(ImageOps.exif_transpose(img))
     W, H = gray.size
-    heat = F.interpolate(cam[None, None].float(), size=(H, W), mode="bilinear",
+    h, w = (min(W, H),) * 2 if crop else (H, W)
+    top, left = (H - h) // 2, (W - w) // 2
+    heat = F.interpolate(cam[None, None].float(), size=(h, w), mode="bilinear",
                          align_corners=False)[0, 0].clamp(0, 1).numpy()
-    base = np.asarray(gray.convert("RGB"), dtype=np.float32)
-    out = (1 - alpha) * base + alpha * jet(heat).astype(np.float32)
+    out = np.asarray(gray.convert("RGB"), dtype=np.float32).copy()
+    win = out[top:top + h, left:left + w]
+    win[:] = (1 - alpha) * win + alpha * jet(heat).astype(np.float32)
     Image.fromarray(out.round().astype(np.uint8)).save(path)
 
 
@@ -84,24 +89,29 @@ def main(argv=None):
 
     model, ck = load_checkpoint(a.checkpoint)
     classes, size = ck["classes"], a.size or ck.get("size") or 224
+    crop = ck.get("config", {}).get("resize", "squish") == "crop"
     dev = pick_device(a.device)
     model = model.to(dev).eval()
     if dev.type == "cuda":  # class_logits feeds channels_last batches on CUDA
         model = model.to(memory_format=torch.channels_last)
-    files, pixels, skipped = [], [], []
-    for f in find_files(a.images):
-        r = decode(f, [size])
+    files, pixels, hw, skipped = [], [], [], []
+    todo = find_files(a.images)
+    store = stored_size(size, "crop" if crop else "squish", film_aspect(todo))
+    for f in todo:
+        r = decode(f, [store])
         if isinstance(r, str):  # not an image, or unreadable
             skipped.append((f, r))
         else:
             files.append(f)
             pixels.append(r[1][0])
+            hw.append(r[0][1] / r[0][0])
     for f, why in skipped:
         print(f"skipped {f}: {why}")
     if not files:
         raise SystemExit("no readable images among " + ", ".join(a.images))
-    images = torch.from_numpy(np.stack(pixels))[:, None].to(dev)  # (N, 1, S, S) uint8
-    probs = class_logits(model, model, images, a.batch_size).softmax(1).cpu()
+    images = torch.from_numpy(np.stack(pixels))[:, None].to(dev)  # (N, 1, T, T) uint8
+    hw = torch.tensor(hw, device=dev) if crop else None
+    probs = class_logits(model, model, images, size, hw, a.batch_size).softmax(1).cpu()
 
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w", newline="") as f:
@@ -113,10 +123,10 @@ def main(argv=None):
     if a.cam:
         os.makedirs(a.cam, exist_ok=True)
         for k, path in enumerate(files):
-            x = normalize(images[k:k + 1].float() / 255)
-            cam = gradcam(model, x, int(probs[k].argmax())).cpu()
+            x = view(images[k:k + 1].float() / 255, size, None if hw is None else hw[k:k + 1])
+            cam = gradcam(model, normalize(x), int(probs[k].argmax())).cpu()
             stem = os.path.splitext(os.path.basename(path))[0]
-            save_cam(os.path.join(a.cam, f"{stem}_cam.png"), path, cam)
+            save_cam(os.path.join(a.cam, f"{stem}_cam.png"), path, cam, crop)
     print(f"{len(files)} images predicted, {len(skipped)} skipped; wrote {a.out}"
           + (f" and heat maps in {a.cam}" if a.cam else ""))
     return files, probs, skipped

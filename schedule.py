@@ -1,38 +1,64 @@
 """Learning-rate and momentum schedules, as pure functions of the step that return floats.
 
 Nothing here needs torch: each function maps a step number to a number, so a schedule can be
-printed, plotted or tested on its own. tests/test_schedule.py checks `one_cycle` against
-torch.optim.lr_scheduler.OneCycleLR step for step.
+printed, plotted or tested on its own (tests/test_schedule.py).
 
-Vocabulary and defaults follow fastai (callback/schedule.py), which the paper used:
-    one_cycle(step, total, lr_max)   cosine warm-up to lr_max, then cosine annealing
-    lr_sweep(step)                   the exponential sweep of the LR range test
-    discriminative_lrs(lr, n)        per-layer-group learning rates
+Vocabulary and defaults follow fastai v1 (1.0.x), which the paper used (FIDELITY.md):
+    one_cycle(step, total, lr_max)        fastai v1's OneCycleScheduler, step by step
+    one_cycle_torch(step, total, lr_max)  torch's OneCycleLR (fastai v2's defaults)
+    lr_sweep(step)                        the exponential sweep of the LR range test
+    discriminative_lrs(lr, n)             per-layer-group learning rates
 """
 import math
 
 
 def _cos(start, end, pct):
-    # Half a cosine from start (pct 0) to end (pct 1); the same formula as torch's
-    # OneCycleLR._annealing_cos, so both agree to the last bit.
+    # Half a cosine from start (pct 0) to end (pct 1); fastai's annealing_cos and torch's
+    # OneCycleLR._annealing_cos are this same formula.
     return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
 
 
-def one_cycle(step, total, lr_max, pct_start=0.25, div=25.0, div_final=1e5,
-              moms=(0.95, 0.85, 0.95)):
-    """(lr, momentum) at `step` (0-based) of a one-cycle schedule of `total` steps.
-
-    The LR rises from lr_max/div to lr_max over the first pct_start of the steps, then falls to
-    lr_max/div_final; the momentum (Adam's beta1) moves the other way, moms[0] -> moms[1] ->
-    moms[2]. Equals torch's OneCycleLR(max_lr=lr_max, total_steps=total, pct_start=pct_start,
-    div_factor=div, final_div_factor=div_final/div, base_momentum=moms[1],
-    max_momentum=moms[0], anneal_strategy="cos", three_phase=False). torch's final_div_factor
-    divides the *initial* LR, fastai's div_final the peak: hence div_final/div.
-    """
-    if total < 2:
-        raise ValueError(f"one_cycle needs at least 2 steps, got total={total}")
+def _check(step, total):
+    if total < 1:
+        raise ValueError(f"a one-cycle schedule needs at least 1 step, got total={total}")
     if not 0 <= step < total:
         raise ValueError(f"step {step} is outside the schedule's 0..{total - 1}")
+
+
+def one_cycle(step, total, lr_max, pct_start=0.3, div=25.0, div_final=2.5e5,
+              moms=(0.95, 0.85)):
+    """(lr, momentum) for batch `step` (0-based) of `total`, as fastai v1's fit_one_cycle.
+
+    fastai v1 (callbacks/one_cycle.py: OneCycleScheduler) runs two cosine schedules: a warm-up
+    of n1 = int(total * pct_start) steps from lr_max/div to lr_max, then the other n2 steps
+    down to lr_max/div_final (v1's final_div = div * 1e4: lr_max / 2.5e5). Each is a fastai
+    Scheduler that moves on *after* a batch, so batch 0 trains at lr_max/div, batch n1 at
+    lr_max, and the last batch one step short of the end. The momentum (Adam's beta1) moves
+    the other way, moms[0] -> moms[1] -> back towards moms[0].
+    """
+    _check(step, total)
+    n1 = max(1, int(total * pct_start))  # a fastai Scheduler has at least one step
+    n2 = max(1, total - int(total * pct_start))
+    if step <= n1:
+        pct = step / n1
+        return _cos(lr_max / div, lr_max, pct), _cos(moms[0], moms[1], pct)
+    pct = (step - n1) / n2
+    return _cos(lr_max, lr_max / div_final, pct), _cos(moms[1], moms[0], pct)
+
+
+def one_cycle_torch(step, total, lr_max, pct_start=0.25, div=25.0, div_final=1e5,
+                    moms=(0.95, 0.85, 0.95)):
+    """(lr, momentum) at `step` (0-based) of torch's OneCycleLR: fastai v2's defaults.
+
+    Equals OneCycleLR(max_lr=lr_max, total_steps=total, pct_start=pct_start, div_factor=div,
+    final_div_factor=div_final/div, base_momentum=moms[1], max_momentum=moms[0],
+    anneal_strategy="cos", three_phase=False) (torch's final_div_factor divides the *initial*
+    LR, fastai's div_final the peak). fastai v2 (callback/schedule.py) uses the same curve as
+    a function of step/total, which puts its peak and its end about one step later.
+    """
+    _check(step, total)
+    if total < 2:
+        return lr_max / div, moms[0]
     # The peak is reached at step pct_start*total - 1, counted as torch counts it
     # (a float, possibly negative when the warm-up is shorter than one step).
     peak = float(pct_start * total) - 1
@@ -46,15 +72,18 @@ def one_cycle(step, total, lr_max, pct_start=0.25, div=25.0, div_final=1e5,
     return _cos(lrs[0], lrs[1], pct), _cos(ms[0], ms[1], pct)
 
 
+ONE_CYCLE = {"v1": one_cycle, "torch": one_cycle_torch}  # --one-cycle
+
+
 def lr_sweep(step, n_steps=100, lr_start=1e-7, lr_end=10.0):
     """LR at `step` of the exponential sweep of Smith's LR range test.
 
-    Geometric from lr_start (step 0) to lr_end (step n_steps - 1): equal steps in log(lr),
-    which is how the finder's plot is read.
+    fastai's LRFinder (v1 and v2 alike): lr_start * (lr_end/lr_start) ** (step/n_steps), equal
+    steps in log(lr). The last step, n_steps - 1, stops one step short of lr_end.
     """
-    if n_steps < 2:
-        raise ValueError(f"the LR sweep needs at least 2 steps, got {n_steps}")
-    return lr_start * (lr_end / lr_start) ** (step / (n_steps - 1))
+    if n_steps < 1:
+        raise ValueError(f"the LR sweep needs at least 1 step, got {n_steps}")
+    return lr_start * (lr_end / lr_start) ** (step / n_steps)
 
 
 def discriminative_lrs(lr, n_groups):

@@ -28,15 +28,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from batches import Augment, Batches, normalize
+from batches import Augment, Batches
 from checkpoint import (check_writable, resume_from, rng_state, save_checkpoint,
                         set_rng_state)
 from config import Config, make_stages, parse_args
 from lrfind import lr_find, save_lr_find
 from metrics import classification_metrics, format_metrics
-from model import build_model, layer_groups, set_body_frozen
+from model import build_model, class_logits, layer_groups, set_body_frozen
 from report import stage_table, write_predictions, write_report
-from schedule import discriminative_lrs, one_cycle
+from schedule import ONE_CYCLE, discriminative_lrs
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Run:
     device: torch.device
     classes: list
     items: dict  # "train", "val", "test" -> data.Items
-    pixels: dict  # "train", "val", "test" -> {size: uint8 tensor (N, 1, S, S)} on the CPU
+    films: dict  # "train", "val", "test" -> data.Films (uint8 films per size, shapes), CPU
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     step: object  # step(x, y) -> loss: forward, backward, optimizer step
@@ -65,6 +65,7 @@ class Run:
 # unfrozen, evaluation). Compilation pays only when a quarter of the stage's eager compute
 # exceeds that: beyond ~6 million images at 128 px, i.e. never on COVIDx-sized data.
 COMPILE_S, COMPILE_GAIN, EAGER_IMG_S_128 = 64.0, 0.25, 10_755
+BETAS = (0.9, 0.99)  # fastai's Adam: beta1 0.9 (the one-cycle moves it), beta2 0.99
 
 
 def compile_pays(images, size):
@@ -122,8 +123,7 @@ def setup(cfg, sizes=None):
         counts = np.bincount(it.labels, minlength=len(classes))
         print(f"{k:>5}: {len(it):5d} images, " +
               ", ".join(f"{c} {n}" for c, n in zip(classes, counts)))
-    pixels = {"train": {s: t[tr] for s, t in full.items()},
-              "val": {s: t[va] for s, t in full.items()}, "test": test}
+    films = {"train": full.subset(tr), "val": full.subset(va), "test": test}
 
     model = build_model(len(classes), cfg.weights, cfg.arch).to(dev)
     # The run folder comes last: a run that cannot start leaves none behind
@@ -144,9 +144,9 @@ def setup(cfg, sizes=None):
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # shapes are static within a stage
     groups = layer_groups(model)
-    # fastai's Adam: betas (0.9, 0.99), decoupled weight decay; one param group per layer group
+    # fastai's Adam: decoupled weight decay (true_wd); one param group per layer group
     opt = torch.optim.AdamW([{"params": ps, "name": n} for n, ps in groups.items()],
-                            lr=1e-3, betas=(0.9, 0.99), weight_decay=cfg.wd, fused=cuda or None)
+                            lr=1e-3, betas=BETAS, weight_decay=cfg.wd, fused=cuda or None)
     if cfg.compile != "off":  # one static graph per stage size x (frozen, unfrozen, eval)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
@@ -154,11 +154,11 @@ def setup(cfg, sizes=None):
     if cfg.class_weights:  # inverse frequency, mean weight 1
         counts = torch.bincount(torch.tensor(items["train"].labels), minlength=len(classes))
         weight = (counts.sum() / (len(classes) * counts.clamp(min=1).float())).to(dev)
-    aug = Augment(cfg.rotate, cfg.zoom, cfg.warp, cfg.lighting, flip=cfg.flip) \
-        if cfg.aug else None
+    aug = Augment(cfg.rotate, cfg.zoom, cfg.warp, cfg.lighting, cfg.p_affine, cfg.p_lighting,
+                  cfg.flip) if cfg.aug else None
     print(f"device {dev}, {'bf16 autocast, channels_last' if cuda else 'fp32'}, "
           f"compile {cfg.compile}, run folder {run_dir}")
-    run = Run(cfg, run_dir, dev, classes, items, pixels, model, opt, None, model, None, aug,
+    run = Run(cfg, run_dir, dev, classes, items, films, model, opt, None, model, None, aug,
               weight)
     run.step = make_step(run, amp)
     return run
@@ -191,33 +191,54 @@ def git_commit():
 
 
 def stage_tensors(run, size):
-    """{split: (uint8 images, labels)} at this stage's size, moved to the device once."""
-    return {k: (run.pixels[k][size].to(run.device),
-                torch.tensor(run.items[k].labels, device=run.device)) for k in run.pixels}
+    """{split: (uint8 films, labels, height/width or None)} at this stage's size, moved to
+    the device once. The films' shapes matter only to --resize crop."""
+    crop = run.cfg.resize == "crop"
+    return {k: (f.images[size].to(run.device),
+                torch.tensor(run.items[k].labels, device=run.device),
+                f.hw.to(run.device) if crop else None) for k, f in run.films.items()}
 
 
-def train_batches(run, tensors, batch_size, tag):
+def train_batches(run, tensors, size, batch_size, tag):
     """Shuffled, augmented training batches; each phase draws its own reproducible order."""
-    return Batches(*tensors["train"], batch_size, aug=run.aug,
-                        balance=run.cfg.balance, seed=run.cfg.seed + zlib.crc32(tag.encode()),
-                        channels_last=run.device.type == "cuda")
+    images, labels, hw = tensors["train"]
+    return Batches(images, labels, batch_size, size, aug=run.aug, hw=hw,
+                   balance=run.cfg.balance, seed=run.cfg.seed + zlib.crc32(tag.encode()),
+                   channels_last=run.device.type == "cuda")
 
 
-def find_lr(run, tensors, batch_size, frozen, tag):
+def start_phase(run, frozen):
+    """Freeze or unfreeze the body, and set the optimizer as fastai would at that call.
+
+    --opt-reset fresh: a new Adam (fastai v1's freeze()/unfreeze() call create_opt: moments
+    zero, step 0, beta1 back to 0.9, which is what the phase's LR finder runs with);
+    moments: moments zero, beta1 where the last schedule left it (fastai v2's clear_state);
+    none: one optimizer for the whole run, moments carried across phases and stages.
+    """
+    set_body_frozen(run.model, frozen)
+    if run.cfg.opt_reset != "none":
+        run.opt.state.clear()  # AdamW makes its state anew at the next step
+    if run.cfg.opt_reset == "fresh":
+        for g in run.opt.param_groups:
+            g["betas"] = BETAS
+
+
+def find_lr(run, tensors, size, batch_size, frozen, tag):
     """Run the LR range test for one phase; write lrfind_<tag>.csv/.png; return the LR."""
     set_body_frozen(run.model, frozen)
-    batches = train_batches(run, tensors, batch_size, "lrfind_" + tag)
+    batches = train_batches(run, tensors, size, batch_size, "lrfind_" + tag)
     c = run.cfg
     lrs, raw, smooth = lr_find(run.step, run.model, run.opt, batches, c.lr_find_steps,
                                c.lr_find_start, c.lr_find_end, c.lr_find_beta)
-    return save_lr_find(os.path.join(run.dir, "lrfind_" + tag), lrs, raw, smooth, c.suggest)
+    return save_lr_find(os.path.join(run.dir, "lrfind_" + tag), lrs, raw, smooth, c.suggest,
+                        c.lr_find_steps)
 
 
-def resolve_lrs(run, tensors, batch_size, frozen, spec, tag):
+def resolve_lrs(run, tensors, size, batch_size, frozen, spec, tag):
     """Max LR per layer group from 'auto' | 'x' | 'lo:hi' (see schedule.discriminative_lrs)."""
     n = len(run.opt.param_groups)
     if spec == "auto":
-        lr = find_lr(run, tensors, batch_size, frozen, tag)
+        lr = find_lr(run, tensors, size, batch_size, frozen, tag)
         print(f"  LR finder ({run.cfg.suggest}): {lr:.2e}")
         # unfrozen: fastai's slice(lr), a tenth of it for the body
         return [lr] * n if frozen else discriminative_lrs(lr, n)
@@ -227,41 +248,16 @@ def resolve_lrs(run, tensors, batch_size, frozen, spec, tag):
     return [float(spec)] * n
 
 
-@torch.no_grad()
-def class_logits(model, forward, images, batch_size=256, aug=None, seed=0):
-    """Logits (N, C) for uint8 images (N, 1, S, S) on the model's device, in eval mode.
-
-    forward is the model or its compiled version; aug (a batches.Augment) makes one pass of
-    test-time augmentation. The last batch is padded: one static shape, no recompilation.
-    """
-    cuda = images.device.type == "cuda"
-    amp = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
-    gen = torch.Generator(device=images.device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].float().div_(255)
-        n = len(x)
-        if aug is not None:
-            x = aug(x, gen)
-        if n < batch_size:
-            x = torch.cat([x, x.new_zeros(batch_size - n, *x.shape[1:])])
-        with amp:
-            out.append(forward(normalize(x, channels_last=cuda))[:n].float())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, model.head[-1].out_features)
-
-
-def predict(run, x, y, batch_size=256):
+def predict(run, x, y, hw, size, batch_size=256):
     """(mean loss, accuracy, class probabilities (N, C) on the CPU) over (x, y), unaugmented."""
-    logits = class_logits(run.model, run.forward, x, batch_size)
+    logits = class_logits(run.model, run.forward, x, size, hw, batch_size)
     n = max(1, len(y))
     loss = F.cross_entropy(logits, y, weight=run.loss_weight, reduction="sum").item() / n
     return loss, (logits.argmax(1) == y).float().sum().item() / n, logits.softmax(1).cpu()
 
 
-def fit(run, tensors, batch_size, epochs, lrs, tag, log, where, start=0, gen_state=None):
+def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0,
+        gen_state=None):
     """fastai's fit_one_cycle: `epochs` epochs, LR and beta1 of each group set by hand each step.
 
     A NaN or infinite loss ends the phase: model and optimizer go back to their state at the
@@ -269,8 +265,8 @@ def fit(run, tensors, batch_size, epochs, lrs, tag, log, where, start=0, gen_sta
     last.pt holds all it takes to go on from there (where: the stage and phase); a resumed
     phase passes the epoch to start at and its batch generator's state.
     """
-    c = run.cfg
-    batches = train_batches(run, tensors, batch_size, tag)
+    c, sched = run.cfg, ONE_CYCLE[run.cfg.one_cycle]
+    batches = train_batches(run, tensors, size, batch_size, tag)
     if gen_state is not None:
         batches.gen.set_state(gen_state)
     total, k, rows = epochs * len(batches), start * len(batches), []
@@ -281,7 +277,7 @@ def fit(run, tensors, batch_size, epochs, lrs, tag, log, where, start=0, gen_sta
         bar = tqdm(batches, desc=f"{tag} {epoch + 1}/{epochs}", leave=False)
         for i, (x, y) in enumerate(bar):
             for g, lr_max in zip(run.opt.param_groups, lrs):
-                g["lr"], mom = one_cycle(k, total, lr_max, c.pct_start, c.div, c.div_final)
+                g["lr"], mom = sched(k, total, lr_max, c.pct_start, c.div, c.div_final)
                 g["betas"] = (mom, g["betas"][1])
             loss = run.step(x, y)
             loss_sum += loss
@@ -305,11 +301,11 @@ def fit(run, tensors, batch_size, epochs, lrs, tag, log, where, start=0, gen_sta
         if bad >= 0:
             run.model.load_state_dict(good[0])
             run.opt.load_state_dict(good[1])
-            bad_lr = one_cycle(bad, total, lrs[-1], c.pct_start, c.div, c.div_final)[0]
+            bad_lr = sched(bad, total, lrs[-1], c.pct_start, c.div, c.div_final)[0]
             print(f"{tag}: the loss was not finite at step {bad + 1} of {total} (head LR "
                   f"{bad_lr:.2e}). Weights and optimizer are back at the start of epoch "
                   f"{epoch + 1}; this phase ends here. A lower LR may help.")
-        val_loss, val_acc, _ = predict(run, *tensors["val"]) if len(tensors["val"][1]) \
+        val_loss, val_acc, _ = predict(run, *tensors["val"], size) if len(tensors["val"][1]) \
             else (float("nan"), float("nan"), None)
         add_time(run, "train", train_time)
         add_time(run, "eval", time.time() - t0 - train_time)
@@ -373,18 +369,21 @@ def main(cfg):
                     continue
                 tag = f"s{i + 1}_{st.size}_{phase}"
                 where = dict(stage=i, phase_name=phase)
-                set_body_frozen(run.model, phase == "frozen")
                 if state and (i, phase) == (state["stage"], state["phase_name"]):
+                    set_body_frozen(run.model, phase == "frozen")  # optimizer as saved
                     lrs, start, gen = state["lrs"], state["epoch"], state["batches_gen"]
                     state = None  # from here on, as if never interrupted
                 else:
+                    start_phase(run, phase == "frozen")
                     t0 = time.time()
-                    lrs = resolve_lrs(run, tensors, st.batch_size, phase == "frozen", spec, tag)
+                    lrs = resolve_lrs(run, tensors, st.size, st.batch_size, phase == "frozen",
+                                      spec, tag)
                     add_time(run, "lr_find", time.time() - t0)
                     start, gen = 0, None
                 print(f"  {tag}: max LR per group " + ", ".join(
                     f"{g['name']} {lr:.1e}" for g, lr in zip(run.opt.param_groups, lrs)))
-                fit(run, tensors, st.batch_size, epochs, lrs, tag, log, where, start, gen)
+                fit(run, tensors, st.size, st.batch_size, epochs, lrs, tag, log, where, start,
+                    gen)
             # the stage's table, as report.md shows it
             print("\n" + stage_table([r for r in run.history if r["stage"] == i]))
             save_checkpoint(run, os.path.join(run.dir, f"stage{i + 1}_{st.size}.pt"),
@@ -393,7 +392,7 @@ def main(cfg):
 
     # The test split, touched once: at the last stage's size, no augmentation
     t0 = time.time()
-    _, _, probs = predict(run, *tensors["test"])
+    _, _, probs = predict(run, *tensors["test"], stages[-1].size)
     add_time(run, "eval", time.time() - t0)
     m = classification_metrics(run.items["test"].labels, probs.argmax(1).tolist(), run.classes,
                                run.items["test"].sources, probs.tolist())

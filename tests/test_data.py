@@ -49,7 +49,24 @@ def test_covidx_layout(tmp_path, columns):
     assert splits["train"].paths[0] == os.path.join(str(tmp_path), "train", "train0.png")
     assert splits["train"].sources[0] == ("src" if columns == 4 else "")
     px = data.load_pixels(splits["train"], [16, 24])
-    assert px[16].shape == (6, 1, 16, 16) and px[24].dtype == torch.uint8
+    assert px.images[16].shape == (6, 1, 16, 16) and px.images[24].dtype == torch.uint8
+
+
+def test_crop_mode_stores_the_films_larger_with_their_shapes(tmp_path):
+    make_covidx(tmp_path)  # 40x30 films: 4:3
+    write_image(tmp_path / "train" / "train1.png", "L", size=(30, 45))  # a 2:3 portrait
+    _, splits = data.load_dataset(str(tmp_path))
+    squish = data.load_pixels(splits["train"], [16])
+    assert squish.images[16].shape == (6, 1, 16, 16)
+    assert squish.hw.tolist() == pytest.approx([0.75, 1.5, 0.75, 0.75, 0.75, 0.75])
+    crop = data.load_pixels(splits["train"], [16, 24], str(tmp_path / "cache"), "crop")
+    # the longest aspect ratio, 1.5, sets the square: a crop window keeps 16 px of detail
+    assert crop.images[16].shape == (6, 1, 24, 24) and crop.images[24].shape == (6, 1, 36, 36)
+    assert torch.equal(crop.hw, squish.hw)
+    assert data.stored_size(100, "crop", 3.0) == 150  # longer films: at most 1.5x
+    again = data.load_pixels(splits["train"], [16, 24], str(tmp_path / "cache"), "crop")
+    assert torch.equal(again.images[24], crop.images[24])  # from the cache, keyed by mode
+    assert len(os.listdir(tmp_path / "cache")) == 3
 
 
 def test_split_files_of_other_covidx_versions(tmp_path):
@@ -108,7 +125,7 @@ def test_jpeg_16bit_and_rgba_through_load_pixels(tmp_path):
     write_image(tmp_path / "train" / "train0.png", "I;16")
     write_image(tmp_path / "train" / "train1.png", "RGBA")
     classes, splits = data.load_dataset(str(tmp_path))
-    px = data.load_pixels(splits["train"], [8])[8]
+    px = data.load_pixels(splits["train"], [8]).images[8]
     assert px.shape == (6, 1, 8, 8) and px[0].max() > 200
 
 
@@ -196,7 +213,8 @@ def test_cache_is_reused_and_never_written_beside_the_data(tmp_path, monkeypatch
         raise AssertionError("decoded although cached")
     monkeypatch.setattr(data, "decode", no_decoding)
     second = data.load_pixels(splits["train"], [8, 12], cache_dir=str(tmp_path / "cache"))
-    assert torch.equal(first[12], second[12])
+    assert torch.equal(first.images[12], second.images[12])
+    assert torch.equal(first.hw, second.hw)
     # a rewritten image invalidates the cache
     write_image(tmp_path / "d" / "train" / "train2.png", "RGB", size=(50, 50))
     os.utime(tmp_path / "d" / "train" / "train2.png", ns=(1, 1))
@@ -224,7 +242,8 @@ def test_phantoms_are_deterministic_and_have_four_classes():
     assert not np.array_equal(s1["train"].pixels, s2["train"].pixels)
     assert not set(s1["train"].patients) & set(s1["test"].patients)
     px = data.load_pixels(s1["test"], [16, 24])
-    assert px[24].shape == (40, 1, 24, 24) and px[24].dtype == torch.uint8
+    assert px.images[24].shape == (40, 1, 24, 24) and px.images[24].dtype == torch.uint8
+    assert torch.equal(px.hw, torch.ones(40))  # phantoms are square
 
 
 @pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="../shared/data/cxr-sample absent")
@@ -274,7 +293,7 @@ def test_images_smaller_than_the_stage_size_are_upscaled_with_a_warning(tmp_path
     classes, splits = data.load_dataset(str(tmp_path))
     for _ in range(2):  # decoded, then from the cache: the warning comes both times
         px = data.load_pixels(splits["train"], [64, 256], cache_dir=str(tmp_path / "cache"))
-        assert px[256].shape == (6, 1, 256, 256)
+        assert px.images[256].shape == (6, 1, 256, 256)
         out = capsys.readouterr().out
         assert "warning: 5 of 6 images are smaller than 256 px" in out and "(40x30)" in out
     data.load_pixels(splits["train"], [24])

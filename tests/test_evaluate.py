@@ -10,6 +10,7 @@ import torchvision
 from PIL import Image
 
 import evaluate
+from batches import Augment
 import phantom
 from model import build_model, load_checkpoint
 
@@ -29,7 +30,7 @@ def test_evaluate_writes_metrics_tables_and_plots(checkpoint, tmp_path):
     out = tmp_path / "eval"
     m = evaluate.main([str(checkpoint.parent), "--data", "phantom", "--phantoms", "40",
                        "--cache-dir", "", "--tta", "1", "--out", str(out), "--batch-size", "16"])
-    assert m["n"] == 40 and m["size"] == 32 and m["tta"] == 1
+    assert m["n"] == 40 and m["size"] == 32 and m["tta"] == "1"
     assert set(os.listdir(out)) == {"metrics.json", "metrics.md", "predictions.csv",
                                     "confusion_matrix.png", "roc.png"}
     saved = json.load(open(out / "metrics.json"))
@@ -69,3 +70,44 @@ def test_bad_checkpoints_are_named(tmp_path, checkpoint):
         load_checkpoint(str(other))
     model, ck = load_checkpoint(str(checkpoint.parent))  # a run folder means its model.pt
     assert ck["classes"] == phantom.CLASSES and model.head[-1].out_features == 4
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in model: logits from a fixed table, one row per call; records its inputs."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.probs, self.inputs = probs, []
+        self.head = torch.nn.Sequential(torch.nn.Linear(1, probs.shape[1]))
+
+    def forward(self, x):
+        self.inputs.append(x[:, 0].clone())
+        return self.probs[len(self.inputs) - 1].log().expand(len(x), -1)
+
+
+def test_tta_v1_is_fastai_v1s_weights_and_views():
+    torch.manual_seed(0)
+    probs = torch.rand(9, 3).softmax(1)  # call 0: the plain pass; 1..8: the eight views
+    model = Recorder(probs)
+    film = torch.zeros(2, 1, 48, 48, dtype=torch.uint8)
+    film[:, :, :24, :24] = 255  # the top-left quarter bright
+    no_random = Augment(warp=0, rotate=0, lighting=0)  # only the views' own geometry left
+    out = evaluate.tta_probs(model, film, 32, None, no_random, "v1", batch_size=2)
+    assert torch.allclose(out, (0.4 * probs[0] + 0.6 * probs[1:].mean(0)).expand(2, -1))
+    assert len(model.inputs) == 9
+    bright = [x.mean().item() for x in model.inputs[1:]]
+    # view i: zoom 1.35 and crop towards row i&1, column i&2, flipped when i&4
+    assert bright[0] == pytest.approx(max(bright)) and bright[3] == pytest.approx(min(bright))
+    assert bright[0] > bright[1] + 0.5 and bright[0] > bright[2] + 0.5  # top-left is brightest
+    for i in range(4):
+        assert torch.allclose(model.inputs[1 + i], model.inputs[5 + i].flip(-1), atol=1e-5)
+    plain = model.inputs[0]
+    assert bright[0] > plain.mean().item()  # zoomed into the bright corner
+
+
+def test_tta_k_passes_average_equally():
+    probs = torch.rand(4, 3).softmax(1)
+    model = Recorder(probs)
+    film = torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8)
+    out = evaluate.tta_probs(model, film, 32, None, Augment(), "3", batch_size=2)
+    assert torch.allclose(out, probs.mean(0).expand(2, -1)) and len(model.inputs) == 4

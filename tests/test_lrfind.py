@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lrfind import lr_find, minimum, save_lr_find, steep, valley
+from lrfind import lr_find, min_grad, minimum, save_lr_find, steep, valley
 from schedule import lr_sweep
 
-LRS = [lr_sweep(i, 81, 1e-7, 1e1) for i in range(81)]  # ten points per decade
+LRS = [lr_sweep(i, 80, 1e-7, 1e1) for i in range(81)]  # ten points per decade, 1e-7..1e1
 
 
 def at(lr):
@@ -36,10 +36,49 @@ def test_valley_picks_inside_the_longest_fall():
     assert LRS[8] < lr < LRS[68]
 
 
+def test_valley_skips_a_tenth_of_the_planned_sweep():
+    # fastai v2 trims num_it // 10 of the sweep it planned, also when it stopped early: a fall
+    # over points 6..9 of a 60-point curve counts for 60 planned steps but not for 100
+    losses = [5.0] * 6 + [4.0, 3.0, 2.0, 1.0] + [1.0 + 0.01 * i for i in range(50)]
+    assert LRS.index(valley(LRS[:60], losses, 60)) in range(6, 10)
+    assert LRS.index(valley(LRS[:60], losses, 100)) >= 10
+
+
 def test_suggestions_ignore_non_finite_tail():
     losses = [(math.log10(lr) + 3) ** 2 for lr in LRS[:60]] + [math.nan]
     assert minimum(LRS[:61], losses) == pytest.approx(1e-4, rel=1e-6)
     assert math.isfinite(valley(LRS[:61], losses))
+    assert math.isfinite(min_grad(LRS[:61], losses))
+
+
+def test_min_grad_is_fastai_v1s_steepest_central_difference():
+    losses = [-math.tanh(2 * (math.log10(lr) + 4)) for lr in LRS]  # steepest at 1e-4
+    assert min_grad(LRS, losses) == LRS[at(1e-4)]
+    # central differences, not forward ones: two falls of 0.3 in a row beat one of 0.35
+    losses = [3.0] * 30 + [2.7, 2.4] + [2.4] * 20 + [2.05] * 29
+    assert len(losses) == 81
+    assert min_grad(LRS, losses) == LRS[30]  # (2.4 - 3.0) / 2 at point 30
+    assert steep(LRS, losses) == LRS[51]  # forward differences: the single 0.35 fall
+
+
+def test_min_grad_skips_the_first_10_and_last_5_points_and_takes_the_first_tie():
+    # steep falls in the first 10 and the last 5 points, which are not seen; in between a
+    # steady fall of exactly 0.5 per point, all ties: the first point kept, 10, is taken
+    losses = [100.0, 50.0] + [40 - 0.5 * i for i in range(74)] + [-500.0] * 5
+    assert len(losses) == 81 and min_grad(LRS, losses) == LRS[10]
+    flat = [2.0] * 40 + [1.0, 0.0, -1.0] + [-1.0] * 38  # points 40 and 41 tie at -1
+    assert min_grad(LRS, flat) == LRS[40]
+
+
+def test_min_grad_on_short_sweeps():
+    # fastai v1 gives no suggestion when fewer than 2 points survive the trim; we take the
+    # steepest point of the whole finite curve instead
+    short = [3.0, 2.9, 2.0, 1.9, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3, 1.2, 1.1]  # 12 points
+    assert min_grad(LRS[:12], short) == LRS[1]  # (2.0 - 3.0) / 2 at point 1
+    seventeen = [1.0] * 10 + [0.5, 0.4] + [9.0] * 5  # exactly two points survive: 10, 11
+    assert min_grad(LRS[:17], seventeen) == LRS[10]  # np.gradient of 2 points: a tie
+    with pytest.raises(ValueError, match="no finite loss"):
+        min_grad(LRS[:3], [math.nan] * 3)
 
 
 def tiny_setup(seed=0):

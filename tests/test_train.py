@@ -12,6 +12,7 @@ from PIL import Image
 
 import lrfind
 import checkpoint
+import model as model_module
 import train
 from config import make_stages, parse_args
 from model import build_model
@@ -127,9 +128,9 @@ def test_demo_defaults_can_be_overridden_and_data_is_required(capsys):
 def test_resolve_lrs_forms():
     class R:  # resolve_lrs needs only the optimizer's groups for explicit LRs
         opt = torch.optim.AdamW([{"params": [torch.zeros(1)]} for _ in range(3)])
-    assert train.resolve_lrs(R, None, 0, False, "1e-6:1e-4", "") == pytest.approx(
+    assert train.resolve_lrs(R, None, 32, 0, False, "1e-6:1e-4", "") == pytest.approx(
         [1e-6, 1e-5, 1e-4])
-    assert train.resolve_lrs(R, None, 0, True, "3e-3", "") == pytest.approx([3e-3] * 3)
+    assert train.resolve_lrs(R, None, 32, 0, True, "3e-3", "") == pytest.approx([3e-3] * 3)
 
 
 def test_bad_data_stops_before_training_with_one_message(tmp_path):
@@ -159,7 +160,7 @@ def test_class_weights_and_balance_options(tmp_path):
     counts = torch.bincount(torch.tensor(run.items["train"].labels), minlength=4).float()
     expect = counts.sum() / (4 * counts)  # inverse frequency, mean weight 1 over images
     assert torch.allclose(run.loss_weight, expect)
-    batches = train.train_batches(run, train.stage_tensors(run, 32), 16, "t")
+    batches = train.train_batches(run, train.stage_tensors(run, 32), 32, 16, "t")
     assert batches.balance and len(batches) == len(run.items["train"]) // 16
 
 
@@ -167,13 +168,13 @@ def test_class_logits_every_image_once_in_order():
     torch.manual_seed(0)
     model = build_model(3, "none", "resnet18").eval()
     images = torch.randint(0, 256, (10, 1, 32, 32), dtype=torch.uint8)
-    logits = train.class_logits(model, model, images, batch_size=4)  # 4 + 4 + 2 (padded)
+    logits = model_module.class_logits(model, model, images, 32, batch_size=4)  # 4 + 4 + 2 (padded)
     assert logits.shape == (10, 3)
     with torch.no_grad():
-        direct = model(train.normalize(images.float() / 255))
+        direct = model(model_module.normalize(images.float() / 255))
     assert torch.allclose(logits, direct, atol=1e-4)
     model.train()
-    train.class_logits(model, model, images[:2], batch_size=4)
+    model_module.class_logits(model, model, images[:2], 32, batch_size=4)
     assert model.training  # the model's mode is given back
 
 
@@ -195,7 +196,7 @@ def test_a_diverging_phase_stops_and_restores_the_last_good_state(tmp_path, caps
     tensors = train.stage_tensors(run, 32)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     with open(tmp_path / "log.jsonl", "w") as log:  # an LR of 1e30 overflows at once
-        rows = train.fit(run, tensors, 16, 3, [1e30] * 3, "boom", log,
+        rows = train.fit(run, tensors, 32, 16, 3, [1e30] * 3, "boom", log,
                          dict(stage=0, phase_name="unfrozen"))
     assert len(rows) == 1 and rows[0]["diverged_at_step"] >= 1  # stopped in epoch 1
     for k, v in run.model.state_dict().items():
@@ -203,3 +204,52 @@ def test_a_diverging_phase_stops_and_restores_the_last_good_state(tmp_path, caps
     out = capsys.readouterr().out
     assert "the loss was not finite at step" in out and "head LR" in out
     assert json.loads(open(tmp_path / "log.jsonl").read())["diverged_lr"] > 0
+
+
+def test_each_phase_starts_with_the_optimizer_fastai_would_have(tmp_path, monkeypatch):
+    args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", "", "--runs", str(tmp_path)]
+    seen = []  # (moments held, beta1) when each LR finder starts
+    real_lr_find = train.lr_find
+
+    def spy(step, model, opt, *a, **k):
+        seen.append((len(opt.state), opt.param_groups[0]["betas"][0]))
+        return real_lr_find(step, model, opt, *a, **k)
+    monkeypatch.setattr(train, "lr_find", spy)
+    for reset, expect in [("fresh", "v1"), ("moments", "v2"), ("none", "kept")]:
+        run = train.setup(parse_args(args + TINY + ["--opt-reset", reset, "--name", reset]))
+        tensors = train.stage_tensors(run, 32)
+        train.start_phase(run, True)
+        with open(tmp_path / f"{reset}.jsonl", "w") as log:
+            train.fit(run, tensors, 32, 16, 1, [1e-3] * 3, "p1", log,
+                      dict(stage=0, phase_name="frozen"))
+        moments = {id(p): s["exp_avg"].clone() for p, s in run.opt.state.items()}
+        beta1 = run.opt.param_groups[0]["betas"][0]
+        assert moments and beta1 != 0.9  # the one-cycle moved beta1
+        seen.clear()
+        train.start_phase(run, False)
+        train.resolve_lrs(run, tensors, 32, 16, False, "auto", "p2")
+        if expect == "v1":  # a new Adam: no moments, beta1 back to 0.9
+            assert seen == [(0, 0.9)] and run.opt.param_groups[0]["betas"] == (0.9, 0.99)
+        elif expect == "v2":  # clear_state: no moments, beta1 where the schedule left it
+            assert seen == [(0, beta1)]
+        else:  # one optimizer for the run
+            assert seen == [(len(moments), beta1)]
+            assert all(torch.equal(s["exp_avg"], moments[id(p)])
+                       for p, s in run.opt.state.items())  # the finder put them back
+        assert not any(p.requires_grad is False for p in run.model.body.parameters())
+
+
+def test_recipes_set_their_knobs_and_flags_still_win():
+    base = ["--data", "phantom"]
+    paper = parse_args(base)
+    assert (paper.recipe, paper.one_cycle, paper.pct_start, paper.div_final, paper.opt_reset,
+            paper.suggest, paper.resize, paper.flip) == \
+        ("paper", "v1", 0.3, 2.5e5, "fresh", "valley", "crop", True)
+    v1 = parse_args(base + ["--recipe", "fastai-v1"])
+    assert v1.suggest == "min_grad" and v1.one_cycle == "v1" and v1.opt_reset == "fresh"
+    v2 = parse_args(base + ["--recipe", "fastai-v2"])
+    assert (v2.one_cycle, v2.pct_start, v2.div_final, v2.opt_reset, v2.suggest) == \
+        ("torch", 0.25, 1e5, "moments", "valley")
+    mixed = parse_args(base + ["--recipe", "fastai-v2", "--pct-start", "0.3", "--demo"])
+    assert mixed.pct_start == 0.3 and mixed.one_cycle == "torch" and mixed.arch == "resnet18"
+    assert parse_args(base + ["--no-flip", "--resize", "squish"]).flip is False
