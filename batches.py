@@ -49,7 +49,7 @@ class Augment:
         angle = (u() * 2 - 1) * self.rotate * coin(self.p_affine)
         zoom = torch.where(coin(self.p_affine), 1 + u() * (self.zoom - 1), 1.0)
         zoom_at, crop_at = u(2), u(2)  # (x, y) in [0, 1]: fastai's (col_pct, row_pct)
-        lo = math.log(1 - self.lighting) if self.lighting < 1 else -math.inf
+        lo = math.log(1 - self.lighting)  # contrast: log-uniform in (1 - L, 1 / (1 - L))
         brightness = torch.where(coin(self.p_lighting),
                                  0.5 + (u() * 2 - 1) * self.lighting / 2, 0.5)
         contrast = torch.where(coin(self.p_lighting), torch.exp(lo - 2 * lo * u()), 1.0)
@@ -67,10 +67,9 @@ class Augment:
         return lighting(x, p["brightness"], p["contrast"]) if self.lighting > 0 else x
 
 
-def _mat(rows, n, device):
-    """(n, 3, 3) from a 3x3 nested list of scalars or (n,) tensors."""
-    return torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device)
-                                     .expand(n) for v in r], -1) for r in rows], -2)
+def _mat(rows):
+    """(n, 3, 3) from a 3x3 nested list of (n,) tensors."""
+    return torch.stack([torch.stack(r, -1) for r in rows], -2)
 
 
 def crop_matrix(hw, at, n, device):
@@ -84,9 +83,18 @@ def crop_matrix(hw, at, n, device):
     if hw is None:
         return torch.eye(3, device=device).expand(n, 3, 3)
     sx, sy = hw.clamp(max=1), (1 / hw).clamp(max=1)  # window / film, per axis
-    z = torch.zeros_like(sx)
+    z, one = torch.zeros_like(sx), torch.ones_like(sx)
     return _mat([[sx, z, (2 * at[:, 0] - 1) * (1 - sx)],
-                 [z, sy, (2 * at[:, 1] - 1) * (1 - sy)], [0, 0, 1]], n, device)
+                 [z, sy, (2 * at[:, 1] - 1) * (1 - sy)], [z, z, one]])
+
+
+_CONST = {}  # device -> constant tensors, made once (a copy to the GPU per batch would wait)
+
+
+def _const(device, name, values):
+    if (device, name) not in _CONST:
+        _CONST[device, name] = torch.tensor(values, device=device)
+    return _CONST[device, name]
 
 
 def warp_matrix(m):
@@ -97,14 +105,12 @@ def warp_matrix(m):
     targets back onto the corners, as fastai's _find_coeffs solves it.
     """
     n = len(m)
-    src = torch.tensor([[-1., -1.], [-1., 1.], [1., -1.], [1., 1.]], device=m.device)
-    targ = torch.stack([torch.stack([-1 - m[:, 3], -1 - m[:, 1]], -1),
-                        torch.stack([-1 - m[:, 2], 1 + m[:, 1]], -1),
-                        torch.stack([1 + m[:, 3], -1 - m[:, 0]], -1),
-                        torch.stack([1 + m[:, 2], 1 + m[:, 0]], -1)], 1)  # (n, 4, 2)
+    tx = torch.stack([-1 - m[:, 3], -1 - m[:, 2], 1 + m[:, 3], 1 + m[:, 2]], 1)  # (n, 4)
+    ty = torch.stack([-1 - m[:, 1], 1 + m[:, 1], -1 - m[:, 0], 1 + m[:, 0]], 1)
+    corners = _const(m.device, "corners", [[-1., -1., 1., 1.], [-1., 1., -1., 1.]])
+    ox, oy = corners[0].expand(n, 4), corners[1].expand(n, 4)
+    # two equations per corner: (a x + b y + c) / (g x + h y + 1) = ox, and the same for oy
     A = m.new_zeros(n, 8, 8)
-    tx, ty = targ[..., 0], targ[..., 1]
-    ox, oy = src[:, 0].expand(n, 4), src[:, 1].expand(n, 4)
     A[:, 0::2, 0], A[:, 0::2, 1], A[:, 0::2, 2] = tx, ty, 1
     A[:, 1::2, 3], A[:, 1::2, 4], A[:, 1::2, 5] = tx, ty, 1
     A[:, 0::2, 6], A[:, 0::2, 7] = -ox * tx, -ox * ty
@@ -127,14 +133,14 @@ def film_matrix(p, hw, n, device):
     z, one = torch.zeros(n, device=device), torch.ones(n, device=device)
     C = crop_matrix(hw, p["crop_at"], n, device)
     f = torch.where(p["flip"], -1.0, 1.0)
-    Fl = _mat([[f, z, z], [z, one, z], [z, z, one]], n, device)
+    Fl = _mat([[f, z, z], [z, one, z], [z, z, one]])
     W = warp_matrix(p["warp"])
     a = p["angle"] * math.pi / 180
     s = 1 / p["zoom"]
     c = (1 - s)[:, None] * (2 * p["zoom_at"] - 1)  # fastai's _zoom: where it zooms to
     cos, sin = torch.cos(a), torch.sin(a)
     M = _mat([[cos * s, -sin * s, cos * c[:, 0] - sin * c[:, 1]],
-              [sin * s, cos * s, sin * c[:, 0] + cos * c[:, 1]], [z, z, one]], n, device)
+              [sin * s, cos * s, sin * c[:, 0] + cos * c[:, 1]], [z, z, one]])
     r = one if hw is None else hw  # rotate in pixels, not in the stretched [-1, 1] square
     M[:, 0, 1] *= r
     M[:, 1, 0] /= r
@@ -171,14 +177,10 @@ def view(x, size, hw=None):
     return sample(x, crop_matrix(hw, at, n, x.device), size)
 
 
-_STATS = {}  # device -> (mean, std) tensors, made once rather than copied every batch
-
-
 def normalize(x, channels_last=False):
     """(B, 1, H, W) in [0, 1] -> (B, 3, H, W) ImageNet-normalised, the body's input."""
-    if x.device not in _STATS:
-        _STATS[x.device] = [torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (MEAN, STD)]
-    mean, std = _STATS[x.device]
+    mean = _const(x.device, "mean", MEAN).view(1, 3, 1, 1)
+    std = _const(x.device, "std", STD).view(1, 3, 1, 1)
     x = (x - mean) / std  # broadcasting makes the three channels
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 

@@ -253,3 +253,21 @@ def test_recipes_set_their_knobs_and_flags_still_win():
     mixed = parse_args(base + ["--recipe", "fastai-v2", "--pct-start", "0.3", "--demo"])
     assert mixed.pct_start == 0.3 and mixed.one_cycle == "torch" and mixed.arch == "resnet18"
     assert parse_args(base + ["--no-flip", "--resize", "squish"]).flip is False
+
+
+def test_optimizer_is_fastai_v1s_adam_with_true_weight_decay(tmp_path):
+    # fastai v1: opt_func = partial(optim.Adam, betas=(0.9, 0.99)), wd 1e-2 applied as
+    # p *= 1 - lr * wd to every parameter that has a gradient, BatchNorm included (true_wd, bn_wd)
+    args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", "", "--runs", str(tmp_path)]
+    run = train.setup(parse_args(args + TINY))
+    assert isinstance(run.opt, torch.optim.AdamW)
+    assert [g["name"] for g in run.opt.param_groups] == ["stem-layer2", "layer3-layer4", "head"]
+    for g in run.opt.param_groups:
+        assert g["betas"] == (0.9, 0.99) and g["weight_decay"] == 0.01 and g["eps"] == 1e-8
+    p = run.model.head[1].weight  # a BatchNorm weight: decayed too
+    p.grad = torch.zeros_like(p)
+    before = p.detach().clone()
+    for g in run.opt.param_groups:
+        g["lr"] = 0.1
+    run.opt.step()
+    assert torch.allclose(p.detach(), before * (1 - 0.1 * 0.01))
