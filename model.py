@@ -190,7 +190,7 @@ def class_logits(model, forward, images, size, hw=None, batch_size=256, transfor
     forward is the model or its compiled version. Each batch is seen as evaluation sees it
     (batches.view: with --resize crop, hw each film's height / width, the centre crop), or
     through transform(x, hw) -> (B, 1, size, size), one pass of test-time augmentation.
-    The last batch is padded: one static shape, no recompilation.
+    For a compiled forward the last batch is padded: one static shape, no recompilation.
     """
     cuda = images.device.type == "cuda"
     amp = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
@@ -201,7 +201,7 @@ def class_logits(model, forward, images, size, hw=None, batch_size=256, transfor
         x = images[i:i + batch_size].float().div_(255)
         n, h = len(x), None if hw is None else hw[i:i + batch_size]
         x = transform(x, h) if transform else view(x, size, h)
-        if n < batch_size:
+        if n < batch_size and forward is not model:  # eager: no need to pay for padding
             x = torch.cat([x, x.new_zeros(batch_size - n, *x.shape[1:])])
         with amp:
             out.append(forward(normalize(x, channels_last=cuda))[:n].float())

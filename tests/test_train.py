@@ -168,11 +168,18 @@ def test_class_logits_every_image_once_in_order():
     torch.manual_seed(0)
     model = build_model(3, "none", "resnet18").eval()
     images = torch.randint(0, 256, (10, 1, 32, 32), dtype=torch.uint8)
-    logits = model_module.class_logits(model, model, images, 32, batch_size=4)  # 4 + 4 + 2 (padded)
-    assert logits.shape == (10, 3)
+    shapes = []
+
+    def compiled(x):  # stands in for torch.compile(model): any forward that is not the model
+        shapes.append(len(x))
+        return model(x)
+    logits = model_module.class_logits(model, compiled, images, 32, batch_size=4)
+    assert logits.shape == (10, 3) and shapes == [4, 4, 4]  # 4 + 4 + 2, padded: one shape
     with torch.no_grad():
         direct = model(model_module.normalize(images.float() / 255))
     assert torch.allclose(logits, direct, atol=1e-4)
+    eager = model_module.class_logits(model, model, images, 32, batch_size=4)  # no padding
+    assert torch.allclose(eager, logits, atol=1e-4)
     model.train()
     model_module.class_logits(model, model, images[:2], 32, batch_size=4)
     assert model.training  # the model's mode is given back
