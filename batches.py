@@ -2,7 +2,7 @@
 
     for x, y in Batches(images, labels, 64, 128, aug=Augment(), hw=hw): ...
 
-images is the (N, 1, T, T) uint8 tensor of one stage size (data.Films), already on the
+images is the (N, 1, T, T) uint8 tensor of one stage size (films.Films), already on the
 training device. Every step is a handful of batched torch ops there: a device randperm, one
 grid_sample for all geometric augmentation *and* the crop, fastai's lighting in logit space,
 normalisation. Evaluation takes its centre crop through the same code (view()).

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import data
+import films
 import phantom
 import train
 from model import set_body_frozen
@@ -167,7 +168,7 @@ def main(argv=None):
             _, splits = data.load_dataset(root)
             items = splits["train"].subset(range(min(bc.cache_images, n_train)))
             t0 = time.time()
-            data.load_pixels(items, [int(s) for s in bc.sizes.split(",")], cache_dir=None)
+            films.load_pixels(items, [int(s) for s in bc.sizes.split(",")], cache_dir=None)
             rate = len(items) / (time.time() - t0)
             results["cache_rate"] = {"images_s": rate, "per_core": rate / os.cpu_count(),
                                      "png_px": bc.png_size, "images": len(items)}

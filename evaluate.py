@@ -18,6 +18,7 @@ import os
 import torch
 
 import data
+import films
 from batches import Augment
 from config import Config
 from metrics import classification_metrics, format_metrics
@@ -118,11 +119,11 @@ def main(argv=None):
     to_model = map_classes(data_classes, classes, a.class_map)
     items = splits[a.split]
     labels = [to_model[y] for y in items.labels]
-    films = data.load_pixels(items, [size], a.cache_dir or None, cfg["resize"],
-                             problems=problems)
+    decoded = films.load_pixels(items, [size], a.cache_dir or None, cfg["resize"],
+                                problems=problems)
     problems.check()
-    images = films.images[size].to(dev)
-    hw = films.hw.to(dev) if cfg["resize"] == "crop" else None
+    images = decoded.images[size].to(dev)
+    hw = decoded.hw.to(dev) if cfg["resize"] == "crop" else None
     aug = Augment(*(cfg[f.name] for f in dataclasses.fields(Augment)))
     probs = tta_probs(model, images, size, hw, aug, a.tta, a.batch_size, a.seed).cpu()
     preds = probs.argmax(1).tolist()

@@ -6,10 +6,10 @@
 Writes one CSV row per image (class probabilities and the top class). Files that are not
 images, or cannot be read, are listed as skipped; the rest are predicted. With --cam, each
 image gets a Grad-CAM heat map (Selvaraju et al., ICCV 2017) from the last convolutional block,
-blended over the original radiograph at its original size. Films are resized as the model was
-trained: with --resize crop the model sees the centre square, and so does the heat map. A heat map shows what drove the
-score, not where the disease is: a bright patch on a text marker or the edge of the film is a
-reason to distrust the model.
+blended over the original radiograph at its original size (with --resize crop the model sees,
+and the heat map covers, the film's centre square, as fastai v1 validates). A heat map shows what
+drove the score, not where the disease is: a bright patch on a text marker or the edge of the
+film is a reason to distrust the model.
 """
 import argparse
 import csv
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from batches import normalize, view
-from data import decode, film_aspect, stored_size, to_gray
+from films import decode, film_aspect, stored_size, to_gray
 from model import class_logits, load_checkpoint
 from train import pick_device
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import films
 from batches import Augment, Batches
 from checkpoint import (check_writable, resume_from, rng_state, save_checkpoint,
                         set_rng_state)
@@ -47,7 +48,7 @@ class Run:
     device: torch.device
     classes: list
     items: dict  # "train", "val", "test" -> data.Items
-    films: dict  # "train", "val", "test" -> data.Films (uint8 films per size, shapes), CPU
+    films: dict  # "train", "val", "test" -> films.Films (uint8 films per size, shapes), CPU
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     step: object  # step(x, y) -> loss: forward, backward, optimizer step
@@ -113,8 +114,8 @@ def setup(cfg, sizes=None):
     # Decode once, at every stage size in one pass; val is carved from the decoded train set
     sizes = sizes or [s.size for s in make_stages(cfg)]
     cache = cfg.cache_dir or None
-    full = data.load_pixels(splits["train"], sizes, cache, cfg.resize, problems=problems)
-    test = data.load_pixels(splits["test"], sizes, cache, cfg.resize, problems=problems)
+    full = films.load_pixels(splits["train"], sizes, cache, cfg.resize, problems=problems)
+    test = films.load_pixels(splits["test"], sizes, cache, cfg.resize, problems=problems)
     problems.check()
     tr, va = data.split_patients(splits["train"], cfg.val_frac, cfg.seed)
     items = {"train": splits["train"].subset(tr), "val": splits["train"].subset(va),
@@ -123,7 +124,7 @@ def setup(cfg, sizes=None):
         counts = np.bincount(it.labels, minlength=len(classes))
         print(f"{k:>5}: {len(it):5d} images, " +
               ", ".join(f"{c} {n}" for c, n in zip(classes, counts)))
-    films = {"train": full.subset(tr), "val": full.subset(va), "test": test}
+    split_films = {"train": full.subset(tr), "val": full.subset(va), "test": test}
 
     model = build_model(len(classes), cfg.weights, cfg.arch).to(dev)
     # The run folder comes last: a run that cannot start leaves none behind
@@ -158,8 +159,8 @@ def setup(cfg, sizes=None):
                   cfg.flip) if cfg.aug else None
     print(f"device {dev}, {'bf16 autocast, channels_last' if cuda else 'fp32'}, "
           f"compile {cfg.compile}, run folder {run_dir}")
-    run = Run(cfg, run_dir, dev, classes, items, films, model, opt, None, model, None, aug,
-              weight)
+    run = Run(cfg, run_dir, dev, classes, items, split_films, model, opt, None, model, None,
+              aug, weight)
     run.step = make_step(run, amp)
     return run
 

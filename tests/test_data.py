@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import data
+import films
 import phantom
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cxr-sample")
@@ -48,7 +49,7 @@ def test_covidx_layout(tmp_path, columns):
     assert splits["train"].labels[:2] == [1, 0]
     assert splits["train"].paths[0] == os.path.join(str(tmp_path), "train", "train0.png")
     assert splits["train"].sources[0] == ("src" if columns == 4 else "")
-    px = data.load_pixels(splits["train"], [16, 24])
+    px = films.load_pixels(splits["train"], [16, 24])
     assert px.images[16].shape == (6, 1, 16, 16) and px.images[24].dtype == torch.uint8
 
 
@@ -56,15 +57,15 @@ def test_crop_mode_stores_the_films_larger_with_their_shapes(tmp_path):
     make_covidx(tmp_path)  # 40x30 films: 4:3
     write_image(tmp_path / "train" / "train1.png", "L", size=(30, 45))  # a 2:3 portrait
     _, splits = data.load_dataset(str(tmp_path))
-    squish = data.load_pixels(splits["train"], [16])
+    squish = films.load_pixels(splits["train"], [16])
     assert squish.images[16].shape == (6, 1, 16, 16)
     assert squish.hw.tolist() == pytest.approx([0.75, 1.5, 0.75, 0.75, 0.75, 0.75])
-    crop = data.load_pixels(splits["train"], [16, 24], str(tmp_path / "cache"), "crop")
+    crop = films.load_pixels(splits["train"], [16, 24], str(tmp_path / "cache"), "crop")
     # the longest aspect ratio, 1.5, sets the square: a crop window keeps 16 px of detail
     assert crop.images[16].shape == (6, 1, 24, 24) and crop.images[24].shape == (6, 1, 36, 36)
     assert torch.equal(crop.hw, squish.hw)
-    assert data.stored_size(100, "crop", 3.0) == 150  # longer films: at most 1.5x
-    again = data.load_pixels(splits["train"], [16, 24], str(tmp_path / "cache"), "crop")
+    assert films.stored_size(100, "crop", 3.0) == 150  # longer films: at most 1.5x
+    again = films.load_pixels(splits["train"], [16, 24], str(tmp_path / "cache"), "crop")
     assert torch.equal(again.images[24], crop.images[24])  # from the cache, keyed by mode
     assert len(os.listdir(tmp_path / "cache")) == 3
 
@@ -109,7 +110,7 @@ def test_every_image_mode_decodes_to_gray(tmp_path, mode):
     ext = ".jpg" if mode == "CMYK" else ".png"
     path = tmp_path / f"img{ext}"
     write_image(path, mode)
-    dims, out = data.decode(str(path), [20, 10])
+    dims, out = films.decode(str(path), [20, 10])
     assert dims == (40, 30) and [a.shape for a in out] == [(20, 20), (10, 10)]
     assert all(a.dtype == np.uint8 for a in out)
     a = out[0].astype(int)
@@ -125,7 +126,7 @@ def test_jpeg_16bit_and_rgba_through_load_pixels(tmp_path):
     write_image(tmp_path / "train" / "train0.png", "I;16")
     write_image(tmp_path / "train" / "train1.png", "RGBA")
     classes, splits = data.load_dataset(str(tmp_path))
-    px = data.load_pixels(splits["train"], [8]).images[8]
+    px = films.load_pixels(splits["train"], [8]).images[8]
     assert px.shape == (6, 1, 8, 8) and px[0].max() > 200
 
 
@@ -138,7 +139,7 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
     classes, splits = data.load_dataset(str(tmp_path))
     (tmp_path / "train" / "train4.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(data.DataError, match=r"1 images could not be read.*:\n.*train4.png"):
-        data.load_pixels(splits["train"], [8])
+        films.load_pixels(splits["train"], [8])
 
 
 def test_malformed_line_is_reported_with_its_number(tmp_path):
@@ -205,21 +206,21 @@ def test_cache_is_reused_and_never_written_beside_the_data(tmp_path, monkeypatch
     make_covidx(tmp_path / "d")
     before = sorted(os.listdir(tmp_path / "d"))
     classes, splits = data.load_dataset(str(tmp_path / "d"))
-    first = data.load_pixels(splits["train"], [8, 12], cache_dir=str(tmp_path / "cache"))
+    first = films.load_pixels(splits["train"], [8, 12], cache_dir=str(tmp_path / "cache"))
     assert len(os.listdir(tmp_path / "cache")) == 3  # one file per size, one of image sizes
     assert sorted(os.listdir(tmp_path / "d")) == before
 
     def no_decoding(*a, **k):
         raise AssertionError("decoded although cached")
-    monkeypatch.setattr(data, "decode", no_decoding)
-    second = data.load_pixels(splits["train"], [8, 12], cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(films, "decode", no_decoding)
+    second = films.load_pixels(splits["train"], [8, 12], cache_dir=str(tmp_path / "cache"))
     assert torch.equal(first.images[12], second.images[12])
     assert torch.equal(first.hw, second.hw)
     # a rewritten image invalidates the cache
     write_image(tmp_path / "d" / "train" / "train2.png", "RGB", size=(50, 50))
     os.utime(tmp_path / "d" / "train" / "train2.png", ns=(1, 1))
     with pytest.raises(AssertionError, match="decoded although cached"):
-        data.load_pixels(splits["train"], [8], cache_dir=str(tmp_path / "cache"))
+        films.load_pixels(splits["train"], [8], cache_dir=str(tmp_path / "cache"))
 
 
 def test_split_patients_keeps_patients_whole_and_classes_balanced():
@@ -241,7 +242,7 @@ def test_phantoms_are_deterministic_and_have_four_classes():
     assert np.array_equal(s1["train"].pixels, s1b["train"].pixels)
     assert not np.array_equal(s1["train"].pixels, s2["train"].pixels)
     assert not set(s1["train"].patients) & set(s1["test"].patients)
-    px = data.load_pixels(s1["test"], [16, 24])
+    px = films.load_pixels(s1["test"], [16, 24])
     assert px.images[24].shape == (40, 1, 24, 24) and px.images[24].dtype == torch.uint8
     assert torch.equal(px.hw, torch.ones(40))  # phantoms are square
 
@@ -271,8 +272,8 @@ def test_all_problems_of_a_data_set_in_one_message(tmp_path):
     problems = data.Problems()
     classes, splits = data.load_dataset(str(tmp_path), problems=problems)
     assert len(problems) == 5 and len(splits["train"]) == 30 + 1 - 12  # missing left out
-    assert data.load_pixels(splits["train"], [8], problems=problems) is None
-    assert data.load_pixels(splits["test"], [8], problems=problems) is None
+    assert films.load_pixels(splits["train"], [8], problems=problems) is None
+    assert films.load_pixels(splits["test"], [8], problems=problems) is None
     with pytest.raises(data.DataError) as e:
         problems.check()
     msg = str(e.value)
@@ -292,11 +293,11 @@ def test_images_smaller_than_the_stage_size_are_upscaled_with_a_warning(tmp_path
     write_image(tmp_path / "train" / "train0.png", "L", size=(300, 260))
     classes, splits = data.load_dataset(str(tmp_path))
     for _ in range(2):  # decoded, then from the cache: the warning comes both times
-        px = data.load_pixels(splits["train"], [64, 256], cache_dir=str(tmp_path / "cache"))
+        px = films.load_pixels(splits["train"], [64, 256], cache_dir=str(tmp_path / "cache"))
         assert px.images[256].shape == (6, 1, 256, 256)
         out = capsys.readouterr().out
         assert "warning: 5 of 6 images are smaller than 256 px" in out and "(40x30)" in out
-    data.load_pixels(splits["train"], [24])
+    films.load_pixels(splits["train"], [24])
     assert "smaller" not in capsys.readouterr().out
 
 

@@ -61,3 +61,20 @@ def test_predict_with_no_readable_image_is_an_error(checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="no readable images"):
         predict.main([str(checkpoint), str(tmp_path / "a.txt"), "--out",
                       str(tmp_path / "p.csv")])
+
+
+def test_a_crop_model_sees_and_maps_the_centre_square(tmp_path):
+    torch.manual_seed(0)
+    m = build_model(4, "none", "resnet18")
+    ck = tmp_path / "crop.pt"
+    torch.save({"model": m.state_dict(), "classes": phantom.CLASSES,
+                "config": {"arch": "resnet18", "resize": "crop"}, "size": 64}, ck)
+    img = tmp_path / "wide.png"
+    Image.fromarray(phantom.render("viral", np.random.default_rng(1))).resize((90, 70)).save(img)
+    files, probs, _ = predict.main([str(ck), str(img), "--out", str(tmp_path / "p.csv"),
+                                    "--cam", str(tmp_path / "cams")])
+    cam = np.asarray(Image.open(tmp_path / "cams" / "wide_cam.png")).astype(int)
+    assert cam.shape == (70, 90, 3)
+    gray = lambda a: (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
+    assert gray(cam[:, :10]) and gray(cam[:, 80:])  # the 10 px each side the model did not see
+    assert not gray(cam[:, 10:80])  # the heat map over the 70x70 centre square

@@ -1,0 +1,181 @@
+"""Films: every image file decoded once, to one-channel uint8 at every stage size, and cached.
+
+    films = load_pixels(items, (128, 224, 229), cache_dir, "crop")   # items: a data.Items
+    films.images[224]                   # uint8 (N, 1, T, T): each film whole, squished
+    films.hw                            # (N,) each film's height / width, for the crop
+
+The airbench way: each file is decoded once, in parallel on all cores, into uint8 tensors that
+are cached on disk and moved to the training device whole; batches.py makes the batches there
+(resizing by cropping included). No DataLoader, no worker processes, and the GPU never waits on
+a JPEG decoder.
+"""
+import hashlib
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from itertools import repeat
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from data import Problems
+
+CROP_MARGIN = 1.5  # --resize crop: films up to 1.5:1 keep full detail (see stored_size)
+CACHE_VERSION = 4  # bump when decoding changes, so old caches are not reused
+
+
+def to_gray(img):
+    """Any PIL image -> 8-bit grayscale ('L'). Radiographs carry one channel of information."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit (often 12 bits used) or float: stretch the used range onto 0..255
+        a = np.asarray(img, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(a.round().astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")  # transparent pixels become black, not their hidden colour
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
+    return img.convert("L")
+
+
+def decode(path, sizes):
+    """One file -> ((width, height), [uint8 array (size, size) for each size]): the whole film
+    squished to each square, or the error as a string."""
+    try:
+        with Image.open(path) as img:
+            img.draft("L", (max(sizes), max(sizes)))  # JPEG: decode at a reduced scale
+            img = to_gray(ImageOps.exif_transpose(img))
+            dims = img.size  # a draft shrinks only films 2x the size: small ones stay true
+            # Box-average down to within 2x of the largest size first: an exact anti-aliased
+            # shrink that makes the three resizes of a 1024 px film 5x cheaper (6 -> 1.2 ms)
+            factor = min(img.size) // (2 * max(sizes))
+            if factor >= 2:
+                img = img.reduce(factor)
+            return dims, [np.asarray(img.resize((s, s), Image.Resampling.BILINEAR))
+                          for s in sizes]
+    except Exception as e:  # corrupt, truncated, not an image
+        return f"{type(e).__name__}: {e}"
+
+
+def film_aspect(paths):
+    """The largest long/short side ratio among the files, read from their headers alone."""
+    a = 1.0
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                w, h = img.size
+            a = max(a, max(w, h) / min(w, h))
+        except Exception:  # unreadable: decode() reports it
+            pass
+    return a
+
+
+def stored_size(size, mode, aspect):
+    """Side of the square a film is stored at for a stage of `size` px.
+
+    'squish' trains on the whole film squished to the square: stored at the size itself.
+    'crop' (fastai v1's ResizeMethod.CROP) trains on a square window of the film resized so
+    that its shorter side is `size`: along the long side that window is size/aspect of the
+    film. Stored squished to size * aspect (at most CROP_MARGIN), the window keeps its full
+    detail; batches.py takes it out with the augmentation's one grid_sample.
+    """
+    return size if mode == "squish" else math.ceil(size * min(aspect, CROP_MARGIN))
+
+
+def fingerprint(paths, mode):
+    """Cache key of a list of files: each one's path, byte size and modification time.
+
+    A cheap stand-in for hashing every byte: any rewrite of a file changes its mtime.
+    """
+    h = hashlib.sha1(f"v{CACHE_VERSION} {mode}".encode())
+    for p in paths:
+        st = os.stat(p) if os.path.exists(p) else os.stat_result((0,) * 10)
+        h.update(f"{os.path.abspath(p)} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Films:
+    """One split's decoded films: what training and evaluation read.
+
+    images: {stage size: uint8 tensor (N, 1, T, T)}, each film whole, squished to the square
+            (T = the size; larger in crop mode, see stored_size)
+    hw:     (N,) float32, each film's height / width as decoded: where a crop may go
+    """
+    images: dict
+    hw: torch.Tensor
+
+    def subset(self, idx):
+        return Films({s: t[idx] for s, t in self.images.items()}, self.hw[idx])
+
+
+def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, problems=None):
+    """Films of `items` at every stage size, each file decoded once (mode: --resize).
+
+    Cached in cache_dir (never next to the data, which may be read-only), keyed by the files,
+    the mode and the size: a second run reads the cache and decodes nothing. Unreadable images
+    raise a DataError or, given a Problems list, are added to it; None is then returned
+    whenever the list is not empty (if it already was, the images are only checked, at a tiny
+    size). Images smaller than a size are upscaled to it, with a warning.
+    """
+    sizes = sorted(set(sizes))
+    if items.pixels is not None:  # phantoms: square films, resized on the CPU
+        x = torch.from_numpy(items.pixels).unsqueeze(1).float()
+        return Films({s: F.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
+                      .round().clamp(0, 255).to(torch.uint8) for s in sizes},
+                     torch.ones(len(items)))
+    check_only = bool(problems)  # the data set is unusable already: find the rest quickly
+    key = cache_dir and not check_only and fingerprint(items.paths, mode)
+    cached = {s: key and os.path.join(cache_dir, f"{key}-{s}.npy") for s in ["dims", *sizes]}
+    out = {}
+    if key and os.path.isfile(cached["dims"]):  # (N, 2) width and height of each image
+        dims = np.load(cached["dims"])
+        out = {s: torch.from_numpy(np.load(cached[s])) for s in sizes if os.path.isfile(cached[s])}
+    todo = [8] if check_only else [s for s in sizes if s not in out]
+    if todo:
+        aspect = 1.0 if mode == "squish" or check_only else film_aspect(items.paths)
+        store = [stored_size(s, mode, aspect) for s in todo]
+        workers, n = workers or os.cpu_count(), len(items.paths)
+        bar = dict(total=n, unit="img", desc=f"checking {n} images" if check_only
+                   else f"decoding {n} images at {store} px")
+        if workers == 1 or n < 64:  # a pool costs more than it saves on a few images
+            results = [decode(p, store) for p in tqdm(items.paths, **bar)]
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                results = list(tqdm(pool.map(decode, items.paths, repeat(store), chunksize=16),
+                                    **bar))
+        found = Problems()
+        found.add("images could not be read", [f"{p} ({r})" for p, r in
+                                               zip(items.paths, results) if isinstance(r, str)],
+                  " (replace them, or remove them from the split file)")
+        if problems is None:
+            found.check()
+        elif problems or found:
+            problems += found
+            return None
+        dims = np.array([r[0] for r in results], dtype=np.int32).reshape(-1, 2)
+        for k, s in enumerate(todo):
+            out[s] = torch.from_numpy(np.stack([r[1][k] for r in results])[:, None])
+        if key:
+            os.makedirs(cache_dir, exist_ok=True)
+            for s, arr in [*((s, out[s].numpy()) for s in todo), ("dims", dims)]:
+                path = cached[s]
+                tmp = f"{path}.{os.getpid()}.tmp"
+                with open(tmp, "wb") as f:
+                    np.save(f, arr)
+                os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
+    warn_small(items.paths, dims, max(sizes))
+    dims = torch.from_numpy(dims).float()
+    return Films(out, dims[:, 1] / dims[:, 0])
+
+
+def warn_small(paths, dims, size):
+    """Say which images are upscaled to `size`: they come out softer than the rest."""
+    small = [f"{p} ({w}x{h})" for p, (w, h) in zip(paths, dims.tolist()) if min(w, h) < size]
+    if small:
+        print(f"warning: {len(small)} of {len(paths)} images are smaller than {size} px and are "
+              f"upscaled to it (softer than the rest), e.g. {', '.join(small[:3])}")
