@@ -39,6 +39,7 @@ class Config:
     # model
     arch: str = knob("resnet50", "torchvision ResNet body", list(ARCHS))
     weights: str = knob("imagenet", "imagenet | none | path to a state dict")
+    # the recipe family: sets the knobs in RECIPES below (flags given explicitly still win)
     recipe: str = knob("paper", "paper: fastai v1 as the paper ran it, with the measured "
                        "exceptions in FIDELITY.md | fastai-v1: strictly v1 | fastai-v2: v2's "
                        "defaults; sets the knobs in config.RECIPES",
