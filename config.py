@@ -99,7 +99,7 @@ RECIPES = {
 }
 
 # The demo: every part of the recipe (3 stages, 5 LR finders, one-cycle, discriminative LRs)
-# on small phantoms and sizes, so that it runs on a 2-core CPU in about two minutes. It uses
+# on small phantoms and sizes, so that it runs on a 2-core CPU in under a minute. It uses
 # ResNet-18: a ResNet-50 step costs ~2.5x as much on 2 CPU cores, and learns more slowly.
 # Short sweeps need a shorter loss average than fastai's 0.98 (a memory of ~50 steps).
 DEMO = dict(data="phantom", phantoms=640, arch="resnet18", weights="none", device="cpu",
