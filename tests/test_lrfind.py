@@ -163,3 +163,28 @@ def test_save_lr_find_writes_csv_and_png(tmp_path):
     img = Image.open(prefix + ".png")
     assert img.size == (800, 500)
     assert len(np.unique(np.asarray(img.convert("L")))) > 10  # something was drawn
+
+
+def fastai_v2_valley_index(losses):
+    """fastai v2's valley (callback/schedule.py), as its source has it: max_start is noted
+    inside the inner loop, from a run length that the same loop may still raise."""
+    n = len(losses)
+    max_start, max_end, lds = 0, 0, [1] * n
+    for i in range(1, n):
+        for j in range(0, i):
+            if losses[i] < losses[j] and lds[i] < lds[j] + 1:
+                lds[i] = lds[j] + 1
+            if lds[max_end] < lds[i]:
+                max_end = i
+                max_start = max_end - lds[max_end]
+    sections = (max_end - max_start) / 3
+    return max_start + int(sections) + int(sections / 2)
+
+
+def test_valley_is_fastai_v2s_on_random_curves():
+    rng = np.random.default_rng(0)
+    lrs = [lr_sweep(i, 100) for i in range(100)]
+    for _ in range(300):
+        losses = list(np.cumsum(rng.normal(0, 1, 100)))  # random walks: many valleys
+        trimmed = losses[10:95]  # fastai v2 trims num_it // 10 and the last 5
+        assert valley(lrs, losses, 100) == lrs[10 + fastai_v2_valley_index(trimmed)]
