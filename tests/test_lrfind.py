@@ -188,3 +188,17 @@ def test_valley_is_fastai_v2s_on_random_curves():
         losses = list(np.cumsum(rng.normal(0, 1, 100)))  # random walks: many valleys
         trimmed = losses[10:95]  # fastai v2 trims num_it // 10 and the last 5
         assert valley(lrs, losses, 100) == lrs[10 + fastai_v2_valley_index(trimmed)]
+
+
+def test_lr_find_smooths_with_fastais_debiased_average():
+    # callback.py: SmoothenValue: avg = beta * avg + (1 - beta) * loss; smooth = avg / (1 - beta^n)
+    model, opt, data, _ = tiny_setup()
+    losses = [2.0, 1.0, 3.0, 0.5, 1.5]
+    it = iter(losses)
+    _, raw, smooth = lr_find(lambda x, y: torch.tensor(next(it)), model, opt, data, n_steps=5)
+    avg, expect = 0.0, []
+    for n, loss in enumerate(losses, 1):
+        avg = 0.98 * avg + 0.02 * loss
+        expect.append(avg / (1 - 0.98 ** n))
+    assert raw == losses and smooth == pytest.approx(expect, rel=1e-12)
+    assert smooth[1] == pytest.approx((0.98 * 0.02 * 2 + 0.02 * 1) / (1 - 0.98 ** 2))

@@ -19,6 +19,10 @@ def test_head_is_fastai_v1_create_head(net):
                      nn.BatchNorm1d, nn.Dropout, nn.Linear]
     assert net.head[1].num_features == 4096 and net.head[3].out_features == 512
     assert net.head[2].p == 0.25 and net.head[6].p == 0.5 and net.head[7].out_features == 4
+    for lin in (net.head[3], net.head[7]):  # cnn_learner's init: Kaiming normal, zero bias
+        fan_in = lin.weight.shape[1]
+        assert lin.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.1)
+        assert lin.weight.mean().abs() < 0.1 * (2 / fan_in) ** 0.5 and not lin.bias.any()
     x = torch.randn(2, 2048, 3, 3)
     pooled = net.head[0](x)
     assert torch.allclose(pooled[:, :2048], x.amax((2, 3)))

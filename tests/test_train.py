@@ -278,3 +278,14 @@ def test_optimizer_is_fastai_v1s_adam_with_true_weight_decay(tmp_path):
         g["lr"] = 0.1
     run.opt.step()
     assert torch.allclose(p.detach(), before * (1 - 0.1 * 0.01))
+
+
+def test_the_step_minimises_cross_entropy(tmp_path):
+    # fastai v1's classification loss: CrossEntropyFlat (layers.py), i.e. F.cross_entropy
+    args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", "", "--runs", str(tmp_path)]
+    run = train.setup(parse_args(args + TINY))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    run.model.eval()  # dropout off, BatchNorm fixed: the same logits before the step
+    with torch.no_grad():
+        expect = torch.nn.functional.cross_entropy(run.model(x), y)
+    assert run.step(x, y).item() == pytest.approx(expect.item(), rel=1e-5)
