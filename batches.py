@@ -63,7 +63,7 @@ class Augment:
         p: parameters from draw(), or drawn here.
         """
         p = p or self.draw(len(x), gen, x.device)
-        x = sample(x, film_matrix(p, hw, len(x), x.device), size or x.shape[-1])
+        x = sample(x, film_matrix(p, hw), size or x.shape[-1])
         return lighting(x, p["brightness"], p["contrast"]) if self.lighting > 0 else x
 
 
@@ -72,7 +72,7 @@ def _mat(rows):
     return torch.stack([torch.stack(r, -1) for r in rows], -2)
 
 
-def crop_matrix(hw, at, n, device):
+def crop_matrix(hw, at):
     """Output coords -> film coords of the square window fastai v1's ResizeMethod.CROP takes.
 
     The film, resized so its shorter side is the output size, spans [-1, 1] on both axes;
@@ -81,7 +81,7 @@ def crop_matrix(hw, at, n, device):
     evaluation, uniform the random crop of training. hw None: no crop (squished films).
     """
     if hw is None:
-        return torch.eye(3, device=device).expand(n, 3, 3)
+        return torch.eye(3, device=at.device).expand(len(at), 3, 3)
     sx, sy = hw.clamp(max=1), (1 / hw).clamp(max=1)  # window / film, per axis
     z, one = torch.zeros_like(sx), torch.ones_like(sx)
     return _mat([[sx, z, (2 * at[:, 0] - 1) * (1 - sx)],
@@ -122,7 +122,7 @@ def warp_matrix(m):
     return torch.cat([c, torch.ones_like(c[:, :1])], 1).view(n, 3, 3)
 
 
-def film_matrix(p, hw, n, device):
+def film_matrix(p, hw):
     """Output coords -> film coords, all of fastai v1's geometry in one (n, 3, 3) matrix.
 
     fastai v1 applies, in its transforms' order: warp (coord), rotate and zoom (affine),
@@ -130,8 +130,8 @@ def film_matrix(p, hw, n, device):
     M(W(F(C(u)))): C the crop window, F the flip, W the warp, M = rotate @ zoom with fastai's
     correction for non-square images (_affine_mult).
     """
-    z, one = torch.zeros(n, device=device), torch.ones(n, device=device)
-    C = crop_matrix(hw, p["crop_at"], n, device)
+    z, one = torch.zeros_like(p["angle"]), torch.ones_like(p["angle"])
+    C = crop_matrix(hw, p["crop_at"])
     f = torch.where(p["flip"], -1.0, 1.0)
     Fl = _mat([[f, z, z], [z, one, z], [z, z, one]])
     W = warp_matrix(p["warp"])
@@ -172,9 +172,8 @@ def view(x, size, hw=None):
     crop_pad), the film itself when squished. x: (B, 1, T, T) float -> (B, 1, size, size)."""
     if hw is None and x.shape[-1] == size:
         return x
-    n = len(x)
-    at = torch.full((n, 2), 0.5, device=x.device)
-    return sample(x, crop_matrix(hw, at, n, x.device), size)
+    at = torch.full((len(x), 2), 0.5, device=x.device)
+    return sample(x, crop_matrix(hw, at), size)
 
 
 def normalize(x, channels_last=False):

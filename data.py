@@ -2,7 +2,7 @@
 
     problems = Problems()                                  # gathers what is wrong ...
     classes, splits = load_dataset("path/to/covidx", problems=problems)   # or "phantom"
-    films = films.load_pixels(splits["train"], (128, 224, 229), cache_dir, problems=problems)
+    train = films.load_pixels(splits["train"], (128, 224, 229), cache_dir, problems=problems)
     problems.check()                                       # ... and raises it in one message
 
 Reading and checking the split files lives here; decoding the images (once, cached) lives in

@@ -99,7 +99,7 @@ def test_crop_offsets_span_the_slack_in_training_and_are_centred_in_evaluation()
     gen = torch.Generator().manual_seed(2)
     hw = torch.tensor([0.5, 2.0, 1.0]).repeat(n // 2)[:n]  # landscape 2:1, portrait 1:2, square
     at = B.Augment().draw(n, gen, "cpu")["crop_at"]
-    C = B.crop_matrix(hw, at, n, "cpu")
+    C = B.crop_matrix(hw, at)
     land, port, sq = C[hw == 0.5], C[hw == 2.0], C[hw == 1.0]
     assert torch.allclose(land[:, 0, 0], torch.tensor(0.5)) and (land[:, 1, 1] == 1).all()
     tx = land[:, 0, 2]  # the window's centre: anywhere the 2:1 film leaves room for it
@@ -107,9 +107,9 @@ def test_crop_offsets_span_the_slack_in_training_and_are_centred_in_evaluation()
     assert (land[:, 1, 2] == 0).all()  # the short axis is taken whole
     assert port[:, 1, 2].abs().max() > 0.49 and (port[:, 0, 2] == 0).all()
     assert (sq[:, :2, 2] == 0).all()  # a square film has no slack
-    centre = B.crop_matrix(hw, torch.full((n, 2), 0.5), n, "cpu")
+    centre = B.crop_matrix(hw, torch.full((n, 2), 0.5))
     assert (centre[:, :2, 2] == 0).all()  # evaluation: the centre crop
-    assert torch.equal(B.crop_matrix(None, at, n, "cpu")[0], torch.eye(3))  # squish: no crop
+    assert torch.equal(B.crop_matrix(None, at)[0], torch.eye(3))  # squish: no crop
 
 
 def test_crop_takes_the_right_window_of_the_film():
@@ -117,8 +117,8 @@ def test_crop_takes_the_right_window_of_the_film():
     film = torch.linspace(0, 1, 24).view(1, 1, 1, 24).expand(1, 1, 24, 24)
     hw = torch.tensor([2 / 3])
     at = lambda x: torch.tensor([[x, 0.5]])
-    left = B.sample(film, B.crop_matrix(hw, at(0.0), 1, "cpu"), 16)
-    right = B.sample(film, B.crop_matrix(hw, at(1.0), 1, "cpu"), 16)
+    left = B.sample(film, B.crop_matrix(hw, at(0.0)), 16)
+    right = B.sample(film, B.crop_matrix(hw, at(1.0)), 16)
     assert left.shape == (1, 1, 16, 16)
     assert left.max() < 0.7 and left.min() < 0.02  # the left 2/3 of the film
     assert right.min() > 0.3 and right.max() > 0.98  # the right 2/3
@@ -172,7 +172,7 @@ def test_geometry_matches_fastai_v1_formulas(W, H, flip):
          "flip": flip, "crop_at": [0.4, 0.4]}  # 0.4 x 100 px of slack: a whole pixel
     ref = fastai_v1_coords(W, H, S, p)
     t = {k: torch.tensor([v]) for k, v in p.items()}
-    H3 = B.film_matrix(t, torch.tensor([H / W]), 1, "cpu")[0].double()
+    H3 = B.film_matrix(t, torch.tensor([H / W]))[0].double()
     u = (torch.arange(S, dtype=torch.float64) * 2 + 1) / S - 1  # output pixel centres
     ys, xs = torch.meshgrid(u, u, indexing="ij")
     g = torch.stack([xs, ys, torch.ones_like(xs)], -1) @ H3.T
