@@ -197,10 +197,18 @@ class Batches:
                  seed=0, channels_last=False):
         self.images, self.labels, self.bs, self.size = images, labels, batch_size, size
         self.aug, self.hw, self.balance, self.cl = aug, hw, balance, channels_last
+        self.seed = seed
         self.gen = torch.Generator(device=images.device).manual_seed(seed)
         if len(labels) < batch_size:
             raise DataError(f"{len(labels)} training images are fewer than one batch "
                             f"({batch_size}); lower --batch-size")
+
+    def epoch(self, e):
+        """Reseed for epoch e: its order and augmentation then depend on (seed, e) alone, so a
+        run resumed at epoch e draws what the uninterrupted run drew, with no generator state
+        to carry over (a CUDA generator's state would not load into a CPU one)."""
+        self.gen.manual_seed(self.seed * 1_000_003 + e)
+        return self
 
     def __len__(self):
         return len(self.labels) // self.bs

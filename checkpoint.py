@@ -1,13 +1,18 @@
 """Checkpoints that survive crashes, and what it takes to resume a run bit for bit.
 
     save_checkpoint(run, path, **extra)   # atomic: temporary file, fsync, rename
+    ck = Checkpointer(run, "last.pt")     # per epoch: ck.take(...) to host memory, ck.write()
     cfg, state = resume_from(cfg)         # the run folder's last.pt, for --resume
     check_writable(run_dir, need_bytes)   # before training, not at the first checkpoint
 """
+import copy
 import dataclasses
+import math
 import os
 import random
 import shutil
+import threading
+import time
 
 import numpy as np
 import torch
@@ -36,15 +41,17 @@ def check_writable(run_dir, need_bytes):
                          f"need about {need_bytes / 2**20:.0f} MiB. Free space or use --runs DIR")
 
 
-def save_checkpoint(run, path, **extra):
+def save_checkpoint(run, path, state=None, **extra):
     """Weights, class names and config: loadable with torch.load(weights_only=True).
 
-    Atomic: written to a temporary file, flushed to disk, then renamed over `path`, so a
-    crash leaves the previous checkpoint whole."""
+    state: a Checkpointer snapshot to save instead of the model's weights now. Atomic: written
+    to a temporary file, flushed to disk, then renamed over `path`, so a crash leaves the
+    previous checkpoint whole."""
     tmp = path + ".tmp"
+    state = state or {"model": run.model.state_dict()}
     try:
         with open(tmp, "wb") as f:
-            torch.save({"model": run.model.state_dict(), "classes": run.classes,
+            torch.save({**state, "classes": run.classes,
                         "config": dataclasses.asdict(run.cfg), **extra}, f)
             f.flush()
             os.fsync(f.fileno())
@@ -55,23 +62,156 @@ def save_checkpoint(run, path, **extra):
         raise
 
 
-def rng_state():
-    """Every random generator training draws from, in a form torch.save(weights_only) keeps."""
+def rng_state(dev):
+    """Every random generator training draws from, in a form torch.save(weights_only) keeps:
+    the CPU's, numpy's, Python's and, when training on a GPU, that GPU's. Only that one:
+    asking for every GPU's would start a CUDA context even in a CPU run."""
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
                       *np_state[2:]],
             "python": random.getstate()}
 
 
-def set_rng_state(s):
+def cuda_rng_for(saved, dev):
+    """(the saved CUDA generator state to restore on `dev` or None, a note or None).
+
+    saved: rng_state()'s "cuda" entry: one state, None (a CPU run), or, in checkpoints from
+    before 2026-11-27, a list with one state per GPU the saving machine had. A GPU's state
+    (a seed and an offset) fits any GPU; the run's own GPU's is taken, the first if that
+    machine had fewer. A run moved between a GPU and the CPU goes on with the same data order
+    and weights, but its dropout draws differ from the uninterrupted run's."""
+    if isinstance(saved, (list, tuple)):  # one per GPU of the saving machine
+        saved = (saved[dev.index] if dev.type == "cuda" and dev.index is not None and
+                 dev.index < len(saved) else saved[0]) if len(saved) else None
+    if dev.type == "cuda":
+        return saved, None if saved is not None else (
+            "saved on the CPU, resumed on a GPU: its dropout draws start anew")
+    return None, None if saved is None else (
+        "saved on a GPU, resumed on the CPU: its dropout draws start anew")
+
+
+def set_rng_state(s, dev):
+    """Restore rng_state() for a run on `dev`; returns a note when it cannot all be restored."""
     torch.set_rng_state(s["torch"])
-    if s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
+    cuda, note = cuda_rng_for(s["cuda"], dev)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, dev)
     n = s["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    return note
+
+
+def _to_host(x, old, pin):
+    """A copy of the nested state `x` in host memory, into old's tensors where they fit.
+
+    Tensors keep their strides (channels_last weights copy as one block); on a GPU the
+    copies go to pinned memory without waiting (record an event to know when they are done).
+    """
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if not (isinstance(old, torch.Tensor) and old.shape == x.shape and
+                old.dtype == x.dtype and old.stride() == x.stride()):
+            old = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="cpu",
+                                      pin_memory=pin)
+        return old.copy_(x, non_blocking=pin)
+    if isinstance(x, dict):
+        o = old if isinstance(old, dict) else {}
+        return {k: _to_host(v, o.get(k), pin) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        o = old if isinstance(old, (list, tuple)) and len(old) == len(x) else [None] * len(x)
+        return type(x)(_to_host(v, ov, pin) for v, ov in zip(x, o))
+    return copy.deepcopy(x)
+
+
+class Checkpointer:
+    """The state training can go back to, and last.pt written from it without holding
+    training up.
+
+    take(**extra): model and optimizer state, every generator and `extra` copied to host
+    memory, into buffers reused from epoch to epoch (on a GPU: pinned, copied without waiting).
+    It is what a diverged epoch rolls back to (restore()) and what last.pt holds. write()
+    hands the newest snapshot to a background thread that saves it atomically
+    (save_checkpoint), unless that thread is still writing an older one, or began less than
+    `every` seconds ago: then this epoch's state is not written, a later one is. A kill thus
+    loses the work since the last finished write: at most one epoch when writes keep up.
+    Two sets of buffers: a snapshot is never overwritten while it is being written.
+    """
+
+    def __init__(self, run, path, every=0.0):
+        self.run, self.path, self.every = run, path, every
+        self.pin = run.device.type == "cuda"
+        self.bufs = [None, None]
+        self.newest = self.writing = None  # indices into bufs
+        self.thread, self.error, self.event = None, None, None
+        self.last_start = -math.inf
+        self.stats = dict(snapshots=0, snapshot_s=0.0, writes=0, write_s=0.0, skipped=0,
+                          wait_s=0.0, mib=0.0)
+
+    def take(self, **extra):
+        """Snapshot the run's state now (extra: the checkpoint's other entries)."""
+        t0 = time.time()
+        self._reap()
+        i = 1 - self.writing if self.writing is not None else \
+            0 if self.newest is None else 1 - self.newest
+        run, old = self.run, self.bufs[i] or {}
+        self.bufs[i] = {"model": _to_host(run.model.state_dict(), old.get("model"), self.pin),
+                        "opt": _to_host(run.opt.state_dict(), old.get("opt"), self.pin),
+                        "rng": rng_state(run.device), **copy.deepcopy(extra)}
+        self.newest = i
+        if self.pin:  # the writer waits for the copies; training does not
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.stats["snapshots"] += 1
+        self.stats["snapshot_s"] += time.time() - t0
+
+    def restore(self):
+        """Model and optimizer back to the newest snapshot."""
+        snap = self.bufs[self.newest]
+        self.run.model.load_state_dict(snap["model"])
+        # a copy: on the CPU the optimizer would otherwise keep the buffers as its own state
+        self.run.opt.load_state_dict(_to_host(snap["opt"], None, False))
+
+    def write(self):
+        """Save the newest snapshot to `path` in the background; False when skipped."""
+        self._reap()
+        if self.thread is not None or time.time() - self.last_start < self.every:
+            self.stats["skipped"] += 1
+            return False
+        self.writing, self.last_start = self.newest, time.time()
+        snap, event = self.bufs[self.newest], self.event if self.pin else None
+        self.thread = threading.Thread(target=self._write, args=(snap, event),
+                                       name="checkpoint-writer")
+        self.thread.start()
+        return True
+
+    def _write(self, snap, event):
+        try:
+            t0 = time.time()
+            if event is not None:
+                event.synchronize()
+            save_checkpoint(self.run, self.path, state=snap)
+            self.stats["writes"] += 1
+            self.stats["write_s"] += time.time() - t0
+            self.stats["mib"] = os.path.getsize(self.path) / 2 ** 20
+        except BaseException as e:  # raised in the training thread, at the next call
+            self.error = e
+
+    def _reap(self, wait=False):
+        if self.thread is not None and (wait or not self.thread.is_alive()):
+            t0 = time.time()
+            self.thread.join()
+            self.stats["wait_s"] += time.time() - t0
+            self.thread = self.writing = None
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
+
+    def close(self):
+        """Wait for a write in progress; raise what it raised."""
+        self._reap(wait=True)
 
 
 def resume_from(cfg):

@@ -81,8 +81,20 @@ class Config:
     # system
     seed: int = knob(0, "random seed")
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = knob("auto", "auto (bf16 on CUDA, fp32 on the CPU) | bf16 (autocast, "
+                          "either device) | fp32; the head and every reported number run in "
+                          "fp32", ["auto", "bf16", "fp32"])
+    channels_last: str = knob("auto", "NHWC memory layout: auto (on CUDA only) | on | off",
+                              ["auto", "on", "off"])
     compile: str = knob("auto", "torch.compile: auto = per stage on CUDA, where it pays",
                         ["auto", "on", "off"])
+    compile_backend: str = knob("inductor", "torch.compile backend: inductor (generated "
+                                "kernels) | aot_eager (traced, torch's own kernels: for "
+                                "checking and debugging) | eager", ["inductor", "aot_eager",
+                                                                    "eager"])
+    save_every: float = knob(0.0, "write last.pt (in the background) at most every this many "
+                             "seconds; 0: after every epoch, unless the last write is still "
+                             "going")
     runs: str = knob("runs", "folder for run folders")
     name: str = knob("", "run name; empty: date-time and data set")
     demo: bool = knob(False, "quick demo: phantoms, random init, CPU, small sizes")

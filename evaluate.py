@@ -18,6 +18,7 @@ import os
 import torch
 
 import data
+import devices
 import films
 from batches import Augment
 from config import Config
@@ -25,7 +26,6 @@ from metrics import classification_metrics, format_metrics
 from model import class_logits, load_checkpoint
 from plots import confusion_plot
 from report import roc_plot, write_predictions
-from train import pick_device
 
 
 def map_classes(data_classes, model_classes, class_map=""):
@@ -46,7 +46,8 @@ def map_classes(data_classes, model_classes, class_map=""):
     return out
 
 
-def tta_probs(model, images, size, hw, aug, tta, batch_size=128, seed=0):
+def tta_probs(model, images, size, hw, aug, tta, batch_size=128, seed=0, amp=None,
+              channels_last=False):
     """Class probabilities (N, C) with test-time augmentation `tta`:
 
     'v1': fastai v1's Learner.TTA (vision/tta.py: _TTA): 0.4 x the plain prediction + 0.6 x the
@@ -55,14 +56,15 @@ def tta_probs(model, images, size, hw, aug, tta, batch_size=128, seed=0):
           lighting at random (with their probabilities);
     'k':  the mean of the plain prediction and k passes of the training augmentation.
     aug: the model's training augmentation (batches.Augment); hw: films' height / width
-    with --resize crop, else None.
+    with --resize crop, else None; amp, channels_last: as model.class_logits.
     """
-    plain = class_logits(model, model, images, size, hw, batch_size).softmax(1)
+    def probs(transform=None):
+        return class_logits(model, model, images, size, hw, batch_size, transform, amp,
+                            channels_last).softmax(1)
+    plain = probs()
     gen = torch.Generator(device=images.device).manual_seed(seed)
     if tta != "v1":
-        passes = [class_logits(model, model, images, size, hw, batch_size,
-                               lambda x, h: aug(x, gen, size, h)).softmax(1)
-                  for _ in range(int(tta))]
+        passes = [probs(lambda x, h: aug(x, gen, size, h)) for _ in range(int(tta))]
         return torch.stack([plain, *passes]).mean(0)
 
     def corner_view(i):
@@ -74,8 +76,7 @@ def tta_probs(model, images, size, hw, aug, tta, batch_size=128, seed=0):
                      flip=torch.full((n,), bool(i & 4), device=x.device))
             return aug(x, gen, size, h, p)
         return transform
-    views = [class_logits(model, model, images, size, hw, batch_size, corner_view(i))
-             .softmax(1) for i in range(8)]
+    views = [probs(corner_view(i)) for i in range(8)]
     return 0.4 * plain + 0.6 * torch.stack(views).mean(0)
 
 
@@ -96,6 +97,9 @@ def main(argv=None):
                    "and k augmented ones (default: 0, none)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=devices.PRECISIONS,
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU; logits are fp32 either way")
+    p.add_argument("--channels-last", default="auto", choices=devices.SWITCHES)
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~/.cache"),
                                                        "covid-resnet"))
     p.add_argument("--phantoms", type=int, default=2000, help="with --data phantom")
@@ -109,10 +113,9 @@ def main(argv=None):
     classes, size = ck["classes"], a.size or ck.get("size") or 224
     # resized and augmented as the model was trained (older checkpoints: squished films)
     cfg = {**dataclasses.asdict(Config()), "resize": "squish", **ck.get("config", {})}
-    dev = pick_device(a.device)
-    model = model.to(dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    dev = devices.pick_device(a.device)
+    amp, cl = devices.precision(dev, a.precision), devices.channels_last(dev, a.channels_last)
+    model = model.to(dev, memory_format=torch.channels_last if cl else torch.preserve_format)
     problems = data.Problems()
     data_classes, splits = data.load_dataset(a.data, a.train_split, a.test_split, a.image_dir,
                                              a.subtypes, a.phantoms, a.seed, True, True, problems)
@@ -125,7 +128,8 @@ def main(argv=None):
     images = decoded.images[size].to(dev)
     hw = decoded.hw.to(dev) if cfg["resize"] == "crop" else None
     aug = Augment(*(cfg[f.name] for f in dataclasses.fields(Augment)))
-    probs = tta_probs(model, images, size, hw, aug, a.tta, a.batch_size, a.seed).cpu()
+    probs = tta_probs(model, images, size, hw, aug, a.tta, a.batch_size, a.seed, amp,
+                      cl).cpu()
     preds = probs.argmax(1).tolist()
     m = classification_metrics(labels, preds, classes, items.sources, probs.tolist())
     m.update(checkpoint=a.checkpoint, data=a.data, split=a.split, size=size, tta=a.tta)

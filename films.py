@@ -11,6 +11,7 @@ a JPEG decoder.
 """
 import hashlib
 import math
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -145,7 +146,7 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
         if workers == 1 or n < 64:  # a pool costs more than it saves on a few images
             results = [decode(p, store) for p in tqdm(items.paths, **bar)]
         else:
-            with ProcessPoolExecutor(workers) as pool:
+            with process_pool(workers) as pool:
                 results = list(tqdm(pool.map(decode, items.paths, repeat(store), chunksize=16),
                                     **bar))
         found = Problems()
@@ -171,6 +172,16 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
     warn_small(items.paths, dims, max(sizes))
     dims = torch.from_numpy(dims).float()
     return Films(out, dims[:, 1] / dims[:, 0])
+
+
+def process_pool(workers=None):
+    """A process pool whose workers start from a fresh server process (forkserver), not as
+    forks of this one: a fork copies CUDA's, OpenMP's and the compiler's threads in whatever
+    state they are in, and can hang. The server imports the main script and this module once
+    (torch included), so each worker starts in milliseconds."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", "films"])
+    return ProcessPoolExecutor(workers, mp_context=ctx)
 
 
 def warn_small(paths, dims, size):

@@ -10,13 +10,12 @@ concatenated average+max pooling, then BN-dropout-linear twice. Inputs are 3-cha
 ImageNet-normalised images (batches.py makes them from one-channel radiographs).
 """
 import os
-from contextlib import nullcontext
-
 import torch
 import torch.nn as nn
 import torchvision
 
 from batches import normalize, view
+from devices import autocast
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -55,8 +54,13 @@ class COVIDResNet(nn.Module):
                                   r.layer1, r.layer2, r.layer3, r.layer4)
         self.head = make_head(r.fc.in_features, n_classes)
 
-    def forward(self, x):  # x: (B, 3, H, W) normalised -> logits (B, n_classes)
-        return self.head(self.body(x))
+    def forward(self, x):  # x: (B, 3, H, W) normalised -> logits (B, n_classes), fp32
+        features = self.body(x)
+        # The head runs in fp32 even under bf16 autocast: logits, losses and probabilities
+        # then carry fp32's 24 bits, not bf16's 8 (no rounded probabilities, no ties in
+        # ROC-AUC). It costs nothing: two small linear layers on pooled features.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(features.float())
 
 
 def _imagenet_state_dict(arch):
@@ -184,16 +188,17 @@ def load_checkpoint(path):
 
 
 @torch.no_grad()
-def class_logits(model, forward, images, size, hw=None, batch_size=256, transform=None):
-    """Logits (N, C) for uint8 films (N, 1, T, T) on the model's device, in eval mode.
+def class_logits(model, forward, images, size, hw=None, batch_size=256, transform=None,
+                 amp=None, channels_last=False):
+    """fp32 logits (N, C) for uint8 films (N, 1, T, T) on the model's device, in eval mode.
 
     forward is the model or its compiled version. Each batch is seen as evaluation sees it
     (batches.view: with --resize crop, hw each film's height / width, the centre crop), or
     through transform(x, hw) -> (B, 1, size, size), one pass of test-time augmentation.
     For a compiled forward the last batch is padded: one static shape, no recompilation.
+    amp: the autocast dtype of the body (devices.precision), or None; channels_last: NHWC
+    batches, as the model was converted.
     """
-    cuda = images.device.type == "cuda"
-    amp = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
     was_training = model.training
     model.eval()
     out = []
@@ -203,7 +208,7 @@ def class_logits(model, forward, images, size, hw=None, batch_size=256, transfor
         x = transform(x, h) if transform else view(x, size, h)
         if n < batch_size and forward is not model:  # eager: no need to pay for padding
             x = torch.cat([x, x.new_zeros(batch_size - n, *x.shape[1:])])
-        with amp:
-            out.append(forward(normalize(x, channels_last=cuda))[:n].float())
+        with autocast(images.device, amp):
+            out.append(forward(normalize(x, channels_last))[:n].float())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, model.head[-1].out_features)

@@ -103,7 +103,8 @@ def write_covidx(root, n_train, n_test, size=1024, seed=0, workers=None):
     """Write phantoms as a COVIDx folder (train/, test/, train.txt, test.txt) of 8-bit PNGs
     at `size` px: real files, for timing decoding and caching (bench.py)."""
     import os
-    from concurrent.futures import ProcessPoolExecutor
+
+    from films import process_pool  # films imports data, which imports this module
     jobs = []
     for k, (split, n) in enumerate([("train", n_train), ("test", n_test)]):
         labels, patients, pixels = make_split(n, [seed, k], f"phantom-{split}-")
@@ -113,6 +114,6 @@ def write_covidx(root, n_train, n_test, size=1024, seed=0, workers=None):
                 name = f"{split}-{i:06d}.png"
                 f.write(f"{p} {name} {CLASSES[c]} phantom\n")
                 jobs.append((pixels[i], os.path.join(root, split, name), size))
-    with ProcessPoolExecutor(workers) as pool:
+    with process_pool(workers) as pool:
         list(tqdm(pool.map(_save_png, jobs, chunksize=16), total=len(jobs),
                   desc=f"writing {len(jobs)} PNGs at {size} px", leave=False))

@@ -22,8 +22,8 @@ from PIL import Image, ImageOps
 
 from batches import normalize, view
 from films import decode, film_aspect, stored_size, to_gray
+import devices
 from model import class_logits, load_checkpoint
-from train import pick_device
 
 
 def find_files(args):
@@ -85,15 +85,19 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=0, help="image size (default: the model's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=devices.PRECISIONS,
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU; logits and Grad-CAM "
+                   "are fp32 either way")
+    p.add_argument("--channels-last", default="auto", choices=devices.SWITCHES)
     a = p.parse_args(argv)
 
     model, ck = load_checkpoint(a.checkpoint)
     classes, size = ck["classes"], a.size or ck.get("size") or 224
     crop = ck.get("config", {}).get("resize", "squish") == "crop"
-    dev = pick_device(a.device)
-    model = model.to(dev).eval()
-    if dev.type == "cuda":  # class_logits feeds channels_last batches on CUDA
-        model = model.to(memory_format=torch.channels_last)
+    dev = devices.pick_device(a.device)
+    amp, cl = devices.precision(dev, a.precision), devices.channels_last(dev, a.channels_last)
+    model = model.to(dev, memory_format=torch.channels_last if cl else torch.preserve_format)
+    model.eval()
     files, pixels, hw, skipped = [], [], [], []
     todo = find_files(a.images)
     store = stored_size(size, "crop" if crop else "squish", film_aspect(todo))
@@ -111,7 +115,8 @@ def main(argv=None):
         raise SystemExit("no readable images among " + ", ".join(a.images))
     images = torch.from_numpy(np.stack(pixels))[:, None].to(dev)  # (N, 1, T, T) uint8
     hw = torch.tensor(hw, device=dev) if crop else None
-    probs = class_logits(model, model, images, size, hw, a.batch_size).softmax(1).cpu()
+    probs = class_logits(model, model, images, size, hw, a.batch_size, amp=amp,
+                         channels_last=cl).softmax(1).cpu()
 
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w", newline="") as f:
@@ -124,7 +129,7 @@ def main(argv=None):
         os.makedirs(a.cam, exist_ok=True)
         for k, path in enumerate(files):
             x = view(images[k:k + 1].float() / 255, size, None if hw is None else hw[k:k + 1])
-            cam = gradcam(model, normalize(x), int(probs[k].argmax())).cpu()
+            cam = gradcam(model, normalize(x, cl), int(probs[k].argmax())).cpu()
             stem = os.path.splitext(os.path.basename(path))[0]
             save_cam(os.path.join(a.cam, f"{stem}_cam.png"), path, cam, crop)
     print(f"{len(files)} images predicted, {len(skipped)} skipped; wrote {a.out}"

@@ -11,7 +11,6 @@ discriminative learning rates per layer group (schedule.py). The paper's stages,
 128 px 3+5 epochs, 224 px 3+5, 229 px 0+25 at LRs 1e-6..1e-4: 41 epochs. Every run writes
 runs/<name>/ with its config, metrics, LR-finder curves, checkpoints and test metrics.
 """
-import copy
 import dataclasses
 import json
 import os
@@ -19,7 +18,6 @@ import random
 import subprocess
 import time
 import zlib
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,10 +26,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import devices
 import films
 from batches import Augment, Batches
-from checkpoint import (check_writable, resume_from, rng_state, save_checkpoint,
-                        set_rng_state)
+from checkpoint import Checkpointer, check_writable, resume_from, save_checkpoint, set_rng_state
 from config import Config, make_stages, parse_args
 from lrfind import lr_find, save_lr_find
 from metrics import classification_metrics, format_metrics
@@ -46,6 +44,8 @@ class Run:
     cfg: Config
     dir: str
     device: torch.device
+    amp: object  # autocast dtype (torch.bfloat16) or None: fp32 (devices.precision)
+    channels_last: bool
     classes: list
     items: dict  # "train", "val", "test" -> data.Items
     films: dict  # "train", "val", "test" -> films.Films (uint8 films per size, shapes), CPU
@@ -56,6 +56,7 @@ class Run:
     compiled: object  # torch.compile(model), made when a stage first asks for it
     aug: object
     loss_weight: torch.Tensor = None
+    ckpt: object = None  # checkpoint.Checkpointer: snapshots, last.pt
     timings: dict = field(default_factory=dict)  # seconds spent per kind of work
     history: list = field(default_factory=list)  # one dict per epoch, as in metrics.jsonl
 
@@ -75,13 +76,14 @@ def compile_pays(images, size):
     return COMPILE_GAIN * eager_s > 3 * COMPILE_S
 
 
-def make_step(run, amp):
-    """One training step. One precision path: bf16 autocast on CUDA (no GradScaler), fp32 on CPU.
-    No host sync: the loss stays on the device."""
+def make_step(run):
+    """One training step, on either device: bf16 autocast where --precision says (bf16's range
+    is fp32's, so no GradScaler), the head and the loss in fp32. No host sync: the loss stays
+    on the device."""
     opt = run.opt
 
     def step(x, y):
-        with amp():
+        with devices.autocast(run.device, run.amp):
             loss = F.cross_entropy(run.forward(x), y, weight=run.loss_weight)
         loss.backward()
         opt.step()
@@ -90,22 +92,14 @@ def make_step(run, amp):
     return step
 
 
-def pick_device(name):
-    """'auto': the GPU where there is one, else the CPU. Asking for a missing GPU is an error."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                       if name == "auto" else name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA device is available; use --device cpu")
-    return dev
-
-
 def setup(cfg, sizes=None):
     """Read and decode the data (at `sizes`, default the stages'), build model and optimizer,
     and make the run folder."""
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    dev = pick_device(cfg.device)
+    dev = devices.pick_device(cfg.device)
+    amp, cl = devices.precision(dev, cfg.precision), devices.channels_last(dev, cfg.channels_last)
     print("config: " + json.dumps(dataclasses.asdict(cfg)))
     problems = data.Problems()  # all that is wrong with the data, said once, before training
     classes, splits = data.load_dataset(
@@ -140,28 +134,29 @@ def setup(cfg, sizes=None):
     with open(os.path.join(run_dir, "classes.json"), "w") as f:
         json.dump(classes, f)
 
-    cuda = dev.type == "cuda"
-    if cuda:  # NHWC lets the tensor cores run convolutions without transposes
+    if cl:  # NHWC lets the tensor cores run convolutions without transposes
         model = model.to(memory_format=torch.channels_last)
+    if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # shapes are static within a stage
     groups = layer_groups(model)
     # fastai's Adam: decoupled weight decay (true_wd); one param group per layer group
-    opt = torch.optim.AdamW([{"params": ps, "name": n} for n, ps in groups.items()],
-                            lr=1e-3, betas=BETAS, weight_decay=cfg.wd, fused=cuda or None)
+    opt = devices.adamw([{"params": ps, "name": n} for n, ps in groups.items()],
+                        lr=1e-3, betas=BETAS, weight_decay=cfg.wd)
     if cfg.compile != "off":  # one static graph per stage size x (frozen, unfrozen, eval)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
     weight = None
     if cfg.class_weights:  # inverse frequency, mean weight 1
         counts = torch.bincount(torch.tensor(items["train"].labels), minlength=len(classes))
         weight = (counts.sum() / (len(classes) * counts.clamp(min=1).float())).to(dev)
     aug = Augment(cfg.rotate, cfg.zoom, cfg.warp, cfg.lighting, cfg.p_affine, cfg.p_lighting,
                   cfg.flip) if cfg.aug else None
-    print(f"device {dev}, {'bf16 autocast, channels_last' if cuda else 'fp32'}, "
-          f"compile {cfg.compile}, run folder {run_dir}")
-    run = Run(cfg, run_dir, dev, classes, items, split_films, model, opt, None, model, None,
-              aug, weight)
-    run.step = make_step(run, amp)
+    print(f"device {devices.describe(dev)}: {'bf16 autocast' if amp else 'fp32'}, "
+          f"{'channels_last' if cl else 'NCHW'}, {'fused' if opt.defaults.get('fused') else 'for-each'} "
+          f"AdamW, compile {cfg.compile}; run folder {run_dir}")
+    run = Run(cfg, run_dir, dev, amp, cl, classes, items, split_films, model, opt, None, model,
+              None, aug, weight)
+    run.step = make_step(run)
+    run.ckpt = Checkpointer(run, os.path.join(run_dir, "last.pt"), cfg.save_every)
     return run
 
 
@@ -172,15 +167,10 @@ def use_compile(run, stage):
     on = c == "on" or (c == "auto" and run.device.type == "cuda"
                        and compile_pays(images, stage.size))
     if on and run.compiled is None:  # compiles lazily, at the first call per shape
-        run.compiled = torch.compile(run.model, dynamic=False)
+        run.compiled = torch.compile(run.model, dynamic=False,
+                                     backend=run.cfg.compile_backend)
     run.forward = run.compiled if on else run.model
     return on
-
-
-def sync(run):
-    """Wait for the device, so that a wall-clock time means the work is done."""
-    if run.device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def git_commit():
@@ -205,7 +195,7 @@ def train_batches(run, tensors, size, batch_size, tag):
     images, labels, hw = tensors["train"]
     return Batches(images, labels, batch_size, size, aug=run.aug, hw=hw,
                    balance=run.cfg.balance, seed=run.cfg.seed + zlib.crc32(tag.encode()),
-                   channels_last=run.device.type == "cuda")
+                   channels_last=run.channels_last)
 
 
 def start_phase(run, frozen):
@@ -251,31 +241,30 @@ def resolve_lrs(run, tensors, size, batch_size, frozen, spec, tag):
 
 def predict(run, x, y, hw, size, batch_size=256):
     """(mean loss, accuracy, class probabilities (N, C) on the CPU) over (x, y), unaugmented."""
-    logits = class_logits(run.model, run.forward, x, size, hw, batch_size)
+    logits = class_logits(run.model, run.forward, x, size, hw, batch_size, amp=run.amp,
+                          channels_last=run.channels_last)
     n = max(1, len(y))
     loss = F.cross_entropy(logits, y, weight=run.loss_weight, reduction="sum").item() / n
     return loss, (logits.argmax(1) == y).float().sum().item() / n, logits.softmax(1).cpu()
 
 
-def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0,
-        gen_state=None):
+def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0):
     """fastai's fit_one_cycle: `epochs` epochs, LR and beta1 of each group set by hand each step.
 
     A NaN or infinite loss ends the phase: model and optimizer go back to their state at the
-    start of that epoch, and the step and LR where it happened are reported. After every epoch
-    last.pt holds all it takes to go on from there (where: the stage and phase); a resumed
-    phase passes the epoch to start at and its batch generator's state.
+    start of that epoch (run.ckpt's snapshot), and the step and LR where it happened are
+    reported. After each epoch run.ckpt snapshots the state and writes last.pt in the
+    background (where: the stage and phase); a resumed phase starts at epoch `start`.
     """
-    c, sched = run.cfg, ONE_CYCLE[run.cfg.one_cycle]
+    c, sched, dev = run.cfg, ONE_CYCLE[run.cfg.one_cycle], run.device
     batches = train_batches(run, tensors, size, batch_size, tag)
-    if gen_state is not None:
-        batches.gen.set_state(gen_state)
     total, k, rows = epochs * len(batches), start * len(batches), []
+    run.ckpt.take()  # what a first epoch that diverges goes back to
     for epoch in range(start, epochs):
-        t0, loss_sum, shown = time.time(), torch.zeros((), device=run.device), None
-        good = copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.opt.state_dict())
-        first_bad = torch.full((), -1, device=run.device)  # step of the first bad loss
-        bar = tqdm(batches, desc=f"{tag} {epoch + 1}/{epochs}", leave=False)
+        t0, loss_sum, shown = time.time(), torch.zeros((), device=dev), None
+        devices.reset_peak(dev)
+        first_bad = torch.full((), -1, device=dev)  # step of the first bad loss
+        bar = tqdm(batches.epoch(epoch), desc=f"{tag} {epoch + 1}/{epochs}", leave=False)
         for i, (x, y) in enumerate(bar):
             for g, lr_max in zip(run.opt.param_groups, lrs):
                 g["lr"], mom = sched(k, total, lr_max, c.pct_start, c.div, c.div_final)
@@ -286,9 +275,8 @@ def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0,
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), k, first_bad)
             k += 1
             if k == 1:  # the phase's first step: autotuning, and compilation where on
-                sync(run)
-                run.timings["first_steps"] = run.timings.get("first_steps", 0) + \
-                    time.time() - t0
+                devices.sync(dev)
+                add_time(run, "first_steps", time.time() - t0)
             if i % 10 == 0:  # show the loss of 10 steps ago: reading it waits for that
                 # step only, while the device keeps working on the ones queued since
                 if shown is not None:
@@ -296,12 +284,11 @@ def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0,
                                     lr=f"{run.opt.param_groups[-1]['lr']:.1e}",
                                     img_s=f"{(i + 1) * batch_size / (time.time() - t0):.0f}")
                 shown = loss
-        sync(run)
+        devices.sync(dev)
         train_time = time.time() - t0
         bad = int(first_bad.item())
         if bad >= 0:
-            run.model.load_state_dict(good[0])
-            run.opt.load_state_dict(good[1])
+            run.ckpt.restore()
             bad_lr = sched(bad, total, lrs[-1], c.pct_start, c.div, c.div_final)[0]
             print(f"{tag}: the loss was not finite at step {bad + 1} of {total} (head LR "
                   f"{bad_lr:.2e}). Weights and optimizer are back at the start of epoch "
@@ -314,16 +301,19 @@ def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0,
                "train_loss": loss_sum.item() / len(batches),
                "val_loss": val_loss, "val_acc": val_acc, "lr": lrs[-1], "max_lrs": lrs,
                "img_s": len(batches) * batch_size / train_time, "time": time.time() - t0}
+        if devices.peak_gib(dev) is not None:
+            row["peak_gib"] = devices.peak_gib(dev)
         if bad >= 0:
             row.update(train_loss=float("nan"), diverged_at_step=bad + 1, diverged_lr=bad_lr)
         rows.append(row)
         run.history.append(row)
         log.write(json.dumps(row) + "\n")
         log.flush()
-        save_checkpoint(run, os.path.join(run.dir, "last.pt"), **where, epoch=epoch + 1,
-                        phase_epochs=epochs, lrs=lrs, batches_gen=batches.gen.get_state(),
-                        opt=run.opt.state_dict(), rng=rng_state(), history=run.history,
-                        timings=run.timings)
+        t1 = time.time()
+        run.ckpt.take(**where, epoch=epoch + 1, phase_epochs=epochs, lrs=lrs,
+                      history=run.history, timings=run.timings)
+        run.ckpt.write()
+        add_time(run, "checkpoint", time.time() - t1)
         print(f"{tag} epoch {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f}, "
               f"val loss {val_loss:.4f}, val acc {100 * val_acc:.1f}%, "
               f"{row['img_s']:.0f} img/s, {row['time']:.1f}s")
@@ -348,7 +338,9 @@ def main(cfg):
     if state:
         run.model.load_state_dict(state["model"])
         run.opt.load_state_dict(state["opt"])
-        set_rng_state(state["rng"])
+        note = set_rng_state(state["rng"], run.device)
+        if note:
+            print(f"note: {run.dir} was {note}; it is not bit for bit the uninterrupted run")
         run.history, run.timings = state["history"], state["timings"]
         done = {(r["stage"], r["phase_name"]) for r in run.history} - \
             {(state["stage"], state["phase_name"])}
@@ -372,7 +364,7 @@ def main(cfg):
                 where = dict(stage=i, phase_name=phase)
                 if state and (i, phase) == (state["stage"], state["phase_name"]):
                     set_body_frozen(run.model, phase == "frozen")  # optimizer as saved
-                    lrs, start, gen = state["lrs"], state["epoch"], state["batches_gen"]
+                    lrs, start = state["lrs"], state["epoch"]
                     state = None  # from here on, as if never interrupted
                 else:
                     start_phase(run, phase == "frozen")
@@ -380,16 +372,17 @@ def main(cfg):
                     lrs = resolve_lrs(run, tensors, st.size, st.batch_size, phase == "frozen",
                                       spec, tag)
                     add_time(run, "lr_find", time.time() - t0)
-                    start, gen = 0, None
+                    start = 0
                 print(f"  {tag}: max LR per group " + ", ".join(
                     f"{g['name']} {lr:.1e}" for g, lr in zip(run.opt.param_groups, lrs)))
-                fit(run, tensors, st.size, st.batch_size, epochs, lrs, tag, log, where, start,
-                    gen)
+                fit(run, tensors, st.size, st.batch_size, epochs, lrs, tag, log, where, start)
             # the stage's table, as report.md shows it
             print("\n" + stage_table([r for r in run.history if r["stage"] == i]))
             save_checkpoint(run, os.path.join(run.dir, f"stage{i + 1}_{st.size}.pt"),
                             stage=i + 1, size=st.size)
     save_checkpoint(run, os.path.join(run.dir, "model.pt"), size=stages[-1].size)
+    run.ckpt.close()  # a last.pt write still going ends before the run reports
+    run.timings["checkpoint_writes"] = run.ckpt.stats["write_s"]  # in the background
 
     # The test split, touched once: at the last stage's size, no augmentation
     t0 = time.time()

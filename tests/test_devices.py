@@ -1,0 +1,214 @@
+"""The device-dependent parts, exercised on the CPU: precision and layout as knobs, fp32 logits,
+generator states across machines, the background checkpoint writer, device-specific calls."""
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import checkpoint
+import devices
+import films
+from batches import Batches
+from model import build_model, class_logits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+
+
+def test_precision_and_layout_are_knobs_whose_defaults_follow_the_device():
+    cuda = torch.device("cuda", 0)
+    assert devices.precision(CPU, "auto") is None and devices.precision(CPU, "bf16") is \
+        torch.bfloat16 and devices.precision(CPU, "fp32") is None
+    assert not devices.channels_last(CPU, "auto") and devices.channels_last(CPU, "on")
+    assert devices.channels_last(cuda, "auto") and not devices.channels_last(cuda, "off")
+    with pytest.raises(SystemExit, match="--precision fp16: choose one of auto, bf16, fp32"):
+        devices.precision(CPU, "fp16")
+    with devices.autocast(CPU, torch.bfloat16):
+        assert (torch.randn(4, 4) @ torch.randn(4, 4)).dtype is torch.bfloat16
+    opt = devices.adamw([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
+    assert opt.defaults["fused"]  # the CPU has a fused AdamW since torch 2.4
+
+
+def test_logits_are_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = build_model(4, "none", "resnet18").eval().to(memory_format=torch.channels_last)
+    films_u8 = torch.randint(0, 256, (6, 1, 40, 40), dtype=torch.uint8)
+    logits = class_logits(model, model, films_u8, 32, amp=torch.bfloat16, channels_last=True)
+    assert logits.dtype is torch.float32
+    # not bf16 values cast up: the head ran in fp32 (bf16 keeps 8 bits of mantissa)
+    assert (logits != logits.bfloat16().float()).any()
+    from batches import normalize, view
+    x = normalize(view(films_u8.float() / 255, 32), True)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        features = model.body(x)
+    assert features.dtype is torch.bfloat16  # the body did run in bf16
+    with torch.no_grad():
+        assert torch.allclose(model.head(features.float()), logits, rtol=0, atol=1e-5)
+
+
+def test_rng_state_of_a_cpu_run_never_touches_cuda(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a CPU run asked CUDA for its generators")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", boom)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", boom)
+    s = checkpoint.rng_state(CPU)
+    assert s["cuda"] is None
+    assert checkpoint.set_rng_state(s, CPU) is None  # nothing to say: all restored
+
+
+def test_a_cuda_state_from_a_machine_with_more_gpus_restores_on_fewer(monkeypatch):
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]  # 8 GPUs saved
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: set_to.append((s, d)))
+    s = checkpoint.rng_state(CPU)
+    for saved, dev, expect in [(states, torch.device("cuda", 0), 0),
+                               (states, torch.device("cuda", 3), 3),
+                               (states[:1], torch.device("cuda", 1), 0),  # one saved, 2nd GPU
+                               (states[5], torch.device("cuda", 0), 5)]:  # this code's form
+        set_to.clear()
+        assert checkpoint.set_rng_state({**s, "cuda": saved}, dev) is None
+        assert len(set_to) == 1 and torch.equal(set_to[0][0], states[expect])
+        assert set_to[0][1] == dev
+    set_to.clear()
+    note = checkpoint.set_rng_state({**s, "cuda": states}, CPU)  # GPU -> CPU
+    assert not set_to and "saved on a GPU, resumed on the CPU" in note
+    note = checkpoint.set_rng_state({**s, "cuda": None}, torch.device("cuda", 0))  # CPU -> GPU
+    assert not set_to and "saved on the CPU, resumed on a GPU" in note
+
+
+def test_an_epochs_batches_depend_on_seed_and_epoch_alone():
+    images = torch.randint(0, 256, (40, 1, 24, 24), dtype=torch.uint8)
+    labels = torch.arange(40) % 4
+
+    def epoch(b, e):
+        return [(x.clone(), y.clone()) for x, y in b.epoch(e)]
+    used = Batches(images, labels, 8, 16, seed=5)
+    for e in range(3):  # an uninterrupted run draws epochs 0, 1, 2
+        last = epoch(used, e)
+    fresh = Batches(images, labels, 8, 16, seed=5)  # a resumed one starts at epoch 2
+    fresh.gen.set_state(torch.Generator().manual_seed(99).get_state())  # any state before
+    again = epoch(fresh, 2)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(last, again))
+    assert not torch.equal(epoch(fresh, 1)[0][1], last[0][1])  # another epoch, another order
+
+
+class _Run:
+    def __init__(self):
+        from config import Config
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(3, 2)
+        self.opt = devices.adamw(self.model.parameters(), lr=0.1)
+        self.classes, self.cfg, self.device = ["a", "b"], Config(), CPU
+
+    def train_step(self):
+        self.model(torch.randn(4, 3)).sum().backward()
+        self.opt.step()
+        self.opt.zero_grad()
+
+
+def test_checkpoint_writer_never_overwrites_the_snapshot_it_is_writing(tmp_path, monkeypatch):
+    run, path = _Run(), str(tmp_path / "last.pt")
+    ck = checkpoint.Checkpointer(run, path)
+    release, real_save = threading.Event(), checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint",
+                        lambda *a, **k: (release.wait(10), real_save(*a, **k)))
+    run.train_step()
+    ck.take(epoch=1)
+    w1 = run.model.weight.detach().clone()
+    assert ck.write()  # a slow disk: this write is still going ...
+    for epoch in (2, 3):  # ... while two more epochs end
+        run.train_step()
+        ck.take(epoch=epoch)
+        assert not ck.write()  # skipped, training not held up
+    release.set()
+    ck.close()
+    saved = torch.load(path, weights_only=True)
+    assert saved["epoch"] == 1 and torch.equal(saved["model"]["weight"], w1)
+    assert ck.stats["writes"] == 1 and ck.stats["skipped"] == 2
+    assert ck.write()  # the writer is free: the newest snapshot goes out
+    ck.close()
+    saved = torch.load(path, weights_only=True)
+    assert saved["epoch"] == 3 and torch.equal(saved["model"]["weight"], run.model.weight)
+    assert set(saved) >= {"model", "opt", "rng", "classes", "config"}
+
+
+def test_restore_goes_back_to_the_snapshot_and_does_not_alias_it(tmp_path):
+    run = _Run()
+    ck = checkpoint.Checkpointer(run, str(tmp_path / "last.pt"))
+    run.train_step()
+    ck.take()
+    good_w = run.model.weight.detach().clone()
+    good_m = {k: v.clone() for k, v in run.opt.state_dict()["state"][0].items()}
+    run.train_step()
+    ck.restore()
+    assert torch.equal(run.model.weight, good_w)
+    assert all(torch.equal(run.opt.state_dict()["state"][0][k], v) for k, v in good_m.items())
+    run.train_step()  # the optimizer's state is its own, not the snapshot's buffers
+    assert torch.equal(ck.bufs[ck.newest]["opt"]["state"][0]["exp_avg"], good_m["exp_avg"])
+
+
+def test_write_errors_surface_and_save_every_spaces_writes(tmp_path, monkeypatch):
+    run = _Run()
+    ck = checkpoint.Checkpointer(run, str(tmp_path / "last.pt"), every=3600)
+    ck.take(epoch=1)
+    assert ck.write() and (ck.close() or True)
+    ck.take(epoch=2)
+    assert not ck.write()  # within the hour: not written
+    ck.every = 0
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full)
+    assert ck.write()
+    with pytest.raises(OSError, match="No space left"):
+        ck.close()  # raised in the training thread, not lost in the writer's
+
+
+def test_device_calls_name_the_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: calls.append(("sync", d)))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: calls.append(
+        ("reset", d)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: calls.append(
+        ("peak", d)) or 2 ** 30)
+    dev = torch.device("cuda", 1)
+    devices.sync(dev), devices.reset_peak(dev)
+    assert devices.peak_gib(dev) == 1.0
+    assert calls == [("sync", dev), ("reset", dev), ("peak", dev)]
+    calls.clear()
+    devices.sync(CPU), devices.reset_peak(CPU)
+    assert devices.peak_gib(CPU) is None and not calls
+
+
+def test_process_pools_start_from_a_forkserver():
+    with films.process_pool(1) as pool:
+        assert pool._mp_context.get_start_method() == "forkserver"
+        assert list(pool.map(abs, [-1, -2])) == [1, 2]
+
+
+def test_resume_on_the_cpu_of_a_run_saved_on_a_gpu(tmp_path):
+    """A last.pt as an 8-GPU machine wrote it before 2026-11-27 (8 CUDA generator states and
+    a 16-byte CUDA batch generator): the CPU resume goes on, and says it is not bit-exact."""
+    args = [sys.executable, os.path.join(ROOT, "train.py"), "--data", "phantom", "--phantoms",
+            "64", "--arch", "resnet18", "--weights", "none", "--device", "cpu", "--stages",
+            "32", "--frozen-epochs", "0", "--unfrozen-epochs", "2", "--batch-size", "16",
+            "--lr-find-steps", "4", "--cache-dir", "", "--runs", str(tmp_path), "--name", "r"]
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    last = tmp_path / "r" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state["history"] = state["history"][:1]  # as if killed after epoch 1
+    state["epoch"] = 1
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8
+    state["batches_gen"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, last)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume",
+                        str(tmp_path / "r")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "saved on a GPU, resumed on the CPU" in r.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert [row["epoch"] for row in rows] == [1, 2]
