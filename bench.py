@@ -1,7 +1,7 @@
 """Benchmark: how close training runs to the raw ResNet-50 step ceiling, what the paper's
 41-epoch schedule costs end to end, and, first of all on a new GPU, whether the CUDA path works.
 
-    python bench.py --gpu-check        # the first command on a new GPU: ~7 minutes on one H100
+    python bench.py --gpu-check        # the first command on a new GPU: ~8 minutes on one H100
     python bench.py --part loop        # one part per call (each under 10 minutes on one H100)
     python bench.py                    # every part, one after another (~20 minutes on one H100)
     python bench.py --quick            # tiny sizes on the CPU in seconds: checks the script
@@ -54,7 +54,7 @@ class BenchConfig:
     part: str = knob(",".join(PARTS), "parts to run, comma separated: " + ", ".join(PARTS))
     gpu_check: bool = knob(False, "run the first-GPU check (train, resume, evaluate, predict, "
                            "ratios, memory, checkpoint cost) instead of the parts")
-    budget: float = knob(420.0, "--gpu-check: seconds it may take; a step that would not fit "
+    budget: float = knob(480.0, "--gpu-check: seconds it may take; a step that would not fit "
                          "in what is left is skipped (its time limit is what is left)")
     sizes: str = knob("128,224,229", "stage sizes")
     batch_size: int = knob(64, "batch size, as training uses it")
@@ -69,7 +69,8 @@ class BenchConfig:
     png_size: int = knob(1024, "size of the phantom PNGs written for e2e and cache")
     cache_images: int = knob(512, "PNGs decoded for the cache build rate")
     out: str = knob("", "JSON results, merged across calls (default: bench.json, or "
-                    "gpu_check.json with --gpu-check; the check's logs go beside it)")
+                    "gpu_check.json with --gpu-check, whose scripts' output goes to the same "
+                    "name with .log)")
     quick: bool = knob(False, "tiny sizes on the CPU, seconds: a check that the script works")
 
 
@@ -282,198 +283,213 @@ def run_parts(bc, dev, res):
 # The first-GPU check
 
 
-def script(name, args, log, timeout, env=None):
-    """Run one of the project's scripts as a user would; (exit code or 'timeout', seconds)."""
-    t0 = time.time()
-    with open(log, "w") as f:
+def start(name, args, log, title):
+    """Start one of the project's scripts as a user would, its output appended to `log`
+    under a heading; (process, offset where its output begins)."""
+    with open(log, "a") as f:
+        f.write(f"\n===== {title}: python {name} {' '.join(map(str, args))}\n")
+        offset = f.tell()
         p = subprocess.Popen([sys.executable, os.path.join(ROOT, name), *map(str, args)],
-                             cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-        try:
-            rc = p.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-            rc = "timeout"
-    return rc, time.time() - t0
+                             cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    return p, offset
 
 
-def tail(path, n=3000):
-    with open(path, errors="replace") as f:
-        return f.read()[-n:]
+def output(log, offset):
+    with open(log, errors="replace") as f:
+        f.seek(offset)
+        return f.read()
+
+
+def script(name, args, log, timeout, title=None):
+    """Run a script to its end, or kill it at `timeout` seconds.
+    (exit code or 'timeout', seconds, what it printed)."""
+    t0 = time.time()
+    p, offset = start(name, args, log, title or name)
+    try:
+        rc = p.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        rc = "timeout"
+    return rc, time.time() - t0, output(log, offset)
 
 
 def killed_and_resumed(args, runs, log, timeout, kill_after):
-    """train.py killed (SIGKILL) once `kill_after` epochs are logged, then --resume'd."""
+    """train.py killed (SIGKILL) once `kill_after` epochs are logged and last.pt exists,
+    then --resume'd: it must go on from the last saved epoch and train each epoch once."""
     t0 = time.time()
     run_dir = os.path.join(runs, "real")
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    with open(log + ".killed", "w") as f:
-        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args),
-                              "--runs", runs, "--name", "real"], cwd=ROOT, stdout=f,
-                             stderr=subprocess.STDOUT)
-        last = os.path.join(run_dir, "last.pt")
-        while p.poll() is None and time.time() - t0 < timeout:  # epochs logged, one saved
-            if os.path.isfile(metrics) and len(open(metrics).readlines()) >= kill_after and \
-                    os.path.isfile(last):
-                break
-            time.sleep(0.02)
-        was_running = p.poll() is None
-        if was_running:
-            p.send_signal(signal.SIGKILL)
-        p.wait()
+    metrics, last = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "last.pt")
+    p, _ = start("train.py", [*args, "--runs", runs, "--name", "real"], log, "real run, killed")
+    while p.poll() is None and time.time() - t0 < timeout:
+        if os.path.isfile(metrics) and len(open(metrics).readlines()) >= kill_after and \
+                os.path.isfile(last):
+            break
+        time.sleep(0.02)
+    was_running = p.poll() is None
+    if was_running:
+        p.send_signal(signal.SIGKILL)
+    p.wait()
     out = {"killed_rc": p.returncode, "killed_mid_run": was_running,
            "killed_after_s": time.time() - t0}
-    if not os.path.isfile(os.path.join(run_dir, "last.pt")):
-        return {**out, "ok": False, "why": "no last.pt after the kill"}
-    saved = len(torch.load(os.path.join(run_dir, "last.pt"), map_location="cpu",
-                           weights_only=True)["history"])
-    rc, secs = script("train.py", ["--resume", run_dir], log, timeout - (time.time() - t0))
+    if not os.path.isfile(last):
+        return {**out, "status": "failed", "why": "no last.pt after the kill"}
+    saved = len(torch.load(last, map_location="cpu", weights_only=True)["history"])
+    rc, secs, text = script("train.py", ["--resume", run_dir], log,
+                            timeout - (time.time() - t0), "real run, resumed")
     out.update(resume_rc=rc, resume_s=secs, epochs_in_last_pt=saved)
     if rc != 0:
-        return {**out, "ok": False, "why": "the resumed run failed", "log_tail": tail(log)}
+        return {**out, "status": "timeout" if rc == "timeout" else "failed",
+                "why": "the resumed run did not end well", "log_tail": text[-3000:]}
     m = json.load(open(os.path.join(run_dir, "test_metrics.json")))
     rows = [json.loads(line) for line in open(metrics)]
     phases = [(r["phase"], r["epoch"]) for r in rows]
     out.update(accuracy=m["accuracy"]["value"], timings=m["timings_s"],
                epochs=len(rows), each_epoch_once=len(set(phases)) == len(phases),
-               resumed="resuming" in tail(log, 10 ** 6),
+               resumed="resuming" in text,
                per_phase=[{k: r.get(k) for k in ("phase", "img_s", "time", "peak_gib")}
                           for r in rows])
-    out["ok"] = bool(out["resumed"] and out["each_epoch_once"] and was_running)
-    return out
+    good = out["resumed"] and out["each_epoch_once"] and was_running
+    return {"status": "ok" if good else "failed", **out}
 
 
-def gpu_check(bc, dev, res, log_dir):
+def gpu_check(bc, dev, res, log):
     """The first run on a new GPU, in one call, within bc.budget seconds, in order of value:
 
-    1. the demo on the device, eager, as a user runs it (train.py --demo --device cuda);
-    2. evaluate.py (plain: it must reproduce train.py's test accuracy; then fastai's TTA) and
-       predict.py with Grad-CAM, on that run;
-    3. a real-size run: ResNet-50 at 128/224/229 px on a few hundred phantom PNGs (decoding,
-       cache), one epoch per phase, killed with SIGKILL after two epochs and --resume'd;
-    4. ceiling vs real loop per stage and phase, eager, with peak memory (in process);
-    5. the cost of one epoch's checkpoint for ResNet-50 and its Adam state;
-    6. the demo with --compile on; 7. ceiling vs loop compiled at the first size.
-    Each step's result is written as soon as it ends; one that fails does not stop the rest.
+    demo          the demo on the device, eager, as a user runs it (train.py --demo);
+    evaluate      evaluate.py on that run: plain (it must reproduce train.py's test accuracy),
+                  then fastai v1's TTA;
+    real_run      ResNet-50 at 128/224/229 px on a few hundred phantom PNGs (decoding, cache),
+                  one epoch per phase, killed with SIGKILL after two epochs and --resume'd;
+    demo_compiled one stage of the demo with --compile on (frozen, unfrozen and evaluation
+                  graphs: every kind of graph training compiles);
+    predict       predict.py with Grad-CAM on the real run's test PNGs;
+    steps         ceiling vs real loop per stage and phase, eager, with peak memory;
+    checkpoint    the cost of one epoch's snapshot and last.pt write for ResNet-50 with Adam;
+    steps_compiled  ceiling vs real loop compiled, at the first size.
+    A step is skipped when less of the budget is left than it needs; its scripts are killed
+    at the budget's end. Each result is written as soon as its step ends, and one that fails
+    (or raises) does not stop the rest. Returns {step: result}; result["status"] is one of
+    ok, failed, timeout, skipped.
     """
     t_end = time.time() + bc.budget
     left = lambda: t_end - time.time()
     flags = ["--device", str(dev), "--precision", bc.precision, "--channels-last",
-             bc.channels_last, "--compile-backend", bc.compile_backend]
-    demo = ["--demo", *flags]
-    real = ["--data", "", "--arch", bc.arch, "--weights", "none", "--stages", bc.sizes,
-            "--frozen-epochs", "1,1,0", "--unfrozen-epochs", "1,1,1",
-            "--batch-size", str(bc.batch_size), "--lr-find-steps", "20", "--save-every", "0",
-            *flags]
-    n_real, png = 384, 512
+             bc.channels_last]  # evaluate.py and predict.py take these three
+    train_flags = [*flags, "--compile-backend", bc.compile_backend]
+    demo = ["--demo", *train_flags]
+    compiled = [*demo, "--stages", "64", "--frozen-epochs", "1", "--unfrozen-epochs", "2",
+                "--compile", "on"]
+    real = ["--arch", bc.arch, "--weights", "none", "--stages", bc.sizes,
+            "--frozen-epochs", "1,1,0", "--unfrozen-epochs", "1,1,1", "--batch-size",
+            str(bc.batch_size), "--lr-find-steps", "20", "--save-every", "0", *train_flags]
+    n_real, png, n_eval = 384, 512, 640
     if bc.quick:  # seconds on a CPU: every step, nothing measured
         tiny = ["--phantoms", "96", "--stages", "32", "--frozen-epochs", "0",
                 "--unfrozen-epochs", "2", "--lr-find-steps", "6", "--batch-size", "16"]
-        demo += tiny
+        demo, compiled = demo + tiny, compiled + tiny[:4] + tiny[6:]
         real[real.index("--frozen-epochs") + 1] = "1,0"
         real[real.index("--unfrozen-epochs") + 1] = "1,4"
         real[real.index("--lr-find-steps") + 1] = "6"
-        n_real, png = 96, 64
+        n_real, png, n_eval = 96, 64, 96
     runs = tempfile.mkdtemp()
+    pngs = os.path.join(runs, "pngs")
     status = {}
 
-    def record(name, out, estimate=0.0):
+    def step(name, estimate, fn):
+        """Run fn() -> result dict as step `name`, within the budget; record and print it."""
+        if left() < estimate:
+            out = {"status": "skipped", "why": f"{left():.0f} s of the budget left, it needs "
+                                                f"about {estimate:.0f} s"}
+        else:
+            t0 = time.time()
+            try:
+                out = fn()
+            except Exception as e:  # said, and the check goes on
+                out = {"status": "failed", "why": f"{type(e).__name__}: {e}"}
+            out.setdefault("step_s", time.time() - t0)
         status[name] = out
         res.set("gpu_check", status)
-        ok = out.get("ok")
-        print(f"[{'ok' if ok else 'skipped' if ok is None else 'FAILED'}] {name}: " +
-              ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                        for k, v in out.items() if k not in ("ok", "log_tail", "timings",
-                                                             "per_phase", "rows")), flush=True)
-
-    def fits(name, estimate):
-        if left() < estimate:
-            record(name, {"ok": None, "why": f"skipped: {left():.0f} s left of the budget, "
-                          f"it needs about {estimate:.0f} s"})
-            return False
-        return True
-
-    def train_run(name, args, estimate):
-        if not fits(name, estimate):
-            return None
-        log = os.path.join(log_dir, name + ".log")
-        rc, secs = script("train.py", [*args, "--runs", runs, "--name", name], log, left())
-        out = {"ok": rc == 0, "rc": rc, "wall_s": secs}
-        if rc == 0:
-            m = json.load(open(os.path.join(runs, name, "test_metrics.json")))
-            rows = [json.loads(line) for line in open(os.path.join(runs, name,
-                                                                   "metrics.jsonl"))]
-            out.update(accuracy=m["accuracy"]["value"], timings=m["timings_s"],
-                       peak_gib=max((r.get("peak_gib") or 0 for r in rows), default=0))
-        else:
-            out["log_tail"] = tail(log)
-        record(name, out)
+        print(f"[{out['status']}] {name}: " + ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()
+            if k not in ("status", "log_tail", "timings", "per_phase")), flush=True)
         return out
 
-    d = train_run("demo", demo, 60)
-    if d and d["ok"] and fits("evaluate", 40):
-        log = os.path.join(log_dir, "evaluate.log")
-        ev = ["--data", "phantom", "--phantoms", "96" if bc.quick else "640", *flags[:6]]
-        rc, secs = script("evaluate.py", [os.path.join(runs, "demo"), *ev, "--out",
-                                          os.path.join(runs, "eval")], log, left())
-        out = {"ok": rc == 0, "rc": rc, "wall_s": secs}
+    def ran(rc, text, **more):
+        ok = "ok" if rc == 0 else "timeout" if rc == "timeout" else "failed"
+        return {"status": ok, "rc": rc, **more, **({} if rc == 0 else
+                                                    {"log_tail": text[-3000:]})}
+
+    def train_run(name, args):
+        rc, secs, text = script("train.py", [*args, "--runs", runs, "--name", name], log,
+                                left(), name)
+        out = ran(rc, text, wall_s=secs)
+        if rc == 0:
+            folder = os.path.join(runs, name)
+            m = json.load(open(os.path.join(folder, "test_metrics.json")))
+            rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+            out.update(accuracy=m["accuracy"]["value"], timings=m["timings_s"],
+                       peak_gib=max((r.get("peak_gib") or 0 for r in rows), default=0))
+        return out
+
+    def evaluate(train_acc):
+        ev = [os.path.join(runs, "demo"), "--data", "phantom", "--phantoms", n_eval, *flags]
+        rc, secs, text = script("evaluate.py", [*ev, "--out", os.path.join(runs, "eval")],
+                                log, left())
+        out = ran(rc, text, wall_s=secs)
         if rc == 0:
             acc = json.load(open(os.path.join(runs, "eval", "metrics.json")))["accuracy"]
-            out.update(accuracy=acc["value"], same_as_train=acc["value"] == d["accuracy"])
-            rc, secs = script("evaluate.py", [os.path.join(runs, "demo"), *ev, "--tta", "v1",
-                                              "--out", os.path.join(runs, "tta")], log + ".tta",
-                              left())
-            out.update(ok=rc == 0, tta_rc=rc, tta_s=secs)
+            out.update(accuracy=acc["value"], same_as_train=acc["value"] == train_acc)
+            rc, secs, text = script("evaluate.py", [*ev, "--tta", "v1", "--out",
+                                                    os.path.join(runs, "tta")], log, left(),
+                                    "evaluate.py --tta v1")
+            out.update(ran(rc, text, tta_s=secs))
             if rc == 0:
-                out["tta_accuracy"] = json.load(open(os.path.join(runs, "tta", "metrics.json"))
-                                                )["accuracy"]["value"]
-        if not out["ok"]:
-            out["log_tail"] = tail(log)
-        record("evaluate", out)
-    pngs = os.path.join(runs, "pngs")
-    if fits("real_run", 150):
+                out["tta_accuracy"] = json.load(open(os.path.join(
+                    runs, "tta", "metrics.json")))["accuracy"]["value"]
+        return out
+
+    def real_run():
         t0 = time.time()
         phantom.write_covidx(pngs, n_real, n_real // 6, png)
         write_s = time.time() - t0
-        real[real.index("--data") + 1] = pngs
-        real += ["--cache-dir", os.path.join(runs, "cache")]
-        out = killed_and_resumed(real, runs, os.path.join(log_dir, "real_run.log"), left(), 2)
-        record("real_run", {**out, "write_pngs_s": write_s})
-    if d and d["ok"] and os.path.isdir(pngs) and fits("predict", 30):
-        log = os.path.join(log_dir, "predict.log")
-        rc, secs = script("predict.py", [os.path.join(runs, "demo"), os.path.join(pngs, "test"),
-                                         "--out", os.path.join(runs, "pred.csv"), "--cam",
-                                         os.path.join(runs, "cams"), *flags[:6]], log, left())
-        out = {"ok": rc == 0, "rc": rc, "wall_s": secs}
+        args = ["--data", pngs, "--cache-dir", os.path.join(runs, "cache"), *real]
+        return {**killed_and_resumed(args, runs, log, left(), 2), "write_pngs_s": write_s}
+
+    def predict():
+        rc, secs, text = script("predict.py", [
+            os.path.join(runs, "demo"), os.path.join(pngs, "test"), "--out",
+            os.path.join(runs, "pred.csv"), "--cam", os.path.join(runs, "cams"), *flags],
+            log, left())
+        out = ran(rc, text, wall_s=secs)
         if rc == 0:
             out["cams"] = len(os.listdir(os.path.join(runs, "cams")))
-        else:
-            out["log_tail"] = tail(log)
-        record("predict", out)
-    step_bc = BenchConfig(**{**asdict(bc), "modes": "eager"})
-    if fits("steps", 60):
-        try:
-            rows = measure_steps(step_bc, dev, res, "loop")
-            record("steps", {"ok": True, "min_ratio": min(r["ratio"] for r in rows),
-                             "peak_gib": max(r["peak_gib"] or 0 for r in rows)})
-        except Exception as e:  # said, and the check goes on
-            record("steps", {"ok": False, "why": f"{type(e).__name__}: {e}"})
-    if fits("checkpoint", 20):
-        try:
-            record("checkpoint", {"ok": True, **checkpoint_cost(step_run(step_bc, dev, 64))})
-        except Exception as e:
-            record("checkpoint", {"ok": False, "why": f"{type(e).__name__}: {e}"})
-    train_run("demo_compiled", [*demo, "--compile", "on"], 60 if bc.quick else 240)
-    if not bc.quick and fits("steps_compiled", 150):
-        try:
-            sizes = [int(bc.sizes.split(",")[0])]
-            rows = measure_steps(bc, dev, res, "loop", sizes, ["compiled"])
-            record("steps_compiled", {"ok": True, "min_ratio": min(r["ratio"] for r in rows)})
-        except Exception as e:
-            record("steps_compiled", {"ok": False, "why": f"{type(e).__name__}: {e}"})
-    failed = [k for k, v in status.items() if v.get("ok") is False]
-    print(f"\ngpu check: {len(status) - len(failed)} of {len(status)} steps ok" +
-          (f"; FAILED: {', '.join(failed)} (logs in {log_dir})" if failed else ""))
+        return out
+
+    def steps(b, sizes=None, modes=None):
+        rows = measure_steps(b, dev, res, "loop", sizes, modes)
+        return {"status": "ok", "min_ratio": min(r["ratio"] for r in rows),
+                "peak_gib": max(r["peak_gib"] or 0 for r in rows)}
+
+    eager = BenchConfig(**{**asdict(bc), "modes": "eager"})
+    d = step("demo", 60, lambda: train_run("demo", demo))
+    if d["status"] == "ok":
+        step("evaluate", 40, lambda: evaluate(d["accuracy"]))
+    step("real_run", 150, real_run)
+    step("demo_compiled", 60 if bc.quick else 150, lambda: train_run("demo_compiled", compiled))
+    if d["status"] == "ok" and os.path.isdir(os.path.join(pngs, "test")):
+        step("predict", 30, predict)
+    step("steps", 60, lambda: steps(eager))
+    step("checkpoint", 20, lambda: {"status": "ok",
+                                    **checkpoint_cost(step_run(eager, dev, 64))})
+    if not bc.quick:
+        step("steps_compiled", 150, lambda: steps(bc, [int(bc.sizes.split(",")[0])],
+                                                  ["compiled"]))
+    counts = {k: sum(v["status"] == k for v in status.values())
+              for k in ("ok", "failed", "timeout", "skipped")}
+    bad = [k for k, v in status.items() if v["status"] in ("failed", "timeout")]
+    print("\ngpu check: " + ", ".join(f"{n} {k}" for k, n in counts.items()) +
+          (f" ({', '.join(bad)}: see the log_tail in the JSON and {log})" if bad else ""))
     return status
 
 
@@ -493,11 +509,12 @@ def main(argv=None):
            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
            "git_commit": train.git_commit(), "config": asdict(bc)}
     print(json.dumps(env))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     res = Results(out, env)
     if bc.gpu_check:
-        log_dir = os.path.splitext(out)[0] + "_logs"
-        os.makedirs(log_dir, exist_ok=True)
-        gpu_check(bc, dev, res, log_dir)
+        log = os.path.splitext(out)[0] + ".log"  # every script's output, one after another
+        open(log, "w").close()
+        gpu_check(bc, dev, res, log)
     else:
         run_parts(bc, dev, res)
         print("\n" + report(res.r))
@@ -541,4 +558,5 @@ def report(r):
 
 
 if __name__ == "__main__":
-    main()
+    r = main()  # exit status 1 when a step of --gpu-check failed or timed out
+    sys.exit(any(v["status"] in ("failed", "timeout") for v in r.get("gpu_check", {}).values()))

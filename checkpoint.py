@@ -104,6 +104,20 @@ def set_rng_state(s, dev):
     return note
 
 
+def load_optimizer(opt, state):
+    """opt.load_state_dict(state), with each moment in its parameter's memory layout.
+
+    load_state_dict moves a saved moment to the parameter's device and dtype but keeps its
+    strides: a state saved in a run with NCHW weights (a CPU run) and loaded for channels_last
+    ones (the same run resumed on a GPU) would then differ from its parameter's layout, which
+    CUDA's fused AdamW refuses ("must have same dtype, device, and layout")."""
+    opt.load_state_dict(state)
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                s[k] = torch.empty_like(p).copy_(v)
+
+
 def _to_host(x, old, pin):
     """A copy of the nested state `x` in host memory, into old's tensors where they fit.
 
@@ -169,10 +183,12 @@ class Checkpointer:
 
     def restore(self):
         """Model and optimizer back to the newest snapshot."""
+        if self.event is not None:  # the copies into the buffers are done
+            self.event.synchronize()
         snap = self.bufs[self.newest]
         self.run.model.load_state_dict(snap["model"])
         # a copy: on the CPU the optimizer would otherwise keep the buffers as its own state
-        self.run.opt.load_state_dict(_to_host(snap["opt"], None, False))
+        load_optimizer(self.run.opt, _to_host(snap["opt"], None, False))
 
     def write(self):
         """Save the newest snapshot to `path` in the background; False when skipped."""

@@ -64,13 +64,9 @@ def channels_last(dev, name="auto"):
 
 
 def adamw(groups, **kw):
-    """torch's AdamW with its fused kernel wherever this torch has one for the parameters'
-    device (CUDA, and the CPU since torch 2.4: 3-4x faster than the for-each one here);
-    the for-each kernel otherwise. Same update, one kernel launch per step."""
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
-        return torch.optim.AdamW(groups, **kw)
+    """torch's AdamW with its fused kernel: one kernel for all parameters, on CUDA and, since
+    torch 2.4, on the CPU (3-4x faster there than the for-each kernel); the same update."""
+    return torch.optim.AdamW(groups, fused=True, **kw)
 
 
 def sync(dev):

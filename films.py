@@ -13,6 +13,7 @@ import hashlib
 import math
 import multiprocessing
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
@@ -177,10 +178,21 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
 def process_pool(workers=None):
     """A process pool whose workers start from a fresh server process (forkserver), not as
     forks of this one: a fork copies CUDA's, OpenMP's and the compiler's threads in whatever
-    state they are in, and can hang. The server imports the main script and this module once
-    (torch included), so each worker starts in milliseconds."""
+    state they are in, and can hang.
+
+    The server imports this module (torch included) and the main script once, and every worker
+    starts as a fork of it, its imports done. (Python 3.11's forkserver neither preloads
+    '__main__' nor passes sys.path, hence the module name and PYTHONPATH set here.)"""
+    root = os.path.dirname(os.path.abspath(__file__))
+    path = os.environ.get("PYTHONPATH", "")
+    if root not in path.split(os.pathsep):  # for the server, started with this environment
+        os.environ["PYTHONPATH"] = os.pathsep.join([root] + ([path] if path else []))
+    main = getattr(sys.modules["__main__"], "__file__", None) or ""
+    preload = ["films"]
+    if os.path.dirname(os.path.abspath(main)) == root and main.endswith(".py"):
+        preload.append(os.path.basename(main)[:-3])  # train, bench, ...: its imports
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", "films"])
+    ctx.set_forkserver_preload(preload)
     return ProcessPoolExecutor(workers, mp_context=ctx)
 
 

@@ -29,7 +29,8 @@ import data
 import devices
 import films
 from batches import Augment, Batches
-from checkpoint import Checkpointer, check_writable, resume_from, save_checkpoint, set_rng_state
+from checkpoint import (Checkpointer, check_writable, load_optimizer, resume_from,
+                        save_checkpoint, set_rng_state)
 from config import Config, make_stages, parse_args
 from lrfind import lr_find, save_lr_find
 from metrics import classification_metrics, format_metrics
@@ -337,7 +338,7 @@ def main(cfg):
     done = set()  # (stage, phase) pairs finished before a resume
     if state:
         run.model.load_state_dict(state["model"])
-        run.opt.load_state_dict(state["opt"])
+        load_optimizer(run.opt, state["opt"])  # in the weights' layout, which may be new
         note = set_rng_state(state["rng"], run.device)
         if note:
             print(f"note: {run.dir} was {note}; it is not bit for bit the uninterrupted run")

@@ -1,7 +1,6 @@
 """bench.py in its quick mode (no timing assertions: timings belong in BENCHMARKS.md), and the
 first-GPU check run on the CPU with every CUDA-side knob on (bf16, channels_last, compile)."""
 import json
-import os
 
 import bench
 import train
@@ -45,22 +44,41 @@ def test_gpu_check_runs_whole_on_the_cpu_with_bf16_channels_last_and_compile(tmp
     out = tmp_path / "check.json"
     status = bench.main(["--gpu-check", "--quick", "--precision", "bf16", "--channels-last",
                          "on", "--compile-backend", "aot_eager", "--out", str(out)])["gpu_check"]
-    assert list(status) == ["demo", "evaluate", "real_run", "predict", "steps", "checkpoint",
-                            "demo_compiled"]
-    assert all(s["ok"] for s in status.values()), {k: s for k, s in status.items()
-                                                   if not s["ok"]}
-    assert json.load(open(out))["gpu_check"]["demo_compiled"]["ok"]  # written as it went
+    assert list(status) == ["demo", "evaluate", "real_run", "demo_compiled", "predict",
+                            "steps", "checkpoint"]
+    assert all(s["status"] == "ok" for s in status.values()), \
+        {k: s for k, s in status.items() if s["status"] != "ok"}
+    assert json.load(open(out))["gpu_check"]["checkpoint"]["status"] == "ok"  # as it went
     assert status["evaluate"]["same_as_train"]  # evaluate.py sees what train.py saw
     real = status["real_run"]
     assert real["killed_mid_run"] and real["resumed"] and real["each_epoch_once"]
     assert real["epochs"] == 6 and 1 <= real["epochs_in_last_pt"] < 6
     assert status["predict"]["cams"] == 16
-    logs = tmp_path / "check_logs"
+    log = open(tmp_path / "check.log").read()  # every script's output, under a heading
     for name in ("demo", "demo_compiled"):
-        log = open(logs / f"{name}.log").read()
-        assert "bf16 autocast, channels_last, fused AdamW" in log
-    assert "compiled: yes" in open(logs / "demo_compiled.log").read()
-    assert os.path.isfile(logs / "real_run.log.killed")
+        section = log.split(f"===== {name}: python train.py")[1].split("=====")[0]
+        assert "bf16 autocast, channels_last, fused AdamW" in section
+    assert "compiled: yes" in log.split("===== demo_compiled:")[1]
+    assert "===== real run, killed" in log and "===== real run, resumed" in log
+
+
+def test_gpu_check_skips_what_the_budget_cannot_hold_and_goes_on_after_a_failure(
+        tmp_path, monkeypatch):
+    status = bench.main(["--gpu-check", "--quick", "--budget", "0", "--out",
+                         str(tmp_path / "a.json")])["gpu_check"]
+    assert {s["status"] for s in status.values()} == {"skipped"} and "demo" in status
+    monkeypatch.setattr(bench, "script", lambda name, *a, **k: (1, 0.1, f"{name}: boom"))
+
+    def dies(*a, **k):
+        raise RuntimeError("the GPU fell off")
+    monkeypatch.setattr(bench, "killed_and_resumed", dies)
+    status = bench.main(["--gpu-check", "--quick", "--out", str(tmp_path / "b.json")])
+    status = status["gpu_check"]
+    assert status["demo"]["status"] == "failed" and "boom" in status["demo"]["log_tail"]
+    assert "evaluate" not in status and "predict" not in status  # nothing to evaluate
+    assert status["real_run"] == {"status": "failed", "why": "RuntimeError: the GPU fell off",
+                                  "step_s": status["real_run"]["step_s"]}
+    assert status["steps"]["status"] == status["checkpoint"]["status"] == "ok"  # went on
 
 
 def test_compile_rule_from_the_measured_numbers():

@@ -185,10 +185,33 @@ def test_device_calls_name_the_device(monkeypatch):
     assert devices.peak_gib(CPU) is None and not calls
 
 
-def test_process_pools_start_from_a_forkserver():
+def test_process_pools_start_from_a_forkserver_that_preloads_torch_and_films():
+    import multiprocessing.forkserver
     with films.process_pool(1) as pool:
         assert pool._mp_context.get_start_method() == "forkserver"
-        assert list(pool.map(abs, [-1, -2])) == [1, 2]
+        assert list(pool.map(films.stored_size, [64, 64], ["crop", "squish"], [1.5, 1.5])) == \
+            [96, 64]  # a films function, run in a worker
+    assert "films" in multiprocessing.forkserver._forkserver._preload_modules
+    assert ROOT in os.environ["PYTHONPATH"].split(os.pathsep)  # the server finds films
+
+
+def test_optimizer_state_takes_its_parameters_layout_when_loaded():
+    """A run saved with NCHW weights (the CPU) and resumed with channels_last ones (a GPU):
+    CUDA's fused AdamW needs each moment in its parameter's layout."""
+    torch.manual_seed(0)
+    nchw = torch.nn.Conv2d(3, 4, 3)
+    opt = devices.adamw(nchw.parameters(), lr=0.1)
+    nchw(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    nhwc = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    nhwc.load_state_dict(nchw.state_dict())
+    opt2 = devices.adamw(nhwc.parameters(), lr=0.1)
+    checkpoint.load_optimizer(opt2, opt.state_dict())
+    w = nhwc.weight
+    assert w.is_contiguous(memory_format=torch.channels_last)
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert opt2.state[w][k].stride() == w.stride()
+        assert torch.equal(opt2.state[w][k], opt.state[nchw.weight][k])
 
 
 def test_resume_on_the_cpu_of_a_run_saved_on_a_gpu(tmp_path):
@@ -212,3 +235,29 @@ def test_resume_on_the_cpu_of_a_run_saved_on_a_gpu(tmp_path):
     assert "saved on a GPU, resumed on the CPU" in r.stdout
     rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     assert [row["epoch"] for row in rows] == [1, 2]
+
+
+def test_an_inductor_compiled_step_in_bf16_and_channels_last(tmp_path):
+    """Inductor generates kernels here too (C++ on the CPU, Triton on a GPU): the real step
+    (bf16 autocast, NHWC, fused AdamW, the fp32 head) through torch.compile, against eager."""
+    import train
+    from config import parse_args
+    run = train.setup(parse_args([
+        "--data", "phantom", "--phantoms", "40", "--arch", "resnet18", "--weights", "none",
+        "--device", "cpu", "--stages", "32", "--precision", "bf16", "--channels-last", "on",
+        "--compile", "on", "--cache-dir", "", "--runs", str(tmp_path)]))
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(8) % 4
+    run.model.eval()  # no dropout, BN's running statistics: the same function both ways
+    with torch.no_grad(), devices.autocast(CPU, run.amp):
+        eager = run.model(x)
+        compiled = torch.compile(run.model, dynamic=False)(x)
+    assert compiled.dtype is torch.float32
+    assert torch.allclose(compiled, eager, rtol=0.05, atol=0.05)  # bf16 rounding apart
+    run.model.train()
+    run.forward = torch.compile(run.model, dynamic=False)
+    before = run.model.head[-1].weight.detach().clone()
+    losses = [run.step(x, y) for _ in range(2)]
+    assert all(torch.isfinite(loss) and loss.dtype is torch.float32 for loss in losses)
+    assert not torch.equal(run.model.head[-1].weight, before)  # the optimizer stepped
