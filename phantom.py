@@ -57,10 +57,10 @@ def render(label, rng, size=SIZE):
         img += rng.uniform(0.25, 0.4) * _ellipse(X, Y, cx, cy, r, r * 1.3, soft=0.4) * lungs
     elif label == "viral":  # patchy, both sides, around the hila
         hila = np.exp(-(((np.abs(X) - 0.12) / 0.09) ** 2 + (Y / 0.16) ** 2))
-        img += rng.uniform(0.2, 0.3) * hila * _blobs(rng) * lungs
+        img += rng.uniform(0.2, 0.3) * hila * _blobs(rng, size=size) * lungs
     elif label == "COVID-19":  # hazy, both sides, at the periphery of the lower zones
         edge = np.exp(-((np.abs(X) - 0.28) / 0.07) ** 2) / (1 + np.exp(-(Y - 0.02) / 0.05))
-        img += rng.uniform(0.25, 0.35) * edge * (0.6 + 0.4 * _blobs(rng, 12)) * lungs
+        img += rng.uniform(0.25, 0.35) * edge * (0.6 + 0.4 * _blobs(rng, 12, size)) * lungs
 
     img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)  # exposure
     img += rng.normal(0, 0.03, img.shape)  # quantum noise

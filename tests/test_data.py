@@ -245,6 +245,8 @@ def test_phantoms_are_deterministic_and_have_four_classes():
     px = films.load_pixels(s1["test"], [16, 24])
     assert px.images[24].shape == (40, 1, 24, 24) and px.images[24].dtype == torch.uint8
     assert torch.equal(px.hw, torch.ones(40))  # phantoms are square
+    for c in phantom.CLASSES:  # any size, every class (bench.py writes them at 512 and 1024)
+        assert phantom.render(c, np.random.default_rng(0), 100).shape == (100, 100)
 
 
 @pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="../shared/data/cxr-sample absent")
