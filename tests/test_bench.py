@@ -3,6 +3,7 @@ first-GPU check run on the CPU with every CUDA-side knob on (bf16, channels_last
 import json
 
 import bench
+import gpucheck
 import train
 
 
@@ -67,11 +68,11 @@ def test_gpu_check_skips_what_the_budget_cannot_hold_and_goes_on_after_a_failure
     status = bench.main(["--gpu-check", "--quick", "--budget", "0", "--out",
                          str(tmp_path / "a.json")])["gpu_check"]
     assert {s["status"] for s in status.values()} == {"skipped"} and "demo" in status
-    monkeypatch.setattr(bench, "script", lambda name, *a, **k: (1, 0.1, f"{name}: boom"))
+    monkeypatch.setattr(gpucheck, "script", lambda name, *a, **k: (1, 0.1, f"{name}: boom"))
 
     def dies(*a, **k):
         raise RuntimeError("the GPU fell off")
-    monkeypatch.setattr(bench, "killed_and_resumed", dies)
+    monkeypatch.setattr(gpucheck, "killed_and_resumed", dies)
     status = bench.main(["--gpu-check", "--quick", "--out", str(tmp_path / "b.json")])
     status = status["gpu_check"]
     assert status["demo"]["status"] == "failed" and "boom" in status["demo"]["log_tail"]

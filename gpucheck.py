@@ -1,0 +1,230 @@
+"""The first run on a new GPU: `python bench.py --gpu-check` (see gpu_check()).
+
+The project's scripts run as a user runs them, on the device, each step within a budget, its
+result written to JSON as soon as it ends, every script's output to one log.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+
+import torch
+
+import phantom
+from measure import BenchConfig, checkpoint_cost, measure_steps, step_run
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def start(name, args, log, title):
+    """Start one of the project's scripts as a user would, its output appended to `log`
+    under a heading; (process, offset where its output begins)."""
+    with open(log, "a") as f:
+        f.write(f"\n===== {title}: python {name} {' '.join(map(str, args))}\n")
+        offset = f.tell()
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, name), *map(str, args)],
+                             cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    return p, offset
+
+
+def output(log, offset):
+    with open(log, errors="replace") as f:
+        f.seek(offset)
+        return f.read()
+
+
+def script(name, args, log, timeout, title=None):
+    """Run a script to its end, or kill it at `timeout` seconds.
+    (exit code or 'timeout', seconds, what it printed)."""
+    t0 = time.time()
+    p, offset = start(name, args, log, title or name)
+    try:
+        rc = p.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        rc = "timeout"
+    return rc, time.time() - t0, output(log, offset)
+
+
+def killed_and_resumed(args, runs, log, timeout, kill_after):
+    """train.py killed (SIGKILL) once `kill_after` epochs are logged and last.pt exists,
+    then --resume'd: it must go on from the last saved epoch and train each epoch once."""
+    t0 = time.time()
+    run_dir = os.path.join(runs, "real")
+    metrics, last = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "last.pt")
+    p, _ = start("train.py", [*args, "--runs", runs, "--name", "real"], log, "real run, killed")
+    while p.poll() is None and time.time() - t0 < timeout:
+        if os.path.isfile(metrics) and len(open(metrics).readlines()) >= kill_after and \
+                os.path.isfile(last):
+            break
+        time.sleep(0.02)
+    was_running = p.poll() is None
+    if was_running:
+        p.send_signal(signal.SIGKILL)
+    p.wait()
+    out = {"killed_rc": p.returncode, "killed_mid_run": was_running,
+           "killed_after_s": time.time() - t0}
+    if not os.path.isfile(last):
+        return {**out, "status": "failed", "why": "no last.pt after the kill"}
+    saved = len(torch.load(last, map_location="cpu", weights_only=True)["history"])
+    rc, secs, text = script("train.py", ["--resume", run_dir], log,
+                            timeout - (time.time() - t0), "real run, resumed")
+    out.update(resume_rc=rc, resume_s=secs, epochs_in_last_pt=saved)
+    if rc != 0:
+        return {**out, "status": "timeout" if rc == "timeout" else "failed",
+                "why": "the resumed run did not end well", "log_tail": text[-3000:]}
+    m = json.load(open(os.path.join(run_dir, "test_metrics.json")))
+    rows = [json.loads(line) for line in open(metrics)]
+    phases = [(r["phase"], r["epoch"]) for r in rows]
+    out.update(accuracy=m["accuracy"]["value"], timings=m["timings_s"],
+               epochs=len(rows), each_epoch_once=len(set(phases)) == len(phases),
+               resumed="resuming" in text,
+               per_phase=[{k: r.get(k) for k in ("phase", "img_s", "time", "peak_gib")}
+                          for r in rows])
+    good = out["resumed"] and out["each_epoch_once"] and was_running
+    return {"status": "ok" if good else "failed", **out}
+
+
+def gpu_check(bc, dev, res, log):
+    """The first run on a new GPU, in one call, within bc.budget seconds, in order of value:
+
+    demo          the demo on the device, eager, as a user runs it (train.py --demo);
+    evaluate      evaluate.py on that run: plain (it must reproduce train.py's test accuracy),
+                  then fastai v1's TTA;
+    real_run      ResNet-50 at 128/224/229 px on a few hundred phantom PNGs (decoding, cache),
+                  one epoch per phase, killed with SIGKILL after two epochs and --resume'd;
+    demo_compiled one stage of the demo with --compile on (frozen, unfrozen and evaluation
+                  graphs: every kind of graph training compiles);
+    predict       predict.py with Grad-CAM on the real run's test PNGs;
+    steps         ceiling vs real loop per stage and phase, eager, with peak memory;
+    checkpoint    the cost of one epoch's snapshot and last.pt write for ResNet-50 with Adam;
+    steps_compiled  ceiling vs real loop compiled, at the first size.
+    A step is skipped when less of the budget is left than it needs; its scripts are killed
+    at the budget's end. Each result is written as soon as its step ends, and one that fails
+    (or raises) does not stop the rest. Returns {step: result}; result["status"] is one of
+    ok, failed, timeout, skipped.
+    """
+    t_end = time.time() + bc.budget
+    left = lambda: t_end - time.time()
+    flags = ["--device", str(dev), "--precision", bc.precision, "--channels-last",
+             bc.channels_last]  # evaluate.py and predict.py take these three
+    train_flags = [*flags, "--compile-backend", bc.compile_backend]
+    demo = ["--demo", *train_flags]
+    compiled = [*demo, "--stages", "64", "--frozen-epochs", "1", "--unfrozen-epochs", "2",
+                "--compile", "on"]
+    real = ["--arch", bc.arch, "--weights", "none", "--stages", bc.sizes,
+            "--frozen-epochs", "1,1,0", "--unfrozen-epochs", "1,1,1", "--batch-size",
+            str(bc.batch_size), "--lr-find-steps", "20", "--save-every", "0", *train_flags]
+    n_real, png, n_eval = 384, 512, 640
+    if bc.quick:  # seconds on a CPU: every step, nothing measured
+        tiny = ["--phantoms", "96", "--stages", "32", "--frozen-epochs", "0",
+                "--unfrozen-epochs", "2", "--lr-find-steps", "6", "--batch-size", "16"]
+        demo, compiled = demo + tiny, compiled + tiny[:4] + tiny[6:]
+        real[real.index("--frozen-epochs") + 1] = "1,0"
+        real[real.index("--unfrozen-epochs") + 1] = "1,4"
+        real[real.index("--lr-find-steps") + 1] = "6"
+        n_real, png, n_eval = 96, 64, 96
+    runs = tempfile.mkdtemp()
+    pngs = os.path.join(runs, "pngs")
+    status = {}
+
+    def step(name, estimate, fn):
+        """Run fn() -> result dict as step `name`, within the budget; record and print it."""
+        if left() < estimate:
+            out = {"status": "skipped", "why": f"{left():.0f} s of the budget left, it needs "
+                                                f"about {estimate:.0f} s"}
+        else:
+            t0 = time.time()
+            try:
+                out = fn()
+            except Exception as e:  # said, and the check goes on
+                out = {"status": "failed", "why": f"{type(e).__name__}: {e}"}
+            out.setdefault("step_s", time.time() - t0)
+        status[name] = out
+        res.set("gpu_check", status)
+        print(f"[{out['status']}] {name}: " + ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()
+            if k not in ("status", "log_tail", "timings", "per_phase")), flush=True)
+        return out
+
+    def ran(rc, text, **more):
+        ok = "ok" if rc == 0 else "timeout" if rc == "timeout" else "failed"
+        return {"status": ok, "rc": rc, **more, **({} if rc == 0 else
+                                                    {"log_tail": text[-3000:]})}
+
+    def train_run(name, args):
+        rc, secs, text = script("train.py", [*args, "--runs", runs, "--name", name], log,
+                                left(), name)
+        out = ran(rc, text, wall_s=secs)
+        if rc == 0:
+            folder = os.path.join(runs, name)
+            m = json.load(open(os.path.join(folder, "test_metrics.json")))
+            rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+            out.update(accuracy=m["accuracy"]["value"], timings=m["timings_s"],
+                       peak_gib=max((r.get("peak_gib") or 0 for r in rows), default=0))
+        return out
+
+    def evaluate(train_acc):
+        ev = [os.path.join(runs, "demo"), "--data", "phantom", "--phantoms", n_eval, *flags]
+        rc, secs, text = script("evaluate.py", [*ev, "--out", os.path.join(runs, "eval")],
+                                log, left())
+        out = ran(rc, text, wall_s=secs)
+        if rc == 0:
+            acc = json.load(open(os.path.join(runs, "eval", "metrics.json")))["accuracy"]
+            out.update(accuracy=acc["value"], same_as_train=acc["value"] == train_acc)
+            rc, secs, text = script("evaluate.py", [*ev, "--tta", "v1", "--out",
+                                                    os.path.join(runs, "tta")], log, left(),
+                                    "evaluate.py --tta v1")
+            out.update(ran(rc, text, tta_s=secs))
+            if rc == 0:
+                out["tta_accuracy"] = json.load(open(os.path.join(
+                    runs, "tta", "metrics.json")))["accuracy"]["value"]
+        return out
+
+    def real_run():
+        t0 = time.time()
+        phantom.write_covidx(pngs, n_real, n_real // 6, png)
+        write_s = time.time() - t0
+        args = ["--data", pngs, "--cache-dir", os.path.join(runs, "cache"), *real]
+        return {**killed_and_resumed(args, runs, log, left(), 2), "write_pngs_s": write_s}
+
+    def predict():
+        rc, secs, text = script("predict.py", [
+            os.path.join(runs, "demo"), os.path.join(pngs, "test"), "--out",
+            os.path.join(runs, "pred.csv"), "--cam", os.path.join(runs, "cams"), *flags],
+            log, left())
+        out = ran(rc, text, wall_s=secs)
+        if rc == 0:
+            out["cams"] = len(os.listdir(os.path.join(runs, "cams")))
+        return out
+
+    def steps(b, sizes=None, modes=None):
+        rows = measure_steps(b, dev, res, "loop", sizes, modes)
+        return {"status": "ok", "min_ratio": min(r["ratio"] for r in rows),
+                "peak_gib": max(r["peak_gib"] or 0 for r in rows)}
+
+    eager = BenchConfig(**{**asdict(bc), "modes": "eager"})
+    d = step("demo", 60, lambda: train_run("demo", demo))
+    if d["status"] == "ok":
+        step("evaluate", 40, lambda: evaluate(d["accuracy"]))
+    step("real_run", 150, real_run)
+    step("demo_compiled", 60 if bc.quick else 150, lambda: train_run("demo_compiled", compiled))
+    if d["status"] == "ok" and os.path.isdir(os.path.join(pngs, "test")):
+        step("predict", 30, predict)
+    step("steps", 60, lambda: steps(eager))
+    step("checkpoint", 20, lambda: {"status": "ok",
+                                    **checkpoint_cost(step_run(eager, dev, 64))})
+    if not bc.quick:
+        step("steps_compiled", 150, lambda: steps(bc, [int(bc.sizes.split(",")[0])],
+                                                  ["compiled"]))
+    counts = {k: sum(v["status"] == k for v in status.values())
+              for k in ("ok", "failed", "timeout", "skipped")}
+    bad = [k for k, v in status.items() if v["status"] in ("failed", "timeout")]
+    print("\ngpu check: " + ", ".join(f"{n} {k}" for k, n in counts.items()) +
+          (f" ({', '.join(bad)}: see the log_tail in the JSON and {log})" if bad else ""))
+    return status

@@ -1,0 +1,234 @@
+"""The measurements behind bench.py and its GPU check, one function each, on one device.
+
+    bc = BenchConfig(sizes="128,224,229")          # the knobs (bench.py makes them flags)
+    res = Results("bench.json", env)               # merged across calls, saved as it goes
+    measure_steps(bc, dev, res, "loop")            # (a) ceiling and (b) real loop per stage/phase
+    checkpoint_cost(step_run(bc, dev, 64))         # one epoch's snapshot and last.pt write
+    end_to_end(bc, dev, root, cache); cache_rate(bc)
+"""
+import copy
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+import data
+import devices
+import films
+import phantom
+import train
+from checkpoint import Checkpointer, save_checkpoint
+from config import Config, knob
+from model import set_body_frozen
+
+PARTS = ("ceiling", "loop", "checkpoint", "e2e", "cache")
+
+
+@dataclass
+class BenchConfig:
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N")
+    part: str = knob(",".join(PARTS), "parts to run, comma separated: " + ", ".join(PARTS))
+    gpu_check: bool = knob(False, "run the first-GPU check (train, resume, evaluate, predict, "
+                           "ratios, memory, checkpoint cost) instead of the parts")
+    budget: float = knob(480.0, "--gpu-check: seconds it may take; a step that would not fit "
+                         "in what is left is skipped (its time limit is what is left)")
+    sizes: str = knob("128,224,229", "stage sizes")
+    batch_size: int = knob(64, "batch size, as training uses it")
+    arch: str = knob("resnet50", "ResNet body")
+    precision: str = knob("auto", "auto | bf16 | fp32 (as train.py)")
+    channels_last: str = knob("auto", "auto | on | off (as train.py)")
+    modes: str = knob("eager,compiled", "ceiling and loop: eager, compiled, or both")
+    compile_backend: str = knob("inductor", "torch.compile backend (as train.py)")
+    steps: int = knob(25, "timed steps per measurement")
+    warmup: int = knob(5, "untimed steps before each measurement")
+    e2e_sets: str = knob("5310:639", "train:test sizes of the end-to-end runs, comma separated")
+    png_size: int = knob(1024, "size of the phantom PNGs written for e2e and cache")
+    cache_images: int = knob(512, "PNGs decoded for the cache build rate")
+    out: str = knob("", "JSON results, merged across calls (default: bench.json, or "
+                    "gpu_check.json with --gpu-check, whose scripts' output goes to the same "
+                    "name with .log)")
+    quick: bool = knob(False, "tiny sizes on the CPU, seconds: a check that the script works")
+
+
+QUICK = dict(device="cpu", sizes="32,40", batch_size=8, arch="resnet18", steps=2, warmup=1,
+             modes="eager", e2e_sets="32:16", png_size=96, cache_images=16)
+
+
+class Results:
+    """The JSON file: read at the start (results of other calls on the same device and torch
+    are kept), written again after every measurement."""
+
+    def __init__(self, path, env):
+        self.path, self.r = path, {"env": env}
+        if os.path.isfile(path):
+            old = json.load(open(path))
+            same = {k: old.get("env", {}).get(k) for k in ("device", "torch")} == \
+                {k: env[k] for k in ("device", "torch")}
+            if same:
+                self.r = {**old, "env": env}
+            else:
+                print(f"{path} holds results of another device or torch; starting it anew")
+
+    def save(self):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.r, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def add_row(self, part, row, key=("size", "phase", "mode")):
+        """Add or replace the row of `part` with the same key."""
+        rows = [r for r in self.r.get(part, []) if any(r.get(k) != row.get(k) for k in key)]
+        self.r[part] = rows + [row]
+        self.save()
+
+    def set(self, part, value):
+        self.r[part] = value
+        self.save()
+
+
+def timed(dev, fn, n):
+    """Seconds per call of fn over n calls, the device drained before and after."""
+    devices.sync(dev)
+    t0 = time.time()
+    for _ in range(n):
+        fn()
+    devices.sync(dev)
+    return (time.time() - t0) / n
+
+
+def step_run(bc, dev, n_train=None):
+    """A train.setup() run on in-memory phantoms, for the step measurements."""
+    n_train = n_train or max(bc.batch_size * (bc.steps + bc.warmup), 64)
+    cfg = Config(data="phantom", phantoms=n_train, arch=bc.arch, weights="none",
+                 device=str(dev), stages=bc.sizes, frozen_epochs="0", unfrozen_epochs="1",
+                 batch_size=str(bc.batch_size), runs=tempfile.mkdtemp(), cache_dir="",
+                 compile="off", precision=bc.precision, channels_last=bc.channels_last,
+                 compile_backend=bc.compile_backend)
+    return train.setup(cfg)
+
+
+def ceiling(run, bc, size):
+    """(a): img/s of the step on one synthetic batch already on the device."""
+    cl = torch.channels_last if run.channels_last else torch.contiguous_format
+    x = torch.randn(bc.batch_size, 3, size, size, device=run.device).contiguous(memory_format=cl)
+    y = torch.randint(0, len(run.classes), (bc.batch_size,), device=run.device)
+    for _ in range(bc.warmup):
+        run.step(x, y)
+    return bc.batch_size / timed(run.device, lambda: run.step(x, y), bc.steps)
+
+
+def real_loop(run, bc, size):
+    """(b): img/s of the step on the training loop's own batches, new epochs as needed."""
+    batches = train.train_batches(run, train.stage_tensors(run, size), size, bc.batch_size,
+                                  "bench")
+    it, epoch = iter(batches.epoch(0)), 0
+
+    def step():
+        nonlocal it, epoch
+        try:
+            xb, yb = next(it)
+        except StopIteration:  # a new epoch: new order, as in training
+            epoch += 1
+            it = iter(batches.epoch(epoch))
+            xb, yb = next(it)
+        run.step(xb, yb)
+    for _ in range(bc.warmup):
+        step()
+    return bc.batch_size / timed(run.device, step, bc.steps)
+
+
+def measure_steps(bc, dev, res, part, sizes=None, modes=None):
+    """ceiling or loop: one row per size x phase x mode, saved as it is measured."""
+    run = step_run(bc, dev)
+    modes = modes or bc.modes.split(",")
+    rows = []
+    for mode in modes:
+        if mode == "compiled":
+            if run.compiled is None:
+                run.compiled = torch.compile(run.model, dynamic=False,
+                                             backend=bc.compile_backend)
+        run.forward = run.compiled if mode == "compiled" else run.model
+        for size in sizes or [int(s) for s in bc.sizes.split(",")]:
+            for phase in ("frozen", "unfrozen"):
+                set_body_frozen(run.model, phase == "frozen")
+                devices.reset_peak(dev)
+                t0 = time.time()
+                row = {"size": size, "phase": phase, "mode": mode, "batch": bc.batch_size,
+                       "ceiling": ceiling(run, bc, size)}
+                if part == "loop":
+                    row["real"] = real_loop(run, bc, size)
+                    row["ratio"] = row["real"] / row["ceiling"]
+                row["peak_gib"] = devices.peak_gib(dev)
+                row["wall_s"] = time.time() - t0  # includes autotuning and compilation
+                print(f"  {part} {size} px {phase:>8} {mode:>8}: ceiling {row['ceiling']:,.0f}"
+                      + (f", real {row['real']:,.0f} img/s, (b)/(a) {row['ratio']:.3f}"
+                         if part == "loop" else " img/s") + f" ({row['wall_s']:.0f} s)")
+                res.add_row(part, row)
+                rows.append(row)
+    return rows
+
+
+def checkpoint_cost(run, repeats=3):
+    """One epoch's checkpoint work for run's model with a full Adam state: the snapshot
+    (training waits for it: the copies are queued; on a GPU they finish in the background)
+    and the last.pt write (in a background thread), against train.py before 2026-11-27:
+    model and optimizer deep-copied on the device, then a synchronous save with fsync."""
+    x = torch.randn(2, 3, 64, 64, device=run.device)
+    set_body_frozen(run.model, False)
+    run.step(x, torch.zeros(2, dtype=torch.long, device=run.device))  # Adam's moments exist
+    dev, path = run.device, os.path.join(run.dir, "last.pt")
+    ck = Checkpointer(run, path)
+    out = {"snapshot_s": [], "snapshot_done_s": [], "write_s": [], "before_s": []}
+    for i in range(repeats):
+        devices.sync(dev)
+        t0 = time.time()
+        ck.take(epoch=i)
+        out["snapshot_s"].append(time.time() - t0)
+        devices.sync(dev)
+        out["snapshot_done_s"].append(time.time() - t0)
+        t0 = time.time()
+        ck.write()
+        ck.close()
+        out["write_s"].append(time.time() - t0)
+        t0 = time.time()  # the old way
+        good = copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.opt.state_dict())
+        save_checkpoint(run, path + ".old", opt=run.opt.state_dict(), epoch=i)
+        devices.sync(dev)
+        out["before_s"].append(time.time() - t0)
+        del good
+    r = {k: min(v) for k, v in out.items()}
+    r["mib"] = os.path.getsize(path) / 2 ** 20
+    print(f"  checkpoint ({r['mib']:.0f} MiB): snapshot {r['snapshot_s'] * 1e3:.0f} ms "
+          f"(done after {r['snapshot_done_s'] * 1e3:.0f} ms), write {r['write_s']:.2f} s in "
+          f"the background; before: {r['before_s']:.2f} s in the training thread")
+    return r
+
+
+def end_to_end(bc, dev, root, cache):
+    """(c): train.py's default schedule on PNG files, from a cold and then a warm cache."""
+    out = {}
+    for cache_state in ("cold", "warm"):
+        cfg = Config(data=root, weights="none", arch=bc.arch, device=str(dev),
+                     stages=bc.sizes, batch_size=str(bc.batch_size), cache_dir=cache,
+                     runs=tempfile.mkdtemp(), name=cache_state, precision=bc.precision,
+                     channels_last=bc.channels_last, compile_backend=bc.compile_backend)
+        if bc.quick:  # one epoch per stage, short LR sweeps
+            cfg.frozen_epochs, cfg.unfrozen_epochs, cfg.lr_find_steps = "1", "1", 4
+        m = train.main(cfg)
+        out[cache_state] = {**m["timings_s"], "accuracy": m["accuracy"]["value"]}
+    return out
+
+
+def cache_rate(bc):
+    """(d): decoding alone, all cores, no cache."""
+    root = tempfile.mkdtemp()
+    phantom.write_covidx(root, bc.cache_images, 4, bc.png_size)
+    _, splits = data.load_dataset(root, allow_missing_class=True)
+    t0 = time.time()
+    films.load_pixels(splits["train"], [int(s) for s in bc.sizes.split(",")], cache_dir=None)
+    rate = bc.cache_images / (time.time() - t0)
+    return {"images_s": rate, "per_core": rate / os.cpu_count(), "png_px": bc.png_size,
+            "images": bc.cache_images}
