@@ -62,19 +62,7 @@ class Run:
     history: list = field(default_factory=list)  # one dict per epoch, as in metrics.jsonl
 
 
-# Measured on one H100 (torch 2.11, bf16, channels_last, batch 256; issue #3): an eager
-# ResNet-50 step ran at 10,755 img/s at 128 px; compiling took 64 s and saved 25% of the step
-# time at 128 px and nothing measurable at 224 px. Each stage needs three graphs (frozen,
-# unfrozen, evaluation). Compilation pays only when a quarter of the stage's eager compute
-# exceeds that: beyond ~6 million images at 128 px, i.e. never on COVIDx-sized data.
-COMPILE_S, COMPILE_GAIN, EAGER_IMG_S_128 = 64.0, 0.25, 10_755
 BETAS = (0.9, 0.99)  # fastai's Adam: beta1 0.9 (the one-cycle moves it), beta2 0.99
-
-
-def compile_pays(images, size):
-    """Whether compiling a stage that trains on `images` images of `size` px saves time."""
-    eager_s = images / (EAGER_IMG_S_128 * (128 / size) ** 2)
-    return COMPILE_GAIN * eager_s > 3 * COMPILE_S
 
 
 def make_step(run):
@@ -162,11 +150,11 @@ def setup(cfg, sizes=None):
 
 
 def use_compile(run, stage):
-    """Pick the compiled or the eager model for this stage (see compile_pays)."""
+    """Pick the compiled or the eager model for this stage (see devices.compile_pays)."""
     c = run.cfg.compile
     images = (stage.frozen_epochs + stage.unfrozen_epochs) * len(run.items["train"])
     on = c == "on" or (c == "auto" and run.device.type == "cuda"
-                       and compile_pays(images, stage.size))
+                       and devices.compile_pays(images, stage.size))
     if on and run.compiled is None:  # compiles lazily, at the first call per shape
         run.compiled = torch.compile(run.model, dynamic=False,
                                      backend=run.cfg.compile_backend)

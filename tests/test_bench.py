@@ -3,8 +3,8 @@ first-GPU check run on the CPU with every CUDA-side knob on (bf16, channels_last
 import json
 
 import bench
+import devices
 import gpucheck
-import train
 
 
 def test_bench_quick_measures_every_part(tmp_path, capsys):
@@ -84,7 +84,7 @@ def test_gpu_check_skips_what_the_budget_cannot_hold_and_goes_on_after_a_failure
 
 def test_compile_rule_from_the_measured_numbers():
     # COVIDx v1 (5,310 training films): no stage of the 41 epochs repays 3 compilations
-    assert not train.compile_pays(8 * 5310, 128)
-    assert not train.compile_pays(25 * 5310, 229)
-    assert not train.compile_pays(25 * 30000, 229)  # nor on COVIDx9A's size
-    assert train.compile_pays(10_000_000, 128)  # tens of millions of images would
+    assert not devices.compile_pays(8 * 5310, 128)
+    assert not devices.compile_pays(25 * 5310, 229)
+    assert not devices.compile_pays(25 * 30000, 229)  # nor on COVIDx9A's size
+    assert devices.compile_pays(10_000_000, 128)  # tens of millions of images would
