@@ -35,12 +35,11 @@ from dataclasses import asdict
 import torch
 
 import devices
-import phantom
-import train
+import runner
 from config import add_flags
 from gpucheck import gpu_check
 from measure import (PARTS, QUICK, BenchConfig, Results, cache_rate, checkpoint_cost,
-                     end_to_end, measure_steps, step_run)
+                     end_to_end, measure_steps, step_run, write_phantom_covidx)
 
 
 def run_parts(bc, dev, res):
@@ -55,7 +54,7 @@ def run_parts(bc, dev, res):
             for spec in bc.e2e_sets.split(","):
                 n_train, n_test = (int(v) for v in spec.split(":"))
                 root, t1 = tempfile.mkdtemp(), time.time()
-                phantom.write_covidx(root, n_train, n_test, bc.png_size)
+                write_phantom_covidx(root, n_train, n_test, bc.png_size)
                 e = {"write_pngs_s": time.time() - t1,
                      **end_to_end(bc, dev, root, tempfile.mkdtemp())}
                 res.set("e2e", {**res.r.get("e2e", {}), spec: e})
@@ -80,7 +79,7 @@ def main(argv=None):
     env = {"device": devices.describe(dev), "torch": torch.__version__,
            "cuda": torch.version.cuda, "python": platform.python_version(),
            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-           "git_commit": train.git_commit(), "config": asdict(bc)}
+           "git_commit": runner.git_commit(), "config": asdict(bc)}
     print(json.dumps(env))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     res = Results(out, env)

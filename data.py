@@ -146,6 +146,16 @@ def apply_subtypes(rows, path):
     return out
 
 
+def phantom_dataset(n_train=2000, seed=0):
+    """(class names, {"train": Items, "test": Items}) of phantoms (phantom.py), the same for
+    the same seed: what --data phantom loads."""
+    splits = {}
+    for k, (split, n) in enumerate([("train", n_train), ("test", max(40, n_train // 5))]):
+        labels, patients, pixels = phantom.make_split(n, [seed, k], f"phantom-{split}-")
+        splits[split] = Items([None] * n, labels, patients, ["phantom"] * n, pixels)
+    return list(phantom.CLASSES), splits
+
+
 def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtypes=None,
                  n_phantoms=2000, seed=0, allow_patient_overlap=False, allow_missing_class=False,
                  problems=None):
@@ -158,7 +168,7 @@ def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtyp
     left out of the splits) so that decoding can look for more before one message says all.
     """
     if root == "phantom":
-        return phantom.dataset(n_phantoms, seed)
+        return phantom_dataset(n_phantoms, seed)
     if not os.path.isdir(root):
         raise DataError(f"--data {root}: no such folder. Give a COVIDx or ImageFolder root, "
                         "or --data phantom for synthetic images.")

@@ -14,8 +14,8 @@ from dataclasses import asdict
 
 import torch
 
-import phantom
-from measure import BenchConfig, checkpoint_cost, measure_steps, step_run
+from measure import (BenchConfig, checkpoint_cost, measure_steps, step_run,
+                     write_phantom_covidx)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -188,7 +188,7 @@ def gpu_check(bc, dev, res, log):
 
     def real_run():
         t0 = time.time()
-        phantom.write_covidx(pngs, n_real, n_real // 6, png)
+        write_phantom_covidx(pngs, n_real, n_real // 6, png)
         write_s = time.time() - t0
         args = ["--data", pngs, "--cache-dir", os.path.join(runs, "cache"), *real]
         return {**killed_and_resumed(args, runs, log, left(), 2), "write_pngs_s": write_s}

@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 import data
 from config import parse_args
+from model import set_body_frozen
 from plots import COLOURS, LIGHT, line_plot
+from runner import setup, stage_tensors, train_batches
 from schedule import lr_sweep
 
 
@@ -143,18 +145,26 @@ def save_lr_find(prefix, lrs, raw, smooth, method="valley", num_it=None):
     return lr
 
 
-def main(argv=None):
-    import train  # train.py imports this module; import it only when run as a script
+def find_lr(run, tensors, size, batch_size, frozen, tag):
+    """Run the LR range test for one phase; write lrfind_<tag>.csv/.png; return the LR."""
+    set_body_frozen(run.model, frozen)
+    batches = train_batches(run, tensors, size, batch_size, "lrfind_" + tag)
+    c = run.cfg
+    lrs, raw, smooth = lr_find(run.step, run.model, run.opt, batches, c.lr_find_steps,
+                               c.lr_find_start, c.lr_find_end, c.lr_find_beta)
+    return save_lr_find(os.path.join(run.dir, "lrfind_" + tag), lrs, raw, smooth, c.suggest,
+                        c.lr_find_steps)
 
+
+def main(argv=None):
     cfg, extra = parse_args(argv, doc=__doc__,
                             extra={"size": (int, 128, "image size in pixels"),
                                    "phase": (str, "frozen", "frozen | unfrozen")})
     size, phase = extra["size"], extra["phase"]
-    run = train.setup(cfg, sizes=[size])  # decode the images at this size only
-    tensors = train.stage_tensors(run, size)
+    run = setup(cfg, sizes=[size])  # decode the images at this size only
+    tensors = stage_tensors(run, size)
     tag = f"{size}_{phase}"
-    lr = train.find_lr(run, tensors, size, int(cfg.batch_size.split(",")[0]), phase == "frozen",
-                       tag)
+    lr = find_lr(run, tensors, size, int(cfg.batch_size.split(",")[0]), phase == "frozen", tag)
     print(f"suggested LR ({cfg.suggest}): {lr:.2e}; curve in {run.dir}/lrfind_{tag}.png")
     return lr
 

@@ -14,17 +14,43 @@ import time
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 import data
 import devices
 import films
 import phantom
+import runner
 import train
+from films import process_pool
 from checkpoint import Checkpointer, save_checkpoint
 from config import Config, knob
 from model import set_body_frozen
 
 PARTS = ("ceiling", "loop", "checkpoint", "e2e", "cache")
+
+
+def _save_png(args):
+    pixels, path, size = args
+    Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(path, compress_level=1)
+
+
+def write_phantom_covidx(root, n_train, n_test, size=1024, seed=0, workers=None):
+    """Write phantoms as a COVIDx folder (train/, test/, train.txt, test.txt) of 8-bit PNGs
+    at `size` px: real files, for timing decoding and caching (bench.py)."""
+    jobs = []
+    for k, (split, n) in enumerate([("train", n_train), ("test", n_test)]):
+        labels, patients, pixels = phantom.make_split(n, [seed, k], f"phantom-{split}-")
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        with open(os.path.join(root, f"{split}.txt"), "w") as f:
+            for i, (c, p) in enumerate(zip(labels, patients)):
+                name = f"{split}-{i:06d}.png"
+                f.write(f"{p} {name} {phantom.CLASSES[c]} phantom\n")
+                jobs.append((pixels[i], os.path.join(root, split, name), size))
+    with process_pool(workers) as pool:
+        list(tqdm(pool.map(_save_png, jobs, chunksize=16), total=len(jobs),
+                  desc=f"writing {len(jobs)} PNGs at {size} px", leave=False))
 
 
 @dataclass
@@ -100,14 +126,14 @@ def timed(dev, fn, n):
 
 
 def step_run(bc, dev, n_train=None):
-    """A train.setup() run on in-memory phantoms, for the step measurements."""
+    """A runner.setup() run on in-memory phantoms, for the step measurements."""
     n_train = n_train or max(bc.batch_size * (bc.steps + bc.warmup), 64)
     cfg = Config(data="phantom", phantoms=n_train, arch=bc.arch, weights="none",
                  device=str(dev), stages=bc.sizes, frozen_epochs="0", unfrozen_epochs="1",
                  batch_size=str(bc.batch_size), runs=tempfile.mkdtemp(), cache_dir="",
                  compile="off", precision=bc.precision, channels_last=bc.channels_last,
                  compile_backend=bc.compile_backend)
-    return train.setup(cfg)
+    return runner.setup(cfg)
 
 
 def ceiling(run, bc, size):
@@ -122,7 +148,7 @@ def ceiling(run, bc, size):
 
 def real_loop(run, bc, size):
     """(b): img/s of the step on the training loop's own batches, new epochs as needed."""
-    batches = train.train_batches(run, train.stage_tensors(run, size), size, bc.batch_size,
+    batches = runner.train_batches(run, runner.stage_tensors(run, size), size, bc.batch_size,
                                   "bench")
     it, epoch = iter(batches.epoch(0)), 0
 
@@ -225,7 +251,7 @@ def end_to_end(bc, dev, root, cache):
 def cache_rate(bc):
     """(d): decoding alone, all cores, no cache."""
     root = tempfile.mkdtemp()
-    phantom.write_covidx(root, bc.cache_images, 4, bc.png_size)
+    write_phantom_covidx(root, bc.cache_images, 4, bc.png_size)
     _, splits = data.load_dataset(root, allow_missing_class=True)
     t0 = time.time()
     films.load_pixels(splits["train"], [int(s) for s in bc.sizes.split(",")], cache_dir=None)

@@ -1,6 +1,6 @@
 """Synthetic "phantom" chest radiographs, so that everything runs with no download.
 
-    classes, splits = dataset(n_train=2000, seed=0)   # what `--data phantom` loads
+    labels, patients, pixels = make_split(100, seed=0, prefix="p-")   # 100 films
 
 Each film has a body outline, two lungs, ribs, spine, heart and diaphragm, a random pose and
 exposure, and noise. The four classes differ only inside the lungs, in the way the radiology
@@ -82,38 +82,3 @@ def make_split(n, seed, prefix):
             bar.update()
     bar.close()
     return labels, patients, np.stack(pixels)
-
-
-def dataset(n_train=2000, seed=0):
-    """(class names, {"train": Items, "test": Items}) of phantoms, the same for the same seed."""
-    from data import Items  # data.py imports this module at its top
-    splits = {}
-    for k, (split, n) in enumerate([("train", n_train), ("test", max(40, n_train // 5))]):
-        labels, patients, pixels = make_split(n, [seed, k], f"phantom-{split}-")
-        splits[split] = Items([None] * n, labels, patients, ["phantom"] * n, pixels)
-    return list(CLASSES), splits
-
-
-def _save_png(args):
-    pixels, path, size = args
-    Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(path, compress_level=1)
-
-
-def write_covidx(root, n_train, n_test, size=1024, seed=0, workers=None):
-    """Write phantoms as a COVIDx folder (train/, test/, train.txt, test.txt) of 8-bit PNGs
-    at `size` px: real files, for timing decoding and caching (bench.py)."""
-    import os
-
-    from films import process_pool  # films imports data, which imports this module
-    jobs = []
-    for k, (split, n) in enumerate([("train", n_train), ("test", n_test)]):
-        labels, patients, pixels = make_split(n, [seed, k], f"phantom-{split}-")
-        os.makedirs(os.path.join(root, split), exist_ok=True)
-        with open(os.path.join(root, f"{split}.txt"), "w") as f:
-            for i, (c, p) in enumerate(zip(labels, patients)):
-                name = f"{split}-{i:06d}.png"
-                f.write(f"{p} {name} {CLASSES[c]} phantom\n")
-                jobs.append((pixels[i], os.path.join(root, split, name), size))
-    with process_pool(workers) as pool:
-        list(tqdm(pool.map(_save_png, jobs, chunksize=16), total=len(jobs),
-                  desc=f"writing {len(jobs)} PNGs at {size} px", leave=False))

@@ -11,207 +11,23 @@ discriminative learning rates per layer group (schedule.py). The paper's stages,
 128 px 3+5 epochs, 224 px 3+5, 229 px 0+25 at LRs 1e-6..1e-4: 41 epochs. Every run writes
 runs/<name>/ with its config, metrics, LR-finder curves, checkpoints and test metrics.
 """
-import dataclasses
 import json
 import os
-import random
-import subprocess
 import time
-import zlib
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 import devices
-import films
-from batches import Augment, Batches
-from checkpoint import (Checkpointer, check_writable, load_optimizer, resume_from,
-                        save_checkpoint, set_rng_state)
-from config import Config, make_stages, parse_args
-from lrfind import lr_find, save_lr_find
+from checkpoint import load_optimizer, resume_from, save_checkpoint, set_rng_state
+from config import make_stages, parse_args
+from lrfind import find_lr
 from metrics import classification_metrics, format_metrics
-from model import build_model, class_logits, layer_groups, set_body_frozen
+from model import set_body_frozen
 from report import stage_table, write_predictions, write_report
+from runner import add_time, predict, setup, stage_tensors, start_phase, train_batches, use_compile
 from schedule import ONE_CYCLE, discriminative_lrs
-
-
-@dataclass
-class Run:
-    """What setup() makes once and every phase uses."""
-    cfg: Config
-    dir: str
-    device: torch.device
-    amp: object  # autocast dtype (torch.bfloat16) or None: fp32 (devices.precision)
-    channels_last: bool
-    classes: list
-    items: dict  # "train", "val", "test" -> data.Items
-    films: dict  # "train", "val", "test" -> films.Films (uint8 films per size, shapes), CPU
-    model: torch.nn.Module
-    opt: torch.optim.Optimizer
-    step: object  # step(x, y) -> loss: forward, backward, optimizer step
-    forward: object  # the model, or its compiled version: chosen per stage
-    compiled: object  # torch.compile(model), made when a stage first asks for it
-    aug: object
-    loss_weight: torch.Tensor = None
-    ckpt: object = None  # checkpoint.Checkpointer: snapshots, last.pt
-    timings: dict = field(default_factory=dict)  # seconds spent per kind of work
-    history: list = field(default_factory=list)  # one dict per epoch, as in metrics.jsonl
-
-
-BETAS = (0.9, 0.99)  # fastai's Adam: beta1 0.9 (the one-cycle moves it), beta2 0.99
-
-
-def make_step(run):
-    """One training step, on either device: bf16 autocast where --precision says (bf16's range
-    is fp32's, so no GradScaler), the head and the loss in fp32. No host sync: the loss stays
-    on the device."""
-    opt = run.opt
-
-    def step(x, y):
-        with devices.autocast(run.device, run.amp):
-            loss = F.cross_entropy(run.forward(x), y, weight=run.loss_weight)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-    return step
-
-
-def setup(cfg, sizes=None):
-    """Read and decode the data (at `sizes`, default the stages'), build model and optimizer,
-    and make the run folder."""
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    dev = devices.pick_device(cfg.device)
-    amp, cl = devices.precision(dev, cfg.precision), devices.channels_last(dev, cfg.channels_last)
-    print("config: " + json.dumps(dataclasses.asdict(cfg)))
-    problems = data.Problems()  # all that is wrong with the data, said once, before training
-    classes, splits = data.load_dataset(
-        cfg.data, cfg.train_split, cfg.test_split, cfg.image_dir, cfg.subtypes, cfg.phantoms,
-        cfg.seed, cfg.allow_patient_overlap, cfg.allow_missing_class, problems)
-    # Decode once, at every stage size in one pass; val is carved from the decoded train set
-    sizes = sizes or [s.size for s in make_stages(cfg)]
-    cache = cfg.cache_dir or None
-    full = films.load_pixels(splits["train"], sizes, cache, cfg.resize, problems=problems)
-    test = films.load_pixels(splits["test"], sizes, cache, cfg.resize, problems=problems)
-    problems.check()
-    tr, va = data.split_patients(splits["train"], cfg.val_frac, cfg.seed)
-    items = {"train": splits["train"].subset(tr), "val": splits["train"].subset(va),
-             "test": splits["test"]}
-    for k, it in items.items():
-        counts = np.bincount(it.labels, minlength=len(classes))
-        print(f"{k:>5}: {len(it):5d} images, " +
-              ", ".join(f"{c} {n}" for c, n in zip(classes, counts)))
-    split_films = {"train": full.subset(tr), "val": full.subset(va), "test": test}
-
-    model = build_model(len(classes), cfg.weights, cfg.arch).to(dev)
-    # The run folder comes last: a run that cannot start leaves none behind
-    name = cfg.name or time.strftime("%Y%m%d-%H%M%S-") + os.path.basename(
-        os.path.normpath(cfg.data))
-    run_dir = os.path.join(cfg.runs, name)
-    # fp32 weights in each stage checkpoint and model.pt; last.pt adds Adam's two moments
-    check_writable(run_dir, need_bytes=(len(make_stages(cfg)) + 4) * 4 * sum(
-        p.numel() for p in model.parameters()))
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump({**dataclasses.asdict(cfg), "git_commit": git_commit(),
-                   "torch": torch.__version__, "device": str(dev)}, f, indent=1)
-    with open(os.path.join(run_dir, "classes.json"), "w") as f:
-        json.dump(classes, f)
-
-    if cl:  # NHWC lets the tensor cores run convolutions without transposes
-        model = model.to(memory_format=torch.channels_last)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # shapes are static within a stage
-    groups = layer_groups(model)
-    # fastai's Adam: decoupled weight decay (true_wd); one param group per layer group
-    opt = devices.adamw([{"params": ps, "name": n} for n, ps in groups.items()],
-                        lr=1e-3, betas=BETAS, weight_decay=cfg.wd)
-    if cfg.compile != "off":  # one static graph per stage size x (frozen, unfrozen, eval)
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    weight = None
-    if cfg.class_weights:  # inverse frequency, mean weight 1
-        counts = torch.bincount(torch.tensor(items["train"].labels), minlength=len(classes))
-        weight = (counts.sum() / (len(classes) * counts.clamp(min=1).float())).to(dev)
-    aug = Augment(cfg.rotate, cfg.zoom, cfg.warp, cfg.lighting, cfg.p_affine, cfg.p_lighting,
-                  cfg.flip) if cfg.aug else None
-    print(f"device {devices.describe(dev)}: {'bf16 autocast' if amp else 'fp32'}, "
-          f"{'channels_last' if cl else 'NCHW'}, {'fused' if opt.defaults.get('fused') else 'for-each'} "
-          f"AdamW, compile {cfg.compile}; run folder {run_dir}")
-    run = Run(cfg, run_dir, dev, amp, cl, classes, items, split_films, model, opt, None, model,
-              None, aug, weight)
-    run.step = make_step(run)
-    run.ckpt = Checkpointer(run, os.path.join(run_dir, "last.pt"), cfg.save_every)
-    return run
-
-
-def use_compile(run, stage):
-    """Pick the compiled or the eager model for this stage (see devices.compile_pays)."""
-    c = run.cfg.compile
-    images = (stage.frozen_epochs + stage.unfrozen_epochs) * len(run.items["train"])
-    on = c == "on" or (c == "auto" and run.device.type == "cuda"
-                       and devices.compile_pays(images, stage.size))
-    if on and run.compiled is None:  # compiles lazily, at the first call per shape
-        run.compiled = torch.compile(run.model, dynamic=False,
-                                     backend=run.cfg.compile_backend)
-    run.forward = run.compiled if on else run.model
-    return on
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
-def stage_tensors(run, size):
-    """{split: (uint8 films, labels, height/width or None)} at this stage's size, moved to
-    the device once. The films' shapes matter only to --resize crop."""
-    crop = run.cfg.resize == "crop"
-    return {k: (f.images[size].to(run.device),
-                torch.tensor(run.items[k].labels, device=run.device),
-                f.hw.to(run.device) if crop else None) for k, f in run.films.items()}
-
-
-def train_batches(run, tensors, size, batch_size, tag):
-    """Shuffled, augmented training batches; each phase draws its own reproducible order."""
-    images, labels, hw = tensors["train"]
-    return Batches(images, labels, batch_size, size, aug=run.aug, hw=hw,
-                   balance=run.cfg.balance, seed=run.cfg.seed + zlib.crc32(tag.encode()),
-                   channels_last=run.channels_last)
-
-
-def start_phase(run, frozen):
-    """Freeze or unfreeze the body, and set the optimizer as fastai would at that call.
-
-    --opt-reset fresh: a new Adam (fastai v1's freeze()/unfreeze() call create_opt: moments
-    zero, step 0, beta1 back to 0.9, which is what the phase's LR finder runs with);
-    moments: moments zero, beta1 where the last schedule left it (fastai v2's clear_state);
-    none: one optimizer for the whole run, moments carried across phases and stages.
-    """
-    set_body_frozen(run.model, frozen)
-    if run.cfg.opt_reset != "none":
-        run.opt.state.clear()  # AdamW makes its state anew at the next step
-    if run.cfg.opt_reset == "fresh":
-        for g in run.opt.param_groups:
-            g["betas"] = BETAS
-
-
-def find_lr(run, tensors, size, batch_size, frozen, tag):
-    """Run the LR range test for one phase; write lrfind_<tag>.csv/.png; return the LR."""
-    set_body_frozen(run.model, frozen)
-    batches = train_batches(run, tensors, size, batch_size, "lrfind_" + tag)
-    c = run.cfg
-    lrs, raw, smooth = lr_find(run.step, run.model, run.opt, batches, c.lr_find_steps,
-                               c.lr_find_start, c.lr_find_end, c.lr_find_beta)
-    return save_lr_find(os.path.join(run.dir, "lrfind_" + tag), lrs, raw, smooth, c.suggest,
-                        c.lr_find_steps)
 
 
 def resolve_lrs(run, tensors, size, batch_size, frozen, spec, tag):
@@ -226,15 +42,6 @@ def resolve_lrs(run, tensors, size, batch_size, frozen, spec, tag):
         lo, hi = spec.split(":")
         return discriminative_lrs((float(lo), float(hi)), n)
     return [float(spec)] * n
-
-
-def predict(run, x, y, hw, size, batch_size=256):
-    """(mean loss, accuracy, class probabilities (N, C) on the CPU) over (x, y), unaugmented."""
-    logits = class_logits(run.model, run.forward, x, size, hw, batch_size, amp=run.amp,
-                          channels_last=run.channels_last)
-    n = max(1, len(y))
-    loss = F.cross_entropy(logits, y, weight=run.loss_weight, reduction="sum").item() / n
-    return loss, (logits.argmax(1) == y).float().sum().item() / n, logits.softmax(1).cpu()
 
 
 def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0):
@@ -309,10 +116,6 @@ def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0):
         if bad >= 0:
             break
     return rows
-
-
-def add_time(run, kind, seconds):
-    run.timings[kind] = run.timings.get(kind, 0.0) + seconds
 
 
 def main(cfg):

@@ -240,9 +240,9 @@ def test_resume_on_the_cpu_of_a_run_saved_on_a_gpu(tmp_path):
 def test_an_inductor_compiled_step_in_bf16_and_channels_last(tmp_path):
     """Inductor generates kernels here too (C++ on the CPU, Triton on a GPU): the real step
     (bf16 autocast, NHWC, fused AdamW, the fp32 head) through torch.compile, against eager."""
-    import train
+    import runner
     from config import parse_args
-    run = train.setup(parse_args([
+    run = runner.setup(parse_args([
         "--data", "phantom", "--phantoms", "40", "--arch", "resnet18", "--weights", "none",
         "--device", "cpu", "--stages", "32", "--precision", "bf16", "--channels-last", "on",
         "--compile", "on", "--cache-dir", "", "--runs", str(tmp_path)]))

@@ -13,6 +13,7 @@ from PIL import Image
 import lrfind
 import checkpoint
 import model as model_module
+import runner
 import train
 from config import make_stages, parse_args
 from model import build_model
@@ -156,11 +157,11 @@ def test_bad_data_stops_before_training_with_one_message(tmp_path):
 def test_class_weights_and_balance_options(tmp_path):
     cfg = parse_args(["--data", "phantom", "--phantoms", "64", "--runs", str(tmp_path),
                             "--cache-dir", "", "--class-weights", "--balance"] + TINY)
-    run = train.setup(cfg, sizes=[32])
+    run = runner.setup(cfg, sizes=[32])
     counts = torch.bincount(torch.tensor(run.items["train"].labels), minlength=4).float()
     expect = counts.sum() / (4 * counts)  # inverse frequency, mean weight 1 over images
     assert torch.allclose(run.loss_weight, expect)
-    batches = train.train_batches(run, train.stage_tensors(run, 32), 32, 16, "t")
+    batches = runner.train_batches(run, runner.stage_tensors(run, 32), 32, 16, "t")
     assert batches.balance and len(batches) == len(run.items["train"]) // 16
 
 
@@ -190,17 +191,17 @@ def test_unwritable_or_full_run_folder_fails_before_training(tmp_path, monkeypat
     blocker.write_text("a file where the runs folder should be")
     args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", ""] + TINY
     with pytest.raises(SystemExit, match="cannot write the run folder"):
-        train.setup(parse_args(args + ["--runs", str(blocker)]))
+        runner.setup(parse_args(args + ["--runs", str(blocker)]))
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: type("U", (), {"free": 10**6}))
     with pytest.raises(SystemExit, match=r"1 MiB free; the run's checkpoints need about \d+"):
-        train.setup(parse_args(args + ["--runs", str(tmp_path / "full"), "--name", "x"]))
+        runner.setup(parse_args(args + ["--runs", str(tmp_path / "full"), "--name", "x"]))
     assert not os.path.exists(tmp_path / "full" / "x")
 
 
 def test_a_diverging_phase_stops_and_restores_the_last_good_state(tmp_path, capsys):
     args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", "", "--runs", str(tmp_path)]
-    run = train.setup(parse_args(args + TINY))
-    tensors = train.stage_tensors(run, 32)
+    run = runner.setup(parse_args(args + TINY))
+    tensors = runner.stage_tensors(run, 32)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     with open(tmp_path / "log.jsonl", "w") as log:  # an LR of 1e30 overflows at once
         rows = train.fit(run, tensors, 32, 16, 3, [1e30] * 3, "boom", log,
@@ -216,16 +217,16 @@ def test_a_diverging_phase_stops_and_restores_the_last_good_state(tmp_path, caps
 def test_each_phase_starts_with_the_optimizer_fastai_would_have(tmp_path, monkeypatch):
     args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", "", "--runs", str(tmp_path)]
     seen = []  # (moments held, beta1) when each LR finder starts
-    real_lr_find = train.lr_find
+    real_lr_find = lrfind.lr_find
 
     def spy(step, model, opt, *a, **k):
         seen.append((len(opt.state), opt.param_groups[0]["betas"][0]))
         return real_lr_find(step, model, opt, *a, **k)
-    monkeypatch.setattr(train, "lr_find", spy)
+    monkeypatch.setattr(lrfind, "lr_find", spy)
     for reset, expect in [("fresh", "v1"), ("moments", "v2"), ("none", "kept")]:
-        run = train.setup(parse_args(args + TINY + ["--opt-reset", reset, "--name", reset]))
-        tensors = train.stage_tensors(run, 32)
-        train.start_phase(run, True)
+        run = runner.setup(parse_args(args + TINY + ["--opt-reset", reset, "--name", reset]))
+        tensors = runner.stage_tensors(run, 32)
+        runner.start_phase(run, True)
         with open(tmp_path / f"{reset}.jsonl", "w") as log:
             train.fit(run, tensors, 32, 16, 1, [1e-3] * 3, "p1", log,
                       dict(stage=0, phase_name="frozen"))
@@ -233,7 +234,7 @@ def test_each_phase_starts_with_the_optimizer_fastai_would_have(tmp_path, monkey
         beta1 = run.opt.param_groups[0]["betas"][0]
         assert moments and beta1 != 0.9  # the one-cycle moved beta1
         seen.clear()
-        train.start_phase(run, False)
+        runner.start_phase(run, False)
         train.resolve_lrs(run, tensors, 32, 16, False, "auto", "p2")
         if expect == "v1":  # a new Adam: no moments, beta1 back to 0.9
             assert seen == [(0, 0.9)] and run.opt.param_groups[0]["betas"] == (0.9, 0.99)
@@ -266,7 +267,7 @@ def test_optimizer_is_fastai_v1s_adam_with_true_weight_decay(tmp_path):
     # fastai v1: opt_func = partial(optim.Adam, betas=(0.9, 0.99)), wd 1e-2 applied as
     # p *= 1 - lr * wd to every parameter that has a gradient, BatchNorm included (true_wd, bn_wd)
     args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", "", "--runs", str(tmp_path)]
-    run = train.setup(parse_args(args + TINY))
+    run = runner.setup(parse_args(args + TINY))
     assert isinstance(run.opt, torch.optim.AdamW)
     assert [g["name"] for g in run.opt.param_groups] == ["stem-layer2", "layer3-layer4", "head"]
     for g in run.opt.param_groups:
@@ -283,9 +284,33 @@ def test_optimizer_is_fastai_v1s_adam_with_true_weight_decay(tmp_path):
 def test_the_step_minimises_cross_entropy(tmp_path):
     # fastai v1's classification loss: CrossEntropyFlat (layers.py), i.e. F.cross_entropy
     args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", "", "--runs", str(tmp_path)]
-    run = train.setup(parse_args(args + TINY))
+    run = runner.setup(parse_args(args + TINY))
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     run.model.eval()  # dropout off, BatchNorm fixed: the same logits before the step
     with torch.no_grad():
         expect = torch.nn.functional.cross_entropy(run.model(x), y)
     assert run.step(x, y).item() == pytest.approx(expect.item(), rel=1e-5)
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """The modules form layers: a lower one never imports a higher one, not even lazily."""
+    import ast
+    import glob
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mods = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(root, "*.py"))}
+    deps = {}
+    for m in mods:
+        tree = ast.parse(open(os.path.join(root, m + ".py")).read())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                 for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree)
+                  if isinstance(n, ast.ImportFrom) and n.module}
+        deps[m] = names & mods - {m}
+
+    def below(m, seen):
+        for d in deps[m] - seen:
+            seen.add(d)
+            below(d, seen)
+        return seen
+    assert {"train", "lrfind", "data", "phantom", "runner"} <= mods
+    assert [m for m in sorted(mods) if m in below(m, set())] == []
