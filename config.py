@@ -9,7 +9,9 @@ knobs of that whole family at once (RECIPES); a flag given explicitly still wins
 lists every element of the recipe against fastai v1's source.
 """
 import argparse
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 
 from model import ARCHS
@@ -99,6 +101,8 @@ class Config:
     name: str = knob("", "run name; empty: date-time and data set")
     demo: bool = knob(False, "quick demo: phantoms, random init, CPU, small sizes")
     resume: str = knob("", "run folder to continue from its last complete epoch (last.pt)")
+    overwrite: bool = knob(False, "replace the run in --runs/--name if there is one (without "
+                           "it, an existing run folder is never written over)")
 
 
 # The recipe families (--recipe): each sets these knobs; the rest keep their defaults.
@@ -149,7 +153,101 @@ def parse_args(argv=None, extra=None, doc=__doc__):
     cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
     if not cfg.data and not cfg.resume:
         p.error("pass --data PATH (a COVIDx or ImageFolder root), --data phantom, or --demo")
+    problems = [] if cfg.resume else validate(cfg)  # a resumed run takes its saved config
+    if problems:
+        p.error("\n  ".join([f"{len(problems)} flag(s) to fix:"] + problems))
     return (cfg, {k: getattr(args, k) for k in extra}) if extra else cfg
+
+
+def _list(value, conv, ok, what):
+    """A comma list -> (values, None) or (None, what is wrong with it)."""
+    try:
+        vals = [conv(v) for v in str(value).split(",")]
+    except ValueError:
+        return None, f"{value!r} is not a comma list of {what}"
+    bad = [v for v in vals if not ok(v)]
+    return (None, f"{bad[0]!r} in {value!r}: give {what}") if bad else (vals, None)
+
+
+def _lr(spec):
+    """'auto' | x | lo:hi, every LR a positive number (lo <= hi)."""
+    if spec == "auto":
+        return spec
+    parts = [float(v) for v in spec.split(":")]
+    if len(parts) > 2 or min(parts) <= 0 or parts[0] > parts[-1] or \
+            not all(math.isfinite(v) for v in parts):
+        raise ValueError(spec)
+    return spec
+
+
+LISTS = {  # flag: (conversion, test, what it accepts)
+    "stages": (int, lambda v: v >= 8, "image sizes of at least 8 px"),
+    "frozen_epochs": (int, lambda v: v >= 0, "epoch counts (0 or more)"),
+    "unfrozen_epochs": (int, lambda v: v >= 0, "epoch counts (0 or more)"),
+    "batch_size": (int, lambda v: v >= 1, "batch sizes (1 or more)"),
+    "lr_frozen": (_lr, bool, "auto, an LR (1e-3) or lo:hi (1e-6:1e-4)"),
+    "lr_unfrozen": (_lr, bool, "auto, an LR (1e-3) or lo:hi (1e-6:1e-4)"),
+}
+RANGES = {  # flag: (test, what it accepts)
+    "phantoms": (lambda v: v >= 8, "at least 8 films"),
+    "val_frac": (lambda v: 0 <= v < 1, "a fraction in [0, 1): what is left must train"),
+    "pct_start": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    "div": (lambda v: v > 0, "a positive number"),
+    "div_final": (lambda v: v > 0, "a positive number"),
+    "wd": (lambda v: v >= 0, "0 or more"),
+    "lr_find_steps": (lambda v: v >= 2, "2 steps or more"),
+    "lr_find_start": (lambda v: v > 0, "a positive LR"),
+    "lr_find_end": (lambda v: v > 0, "a positive LR"),
+    "lr_find_beta": (lambda v: 0 <= v < 1, "a factor in [0, 1)"),
+    "rotate": (lambda v: 0 <= v <= 180, "degrees in [0, 180]"),
+    "zoom": (lambda v: v >= 1, "a magnification of 1 or more"),
+    "warp": (lambda v: 0 <= v < 1, "a magnitude in [0, 1)"),
+    "lighting": (lambda v: 0 <= v < 1, "a magnitude in [0, 1)"),
+    "p_affine": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "p_lighting": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)"),
+    "save_every": (lambda v: v >= 0, "seconds, 0 or more"),
+}
+FILES = ("train_split", "test_split", "subtypes")  # files that must exist when given
+
+
+def validate(cfg):
+    """Everything wrong with the flags, one message each naming the flag and what it accepts,
+    before any work is done ([] when all is well)."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    problems = []
+    n_stages = None
+    for name, (conv, ok, what) in LISTS.items():
+        vals, why = _list(getattr(cfg, name), conv, ok, what)
+        if why:
+            problems.append(f"{flag(name)} {why}")
+        elif name == "stages":
+            n_stages = len(vals)
+        elif n_stages and len(vals) not in (1, n_stages) and getattr(cfg, name) != \
+                Config.__dataclass_fields__[name].default:
+            problems.append(f"{flag(name)} has {len(vals)} values for {n_stages} stages "
+                            f"({cfg.stages}): give one per stage, or one for all")
+    for name, (ok, what) in RANGES.items():
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and ok(v)):
+            problems.append(f"{flag(name)} {v}: give {what}")
+    if cfg.lr_find_end <= cfg.lr_find_start:
+        problems.append(f"--lr-find-end {cfg.lr_find_end} must be above --lr-find-start "
+                        f"{cfg.lr_find_start}")
+    if cfg.data and cfg.data != "phantom" and not os.path.isdir(cfg.data):
+        problems.append(f"--data {cfg.data}: no such folder (or give --data phantom)")
+    for name in FILES + ("image_dir",):
+        path = getattr(cfg, name)
+        if path and not (os.path.isdir if name == "image_dir" else os.path.isfile)(path):
+            problems.append(f"{flag(name)} {path}: no such {'folder' if name == 'image_dir' else 'file'}")
+    if cfg.weights not in ("imagenet", "none") and not os.path.isfile(cfg.weights):
+        problems.append(f"--weights {cfg.weights}: give imagenet, none or a state dict file")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        problems.append(f"--device {cfg.device}: give auto, cpu, cuda or cuda:N")
+    if cfg.name and (os.sep in cfg.name or cfg.name in (".", "..")):
+        problems.append(f"--name {cfg.name}: a folder name, without {os.sep} (--runs picks "
+                        "the folder it goes in)")
+    return problems
 
 
 @dataclass

@@ -96,8 +96,15 @@ def read_split_file(path):
     """Lines `patient_id filename label [source]` -> ([(patient, filename, label, source)],
     [a description of each malformed line])."""
     rows, bad = [], []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:  # one bad byte is one malformed line, not a traceback
+                line = raw.decode("utf-8").lstrip("\ufeff")
+            except UnicodeDecodeError as e:
+                bad.append(f"{os.path.basename(path)} line {n}: not UTF-8 text (byte "
+                           f"{raw[e.start]:#04x} at column {e.start + 1}); save the file as "
+                           "UTF-8")
+                continue
             parts = line.split()
             if not parts:
                 continue
@@ -133,8 +140,15 @@ def read_image_folder(root, base=None):
 def apply_subtypes(rows, path):
     """4 classes from 3: 'pneumonia' becomes its subtype (bacterial, viral) from a CSV file
     `filename,subtype`; pneumonia of unknown kind is left out."""
-    with open(path, newline="") as f:
-        subtypes = {r["filename"]: r["subtype"] for r in csv.DictReader(f)}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            subtypes = {r["filename"]: r["subtype"] for r in csv.DictReader(f)}
+    except UnicodeDecodeError as e:
+        raise DataError(f"--subtypes {path}: not UTF-8 text (byte {e.object[e.start]:#04x} "
+                        f"at offset {e.start}); save the file as UTF-8") from e
+    except KeyError as e:
+        raise DataError(f"--subtypes {path}: needs a header line with the columns filename "
+                        f"and subtype (no {e} column)") from e
     out = []
     for pid, fname, label, source in rows:
         if label.lower() == "pneumonia":

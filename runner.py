@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import subprocess
 import time
 import zlib
@@ -73,6 +74,7 @@ def make_step(run):
 def setup(cfg, sizes=None):
     """Read and decode the data (at `sizes`, default the stages'), build model and optimizer,
     and make the run folder."""
+    run_dir = run_folder(cfg)  # before any work: a run already there is never written over
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -99,10 +101,10 @@ def setup(cfg, sizes=None):
     split_films = {"train": full.subset(tr), "val": full.subset(va), "test": test}
 
     model = build_model(len(classes), cfg.weights, cfg.arch).to(dev)
-    # The run folder comes last: a run that cannot start leaves none behind
-    name = cfg.name or time.strftime("%Y%m%d-%H%M%S-") + os.path.basename(
-        os.path.normpath(cfg.data))
-    run_dir = os.path.join(cfg.runs, name)
+    # The run folder comes last: a run that cannot start leaves none behind (and, with
+    # --overwrite, the old run whole)
+    if cfg.overwrite and not cfg.resume and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
     # fp32 weights in each stage checkpoint and model.pt; last.pt adds Adam's two moments
     check_writable(run_dir, need_bytes=(len(make_stages(cfg)) + 4) * 4 * sum(
         p.numel() for p in model.parameters()))
@@ -136,6 +138,19 @@ def setup(cfg, sizes=None):
     run.step = make_step(run)
     run.ckpt = Checkpointer(run, os.path.join(run_dir, "last.pt"), cfg.save_every)
     return run
+
+
+def run_folder(cfg):
+    """--runs/--name (default name: date-time and data set). A folder that holds a run
+    (config.json) is refused unless this is its --resume, or --overwrite replaces it."""
+    name = cfg.name or time.strftime("%Y%m%d-%H%M%S-") + os.path.basename(
+        os.path.normpath(cfg.data))
+    run_dir = os.path.join(cfg.runs, name)
+    if os.path.isfile(os.path.join(run_dir, "config.json")) and not (cfg.resume or
+                                                                       cfg.overwrite):
+        raise SystemExit(f"{run_dir} already holds a run; continue it with --resume "
+                         f"{run_dir}, replace it with --overwrite, or choose another --name")
+    return run_dir
 
 
 def use_compile(run, stage):

@@ -1,0 +1,97 @@
+"""Flags checked before any work (one message per flag, no traceback), and run folders that are
+never written over."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import data
+from config import parse_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ["--data", "phantom"]
+
+
+def errors(capsys, *flags):
+    with pytest.raises(SystemExit) as e:
+        parse_args(BASE + list(flags))
+    assert e.value.code == 2  # argparse's usage error, not a crash
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--stages", "abc"], "--stages 'abc' is not a comma list of image sizes"),
+    (["--stages", "0"], "--stages 0 in '0': give image sizes of at least 8 px"),
+    (["--batch-size", "0"], "--batch-size 0 in '0': give batch sizes (1 or more)"),
+    (["--frozen-epochs", "-1"], "--frozen-epochs -1 in '-1': give epoch counts"),
+    (["--lr-unfrozen", "fast"], "--lr-unfrozen 'fast' is not a comma list of auto, an LR"),
+    (["--lr-frozen", "1e-3:1e-5"], "--lr-frozen '1e-3:1e-5' is not a comma list of auto"),
+    (["--stages", "128,224", "--unfrozen-epochs", "1,2,3"],
+     "--unfrozen-epochs has 3 values for 2 stages (128,224)"),
+    (["--val-frac", "1.0"], "--val-frac 1.0: give a fraction in [0, 1): what is left must train"),
+    (["--pct-start", "0"], "--pct-start 0.0: give a fraction in (0, 1)"),
+    (["--lr-find-end", "1e-8"], "--lr-find-end 1e-08 must be above --lr-find-start 1e-07"),
+    (["--p-affine", "1.5"], "--p-affine 1.5: give a probability in [0, 1]"),
+    (["--seed", "-1"], "--seed -1: give an integer in [0, 2**32)"),
+    (["--data", "/no/such/folder"], "--data /no/such/folder: no such folder"),
+    (["--train-split", "/no/such.txt"], "--train-split /no/such.txt: no such file"),
+    (["--weights", "/no/such.pth"], "--weights /no/such.pth: give imagenet, none or a state"),
+    (["--device", "gpu"], "--device gpu: give auto, cpu, cuda or cuda:N"),
+    (["--name", "a/b"], "--name a/b: a folder name, without /"),
+])
+def test_each_kind_of_bad_flag_is_named_with_what_it_accepts(capsys, flags, said):
+    assert said in errors(capsys, *flags)
+
+
+def test_every_bad_flag_is_said_at_once_and_good_ones_pass(capsys):
+    err = errors(capsys, "--batch-size", "0", "--val-frac", "2", "--stages", "0")
+    assert "3 flag(s) to fix" in err and "--batch-size" in err and "--val-frac" in err
+    cfg = parse_args(BASE + ["--stages", "128,224", "--lr-unfrozen", "auto,1e-6:1e-4",
+                             "--batch-size", "64,32", "--val-frac", "0"])
+    assert cfg.stages == "128,224"
+
+
+def test_the_command_line_ends_with_the_message_not_a_traceback(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data", "phantom",
+                        "--batch-size", "0"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "--batch-size 0" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "runs")  # no work done, no folder made
+
+
+def test_a_split_file_that_is_not_utf8_is_a_data_error_naming_the_line(tmp_path):
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / split)
+    (tmp_path / "train.txt").write_bytes(b"p1 a.png normal\np2 b\xff.png COVID-19\n")
+    (tmp_path / "test.txt").write_bytes(b"p3 c.png normal\n")
+    with pytest.raises(data.DataError, match=r"train.txt line 2: not UTF-8 text \(byte 0xff "
+                                             r"at column 5\)"):
+        data.load_dataset(str(tmp_path))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data",
+                        str(tmp_path), "--weights", "none", "--runs", str(tmp_path / "runs")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "not UTF-8 text" in r.stderr and "Traceback" not in r.stderr
+
+
+TINY = ["--data", "phantom", "--phantoms", "40", "--arch", "resnet18", "--weights", "none",
+        "--device", "cpu", "--stages", "32", "--frozen-epochs", "0", "--unfrozen-epochs", "1",
+        "--batch-size", "16", "--lr-unfrozen", "1e-3", "--cache-dir", ""]
+
+
+def test_a_run_folder_that_holds_a_run_is_never_written_over(tmp_path):
+    def train(*flags):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--runs",
+                               str(tmp_path), "--name", "same", *flags],
+                              capture_output=True, text=True)
+    assert train().returncode == 0
+    model = tmp_path / "same" / "model.pt"
+    first = model.read_bytes()
+    second = train("--seed", "1")
+    assert second.returncode == 1 and "already holds a run" in second.stderr
+    assert "--resume" in second.stderr and "--overwrite" in second.stderr
+    assert model.read_bytes() == first  # untouched
+    assert train("--seed", "1", "--overwrite").returncode == 0
+    assert model.read_bytes() != first  # replaced, as asked
+    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume",
+                              str(tmp_path / "same")], capture_output=True, text=True)
+    assert resumed.returncode == 0  # a resume writes into its own folder
