@@ -30,6 +30,8 @@ class Config:
     image_dir: str = knob("", "folder holding all images (default: --data/train, --data/test)")
     subtypes: str = knob("", "subtype.csv: relabel pneumonia as bacterial/viral (4 classes)")
     phantoms: int = knob(2000, "number of phantom training films (--data phantom)")
+    phantom_seed: int = knob(0, "seed of the phantom films themselves: fixed, so that runs "
+                             "with another --seed train and test on the same films")
     val_frac: float = knob(0.1, "fraction of training patients held out for validation")
     allow_patient_overlap: bool = knob(False, "allow patients in both train and test")
     allow_missing_class: bool = knob(False, "allow a class with no train or no test images")
@@ -80,6 +82,8 @@ class Config:
                       "heart on its side")
     balance: bool = knob(False, "sample every class equally often")
     class_weights: bool = knob(False, "weight the loss by inverse class frequency")
+    discriminative: bool = knob(True, "discriminative LRs per layer group when unfrozen "
+                                "(fastai's slice); --no-discriminative: one LR for all groups")
     # system
     seed: int = knob(0, "random seed")
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
@@ -206,6 +210,7 @@ RANGES = {  # flag: (test, what it accepts)
     "p_affine": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "p_lighting": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)"),
+    "phantom_seed": (lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)"),
     "save_every": (lambda v: v >= 0, "seconds, 0 or more"),
 }
 FILES = ("train_split", "test_split", "subtypes")  # files that must exist when given

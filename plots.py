@@ -114,3 +114,37 @@ def confusion_plot(path, cm, classes, title="confusion matrix"):
         d.text((left - 8, top + k * cell + cell / 2), c[:18], fill="black", font=small,
                anchor="rm")
     img.save(path)
+
+
+def dot_plot(path, rows, title="", percent=False, size_w=900):
+    """One row per group [(label, values, mean, lo, hi)]: a dot per value, the mean as a black
+    bar, [lo, hi] as a grey line (skipped where not finite, e.g. a single run)."""
+    W, left, right, top, row_h = size_w, 260, 30, 50, 44
+    H = top + row_h * len(rows) + 60
+    vals = [v for _, vs, m, lo, hi in rows for v in [*vs, m, lo, hi] if math.isfinite(v)]
+    x0, x1 = min(vals), max(vals)
+    pad = 0.05 * (x1 - x0 or 0.1)
+    x0, x1 = x0 - pad, x1 + pad
+    px = lambda v: left + (v - x0) / (x1 - x0) * (W - left - right)
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    font, small = _font(16), _font(13)
+    d.text((W / 2, 14), title, fill="black", font=font, anchor="mt")
+    bottom = top + row_h * len(rows)
+    for t in _ticks(x0, x1, False):
+        d.line([px(t), top, px(t), bottom], fill=(230, 230, 230))
+        d.text((px(t), bottom + 8), f"{100 * t:.0f}%" if percent else _fmt(t, False),
+               fill="black", font=small, anchor="mt")
+    d.rectangle([left, top, W - right, bottom], outline="black")
+    for i, (label, vs, mean, lo, hi) in enumerate(rows):
+        y = top + row_h * i + row_h / 2
+        d.text((left - 10, y), label[:34], fill="black", font=small, anchor="rm")
+        if math.isfinite(lo) and math.isfinite(hi):
+            d.line([px(lo), y, px(hi), y], fill=GREY, width=3)
+        d.line([px(mean), y - 12, px(mean), y + 12], fill="black", width=3)
+        for v in vs:
+            d.ellipse([px(v) - 5, y - 5, px(v) + 5, y + 5], fill=COLOURS[i % len(COLOURS)],
+                      outline="black")
+    d.text(((left + W - right) / 2, H - 16), "dots: runs; black bar: mean; grey: 95% interval "
+           "of the mean", fill="black", font=small, anchor="mm")
+    img.save(path)

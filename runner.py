@@ -84,7 +84,7 @@ def setup(cfg, sizes=None):
     problems = data.Problems()  # all that is wrong with the data, said once, before training
     classes, splits = data.load_dataset(
         cfg.data, cfg.train_split, cfg.test_split, cfg.image_dir, cfg.subtypes, cfg.phantoms,
-        cfg.seed, cfg.allow_patient_overlap, cfg.allow_missing_class, problems)
+        cfg.phantom_seed, cfg.allow_patient_overlap, cfg.allow_missing_class, problems)
     # Decode once, at every stage size in one pass; val is carved from the decoded train set
     sizes = sizes or [s.size for s in make_stages(cfg)]
     cache = cfg.cache_dir or None

@@ -31,16 +31,20 @@ from schedule import ONE_CYCLE, discriminative_lrs
 
 
 def resolve_lrs(run, tensors, size, batch_size, frozen, spec, tag):
-    """Max LR per layer group from 'auto' | 'x' | 'lo:hi' (see schedule.discriminative_lrs)."""
+    """Max LR per layer group from 'auto' | 'x' | 'lo:hi' (see schedule.discriminative_lrs).
+
+    --no-discriminative: one LR for every group (auto: the finder's; lo:hi: hi)."""
     n = len(run.opt.param_groups)
+    one = frozen or not run.cfg.discriminative
     if spec == "auto":
         lr = find_lr(run, tensors, size, batch_size, frozen, tag)
         print(f"  LR finder ({run.cfg.suggest}): {lr:.2e}")
         # unfrozen: fastai's slice(lr), a tenth of it for the body
-        return [lr] * n if frozen else discriminative_lrs(lr, n)
+        return [lr] * n if one else discriminative_lrs(lr, n)
     if ":" in spec:
         lo, hi = spec.split(":")
-        return discriminative_lrs((float(lo), float(hi)), n)
+        return [float(hi)] * n if one and not frozen else \
+            discriminative_lrs((float(lo), float(hi)), n)
     return [float(spec)] * n
 
 

@@ -128,11 +128,17 @@ def test_demo_defaults_can_be_overridden_and_data_is_required(capsys):
 
 
 def test_resolve_lrs_forms():
-    class R:  # resolve_lrs needs only the optimizer's groups for explicit LRs
+    from config import Config
+
+    class R:  # resolve_lrs needs only the optimizer's groups and the config for explicit LRs
         opt = torch.optim.AdamW([{"params": [torch.zeros(1)]} for _ in range(3)])
+        cfg = Config()
     assert train.resolve_lrs(R, None, 32, 0, False, "1e-6:1e-4", "") == pytest.approx(
         [1e-6, 1e-5, 1e-4])
     assert train.resolve_lrs(R, None, 32, 0, True, "3e-3", "") == pytest.approx([3e-3] * 3)
+    R.cfg = Config(discriminative=False)  # one LR for all groups: the top of the range
+    assert train.resolve_lrs(R, None, 32, 0, False, "1e-6:1e-4", "") == pytest.approx(
+        [1e-4] * 3)
 
 
 def test_bad_data_stops_before_training_with_one_message(tmp_path):

@@ -1,0 +1,184 @@
+"""Ablations: named variants of the recipe x seeds, one after another, then one comparison.
+
+    python ablate.py --data PATH --seeds 0,1,2          # the paper and each technique taken out
+    python ablate.py --demo --variants paper,no-lrfind --seeds 0,1,2 --out runs/abl
+    python ablate.py --data PATH --variant wd0="--wd 0" --arch resnet18 --stages 64,96
+
+Every flag ablate.py does not know goes to train.py, for every run. A variant is a name and
+the train.py flags it changes (VARIANTS below; --variant NAME="--flag value ..." adds one or
+replaces a built-in). Runs go to --out/<variant>-s<seed>/; a run that finished is skipped on a
+rerun, one that was killed is continued (--resume), one that fails is reported and the others
+go on. At the end compare.py's tables (compare.md, .csv, .png) are written to --out.
+
+Each run is its own `python train.py` process: a crash, an out-of-memory or a hang in one
+cannot take the others down, every run starts from fresh global state (random generators,
+cuDNN's autotuner, torch.compile's caches, GPU memory), and a killed run resumes exactly as a
+user's would. It costs a few seconds per run.
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from tqdm import tqdm
+
+import compare
+from config import make_stages, parse_args
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# name -> train.py flags. {placeholders} are filled from the base run's stages:
+#   {last_size_each}   the last stage's size for every stage (e.g. 229,229,229)
+#   {fixed_lr_frozen}  / {fixed_lr_unfrozen}: each 'auto' LR replaced by fastai v1's default
+#                      max_lr, 3e-3 (unfrozen: its slice, 3e-4:3e-3); explicit LRs kept
+VARIANTS = {
+    "paper": "",
+    "no-progressive": "--stages {last_size_each}",  # every stage at the last size, same epochs
+    "no-lrfind": "--lr-frozen {fixed_lr_frozen} --lr-unfrozen {fixed_lr_unfrozen}",
+    "no-discriminative": "--no-discriminative",  # one LR for all layer groups
+    "no-freeze": "--frozen-epochs 0",  # no head-only phases
+    "fastai-v1": "--recipe fastai-v1",
+    "fastai-v2": "--recipe fastai-v2",
+}
+DEFAULT = "paper,no-progressive,no-lrfind,no-discriminative,no-freeze"
+
+
+def placeholders(cfg):
+    stages = make_stages(cfg)
+    fix = lambda spec, lr: lr if spec == "auto" else spec
+    return {"last_size_each": ",".join([str(stages[-1].size)] * len(stages)),
+            "fixed_lr_frozen": ",".join(fix(s.lr_frozen, "3e-3") for s in stages),
+            "fixed_lr_unfrozen": ",".join(fix(s.lr_unfrozen, "3e-4:3e-3") for s in stages)}
+
+
+def variant_flags(table, name, base):
+    """The train.py flags of variant `name` on top of the base flags, placeholders filled."""
+    cfg = parse_args(base)
+    return shlex.split(table[name].format_map(placeholders(cfg)))
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default="", help=f"names from VARIANTS, comma separated "
+                   f"(default: {DEFAULT}, then each --variant)")
+    p.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
+                   help="a variant of your own: its name and train.py flags (repeatable)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds, comma separated")
+    p.add_argument("--out", default="", help="folder for the runs and the comparison "
+                   "(default: runs/ablation-<data>); a rerun with the same --out goes on")
+    p.add_argument("--ref", default="", help="reference variant (default: the first)")
+    a, base = p.parse_known_args(argv)
+    table = dict(VARIANTS)
+    mine = []
+    for v in a.variant:
+        if "=" not in v:
+            p.error(f"--variant {v}: give NAME=\"--flag value ...\"")
+        name, flags = v.split("=", 1)
+        table[name.strip()] = flags
+        mine.append(name.strip())
+    names = [n for n in (a.variants or DEFAULT).split(",") if n]
+    names += [n for n in mine if n not in names]
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}: the built-in ones are "
+                f"{', '.join(VARIANTS)}; add your own with --variant NAME=\"--flag value\"")
+    try:
+        seeds = [int(s) for s in a.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds {a.seeds}: give integers, comma separated")
+    if "--seed" in base or "--name" in base or "--runs" in base or "--resume" in base:
+        p.error("--seed, --name, --runs and --resume are set by ablate.py for each run "
+                "(use --seeds and --out)")
+    base_cfg = parse_args(base)  # every train.py flag checked once, before any run
+    out = a.out or os.path.join(base_cfg.runs, "ablation-" + os.path.basename(
+        os.path.normpath(base_cfg.data or "data")))
+    runs = []
+    for name in names:
+        try:
+            flags = variant_flags(table, name, base)
+        except (KeyError, IndexError, ValueError) as e:
+            p.error(f"variant {name}: {table[name]!r} has an unknown placeholder ({e})")
+        for seed in seeds:
+            args = [*base, *flags, "--seed", str(seed), "--runs", out,
+                    "--name", f"{name}-s{seed}"]
+            try:
+                parse_args(args)
+            except SystemExit:
+                p.error(f"variant {name}: train.py {' '.join(flags)} does not parse (above)")
+            runs.append({"variant": name, "seed": seed, "args": args,
+                         "dir": os.path.join(out, f"{name}-s{seed}")})
+    return runs, {n: table[n] for n in names}, out, a.ref or names[0]
+
+
+def state(run_dir):
+    """done (test metrics written), killed (last.pt, no test metrics), started (a run
+    folder without a checkpoint), or new."""
+    if os.path.isfile(os.path.join(run_dir, "test_metrics.json")):
+        return "done"
+    if os.path.isfile(os.path.join(run_dir, "last.pt")):
+        return "killed"
+    return "started" if os.path.isfile(os.path.join(run_dir, "config.json")) else "new"
+
+
+def run_one(r, log_dir):
+    """Run, resume or skip one variant x seed; (status, seconds, log path)."""
+    st = state(r["dir"])
+    if st == "done":
+        return "skipped (done before)", 0.0, None
+    train = os.path.join(ROOT, "train.py")
+    cmd = [sys.executable, train, "--resume", r["dir"]] if st == "killed" else \
+        [sys.executable, train, *r["args"], *(["--overwrite"] if st == "started" else [])]
+    log = os.path.join(log_dir, os.path.basename(r["dir"]) + ".log")
+    t0 = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n===== {' '.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    status = ("resumed" if st == "killed" else "done") if rc == 0 else f"failed (exit {rc})"
+    return status, time.time() - t0, log
+
+
+def main(argv=None):
+    runs, variants, out, ref = parse(argv)
+    names = list(variants)
+    log_dir = os.path.join(out, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    print(f"{len(runs)} runs ({len(names)} variants x {len(runs) // len(names)} seeds) in "
+          f"{out}")
+    results = []
+    bar = tqdm(runs, unit="run", desc="ablation")
+    for k, r in enumerate(bar, 1):
+        bar.set_postfix_str(f"{r['variant']} seed {r['seed']}")
+        status, secs, log = run_one(r, log_dir)
+        line = f"[{k}/{len(runs)}] {r['variant']} seed {r['seed']}: {status}"
+        if status.startswith("failed"):
+            with open(log, errors="replace") as f:
+                last = [s for s in f.read().splitlines() if s.strip()][-3:]
+            line += f", {secs:.0f} s; its log ends:\n    " + "\n    ".join(last) + \
+                f"\n    (whole log: {log})"
+        else:
+            m = json.load(open(os.path.join(r["dir"], "test_metrics.json")))
+            line += f", test accuracy {100 * m['accuracy']['value']:.1f}%" + \
+                (f", {secs:.0f} s" if secs else "")
+        tqdm.write(line)
+        results.append({**r, "status": status, "seconds": secs})
+    with open(os.path.join(out, "ablation.json"), "w") as f:
+        json.dump({"variants": variants, "runs": results}, f, indent=1)
+    groups = {n: [r["dir"] for r in results if r["variant"] == n and state(r["dir"]) == "done"]
+              for n in names}
+    failed = [f"{r['variant']}-s{r['seed']}" for r in results if r["status"].startswith("failed")]
+    groups = {n: rs for n, rs in groups.items() if rs}
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}; the comparison leaves them "
+              "out (rerun the same command to retry them)")
+    if not groups or ref not in groups:
+        raise SystemExit(f"no finished runs of the reference variant {ref}: nothing to compare")
+    print()
+    return compare.report(groups, out, ref, title=f"Ablation: {', '.join(groups)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Compare training runs honestly: groups of seeds, intervals, and paired tests on one test set.
+
+    python compare.py runs/a-s0 runs/a-s1 runs/b-s0 runs/b-s1        # grouped by what differs
+    python compare.py runs/*/ --group-by arch,stages --ref resnet50 --out cmp/
+
+Runs are grouped by the config values that differ between them (seed and run-folder names
+aside), or by --group-by. Per group: how many runs (seeds), test accuracy, balanced accuracy,
+macro-F1 and each class's sensitivity as mean ± sd with the 95% t-interval of the mean
+(clipped to 0-100%), and the run's own wall time. Against the reference group (--ref,
+default the first): the difference in accuracy with a paired bootstrap 95% interval over test
+images (images resampled, each image's correctness averaged over the group's seeds), and, for
+two single runs, McNemar's exact test.
+Runs on different test sets (other files or labels) or class lists are refused.
+Writes compare.md, compare.csv and compare.png to --out (default: the current folder).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import random
+
+from plots import dot_plot
+
+IGNORED = {"seed", "name", "runs", "resume", "overwrite", "cache_dir", "git_commit", "torch"}
+# Student's t, 97.5th percentile, for 1..30 degrees of freedom (then a series in 1/df)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+class CompareError(ValueError):
+    """The runs cannot be compared as given; the message says why."""
+
+
+def t975(df):
+    if df <= 30:
+        return T975[df - 1]
+    z = 1.959964  # Cornish-Fisher: within 1e-4 of the exact value beyond 30
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def summary(values, bounds=(0.0, 1.0)):
+    """{n, mean, sd, lo, hi}: the 95% t-interval of the mean (none for one value), clipped to
+    the values' possible range `bounds` (proportions: [0, 1]; None: not clipped)."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
+    lo, hi = mean - half, mean + half
+    if bounds and n > 1:
+        lo, hi = max(bounds[0], lo), min(bounds[1], hi)
+    return {"n": n, "mean": mean, "sd": sd, "lo": lo, "hi": hi}
+
+
+def mcnemar_exact(b, c):
+    """Two-sided exact McNemar p: b, c the discordant pairs (the first right and the second
+    wrong, and the other way round), a binomial(b + c, 1/2) test."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired_bootstrap(correct_a, correct_b, n_boot=2000, seed=0):
+    """95% interval of mean(a - b) over images resampled with replacement: a and b each
+    image's correctness (averaged over seeds) in two groups, on the same images."""
+    d = [x - y for x, y in zip(correct_a, correct_b)]
+    n, rng = len(d), random.Random(seed)
+    means = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    return means[int(0.025 * n_boot)], means[min(n_boot - 1, int(0.975 * n_boot))]
+
+
+def load_run(path):
+    """One finished run folder: its config, test metrics and per-image predictions."""
+    need = ["config.json", "test_metrics.json", "test_predictions.csv"]
+    missing = [f for f in need if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise CompareError(f"{path}: not a finished run (no {', '.join(missing)})")
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    m = json.load(open(os.path.join(path, "test_metrics.json")))
+    with open(os.path.join(path, "test_predictions.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    # an image is its file, or (phantoms: no file) its patient and place in the split
+    keys = [r["path"] or f"{r['patient']}#{i}" for i, r in enumerate(rows)]
+    return {"dir": path, "config": cfg, "metrics": m, "classes": m["classes"],
+            "truth": dict(zip(keys, (r["label"] for r in rows))),
+            "correct": dict(zip(keys, (r["label"] == r["predicted"] for r in rows)))}
+
+
+def check_same_test_set(runs):
+    first = runs[0]
+    for r in runs[1:]:
+        if r["classes"] != first["classes"]:
+            raise CompareError(f"{r['dir']} has the classes {r['classes']}, {first['dir']} "
+                               f"{first['classes']}: runs with other class lists cannot be "
+                               "compared")
+        if r["truth"] != first["truth"]:
+            only = set(r["truth"]) ^ set(first["truth"])
+            what = (f"{len(only)} images are in one test set only (e.g. {sorted(only)[0]})"
+                    if only else "the same images carry other labels")
+            raise CompareError(f"{r['dir']} and {first['dir']} were tested on different test "
+                               f"sets: {what}. Compare runs on one test set")
+
+
+def group_runs(runs, group_by=None):
+    """{label: [runs]}, in the order first seen. The label names the config values that set
+    the group apart (all of --group-by's keys, or every key that differs among the runs)."""
+    if group_by:
+        keys = group_by
+        unknown = [k for k in keys if k not in runs[0]["config"]]
+        if unknown:
+            raise CompareError(f"--group-by {','.join(unknown)}: not a config key (e.g. "
+                               f"{', '.join(sorted(runs[0]['config'])[:6])}...)")
+    else:
+        all_keys = sorted({k for r in runs for k in r["config"]} - IGNORED)
+        keys = [k for k in all_keys if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
+    groups = {}
+    for r in runs:
+        label = ", ".join(f"{k}={r['config'].get(k)}" for k in keys) or "all"
+        groups.setdefault(label, []).append(r)
+    return groups
+
+
+METRICS = [("accuracy", lambda m: m["accuracy"]["value"]),
+           ("balanced_accuracy", lambda m: m["balanced_accuracy"]),
+           ("macro_f1", lambda m: m["macro_f1"])]
+
+
+def compare(groups, ref=None, n_boot=2000, seed=0):
+    """groups: {name: [run folder or loaded run, ...]} -> one result row per group."""
+    groups = {g: [r if isinstance(r, dict) else load_run(r) for r in rs]
+              for g, rs in groups.items()}
+    runs = [r for rs in groups.values() for r in rs]
+    if not runs:
+        raise CompareError("no runs to compare")
+    check_same_test_set(runs)
+    ref = ref or next(iter(groups))
+    if ref not in groups:
+        raise CompareError(f"--ref {ref}: no such group (groups: {', '.join(groups)})")
+    images = list(runs[0]["truth"])
+    classes = runs[0]["classes"]
+
+    def per_image(rs):  # each image's correctness, averaged over the group's runs
+        return [sum(r["correct"][k] for r in rs) / len(rs) for k in images]
+    ref_correct = per_image(groups[ref])
+    rows = []
+    for name, rs in groups.items():
+        row = {"group": name, "runs": [r["dir"] for r in rs]}
+        for metric, get in METRICS:
+            row[metric] = summary([get(r["metrics"]) for r in rs])
+        for c in classes:
+            row[f"sensitivity_{c}"] = summary([
+                r["metrics"]["per_class"][c]["sensitivity"]["value"] for r in rs])
+        row["wall_s"] = summary([r["metrics"].get("timings_s", {}).get("total", float("nan"))
+                                 for r in rs], None)
+        if name != ref:
+            mine = per_image(rs)
+            diff = sum(mine) / len(mine) - sum(ref_correct) / len(ref_correct)
+            lo, hi = paired_bootstrap(mine, ref_correct, n_boot, seed)
+            row["vs_ref"] = {"ref": ref, "diff": diff, "lo": lo, "hi": hi}
+            if len(rs) == 1 and len(groups[ref]) == 1:
+                a, b = rs[0]["correct"], groups[ref][0]["correct"]
+                n01 = sum(a[k] and not b[k] for k in images)
+                n10 = sum(b[k] and not a[k] for k in images)
+                row["vs_ref"]["mcnemar"] = {"b": n01, "c": n10, "p": mcnemar_exact(n01, n10)}
+        rows.append(row)
+    return rows
+
+
+def pct(s):
+    """mean ± sd [lo, hi] in percent (one run: its value alone)."""
+    if s["n"] == 1:
+        return f"{100 * s['mean']:.1f}"
+    return f"{100 * s['mean']:.1f} ± {100 * s['sd']:.1f} [{100 * s['lo']:.1f}, {100 * s['hi']:.1f}]"
+
+
+def table(rows, classes):
+    """The comparison as a markdown table, and a second one of the differences."""
+    head = ["group", "n", "accuracy %", "balanced acc. %", "macro-F1 %"] + \
+        [f"sens. {c} %" for c in classes] + ["wall s"]
+    out = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        cells = [r["group"], str(r["accuracy"]["n"]), pct(r["accuracy"]),
+                 pct(r["balanced_accuracy"]), pct(r["macro_f1"])] + \
+            [pct(r[f"sensitivity_{c}"]) for c in classes] + [f"{r['wall_s']['mean']:.0f}"]
+        out.append("| " + " | ".join(cells) + " |")
+    diffs = [r for r in rows if "vs_ref" in r]
+    if diffs:
+        ref = diffs[0]["vs_ref"]["ref"]
+        out += ["", f"Accuracy minus `{ref}`'s, paired bootstrap over test images (95%):", "",
+                "| group | difference, points | 95% interval | McNemar (two single runs) |",
+                "|---|---|---|---|"]
+        for r in diffs:
+            v = r["vs_ref"]
+            mc = v.get("mcnemar")
+            mc = f"b={mc['b']}, c={mc['c']}, exact p={mc['p']:.3g}" if mc else "-"
+            out.append(f"| {r['group']} | {100 * v['diff']:+.1f} | "
+                       f"[{100 * v['lo']:+.1f}, {100 * v['hi']:+.1f}] | {mc} |")
+    return "\n".join(out)
+
+
+def write_csv(path, rows, classes):
+    cols = ["accuracy", "balanced_accuracy", "macro_f1"] + \
+        [f"sensitivity_{c}" for c in classes] + ["wall_s"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["group", "n"] + [f"{c}_{s}" for c in cols for s in ("mean", "sd", "lo", "hi")]
+                   + ["acc_diff_vs_ref", "acc_diff_lo", "acc_diff_hi", "mcnemar_p"])
+        for r in rows:
+            v = r.get("vs_ref", {})
+            w.writerow([r["group"], r["accuracy"]["n"]] +
+                       [f"{r[c][s]:.6g}" for c in cols for s in ("mean", "sd", "lo", "hi")] +
+                       [f"{v[k]:.6g}" if k in v else "" for k in ("diff", "lo", "hi")] +
+                       [f"{v['mcnemar']['p']:.6g}" if "mcnemar" in v else ""])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="finished run folders")
+    p.add_argument("--group-by", default="", help="config keys that make a group, comma "
+                   "separated (default: every key whose value differs between the runs)")
+    p.add_argument("--ref", default="", help="reference group (default: the first)")
+    p.add_argument("--out", default=".", help="folder for compare.md, .csv and .png")
+    p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    a = p.parse_args(argv)
+    try:
+        runs = [load_run(r) for r in a.runs]
+        groups = group_runs(runs, [k for k in a.group_by.split(",") if k])
+        return report(groups, a.out, a.ref or None, a.boot, a.seed)
+    except CompareError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def report(groups, out, ref=None, n_boot=2000, seed=0, title=""):
+    """compare() the groups ({name: [run folders]}), print the tables, write compare.md, .csv,
+    .json and .png to out; return the rows."""
+    groups = {g: [r if isinstance(r, dict) else load_run(r) for r in rs]
+              for g, rs in groups.items()}
+    rows = compare(groups, ref, n_boot, seed)
+    first = next(iter(groups.values()))[0]
+    classes, n = first["classes"], len(first["truth"])
+    text = table(rows, classes)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write(f"# {title or 'Comparison'}\n\nTest set: {n} images; mean ± sd over runs "
+                f"[95% t-interval of the mean].\n\n{text}\n\n![accuracy per run](compare.png)\n")
+    write_csv(os.path.join(out, "compare.csv"), rows, classes)
+    dot_plot(os.path.join(out, "compare.png"),
+             [(r["group"], [x["metrics"]["accuracy"]["value"] for x in groups[r["group"]]],
+               r["accuracy"]["mean"], r["accuracy"]["lo"], r["accuracy"]["hi"]) for r in rows],
+             "test accuracy per run", percent=True)
+    with open(os.path.join(out, "compare.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"test set: {n} images; mean ± sd over runs [95% t-interval of the mean]\n\n{text}"
+          f"\n\nwritten to {out}/compare.md, .csv, .png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
