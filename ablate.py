@@ -60,7 +60,7 @@ def variant_flags(table, name, base):
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # --seed is train's
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default="", help=f"names from VARIANTS, comma separated "
                    f"(default: {DEFAULT}, then each --variant)")

@@ -1,0 +1,90 @@
+"""ablate.py: the variant table, skip/resume/failure handling, and a tiny ablation end to end."""
+import json
+import os
+
+import pytest
+
+import ablate
+
+TINY = ["--data", "phantom", "--phantoms", "48", "--arch", "resnet18", "--weights", "none",
+        "--device", "cpu", "--stages", "32", "--frozen-epochs", "1", "--unfrozen-epochs", "1",
+        "--batch-size", "16", "--lr-find-steps", "4", "--lr-find-start", "1e-4",
+        "--lr-find-end", "1", "--cache-dir", ""]
+
+
+def test_variants_are_flags_with_placeholders_from_the_base_run(tmp_path):
+    base = ["--data", "phantom", "--stages", "32,48,64"]
+    runs, variants, out, ref = ablate.parse(base + ["--seeds", "0,1", "--out", str(tmp_path),
+                                                    "--variant", 'wd0=--wd 0 --no-flip'])
+    assert list(variants) == ["paper", "no-progressive", "no-lrfind", "no-discriminative",
+                              "no-freeze", "wd0"] and ref == "paper"
+    assert len(runs) == 12 and runs[0]["dir"] == os.path.join(str(tmp_path), "paper-s0")
+    by = {(r["variant"], r["seed"]): r["args"] for r in runs}
+    assert by["paper", 1] == base + ["--seed", "1", "--runs", str(tmp_path), "--name",
+                                     "paper-s1"]
+    assert by["no-progressive", 0][4:6] == ["--stages", "64,64,64"]  # after the base flags
+    assert by["no-lrfind", 0][4:8] == ["--lr-frozen", "3e-3,3e-3,3e-3", "--lr-unfrozen",
+                                       "3e-4:3e-3,3e-4:3e-3,1e-6:1e-4"]  # explicit LR kept
+    assert by["wd0", 0][4:7] == ["--wd", "0", "--no-flip"]
+    runs, variants, _, _ = ablate.parse(base + ["--variants", "no-freeze", "--variant",
+                                                "no-freeze=--frozen-epochs 0,0,0"])
+    assert variants == {"no-freeze": "--frozen-epochs 0,0,0"} and len(runs) == 3
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--variants", "paper,nope"], "unknown variant(s) nope"),
+    (["--variant", "broken"], 'give NAME="--flag value ..."'),
+    (["--seeds", "a"], "--seeds a: give integers"),
+    (["--seed", "3"], "--seed, --name, --runs and --resume are set by ablate.py"),
+    (["--variant", "big=--batch-size 0"], "--batch-size 0 in '0': give batch sizes"),
+    (["--variant", "x=--stages {nope}"], "has an unknown placeholder"),
+])
+def test_bad_variants_and_flags_stop_before_any_run(tmp_path, capsys, flags, said):
+    with pytest.raises(SystemExit):
+        ablate.parse(["--data", "phantom", "--out", str(tmp_path), *flags])
+    assert said in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_finished_runs_are_skipped_killed_ones_resumed_started_ones_redone(tmp_path,
+                                                                           monkeypatch):
+    calls = []
+
+    class Done:
+        returncode = 0
+    monkeypatch.setattr(ablate.subprocess, "run", lambda cmd, **k: calls.append(cmd) or Done)
+    r = {"dir": str(tmp_path / "v-s0"), "args": ["--data", "phantom"]}
+    assert ablate.state(r["dir"]) == "new"
+    assert ablate.run_one(r, str(tmp_path))[0] == "done" and calls[-1][2:] == r["args"]
+    os.makedirs(r["dir"])
+    open(os.path.join(r["dir"], "config.json"), "w").close()  # died before its first epoch
+    assert ablate.state(r["dir"]) == "started"
+    ablate.run_one(r, str(tmp_path))
+    assert calls[-1][-1] == "--overwrite"
+    open(os.path.join(r["dir"], "last.pt"), "w").close()  # killed mid-run
+    assert ablate.run_one(r, str(tmp_path))[0] == "resumed"
+    assert calls[-1][2:] == ["--resume", r["dir"]]
+    open(os.path.join(r["dir"], "test_metrics.json"), "w").close()
+    n = len(calls)
+    assert ablate.run_one(r, str(tmp_path))[0] == "skipped (done before)" and len(calls) == n
+
+
+def test_a_tiny_ablation_end_to_end(tmp_path, capsys):
+    """2 variants x 2 seeds, and one variant that fails: reported, the rest go on; a rerun
+    trains nothing again."""
+    out = str(tmp_path / "abl")
+    args = TINY + ["--variants", "paper,no-freeze", "--variant", "huge=--batch-size 4096",
+                   "--seeds", "0,1", "--out", out]
+    rows = ablate.main(args)
+    said = capsys.readouterr().out
+    assert "[1/6] paper seed 0: done, test accuracy" in said
+    assert "[5/6] huge seed 0: failed (exit 1)" in said and "fewer than one batch" in said
+    assert "2 run(s) failed: huge-s0, huge-s1" in said
+    assert [r["group"] for r in rows] == ["paper", "no-freeze"]  # the failed variant left out
+    assert all(r["accuracy"]["n"] == 2 for r in rows) and "vs_ref" in rows[1]
+    assert os.path.isfile(os.path.join(out, "compare.md"))
+    record = json.load(open(os.path.join(out, "ablation.json")))
+    assert record["variants"]["no-freeze"] == "--frozen-epochs 0"
+    ablate.main(args)  # again: the finished runs are skipped
+    said = capsys.readouterr().out
+    assert said.count("skipped (done before)") == 4 and "huge seed 1: failed" in said
