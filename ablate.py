@@ -16,6 +16,7 @@ cuDNN's autotuner, torch.compile's caches, GPU memory), and a killed run resumes
 user's would. It costs a few seconds per run.
 """
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -30,15 +31,18 @@ from config import make_stages, parse_args
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # name -> train.py flags. {placeholders} are filled from the base run's stages:
-#   {last_size_each}   the last stage's size for every stage (e.g. 229,229,229)
-#   {fixed_lr_frozen}  / {fixed_lr_unfrozen}: each 'auto' LR replaced by fastai v1's default
-#                      max_lr, 3e-3 (unfrozen: its slice, 3e-4:3e-3); explicit LRs kept
+#   {last_size_each}    the last stage's size for every stage (e.g. 229,229,229)
+#   {fixed_lr_frozen}, {fixed_lr_unfrozen}: each 'auto' LR replaced by fastai v1's default
+#                       max_lr, slice(3e-3) (:3e-3: 3e-4 for the body's groups, 3e-3 for the
+#                       head); explicit LRs kept
+#   {epochs_unfrozen}   each stage's head-only epochs added to its all-layer ones
 VARIANTS = {
     "paper": "",
     "no-progressive": "--stages {last_size_each}",  # every stage at the last size, same epochs
     "no-lrfind": "--lr-frozen {fixed_lr_frozen} --lr-unfrozen {fixed_lr_unfrozen}",
     "no-discriminative": "--no-discriminative",  # one LR for all layer groups
-    "no-freeze": "--frozen-epochs 0",  # no head-only phases
+    # no head-only phases; their epochs train all layers instead: the same 41 epochs
+    "no-freeze": "--frozen-epochs 0 --unfrozen-epochs {epochs_unfrozen}",
     "fastai-v1": "--recipe fastai-v1",
     "fastai-v2": "--recipe fastai-v2",
 }
@@ -49,8 +53,10 @@ def placeholders(cfg):
     stages = make_stages(cfg)
     fix = lambda spec, lr: lr if spec == "auto" else spec
     return {"last_size_each": ",".join([str(stages[-1].size)] * len(stages)),
-            "fixed_lr_frozen": ",".join(fix(s.lr_frozen, "3e-3") for s in stages),
-            "fixed_lr_unfrozen": ",".join(fix(s.lr_unfrozen, "3e-4:3e-3") for s in stages)}
+            "fixed_lr_frozen": ",".join(fix(s.lr_frozen, ":3e-3") for s in stages),
+            "fixed_lr_unfrozen": ",".join(fix(s.lr_unfrozen, ":3e-3") for s in stages),
+            "epochs_unfrozen": ",".join(str(s.frozen_epochs + s.unfrozen_epochs)
+                                        for s in stages)}
 
 
 def variant_flags(table, name, base):
@@ -81,6 +87,8 @@ def parse(argv=None):
         mine.append(name.strip())
     names = [n for n in (a.variants or DEFAULT).split(",") if n]
     names += [n for n in mine if n not in names]
+    if len(set(names)) < len(names):
+        p.error(f"--variants {a.variants}: a variant named twice would count its runs twice")
     unknown = [n for n in names if n not in table]
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}: the built-in ones are "
@@ -89,38 +97,61 @@ def parse(argv=None):
         seeds = [int(s) for s in a.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds {a.seeds}: give integers, comma separated")
-    if "--seed" in base or "--name" in base or "--runs" in base or "--resume" in base:
+    if len(set(seeds)) < len(seeds):
+        p.error(f"--seeds {a.seeds}: a seed given twice would count its runs twice")
+    if a.ref and a.ref not in names:
+        p.error(f"--ref {a.ref}: not among the variants ({', '.join(names)})")
+    reserved = ("--seed", "--name", "--runs", "--resume")
+    if any(b.split("=")[0] in reserved for b in base):
         p.error("--seed, --name, --runs and --resume are set by ablate.py for each run "
                 "(use --seeds and --out)")
     base_cfg = parse_args(base)  # every train.py flag checked once, before any run
     out = a.out or os.path.join(base_cfg.runs, "ablation-" + os.path.basename(
         os.path.normpath(base_cfg.data or "data")))
-    runs = []
+    out = os.path.abspath(out)  # train.py runs in this process's folder, state() looks there
+    flags = {}
     for name in names:
         try:
-            flags = variant_flags(table, name, base)
+            flags[name] = variant_flags(table, name, base)
         except (KeyError, IndexError, ValueError) as e:
             p.error(f"variant {name}: {table[name]!r} has an unknown placeholder ({e})")
-        for seed in seeds:
-            args = [*base, *flags, "--seed", str(seed), "--runs", out,
+    runs = []
+    for seed in seeds:  # seed by seed: stopped part-way, the variants still pair up
+        for name in names:
+            args = [*base, *flags[name], "--seed", str(seed), "--runs", out,
                     "--name", f"{name}-s{seed}"]
             try:
-                parse_args(args)
+                cfg = parse_args(args)
             except SystemExit:
-                p.error(f"variant {name}: train.py {' '.join(flags)} does not parse (above)")
-            runs.append({"variant": name, "seed": seed, "args": args,
+                p.error(f"variant {name}: train.py {' '.join(flags[name])} does not parse "
+                        "(above)")
+            if cfg.resume:
+                p.error(f"variant {name}: --resume is set by ablate.py for killed runs")
+            runs.append({"variant": name, "seed": seed, "args": args, "config": cfg,
                          "dir": os.path.join(out, f"{name}-s{seed}")})
     return runs, {n: table[n] for n in names}, out, a.ref or names[0]
 
 
 def state(run_dir):
-    """done (test metrics written), killed (last.pt, no test metrics), started (a run
-    folder without a checkpoint), or new."""
-    if os.path.isfile(os.path.join(run_dir, "test_metrics.json")):
+    """done (test metrics and predictions written), killed (last.pt, not done), started (a
+    run folder without a checkpoint), or new."""
+    if all(os.path.isfile(os.path.join(run_dir, f))
+           for f in ("test_metrics.json", "test_predictions.csv")):
         return "done"
     if os.path.isfile(os.path.join(run_dir, "last.pt")):
         return "killed"
     return "started" if os.path.isfile(os.path.join(run_dir, "config.json")) else "new"
+
+
+def changed(r):
+    """The config keys in which the run already in r's folder differs from r's (machine and
+    bookkeeping keys aside); {} when it is the same run, or there is none yet."""
+    path = os.path.join(r["dir"], "config.json")
+    if not os.path.isfile(path):
+        return {}
+    saved, want = json.load(open(path)), dataclasses.asdict(r["config"])
+    skip = {"seed", "name", "runs", "resume", "overwrite", "device", "cache_dir"}
+    return {k: (saved.get(k), v) for k, v in want.items() if k not in skip and saved.get(k) != v}
 
 
 def run_one(r, log_dir):
@@ -136,7 +167,9 @@ def run_one(r, log_dir):
     with open(log, "a") as f:
         f.write(f"\n===== {' '.join(cmd)}\n")
         f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc == 0 and state(r["dir"]) != "done":
+        rc = "no test metrics"
     status = ("resumed" if st == "killed" else "done") if rc == 0 else f"failed (exit {rc})"
     return status, time.time() - t0, log
 
@@ -144,6 +177,13 @@ def run_one(r, log_dir):
 def main(argv=None):
     runs, variants, out, ref = parse(argv)
     names = list(variants)
+    stale = {os.path.basename(r["dir"]): changed(r) for r in runs}
+    stale = {k: v for k, v in stale.items() if v}
+    if stale:  # another ablation's runs, or this one's with other flags: never mixed in
+        k, v = next(iter(stale.items()))
+        raise SystemExit(f"{out} holds runs made with other flags ({len(stale)}, e.g. {k}: " +
+                         ", ".join(f"{key} {old!r} there, {new!r} now" for key, (old, new)
+                                   in list(v.items())[:3]) + "); choose another --out")
     log_dir = os.path.join(out, "logs")
     os.makedirs(log_dir, exist_ok=True)
     print(f"{len(runs)} runs ({len(names)} variants x {len(runs) // len(names)} seeds) in "
@@ -164,20 +204,32 @@ def main(argv=None):
             line += f", test accuracy {100 * m['accuracy']['value']:.1f}%" + \
                 (f", {secs:.0f} s" if secs else "")
         tqdm.write(line)
-        results.append({**r, "status": status, "seconds": secs})
+        results.append({k: v for k, v in r.items() if k != "config"} |
+                       {"status": status, "seconds": secs})
+    bar.close()
     with open(os.path.join(out, "ablation.json"), "w") as f:
         json.dump({"variants": variants, "runs": results}, f, indent=1)
     groups = {n: [r["dir"] for r in results if r["variant"] == n and state(r["dir"]) == "done"]
               for n in names}
-    failed = [f"{r['variant']}-s{r['seed']}" for r in results if r["status"].startswith("failed")]
     groups = {n: rs for n, rs in groups.items() if rs}
+    failed = [f"{r['variant']}-s{r['seed']}" for r in results if r["status"].startswith("failed")]
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}; the comparison leaves them "
               "out (rerun the same command to retry them)")
-    if not groups or ref not in groups:
-        raise SystemExit(f"no finished runs of the reference variant {ref}: nothing to compare")
+    if not groups:
+        raise SystemExit("no finished runs: nothing to compare")
+    if ref not in groups:
+        print(f"no finished run of the reference variant {ref}: the differences are taken "
+              f"against {next(iter(groups))}")
+        ref = next(iter(groups))
     print()
-    return compare.report(groups, out, ref, title=f"Ablation: {', '.join(groups)}")
+    try:
+        rows = compare.report(groups, out, ref, title=f"Ablation: {', '.join(groups)}")
+    except compare.CompareError as e:
+        raise SystemExit(f"error: {e}")
+    if failed:
+        raise SystemExit(1)  # the comparison is written; the exit status says not all ran
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Compare training runs honestly: groups of seeds, intervals, and paired tests on one test set.
 
     python compare.py runs/a-s0 runs/a-s1 runs/b-s0 runs/b-s1        # grouped by what differs
-    python compare.py runs/*/ --group-by arch,stages --ref resnet50 --out cmp/
+    python compare.py runs/*/ --group-by arch --ref resnet50 --out cmp/
 
 Runs are grouped by the config values that differ between them (seed and run-folder names
 aside), or by --group-by. Per group: how many runs (seeds), test accuracy, balanced accuracy,
@@ -15,14 +15,20 @@ Writes compare.md, compare.csv and compare.png to --out (default: the current fo
 """
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
 import random
 
+from config import Config
 from plots import dot_plot
 
-IGNORED = {"seed", "name", "runs", "resume", "overwrite", "cache_dir", "git_commit", "torch"}
+# not what sets a group apart: bookkeeping, the machine (device: as resolved, e.g. cuda:0),
+# shortcuts that only set other keys (demo); code versions are warned about instead
+IGNORED = {"seed", "name", "runs", "resume", "overwrite", "cache_dir", "save_every", "device",
+           "demo", "git_commit", "torch"}
+DEFAULTS = dataclasses.asdict(Config())  # for keys that older runs' config.json lack
 # Student's t, 97.5th percentile, for 1..30 degrees of freedom (then a series in 1/df)
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
@@ -43,7 +49,11 @@ def t975(df):
 def summary(values, bounds=(0.0, 1.0)):
     """{n, mean, sd, lo, hi}: the 95% t-interval of the mean (none for one value), clipped to
     the values' possible range `bounds` (proportions: [0, 1]; None: not clipped)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
     n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": float("nan"), "sd": float("nan"), "lo": float("nan"),
+                "hi": float("nan")}
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
     half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
@@ -64,11 +74,28 @@ def mcnemar_exact(b, c):
 
 def paired_bootstrap(correct_a, correct_b, n_boot=2000, seed=0):
     """95% interval of mean(a - b) over images resampled with replacement: a and b each
-    image's correctness (averaged over seeds) in two groups, on the same images."""
+    image's correctness (averaged over seeds) in two groups, on the same images. It holds the
+    trained models fixed: it says how much the test set's sampling could move the difference,
+    not how much retraining with other seeds would (welch() says that)."""
     d = [x - y for x, y in zip(correct_a, correct_b)]
     n, rng = len(d), random.Random(seed)
     means = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
-    return means[int(0.025 * n_boot)], means[min(n_boot - 1, int(0.975 * n_boot))]
+    return means[round(0.025 * (n_boot - 1))], means[round(0.975 * (n_boot - 1))]
+
+
+def welch(a, b):
+    """95% Welch t-interval of mean(a) - mean(b) over runs (seeds): retraining's variation.
+    None unless both groups have two runs or more."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    sa, sb = summary(a, None), summary(b, None)
+    va, vb = sa["sd"] ** 2 / len(a), sb["sd"] ** 2 / len(b)
+    d = sa["mean"] - sb["mean"]
+    if va + vb == 0:
+        return d, d
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = t975(max(1, math.floor(df))) * math.sqrt(va + vb)
+    return d - half, d + half
 
 
 def load_run(path):
@@ -77,12 +104,16 @@ def load_run(path):
     missing = [f for f in need if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise CompareError(f"{path}: not a finished run (no {', '.join(missing)})")
-    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg = {**DEFAULTS, **json.load(open(os.path.join(path, "config.json")))}
+    cfg["data"] = os.path.normpath(cfg["data"])
     m = json.load(open(os.path.join(path, "test_metrics.json")))
     with open(os.path.join(path, "test_predictions.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
-    # an image is its file, or (phantoms: no file) its patient and place in the split
-    keys = [r["path"] or f"{r['patient']}#{i}" for i, r in enumerate(rows)]
+    # an image is its file below the data's root (wherever that root was), or, for phantoms
+    # (no file), its patient and place in the split
+    root = cfg.get("image_dir") or cfg["data"]
+    keys = [(os.path.relpath(r["path"], root) if r["path"].startswith(root) else r["path"])
+            if r["path"] else f"{r['patient']}#{i}" for i, r in enumerate(rows)]
     return {"dir": path, "config": cfg, "metrics": m, "classes": m["classes"],
             "truth": dict(zip(keys, (r["label"] for r in rows))),
             "correct": dict(zip(keys, (r["label"] == r["predicted"] for r in rows)))}
@@ -98,7 +129,9 @@ def check_same_test_set(runs):
         if r["truth"] != first["truth"]:
             only = set(r["truth"]) ^ set(first["truth"])
             what = (f"{len(only)} images are in one test set only (e.g. {sorted(only)[0]})"
-                    if only else "the same images carry other labels")
+                    if only else "the same images carry other labels" + (
+                        " (phantoms: another --phantom-seed or --phantoms)"
+                        if r["config"]["data"] == "phantom" else ""))
             raise CompareError(f"{r['dir']} and {first['dir']} were tested on different test "
                                f"sets: {what}. Compare runs on one test set")
 
@@ -136,8 +169,12 @@ def compare(groups, ref=None, n_boot=2000, seed=0):
         raise CompareError("no runs to compare")
     check_same_test_set(runs)
     ref = ref or next(iter(groups))
-    if ref not in groups:
-        raise CompareError(f"--ref {ref}: no such group (groups: {', '.join(groups)})")
+    if ref not in groups:  # a unique part of a group's name will do
+        hits = [g for g in groups if ref in g]
+        if len(hits) != 1:
+            raise CompareError(f"--ref {ref}: {'no' if not hits else 'more than one'} group "
+                               f"matches (groups: {'; '.join(groups)})")
+        ref = hits[0]
     images = list(runs[0]["truth"])
     classes = runs[0]["classes"]
 
@@ -149,7 +186,7 @@ def compare(groups, ref=None, n_boot=2000, seed=0):
         row = {"group": name, "runs": [r["dir"] for r in rs]}
         for metric, get in METRICS:
             row[metric] = summary([get(r["metrics"]) for r in rs])
-        for c in classes:
+        for c in classes:  # None where a class had no test images (--allow-missing-class)
             row[f"sensitivity_{c}"] = summary([
                 r["metrics"]["per_class"][c]["sensitivity"]["value"] for r in rs])
         row["wall_s"] = summary([r["metrics"].get("timings_s", {}).get("total", float("nan"))
@@ -159,6 +196,10 @@ def compare(groups, ref=None, n_boot=2000, seed=0):
             diff = sum(mine) / len(mine) - sum(ref_correct) / len(ref_correct)
             lo, hi = paired_bootstrap(mine, ref_correct, n_boot, seed)
             row["vs_ref"] = {"ref": ref, "diff": diff, "lo": lo, "hi": hi}
+            w = welch([r["metrics"]["accuracy"]["value"] for r in rs],
+                      [r["metrics"]["accuracy"]["value"] for r in groups[ref]])
+            if w:
+                row["vs_ref"]["welch_lo"], row["vs_ref"]["welch_hi"] = w
             if len(rs) == 1 and len(groups[ref]) == 1:
                 a, b = rs[0]["correct"], groups[ref][0]["correct"]
                 n01 = sum(a[k] and not b[k] for k in images)
@@ -168,10 +209,18 @@ def compare(groups, ref=None, n_boot=2000, seed=0):
     return rows
 
 
+def _no_nan(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    return [_no_nan(v) for v in x] if isinstance(x, list) else x
+
+
 def pct(s):
     """mean ± sd [lo, hi] in percent (one run: its value alone)."""
-    if s["n"] == 1:
-        return f"{100 * s['mean']:.1f}"
+    if s["n"] <= 1:
+        return f"{100 * s['mean']:.1f}" if s["n"] else "-"
     return f"{100 * s['mean']:.1f} ± {100 * s['sd']:.1f} [{100 * s['lo']:.1f}, {100 * s['hi']:.1f}]"
 
 
@@ -188,15 +237,21 @@ def table(rows, classes):
     diffs = [r for r in rows if "vs_ref" in r]
     if diffs:
         ref = diffs[0]["vs_ref"]["ref"]
-        out += ["", f"Accuracy minus `{ref}`'s, paired bootstrap over test images (95%):", "",
-                "| group | difference, points | 95% interval | McNemar (two single runs) |",
-                "|---|---|---|---|"]
+        out += ["", f"Accuracy minus `{ref}`'s, in points. Test images: a paired bootstrap "
+                "over the test images, the models as trained (how much the test set's sampling "
+                "could move the difference). Seeds: Welch's t-interval over the runs' "
+                "accuracies (how much retraining could). McNemar: b = images this group got "
+                "right and the reference wrong, c = the reverse (two single runs only).", "",
+                "| group | difference | 95%, test images | 95%, seeds | McNemar |",
+                "|---|---|---|---|---|"]
         for r in diffs:
             v = r["vs_ref"]
             mc = v.get("mcnemar")
             mc = f"b={mc['b']}, c={mc['c']}, exact p={mc['p']:.3g}" if mc else "-"
+            seeds = f"[{100 * v['welch_lo']:+.1f}, {100 * v['welch_hi']:+.1f}]" \
+                if "welch_lo" in v else "-"
             out.append(f"| {r['group']} | {100 * v['diff']:+.1f} | "
-                       f"[{100 * v['lo']:+.1f}, {100 * v['hi']:+.1f}] | {mc} |")
+                       f"[{100 * v['lo']:+.1f}, {100 * v['hi']:+.1f}] | {seeds} | {mc} |")
     return "\n".join(out)
 
 
@@ -221,7 +276,8 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="finished run folders")
     p.add_argument("--group-by", default="", help="config keys that make a group, comma "
                    "separated (default: every key whose value differs between the runs)")
-    p.add_argument("--ref", default="", help="reference group (default: the first)")
+    p.add_argument("--ref", default="", help="reference group, or a part of its name found in "
+                   "no other (default: the first)")
     p.add_argument("--out", default=".", help="folder for compare.md, .csv and .png")
     p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
@@ -237,12 +293,19 @@ def main(argv=None):
 def report(groups, out, ref=None, n_boot=2000, seed=0, title=""):
     """compare() the groups ({name: [run folders]}), print the tables, write compare.md, .csv,
     .json and .png to out; return the rows."""
-    groups = {g: [r if isinstance(r, dict) else load_run(r) for r in rs]
-              for g, rs in groups.items()}
+    seen = set()  # a run given twice would count twice
+    groups = {g: [r for r in (x if isinstance(x, dict) else load_run(x) for x in rs)
+                  if not (os.path.realpath(r["dir"]) in seen or seen.add(
+                      os.path.realpath(r["dir"])))] for g, rs in groups.items()}
+    groups = {g: rs for g, rs in groups.items() if rs}
+    notes = [f"group {g} mixes code versions ({k}: {', '.join(sorted(vals))}): its runs may "
+             "differ by more than their seeds" for g, rs in groups.items()
+             for k in ("git_commit", "torch")
+             if len(vals := {str(r["config"].get(k)) for r in rs}) > 1]
     rows = compare(groups, ref, n_boot, seed)
     first = next(iter(groups.values()))[0]
     classes, n = first["classes"], len(first["truth"])
-    text = table(rows, classes)
+    text = table(rows, classes) + "".join(f"\n\nNote: {n}." for n in notes)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(f"# {title or 'Comparison'}\n\nTest set: {n} images; mean ± sd over runs "
@@ -252,8 +315,8 @@ def report(groups, out, ref=None, n_boot=2000, seed=0, title=""):
              [(r["group"], [x["metrics"]["accuracy"]["value"] for x in groups[r["group"]]],
                r["accuracy"]["mean"], r["accuracy"]["lo"], r["accuracy"]["hi"]) for r in rows],
              "test accuracy per run", percent=True)
-    with open(os.path.join(out, "compare.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    with open(os.path.join(out, "compare.json"), "w") as f:  # strict JSON: null, not NaN
+        json.dump(_no_nan(rows), f, indent=1)
     print(f"test set: {n} images; mean ± sd over runs [95% t-interval of the mean]\n\n{text}"
           f"\n\nwritten to {out}/compare.md, .csv, .png")
     return rows

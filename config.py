@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field, fields
 
 from model import ARCHS
@@ -52,8 +53,9 @@ class Config:
     stages: str = knob("128,224,229", "image size of each stage")
     frozen_epochs: str = knob("3,3,0", "epochs training the head only, per stage")
     unfrozen_epochs: str = knob("5,5,25", "epochs training all layers, per stage")
-    lr_frozen: str = knob("auto", "max LR per stage: auto (LR finder) | x | lo:hi")
-    lr_unfrozen: str = knob("auto,auto,1e-6:1e-4", "auto = slice(finder's LR) | x | lo:hi")
+    lr_frozen: str = knob("auto", "max LR per stage: auto (LR finder) | x (every group) | :x "
+                          "(fastai's slice(x): x/10 for the body) | lo:hi (spread)")
+    lr_unfrozen: str = knob("auto,auto,1e-6:1e-4", "auto = slice(finder's LR) | x | :x | lo:hi")
     batch_size: str = knob("64", "batch size per stage")
     one_cycle: str = knob("v1", "one-cycle steps: v1 (fastai v1's OneCycleScheduler) | torch "
                           "(OneCycleLR, fastai v2's within a step)", ["v1", "torch"])
@@ -155,9 +157,22 @@ def parse_args(argv=None, extra=None, doc=__doc__):
     p.set_defaults(**RECIPES[args.recipe], **(DEMO if args.demo else {}))
     args = p.parse_args(argv)
     cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
-    if not cfg.data and not cfg.resume:
+    if cfg.resume:
+        given = [a for a in (sys.argv[1:] if argv is None else argv)
+                 if a.startswith("--") and a.split("=")[0] != "--resume"]
+        if given:
+            p.error(f"--resume goes on with the run's saved config; it takes no other flags "
+                    f"(here: {', '.join(given)})")
+        return (cfg, {k: getattr(args, k) for k in extra}) if extra else cfg
+    if not cfg.data:
         p.error("pass --data PATH (a COVIDx or ImageFolder root), --data phantom, or --demo")
-    problems = [] if cfg.resume else validate(cfg)  # a resumed run takes its saved config
+    # a default list (the paper's three stages, the demo's) is cut to the stages given
+    n = len(cfg.stages.split(","))
+    for name in LISTS:
+        vals = getattr(cfg, name).split(",")
+        if name != "stages" and len(vals) > n and getattr(cfg, name) == p.get_default(name):
+            setattr(cfg, name, ",".join(vals[:n]))
+    problems = validate(cfg)
     if problems:
         p.error("\n  ".join([f"{len(problems)} flag(s) to fix:"] + problems))
     return (cfg, {k: getattr(args, k) for k in extra}) if extra else cfg
@@ -174,10 +189,10 @@ def _list(value, conv, ok, what):
 
 
 def _lr(spec):
-    """'auto' | x | lo:hi, every LR a positive number (lo <= hi)."""
+    """'auto' | x | :x | lo:hi, every LR a positive number (lo <= hi)."""
     if spec == "auto":
         return spec
-    parts = [float(v) for v in spec.split(":")]
+    parts = [float(v) for v in spec.removeprefix(":").split(":")]
     if len(parts) > 2 or min(parts) <= 0 or parts[0] > parts[-1] or \
             not all(math.isfinite(v) for v in parts):
         raise ValueError(spec)
@@ -189,8 +204,10 @@ LISTS = {  # flag: (conversion, test, what it accepts)
     "frozen_epochs": (int, lambda v: v >= 0, "epoch counts (0 or more)"),
     "unfrozen_epochs": (int, lambda v: v >= 0, "epoch counts (0 or more)"),
     "batch_size": (int, lambda v: v >= 1, "batch sizes (1 or more)"),
-    "lr_frozen": (_lr, bool, "auto, an LR (1e-3) or lo:hi (1e-6:1e-4)"),
-    "lr_unfrozen": (_lr, bool, "auto, an LR (1e-3) or lo:hi (1e-6:1e-4)"),
+    "lr_frozen": (_lr, bool, "auto, an LR (1e-3), :x (1e-4 for the body, 1e-3 for the head: "
+                  ":1e-3) or lo:hi (1e-6:1e-4)"),
+    "lr_unfrozen": (_lr, bool, "auto, an LR (1e-3), :x (1e-4 for the body, 1e-3 for the head: "
+                    ":1e-3) or lo:hi (1e-6:1e-4)"),
 }
 RANGES = {  # flag: (test, what it accepts)
     "phantoms": (lambda v: v >= 8, "at least 8 films"),
@@ -228,14 +245,16 @@ def validate(cfg):
             problems.append(f"{flag(name)} {why}")
         elif name == "stages":
             n_stages = len(vals)
-        elif n_stages and len(vals) not in (1, n_stages) and getattr(cfg, name) != \
-                Config.__dataclass_fields__[name].default:
+        elif n_stages and len(vals) not in (1, n_stages):
             problems.append(f"{flag(name)} has {len(vals)} values for {n_stages} stages "
                             f"({cfg.stages}): give one per stage, or one for all")
     for name, (ok, what) in RANGES.items():
         v = getattr(cfg, name)
         if not (math.isfinite(v) and ok(v)):
             problems.append(f"{flag(name)} {v}: give {what}")
+    if not any(int(e) for name in ("frozen_epochs", "unfrozen_epochs")
+               for e in getattr(cfg, name).split(",") if e.strip().lstrip("-").isdigit()):
+        problems.append("--frozen-epochs and --unfrozen-epochs are all 0: nothing to train")
     if cfg.lr_find_end <= cfg.lr_find_start:
         problems.append(f"--lr-find-end {cfg.lr_find_end} must be above --lr-find-start "
                         f"{cfg.lr_find_start}")

@@ -48,6 +48,7 @@ class Run:
     aug: object
     loss_weight: torch.Tensor = None
     ckpt: object = None  # checkpoint.Checkpointer: snapshots, last.pt
+    started: float = 0.0  # time.time() when the run began, less the time before a resume
     timings: dict = field(default_factory=dict)  # seconds spent per kind of work
     history: list = field(default_factory=list)  # one dict per epoch, as in metrics.jsonl
 
@@ -102,12 +103,13 @@ def setup(cfg, sizes=None):
 
     model = build_model(len(classes), cfg.weights, cfg.arch).to(dev)
     # The run folder comes last: a run that cannot start leaves none behind (and, with
-    # --overwrite, the old run whole)
-    if cfg.overwrite and not cfg.resume and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)
-    # fp32 weights in each stage checkpoint and model.pt; last.pt adds Adam's two moments
+    # --overwrite, the old run whole). fp32 weights in each stage checkpoint and model.pt;
+    # last.pt adds Adam's two moments.
     check_writable(run_dir, need_bytes=(len(make_stages(cfg)) + 4) * 4 * sum(
         p.numel() for p in model.parameters()))
+    if cfg.overwrite and not cfg.resume and os.path.isfile(os.path.join(run_dir, "config.json")):
+        shutil.rmtree(run_dir)  # a run folder (config.json), and only now
+        os.makedirs(run_dir)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump({**dataclasses.asdict(cfg), "git_commit": git_commit(),
                    "torch": torch.__version__, "device": str(dev)}, f, indent=1)

@@ -31,7 +31,7 @@ from schedule import ONE_CYCLE, discriminative_lrs
 
 
 def resolve_lrs(run, tensors, size, batch_size, frozen, spec, tag):
-    """Max LR per layer group from 'auto' | 'x' | 'lo:hi' (see schedule.discriminative_lrs).
+    """Max LR per layer group from 'auto' | 'x' | ':x' | 'lo:hi' (schedule.discriminative_lrs).
 
     --no-discriminative: one LR for every group (auto: the finder's; lo:hi: hi)."""
     n = len(run.opt.param_groups)
@@ -41,6 +41,9 @@ def resolve_lrs(run, tensors, size, batch_size, frozen, spec, tag):
         print(f"  LR finder ({run.cfg.suggest}): {lr:.2e}")
         # unfrozen: fastai's slice(lr), a tenth of it for the body
         return [lr] * n if one else discriminative_lrs(lr, n)
+    if spec.startswith(":"):  # fastai's slice(x): x for the head, x/10 for the body
+        return [float(spec[1:])] * n if one and not frozen else \
+            discriminative_lrs(float(spec[1:]), n)
     if ":" in spec:
         lo, hi = spec.split(":")
         return [float(hi)] * n if one and not frozen else \
@@ -110,6 +113,7 @@ def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0):
         log.write(json.dumps(row) + "\n")
         log.flush()
         t1 = time.time()
+        run.timings["elapsed"] = t1 - run.started  # this run's time so far, resumes included
         run.ckpt.take(**where, epoch=epoch + 1, phase_epochs=epochs, lrs=lrs,
                       history=run.history, timings=run.timings)
         run.ckpt.write()
@@ -138,10 +142,12 @@ def main(cfg):
         if note:
             print(f"note: {run.dir} was {note}; it is not bit for bit the uninterrupted run")
         run.history, run.timings = state["history"], state["timings"]
+        t_start -= run.timings.get("elapsed", 0.0)  # the time before the kill counts too
         done = {(r["stage"], r["phase_name"]) for r in run.history} - \
             {(state["stage"], state["phase_name"])}
         print(f"resuming {run.dir} after epoch {state['epoch']} of {state['phase_name']} "
               f"in stage {state['stage'] + 1}")
+    run.started = t_start
     with open(os.path.join(run.dir, "metrics.jsonl"), "w") as log:
         for row in run.history:  # what the interrupted run had logged
             log.write(json.dumps(row) + "\n")
@@ -187,6 +193,7 @@ def main(cfg):
     m = classification_metrics(run.items["test"].labels, probs.argmax(1).tolist(), run.classes,
                                run.items["test"].sources, probs.tolist())
     m["timings_s"] = {**run.timings, "total": time.time() - t_start}
+    m["timings_s"].pop("elapsed", None)
     with open(os.path.join(run.dir, "test_metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
     write_predictions(os.path.join(run.dir, "test_predictions.csv"), run.items["test"],
