@@ -169,8 +169,10 @@ def compare(groups, ref=None, n_boot=2000, seed=0):
         raise CompareError("no runs to compare")
     check_same_test_set(runs)
     ref = ref or next(iter(groups))
-    if ref not in groups:  # a unique part of a group's name will do
-        hits = [g for g in groups if ref in g]
+    if ref not in groups:  # one of a group's values (resnet50), or a unique part of its name
+        parts = {g: [p for kv in g.split(", ") for p in (kv, kv.split("=", 1)[-1])]
+                 for g in groups}
+        hits = [g for g in groups if ref in parts[g]] or [g for g in groups if ref in g]
         if len(hits) != 1:
             raise CompareError(f"--ref {ref}: {'no' if not hits else 'more than one'} group "
                                f"matches (groups: {'; '.join(groups)})")

@@ -19,12 +19,15 @@ def test_variants_are_flags_with_placeholders_from_the_base_run(tmp_path):
     assert list(variants) == ["paper", "no-progressive", "no-lrfind", "no-discriminative",
                               "no-freeze", "wd0"] and ref == "paper"
     assert len(runs) == 12 and runs[0]["dir"] == os.path.join(str(tmp_path), "paper-s0")
+    assert [(r["variant"], r["seed"]) for r in runs[5:7]] == [("wd0", 0), ("paper", 1)]
     by = {(r["variant"], r["seed"]): r["args"] for r in runs}
     assert by["paper", 1] == base + ["--seed", "1", "--runs", str(tmp_path), "--name",
                                      "paper-s1"]
     assert by["no-progressive", 0][4:6] == ["--stages", "64,64,64"]  # after the base flags
-    assert by["no-lrfind", 0][4:8] == ["--lr-frozen", "3e-3,3e-3,3e-3", "--lr-unfrozen",
-                                       "3e-4:3e-3,3e-4:3e-3,1e-6:1e-4"]  # explicit LR kept
+    assert by["no-lrfind", 0][4:8] == ["--lr-frozen", ":3e-3,:3e-3,:3e-3", "--lr-unfrozen",
+                                       ":3e-3,:3e-3,1e-6:1e-4"]  # fastai's slice; explicit kept
+    assert by["no-freeze", 0][4:8] == ["--frozen-epochs", "0", "--unfrozen-epochs",
+                                       "8,8,25"]  # the head-only epochs train all layers
     assert by["wd0", 0][4:7] == ["--wd", "0", "--no-flip"]
     runs, variants, _, _ = ablate.parse(base + ["--variants", "no-freeze", "--variant",
                                                 "no-freeze=--frozen-epochs 0,0,0"])
@@ -36,6 +39,10 @@ def test_variants_are_flags_with_placeholders_from_the_base_run(tmp_path):
     (["--variant", "broken"], 'give NAME="--flag value ..."'),
     (["--seeds", "a"], "--seeds a: give integers"),
     (["--seed", "3"], "--seed, --name, --runs and --resume are set by ablate.py"),
+    (["--resume=runs/x"], "--seed, --name, --runs and --resume are set by ablate.py"),
+    (["--variants", "paper,paper"], "a variant named twice"),
+    (["--seeds", "0,0"], "a seed given twice"),
+    (["--ref", "nope"], "--ref nope: not among the variants"),
     (["--variant", "big=--batch-size 0"], "--batch-size 0 in '0': give batch sizes"),
     (["--variant", "x=--stages {nope}"], "has an unknown placeholder"),
 ])
@@ -52,19 +59,28 @@ def test_finished_runs_are_skipped_killed_ones_resumed_started_ones_redone(tmp_p
 
     class Done:
         returncode = 0
-    monkeypatch.setattr(ablate.subprocess, "run", lambda cmd, **k: calls.append(cmd) or Done)
+    def fake_train(cmd, **k):  # "trains": writes what a finished run has
+        calls.append(cmd)
+        os.makedirs(r["dir"], exist_ok=True)
+        for f in ("test_metrics.json", "test_predictions.csv"):
+            open(os.path.join(r["dir"], f), "w").close()
+        return Done
+    monkeypatch.setattr(ablate.subprocess, "run", fake_train)
     r = {"dir": str(tmp_path / "v-s0"), "args": ["--data", "phantom"]}
     assert ablate.state(r["dir"]) == "new"
     assert ablate.run_one(r, str(tmp_path))[0] == "done" and calls[-1][2:] == r["args"]
-    os.makedirs(r["dir"])
+    assert ablate.state(r["dir"]) == "done"
+    for f in ("test_metrics.json", "test_predictions.csv"):
+        os.remove(os.path.join(r["dir"], f))
     open(os.path.join(r["dir"], "config.json"), "w").close()  # died before its first epoch
     assert ablate.state(r["dir"]) == "started"
     ablate.run_one(r, str(tmp_path))
     assert calls[-1][-1] == "--overwrite"
-    open(os.path.join(r["dir"], "last.pt"), "w").close()  # killed mid-run
+    os.remove(os.path.join(r["dir"], "test_predictions.csv"))  # killed before its last file
+    open(os.path.join(r["dir"], "last.pt"), "w").close()
+    assert ablate.state(r["dir"]) == "killed"
     assert ablate.run_one(r, str(tmp_path))[0] == "resumed"
     assert calls[-1][2:] == ["--resume", r["dir"]]
-    open(os.path.join(r["dir"], "test_metrics.json"), "w").close()
     n = len(calls)
     assert ablate.run_one(r, str(tmp_path))[0] == "skipped (done before)" and len(calls) == n
 
@@ -75,16 +91,21 @@ def test_a_tiny_ablation_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "abl")
     args = TINY + ["--variants", "paper,no-freeze", "--variant", "huge=--batch-size 4096",
                    "--seeds", "0,1", "--out", out]
-    rows = ablate.main(args)
+    with pytest.raises(SystemExit) as e:  # exit status 1: not every run ran
+        ablate.main(args)
+    assert e.value.code == 1
     said = capsys.readouterr().out
     assert "[1/6] paper seed 0: done, test accuracy" in said
-    assert "[5/6] huge seed 0: failed (exit 1)" in said and "fewer than one batch" in said
+    assert "[3/6] huge seed 0: failed (exit 1)" in said and "fewer than one batch" in said
     assert "2 run(s) failed: huge-s0, huge-s1" in said
+    rows = json.load(open(os.path.join(out, "compare.json")))  # written all the same
     assert [r["group"] for r in rows] == ["paper", "no-freeze"]  # the failed variant left out
-    assert all(r["accuracy"]["n"] == 2 for r in rows) and "vs_ref" in rows[1]
-    assert os.path.isfile(os.path.join(out, "compare.md"))
+    assert all(r["accuracy"]["n"] == 2 for r in rows) and "welch_lo" in rows[1]["vs_ref"]
     record = json.load(open(os.path.join(out, "ablation.json")))
-    assert record["variants"]["no-freeze"] == "--frozen-epochs 0"
-    ablate.main(args)  # again: the finished runs are skipped
+    assert record["variants"]["no-freeze"].startswith("--frozen-epochs 0")
+    with pytest.raises(SystemExit):
+        ablate.main(args)  # again: the finished runs are skipped
     said = capsys.readouterr().out
     assert said.count("skipped (done before)") == 4 and "huge seed 1: failed" in said
+    with pytest.raises(SystemExit, match="holds runs made with other flags"):
+        ablate.main(args[:-2] + ["--wd", "0", "--out", out])  # never mixed with other flags

@@ -112,3 +112,36 @@ def test_the_command_line_writes_table_csv_and_plot(tmp_path, capsys):
     assert "paired bootstrap" in capsys.readouterr().out
     compare.main([*runs, "--group-by", "arch", "--out", str(out)])  # one group of six
     assert "| arch=resnet18 | 6 |" in (out / "compare.md").read_text()
+
+
+def test_welch_over_seeds_duplicates_once_ref_by_part_and_data_moved(tmp_path):
+    a = runs_of(tmp_path, "a", [150, 160, 170], 0.01)
+    b = runs_of(tmp_path, "b", [120, 130, 110], 0.0)
+    rows = compare.report({"a": a + a[:1], "b": b}, str(tmp_path / "o"), ref="a")
+    assert rows[0]["accuracy"]["n"] == 3  # a run given twice counts once
+    v = rows[1]["vs_ref"]  # Welch: sd 0.05 both, df 4, t 2.776
+    half = 2.776 * math.sqrt(2 * 0.05 ** 2 / 3)
+    assert (v["welch_lo"], v["welch_hi"]) == pytest.approx((-0.2 - half, -0.2 + half))
+    assert compare.compare({"wd=0.01": a, "wd=0.0": b}, ref="0.0")[0]["vs_ref"]["ref"] == \
+        "wd=0.0"
+    # the same images under another data root (moved, or given as another path) still match
+    moved = write_run(tmp_path / "moved", [True] * N,
+                      files=[f"/elsewhere/test/img{i:03d}.png" for i in range(N)])
+    cfg = json.load(open(tmp_path / "moved" / "config.json"))
+    json.dump({**cfg, "data": "/elsewhere"}, open(tmp_path / "moved" / "config.json", "w"))
+    here = write_run(tmp_path / "here", [True] * N,
+                     files=[f"/data/x/test/img{i:03d}.png" for i in range(N)])
+    cfg = json.load(open(tmp_path / "here" / "config.json"))
+    json.dump({**cfg, "data": "/data/x/"}, open(tmp_path / "here" / "config.json", "w"))
+    assert compare.compare({"m": [moved], "h": [here]})[1]["vs_ref"]["diff"] == 0
+
+
+def test_a_class_without_test_images_and_strict_json(tmp_path):
+    r = write_run(tmp_path / "a", [True] * N)
+    m = json.load(open(tmp_path / "a" / "test_metrics.json"))
+    m["per_class"]["normal"]["sensitivity"]["value"] = None  # --allow-missing-class
+    json.dump(m, open(tmp_path / "a" / "test_metrics.json", "w"))
+    rows = compare.report({"a": [r]}, str(tmp_path / "o"))
+    assert rows[0]["sensitivity_normal"]["n"] == 0
+    json.loads((tmp_path / "o" / "compare.json").read_text(),
+               parse_constant=lambda c: pytest.fail(f"{c} in compare.json"))

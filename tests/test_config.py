@@ -95,3 +95,25 @@ def test_a_run_folder_that_holds_a_run_is_never_written_over(tmp_path):
     resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume",
                               str(tmp_path / "same")], capture_output=True, text=True)
     assert resumed.returncode == 0  # a resume writes into its own folder
+
+
+def test_defaults_follow_the_stages_given_and_resume_takes_nothing_else(capsys):
+    from config import make_stages
+    st = make_stages(parse_args(["--demo", "--stages", "32,48"]))  # the demo's lists, cut
+    assert [(s.size, s.frozen_epochs, s.unfrozen_epochs) for s in st] == [(32, 1, 3), (48, 1, 3)]
+    assert "--unfrozen-epochs has 3 values for 4 stages" in errors(
+        capsys, "--stages", "32,48,64,96")  # a default shorter than the stages is not guessed
+    assert "nothing to train" in errors(capsys, "--frozen-epochs", "0", "--unfrozen-epochs", "0")
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", "runs/x", "--batch-size", "0"])
+    assert "--resume goes on with the run's saved config" in capsys.readouterr().err
+    assert parse_args(["--resume", "runs/x"]).resume == "runs/x"
+
+
+def test_overwrite_removes_only_a_run_folder(tmp_path):
+    import runner
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep")
+    cfg = parse_args(TINY + ["--runs", str(tmp_path), "--name", "notes", "--overwrite"])
+    runner.setup(cfg)
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep"  # not a run: left as is
