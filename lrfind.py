@@ -161,6 +161,9 @@ def main(argv=None):
                             extra={"size": (int, 128, "image size in pixels"),
                                    "phase": (str, "frozen", "frozen | unfrozen")})
     size, phase = extra["size"], extra["phase"]
+    if phase not in ("frozen", "unfrozen") or size < 8:
+        raise SystemExit(f"--phase {phase} --size {size}: give --phase frozen or unfrozen and "
+                         "a --size of at least 8 px")
     run = setup(cfg, sizes=[size])  # decode the images at this size only
     tensors = stage_tensors(run, size)
     tag = f"{size}_{phase}"
