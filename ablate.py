@@ -189,10 +189,16 @@ def main(argv=None):
     print(f"{len(runs)} runs ({len(names)} variants x {len(runs) // len(names)} seeds) in "
           f"{out}")
     results = []
-    bar = tqdm(runs, unit="run", desc="ablation")
-    for k, r in enumerate(bar, 1):
-        bar.set_postfix_str(f"{r['variant']} seed {r['seed']}")
+    number = {id(r): k for k, r in enumerate(runs, 1)}
+    done = [r for r in runs if state(r["dir"]) == "done"]  # said first: the bar and its ETA
+    todo = [r for r in runs if state(r["dir"]) != "done"]  # are over the runs still to run
+    bar = tqdm(total=len(todo), unit="run", desc="ablation")
+    for r in done + todo:
+        k, running = number[id(r)], r in todo
+        if running:
+            bar.set_postfix_str(f"{r['variant']} seed {r['seed']}")
         status, secs, log = run_one(r, log_dir)
+        bar.update(running)
         line = f"[{k}/{len(runs)}] {r['variant']} seed {r['seed']}: {status}"
         if status.startswith("failed"):
             with open(log, errors="replace") as f:
@@ -204,7 +210,7 @@ def main(argv=None):
             line += f", test accuracy {100 * m['accuracy']['value']:.1f}%" + \
                 (f", {secs:.0f} s" if secs else "")
         tqdm.write(line)
-        results.append({k: v for k, v in r.items() if k != "config"} |
+        results.append({key: v for key, v in r.items() if key != "config"} |
                        {"status": status, "seconds": secs})
     bar.close()
     with open(os.path.join(out, "ablation.json"), "w") as f:

@@ -109,6 +109,9 @@ def main(argv=None):
 
     if a.tta != "v1" and not a.tta.isdigit():
         p.error(f"--tta {a.tta}: give v1 or a number of passes")
+    if a.batch_size < 1 or a.size < 0 or a.phantoms < 8:
+        p.error(f"--batch-size {a.batch_size} --size {a.size} --phantoms {a.phantoms}: give a "
+                "batch of 1 or more, a size of 0 (the model's) or more, 8 phantoms or more")
     model, ck = load_checkpoint(a.checkpoint)
     classes, size = ck["classes"], a.size or ck.get("size") or 224
     # resized and augmented as the model was trained (older checkpoints: squished films)

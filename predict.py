@@ -90,6 +90,9 @@ def main(argv=None):
                    "are fp32 either way")
     p.add_argument("--channels-last", default="auto", choices=devices.SWITCHES)
     a = p.parse_args(argv)
+    if a.batch_size < 1 or a.size < 0:
+        p.error(f"--batch-size {a.batch_size} --size {a.size}: give a batch of 1 or more and "
+                "a size of 0 (the model's) or more")
 
     model, ck = load_checkpoint(a.checkpoint)
     classes, size = ck["classes"], a.size or ck.get("size") or 224
