@@ -80,8 +80,8 @@ def cuda_rng_for(saved, dev):
     saved: rng_state()'s "cuda" entry: one state, None (a CPU run), or, in checkpoints from
     before 2026-11-27, a list with one state per GPU the saving machine had. A GPU's state
     (a seed and an offset) fits any GPU; the run's own GPU's is taken, the first if that
-    machine had fewer. A run moved between a GPU and the CPU goes on with the same data order
-    and weights, but its dropout draws differ from the uninterrupted run's."""
+    machine had fewer. A run moved between a GPU and the CPU goes on from the same weights and
+    seeds, but that device's generators draw other numbers (batches, augmentation, dropout)."""
     if isinstance(saved, (list, tuple)):  # one per GPU of the saving machine
         saved = (saved[dev.index] if dev.type == "cuda" and dev.index is not None and
                  dev.index < len(saved) else saved[0]) if len(saved) else None

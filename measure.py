@@ -91,12 +91,15 @@ class Results:
         self.path, self.r = path, {"env": env}
         if os.path.isfile(path):
             old = json.load(open(path))
-            same = {k: old.get("env", {}).get(k) for k in ("device", "torch")} == \
-                {k: env[k] for k in ("device", "torch")}
+            keys = ("arch", "batch_size", "precision", "channels_last")  # what rows depend on
+            was = {**old.get("env", {}), **old.get("env", {}).get("config", {})}
+            now = {**env, **env["config"]}
+            same = all(was.get(k) == now.get(k) for k in ("device", "torch") + keys)
             if same:
                 self.r = {**old, "env": env}
             else:
-                print(f"{path} holds results of another device or torch; starting it anew")
+                print(f"{path} holds results of another device, torch or --arch, --batch-size, "
+                      "--precision, --channels-last; starting it anew")
 
     def save(self):
         tmp = self.path + ".tmp"
