@@ -150,8 +150,8 @@ def changed(r):
     if not os.path.isfile(path):
         return {}
     saved, want = json.load(open(path)), dataclasses.asdict(r["config"])
-    skip = {"seed", "name", "runs", "resume", "overwrite", "device", "cache_dir"}
-    return {k: (saved.get(k), v) for k, v in want.items() if k not in skip and saved.get(k) != v}
+    return {k: (saved.get(k), v) for k, v in want.items()
+            if k not in compare.IGNORED and saved.get(k) != v}  # the keys compare.py ignores
 
 
 def run_one(r, log_dir):
