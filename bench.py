@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 
@@ -39,7 +38,8 @@ import runner
 from config import add_flags
 from gpucheck import gpu_check
 from measure import (PARTS, QUICK, BenchConfig, Results, cache_rate, checkpoint_cost,
-                     end_to_end, measure_steps, step_run, write_phantom_covidx)
+                     end_to_end, measure_steps, remove_scratch, scratch, step_run,
+                     write_phantom_covidx)
 
 
 def run_parts(bc, dev, res):
@@ -53,10 +53,10 @@ def run_parts(bc, dev, res):
         elif part == "e2e":
             for spec in bc.e2e_sets.split(","):
                 n_train, n_test = (int(v) for v in spec.split(":"))
-                root, t1 = tempfile.mkdtemp(), time.time()
+                root, t1 = scratch(), time.time()
                 write_phantom_covidx(root, n_train, n_test, bc.png_size)
                 e = {"write_pngs_s": time.time() - t1,
-                     **end_to_end(bc, dev, root, tempfile.mkdtemp())}
+                     **end_to_end(bc, dev, root, scratch())}
                 res.set("e2e", {**res.r.get("e2e", {}), spec: e})
         elif part == "cache":
             res.set("cache_rate", cache_rate(bc))
@@ -83,13 +83,16 @@ def main(argv=None):
     print(json.dumps(env))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     res = Results(out, env)
-    if bc.gpu_check:
-        log = os.path.splitext(out)[0] + ".log"  # every script's output, one after another
-        open(log, "w").close()
-        gpu_check(bc, dev, res, log)
-    else:
-        run_parts(bc, dev, res)
-        print("\n" + report(res.r))
+    try:
+        if bc.gpu_check:
+            log = os.path.splitext(out)[0] + ".log"  # every script's output, one by one
+            open(log, "w").close()
+            gpu_check(bc, dev, res, log)
+        else:
+            run_parts(bc, dev, res)
+            print("\n" + report(res.r))
+    finally:
+        remove_scratch()  # the runs, caches and PNGs measured on: GBs nobody reads
     return res.r
 
 

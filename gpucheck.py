@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 
 import torch
 
-from measure import (BenchConfig, checkpoint_cost, measure_steps, step_run,
+from measure import (BenchConfig, checkpoint_cost, measure_steps, scratch, step_run,
                      write_phantom_covidx)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -129,7 +128,7 @@ def gpu_check(bc, dev, res, log):
         real[real.index("--unfrozen-epochs") + 1] = "1,4"
         real[real.index("--lr-find-steps") + 1] = "6"
         n_real, png, n_eval = 96, 64, 96
-    runs = tempfile.mkdtemp()
+    runs = scratch()
     pngs = os.path.join(runs, "pngs")
     status = {}
 

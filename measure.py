@@ -6,9 +6,11 @@
     checkpoint_cost(step_run(bc, dev, 64))         # one epoch's snapshot and last.pt write
     end_to_end(bc, dev, root, cache); cache_rate(bc)
 """
+import atexit
 import copy
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,6 +31,23 @@ from config import Config, knob
 from model import set_body_frozen
 
 PARTS = ("ceiling", "loop", "checkpoint", "e2e", "cache")
+_SCRATCH = []
+
+
+def scratch():
+    """A new empty folder inside this process's scratch folder. The measurements write runs,
+    caches and PNGs (GBs for the GPU check) that nobody reads afterwards: bench.main removes
+    the scratch folder when it returns (remove_scratch), and the process's exit does in any
+    case, so that a benchmark never fills the disk it runs on."""
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.mkdtemp(prefix="covid-resnet-bench-"))
+        atexit.register(remove_scratch)
+    return tempfile.mkdtemp(dir=_SCRATCH[0])
+
+
+def remove_scratch():
+    while _SCRATCH:
+        shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
 
 
 def _save_png(args):
@@ -133,7 +152,7 @@ def step_run(bc, dev, n_train=None):
     n_train = n_train or max(bc.batch_size * (bc.steps + bc.warmup), 64)
     cfg = Config(data="phantom", phantoms=n_train, arch=bc.arch, weights="none",
                  device=str(dev), stages=bc.sizes, frozen_epochs="0", unfrozen_epochs="1",
-                 batch_size=str(bc.batch_size), runs=tempfile.mkdtemp(), cache_dir="",
+                 batch_size=str(bc.batch_size), runs=scratch(), cache_dir="",
                  compile="off", precision=bc.precision, channels_last=bc.channels_last,
                  compile_backend=bc.compile_backend)
     return runner.setup(cfg)
@@ -242,7 +261,7 @@ def end_to_end(bc, dev, root, cache):
     for cache_state in ("cold", "warm"):
         cfg = Config(data=root, weights="none", arch=bc.arch, device=str(dev),
                      stages=bc.sizes, batch_size=str(bc.batch_size), cache_dir=cache,
-                     runs=tempfile.mkdtemp(), name=cache_state, precision=bc.precision,
+                     runs=scratch(), name=cache_state, precision=bc.precision,
                      channels_last=bc.channels_last, compile_backend=bc.compile_backend)
         if bc.quick:  # one epoch per stage, short LR sweeps
             cfg.frozen_epochs, cfg.unfrozen_epochs, cfg.lr_find_steps = "1", "1", 4
@@ -253,7 +272,7 @@ def end_to_end(bc, dev, root, cache):
 
 def cache_rate(bc):
     """(d): decoding alone, all cores, no cache."""
-    root = tempfile.mkdtemp()
+    root = scratch()
     write_phantom_covidx(root, bc.cache_images, 4, bc.png_size)
     _, splits = data.load_dataset(root, allow_missing_class=True)
     t0 = time.time()

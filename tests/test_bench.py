@@ -1,6 +1,8 @@
 """bench.py in its quick mode (no timing assertions: timings belong in BENCHMARKS.md), and the
 first-GPU check run on the CPU with every CUDA-side knob on (bf16, channels_last, compile)."""
 import json
+import os
+import tempfile
 
 import bench
 import devices
@@ -38,11 +40,14 @@ def test_parts_run_one_per_call_and_merge_into_one_file(tmp_path):
     assert len(again["ceiling"]) == 4  # a row measured again replaces the old one
 
 
-def test_gpu_check_runs_whole_on_the_cpu_with_bf16_channels_last_and_compile(tmp_path):
+def test_gpu_check_runs_whole_on_the_cpu_with_bf16_channels_last_and_compile(tmp_path,
+                                                                           monkeypatch):
     """The first-GPU check, its kernels aside: train (eager, then compiled), evaluate
     (reproducing train's accuracy, then TTA), predict with Grad-CAM, a real run killed and
     resumed, ratios, checkpoint cost; every knob the GPU takes on, on the CPU."""
-    out = tmp_path / "check.json"
+    out, tmp = tmp_path / "check.json", tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # where its scratch folders go
     status = bench.main(["--gpu-check", "--quick", "--precision", "bf16", "--channels-last",
                          "on", "--compile-backend", "aot_eager", "--out", str(out)])["gpu_check"]
     assert list(status) == ["demo", "evaluate", "real_run", "demo_compiled", "predict",
@@ -61,6 +66,8 @@ def test_gpu_check_runs_whole_on_the_cpu_with_bf16_channels_last_and_compile(tmp
         assert "bf16 autocast, channels_last, fused AdamW" in section
     assert "compiled: yes" in log.split("===== demo_compiled:")[1]
     assert "===== real run, killed" in log and "===== real run, resumed" in log
+    # its runs and PNGs are removed (~700 MB a call, which once filled the disk)
+    assert [f for f in os.listdir(tmp) if not f.startswith(("pymp-", "torchinductor"))] == []
 
 
 def test_gpu_check_skips_what_the_budget_cannot_hold_and_goes_on_after_a_failure(
