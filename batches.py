@@ -10,6 +10,7 @@ normalisation. Evaluation takes its centre crop through the same code (view()).
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -184,6 +185,49 @@ def normalize(x, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+class HostImages:
+    """A split's films at one size left in host memory (or in the memory-mapped cache), for
+    --data-on cpu: indexed like the device tensor it stands in for, each batch is gathered
+    into pinned memory and copied to the device without waiting (non_blocking), while the
+    device still works on the batches queued before. A ring of `depth` pinned buffers: one
+    is refilled only once its copy is done (a CUDA event), never while being read."""
+
+    def __init__(self, films, size, device, depth=3):
+        self.films, self.size, self.device = films, size, device
+        self.pin = device.type == "cuda"
+        self.shape = (len(films), *films.images[size].shape[1:])
+        self.bufs, self.events, self.k = {}, [None] * depth, 0
+
+    def __len__(self):
+        return self.shape[0]
+
+    def gather(self, j):
+        """Films j (host int64 positions) as a uint8 tensor on the device."""
+        if not self.pin:  # the CPU: the gathered array is the batch
+            return torch.from_numpy(self.films.take(self.size, j))
+        b = self.k % len(self.events)
+        self.k += 1
+        if self.events[b] is not None:
+            self.events[b].synchronize()  # this buffer's last copy is done
+        buf = self.bufs.get((b, len(j)))
+        if buf is None:
+            buf = self.bufs[b, len(j)] = torch.empty((len(j), *self.shape[1:]),
+                                                     dtype=torch.uint8, pin_memory=True)
+        self.films.take(self.size, j, out=buf.numpy())
+        x = buf.to(self.device, non_blocking=True)
+        self.events[b] = torch.cuda.Event()
+        self.events[b].record()
+        return x
+
+    def part(self, lo, hi):
+        """Films lo..hi-1 as their own HostImages (a rank's shard of a split)."""
+        return HostImages(self.films.subset(np.arange(lo, hi)), self.size, self.device)
+
+    def __getitem__(self, s):
+        """A slice of films (evaluation's batches, a rank's shard) as a device tensor."""
+        return self.gather(np.arange(self.shape[0])[s])
+
+
 class Batches:
     """Training batches (x, y) of `size` px from uint8 films (N, 1, T, T) and labels (N,).
 
@@ -191,17 +235,24 @@ class Batches:
     shapes); balance=True draws each class equally often instead, with replacement (COVID-Net's
     rebalancing of its few COVID-19 films). hw: each film's height / width with --resize crop.
     Without aug, a crop is the centre one, as fastai v1 does. Evaluation uses view() instead.
+
+    Data-parallel (world ranks): every rank draws the same order and the same augmentation
+    for the global batch of world * batch_size films, and takes its own slice (rank): an
+    epoch sees each film once across the ranks, and 2 ranks x B see exactly the films and
+    transforms 1 process x 2B sees. images may be HostImages (--data-on cpu): the order is
+    still drawn on the device, and brought to the host once per epoch.
     """
 
     def __init__(self, images, labels, batch_size, size, aug=None, hw=None, balance=False,
-                 seed=0, channels_last=False):
+                 seed=0, channels_last=False, rank=0, world=1):
         self.images, self.labels, self.bs, self.size = images, labels, batch_size, size
         self.aug, self.hw, self.balance, self.cl = aug, hw, balance, channels_last
-        self.seed = seed
-        self.gen = torch.Generator(device=images.device).manual_seed(seed)
-        if len(labels) < batch_size:
+        self.seed, self.rank, self.world = seed, rank, world
+        self.gen = torch.Generator(device=labels.device).manual_seed(seed)
+        if len(labels) < batch_size * world:
             raise DataError(f"{len(labels)} training images are fewer than one batch "
-                            f"({batch_size}); lower --batch-size")
+                            f"({batch_size}" + (f" per rank, {world} ranks" if world > 1
+                                                else "") + "); lower --batch-size")
 
     def epoch(self, e):
         """Reseed for epoch e: its order and augmentation then depend on (seed, e) alone, so a
@@ -211,18 +262,26 @@ class Batches:
         return self
 
     def __len__(self):
-        return len(self.labels) // self.bs
+        return len(self.labels) // (self.bs * self.world)
 
     def __iter__(self):
-        n = len(self.labels)
+        n, dev = len(self.labels), self.labels.device
         if self.balance:  # weight each image by 1 / its class size
             w = 1.0 / torch.bincount(self.labels).float()[self.labels]
             idx = torch.multinomial(w, n, replacement=True, generator=self.gen)
         else:
-            idx = torch.randperm(n, device=self.images.device, generator=self.gen)
+            idx = torch.randperm(n, device=dev, generator=self.gen)
+        host = isinstance(self.images, HostImages)
+        order = idx.cpu().numpy() if host else None  # one wait per epoch, not per batch
+        g, mine = self.bs * self.world, slice(self.rank * self.bs, (self.rank + 1) * self.bs)
         for i in range(len(self)):
-            j = idx[i * self.bs:(i + 1) * self.bs]
-            x = self.images[j].float().div_(255)
+            at = slice(i * g + mine.start, i * g + mine.stop)  # this rank's part of batch i
+            j = idx[at]
+            x = (self.images.gather(order[at]) if host else self.images[j]).float().div_(255)
             hw = None if self.hw is None else self.hw[j]
-            x = self.aug(x, self.gen, self.size, hw) if self.aug else view(x, self.size, hw)
+            if self.aug:  # drawn for the global batch, so that every rank draws the same
+                p = {k: v[mine] for k, v in self.aug.draw(g, self.gen, dev).items()}
+                x = self.aug(x, self.gen, self.size, hw, p)
+            else:
+                x = view(x, self.size, hw)
             yield normalize(x, self.cl), self.labels[j]

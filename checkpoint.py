@@ -191,7 +191,10 @@ class Checkpointer:
         load_optimizer(self.run.opt, _to_host(snap["opt"], None, False))
 
     def write(self):
-        """Save the newest snapshot to `path` in the background; False when skipped."""
+        """Save the newest snapshot to `path` in the background; False when skipped (or
+        when there is no path: the ranks but rank 0 under torchrun, which write nothing)."""
+        if self.path is None:
+            return False
         self._reap()
         if self.thread is not None or time.time() - self.last_start < self.every:
             self.stats["skipped"] += 1

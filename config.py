@@ -44,6 +44,8 @@ class Config:
     # model
     arch: str = knob("resnet50", "torchvision ResNet body", list(ARCHS))
     weights: str = knob("imagenet", "imagenet | none | path to a state dict")
+    ps: float = knob(0.5, "head dropout (fastai's ps): p of the last dropout, half of it for "
+                     "the first")
     # the recipe family: sets the knobs in RECIPES below (flags given explicitly still win)
     recipe: str = knob("paper", "paper: fastai v1 as the paper ran it, with the measured "
                        "exceptions in FIDELITY.md | fastai-v1: strictly v1 | fastai-v2: v2's "
@@ -103,6 +105,16 @@ class Config:
     save_every: float = knob(0.0, "write last.pt (in the background) at most every this many "
                              "seconds; 0: after every epoch, unless the last write is still "
                              "going")
+    data_on: str = knob("auto", "where the stage's films are held: gpu (on the device, "
+                        "batches made there) | cpu (host memory or the memory-mapped cache, "
+                        "each batch gathered into pinned memory and copied asynchronously) | "
+                        "auto (gpu when they fit in --data-gpu-gib)", ["auto", "gpu", "cpu"])
+    data_gpu_gib: float = knob(0.0, "--data-on auto: the most device memory the films may "
+                               "take (0: half the GPU's free memory; no limit on the CPU)")
+    sync_bn: bool = knob(False, "under torchrun: BatchNorm statistics over the global batch "
+                         "(SyncBatchNorm) rather than each GPU's own (torchvision's default)")
+    dist_timeout: float = knob(1800.0, "under torchrun: seconds a collective (a barrier "
+                               "while rank 0 decodes included) may wait before the job fails")
     runs: str = knob("runs", "folder for run folders")
     name: str = knob("", "run name; empty: date-time and data set")
     demo: bool = knob(False, "quick demo: phantoms, random init, CPU, small sizes")
@@ -216,6 +228,7 @@ RANGES = {  # flag: (test, what it accepts)
     "div": (lambda v: v > 0, "a positive number"),
     "div_final": (lambda v: v > 0, "a positive number"),
     "wd": (lambda v: v >= 0, "0 or more"),
+    "ps": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "lr_find_steps": (lambda v: v >= 2, "2 steps or more"),
     "lr_find_start": (lambda v: v > 0, "a positive LR"),
     "lr_find_end": (lambda v: v > 0, "a positive LR"),
@@ -229,6 +242,8 @@ RANGES = {  # flag: (test, what it accepts)
     "seed": (lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)"),
     "phantom_seed": (lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)"),
     "save_every": (lambda v: v >= 0, "seconds, 0 or more"),
+    "data_gpu_gib": (lambda v: v >= 0, "GiB, 0 or more"),
+    "dist_timeout": (lambda v: v > 0, "seconds, more than 0"),
 }
 FILES = ("train_split", "test_split", "subtypes")  # files that must exist when given
 

@@ -128,7 +128,7 @@ def main(argv=None):
     decoded = films.load_pixels(items, [size], a.cache_dir or None, cfg["resize"],
                                 problems=problems)
     problems.check()
-    images = decoded.images[size].to(dev)
+    images = decoded.to(size, dev)
     hw = decoded.hw.to(dev) if cfg["resize"] == "crop" else None
     aug = Augment(*(cfg[f.name] for f in dataclasses.fields(Augment)))
     probs = tta_probs(model, images, size, hw, aug, a.tta, a.batch_size, a.seed, amp,

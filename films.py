@@ -3,11 +3,13 @@
     films = load_pixels(items, (128, 224, 229), cache_dir, "crop")   # items: a data.Items
     films.images[224]                   # uint8 (N, 1, T, T): each film whole, squished
     films.hw                            # (N,) each film's height / width, for the crop
+    films.to(224, "cuda")               # one stage's films on the device (a split's rows)
 
-The airbench way: each file is decoded once, in parallel on all cores, into uint8 tensors that
-are cached on disk and moved to the training device whole; batches.py makes the batches there
-(resizing by cropping included). No DataLoader, no worker processes, and the GPU never waits on
-a JPEG decoder.
+The airbench way: each file is decoded once, in parallel on all cores, into uint8 arrays that
+are cached on disk, memory-mapped, and moved to the training device a stage size at a time (or,
+with --data-on cpu, gathered batch by batch from host memory); batches.py makes the batches
+there (resizing by cropping included). No DataLoader, no worker processes, and the GPU never
+waits on a JPEG decoder.
 """
 import hashlib
 import math
@@ -104,15 +106,45 @@ def fingerprint(paths, mode):
 class Films:
     """One split's decoded films: what training and evaluation read.
 
-    images: {stage size: uint8 tensor (N, 1, T, T)}, each film whole, squished to the square
-            (T = the size; larger in crop mode, see stored_size)
+    images: {stage size: uint8 array (N, 1, T, T)}, each film whole, squished to the square
+            (T = the size; larger in crop mode, see stored_size). Read from the cache, they
+            are memory-mapped: nothing is in memory until a stage asks for its size (to()),
+            and the ranks of a node share the pages the OS holds.
     hw:     (N,) float32, each film's height / width as decoded: where a crop may go
+    rows:   the rows of `images` that are this split's (None: all of them)
     """
     images: dict
     hw: torch.Tensor
+    rows: np.ndarray = None
+
+    def __len__(self):
+        return len(self.hw)
 
     def subset(self, idx):
-        return Films({s: t[idx] for s, t in self.images.items()}, self.hw[idx])
+        idx = np.asarray(idx, dtype=np.int64)
+        return Films(self.images, self.hw[idx], idx if self.rows is None else self.rows[idx])
+
+    def nbytes(self, size):
+        return len(self) * int(np.prod(self.images[size].shape[1:]))
+
+    def take(self, size, j, out=None):
+        """Films j (positions in this split) at `size`, as a uint8 array (len(j), 1, T, T),
+        into `out` when given (pinned host memory, say). One copy from the (mapped) array."""
+        rows = np.asarray(j, dtype=np.int64) if self.rows is None else self.rows[j]
+        a = self.images[size]
+        out = out if out is not None else np.empty((len(rows), *a.shape[1:]), np.uint8)
+        return np.take(a, rows, axis=0, out=out, mode="clip")  # clip: unbuffered; rows valid
+
+    def to(self, size, device, chunk=1 << 28):
+        """This split at `size` as one uint8 tensor on `device`, copied about `chunk` bytes at
+        a time: the host holds one chunk, never the whole stage."""
+        a = self.images[size]
+        out = torch.empty((len(self), *a.shape[1:]), dtype=torch.uint8, device=device)
+        step = max(1, chunk // max(1, int(np.prod(a.shape[1:]))))
+        for i in range(0, len(self), step):
+            out[i:i + step] = torch.from_numpy(self.take(size, np.arange(i, min(i + step,
+                                                                              len(self)))))
+        return out
 
 
 def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, problems=None):
@@ -128,7 +160,7 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
     if items.pixels is not None:  # phantoms: square films, resized on the CPU
         x = torch.from_numpy(items.pixels).unsqueeze(1).float()
         return Films({s: F.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
-                      .round().clamp(0, 255).to(torch.uint8) for s in sizes},
+                      .round().clamp(0, 255).to(torch.uint8).numpy() for s in sizes},
                      torch.ones(len(items)))
     check_only = bool(problems)  # the data set is unusable already: find the rest quickly
     key = cache_dir and not check_only and fingerprint(items.paths, mode)
@@ -136,7 +168,8 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
     out = {}
     if key and os.path.isfile(cached["dims"]):  # (N, 2) width and height of each image
         dims = np.load(cached["dims"])
-        out = {s: torch.from_numpy(np.load(cached[s])) for s in sizes if os.path.isfile(cached[s])}
+        # memory-mapped: read from disk (or the page cache) only where a stage reads it
+        out = {s: np.load(cached[s], mmap_mode="r") for s in sizes if os.path.isfile(cached[s])}
     todo = [8] if check_only else [s for s in sizes if s not in out]
     if todo:
         aspect = 1.0 if mode == "squish" or check_only else film_aspect(items.paths)
@@ -161,10 +194,10 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
             return None
         dims = np.array([r[0] for r in results], dtype=np.int32).reshape(-1, 2)
         for k, s in enumerate(todo):
-            out[s] = torch.from_numpy(np.stack([r[1][k] for r in results])[:, None])
+            out[s] = np.stack([r[1][k] for r in results])[:, None]
         if key:
             os.makedirs(cache_dir, exist_ok=True)
-            for s, arr in [*((s, out[s].numpy()) for s in todo), ("dims", dims)]:
+            for s, arr in [*((s, out[s]) for s in todo), ("dims", dims)]:
                 path = cached[s]
                 tmp = f"{path}.{os.getpid()}.tmp"
                 with open(tmp, "wb") as f:

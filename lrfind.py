@@ -16,13 +16,14 @@ import math
 import os
 
 import numpy as np
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 import data
+import ddp
 from config import parse_args
-from model import set_body_frozen
 from plots import COLOURS, LIGHT, line_plot
-from runner import setup, stage_tensors, train_batches
+from runner import freeze, setup, stage_tensors, train_batches
 from schedule import lr_sweep
 
 
@@ -39,7 +40,7 @@ def lr_find(step, model, opt, batches, n_steps=100, lr_start=1e-7, lr_end=10.0, 
     avg, best = 0.0, math.inf
     try:
         it = iter(batches)
-        for i in tqdm(range(n_steps), desc="lr_find", leave=False):
+        for i in tqdm(range(n_steps), desc="lr_find", leave=False, disable=not ddp.main()):
             lr = lr_sweep(i, n_steps, lr_start, lr_end)
             for g in opt.param_groups:  # one LR for every layer group during the sweep
                 g["lr"] = lr
@@ -146,14 +147,22 @@ def save_lr_find(prefix, lrs, raw, smooth, method="valley", num_it=None):
 
 
 def find_lr(run, tensors, size, batch_size, frozen, tag):
-    """Run the LR range test for one phase; write lrfind_<tag>.csv/.png; return the LR."""
-    set_body_frozen(run.model, frozen)
+    """Run the LR range test for one phase; write lrfind_<tag>.csv/.png; return the LR.
+
+    Under torchrun every rank sweeps together: each step is the real data-parallel step on
+    the global batch, and its loss is the mean over ranks, so the curve is the one global
+    batch's. Each rank restores its own state; rank 0 writes the curve and its suggestion is
+    every rank's."""
+    freeze(run, frozen)
     batches = train_batches(run, tensors, size, batch_size, "lrfind_" + tag)
     c = run.cfg
-    lrs, raw, smooth = lr_find(run.step, run.model, run.opt, batches, c.lr_find_steps,
+    step = lambda x, y: ddp.all_mean(run.step(x, y))
+    lrs, raw, smooth = lr_find(step, run.model, run.opt, batches, c.lr_find_steps,
                                c.lr_find_start, c.lr_find_end, c.lr_find_beta)
-    return save_lr_find(os.path.join(run.dir, "lrfind_" + tag), lrs, raw, smooth, c.suggest,
-                        c.lr_find_steps)
+    if ddp.main():
+        lr = save_lr_find(os.path.join(run.dir, "lrfind_" + tag), lrs, raw, smooth, c.suggest,
+                          c.lr_find_steps)
+    return ddp.broadcast(lr if ddp.main() else None)
 
 
 def main(argv=None):
@@ -169,8 +178,9 @@ def main(argv=None):
     tag = f"{size}_{phase}"
     lr = find_lr(run, tensors, size, int(cfg.batch_size.split(",")[0]), phase == "frozen", tag)
     print(f"suggested LR ({cfg.suggest}): {lr:.2e}; curve in {run.dir}/lrfind_{tag}.png")
+    ddp.close()
     return lr
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    record(data.run_cli)(main)  # torchrun: a failing rank's error, reported as its own

@@ -198,7 +198,7 @@ def measure_steps(bc, dev, res, part, sizes=None, modes=None):
             if run.compiled is None:
                 run.compiled = torch.compile(run.model, dynamic=False,
                                              backend=bc.compile_backend)
-        run.forward = run.compiled if mode == "compiled" else run.model
+        run.infer = run.forward = run.compiled if mode == "compiled" else run.model
         for size in sizes or [int(s) for s in bc.sizes.split(",")]:
             for phase in ("frozen", "unfrozen"):
                 set_body_frozen(run.model, phase == "frozen")

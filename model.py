@@ -47,12 +47,12 @@ def make_head(n_features, n_classes, hidden=512, dropout=(0.25, 0.5)):
 
 
 class COVIDResNet(nn.Module):
-    def __init__(self, resnet, n_classes):
+    def __init__(self, resnet, n_classes, ps=0.5):
         super().__init__()
         r = resnet  # a torchvision ResNet; its avgpool and fc are replaced by the head
         self.body = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool,
                                   r.layer1, r.layer2, r.layer3, r.layer4)
-        self.head = make_head(r.fc.in_features, n_classes)
+        self.head = make_head(r.fc.in_features, n_classes, dropout=(ps / 2, ps))  # fastai's ps
 
     def forward(self, x):  # x: (B, 3, H, W) normalised -> logits (B, n_classes), fp32
         features = self.body(x)
@@ -106,7 +106,7 @@ def _load_into(module, sd, weights, arch):
     module.load_state_dict(sd)
 
 
-def build_model(n_classes, weights="imagenet", arch="resnet50"):
+def build_model(n_classes, weights="imagenet", arch="resnet50", ps=0.5):
     """COVID-ResNet with `weights` = 'imagenet' | 'none' | a path to a state dict.
 
     A path may hold a torchvision ResNet state dict (its fc layer is ignored) or one of our
@@ -114,7 +114,7 @@ def build_model(n_classes, weights="imagenet", arch="resnet50"):
     """
     if arch not in ARCHS:
         raise SystemExit(f"--arch {arch}: choose one of {', '.join(ARCHS)}")
-    model = COVIDResNet(getattr(torchvision.models, arch)(weights=None), n_classes)
+    model = COVIDResNet(getattr(torchvision.models, arch)(weights=None), n_classes, ps)
     if weights == "none":
         return model
     sd = _imagenet_state_dict(arch) if weights == "imagenet" else _load_state_dict(weights)
@@ -157,7 +157,8 @@ def set_body_frozen(model, frozen):
     to reach the BN parameters).
     """
     for m in model.body.modules():
-        if isinstance(m, nn.BatchNorm2d) or not list(m.parameters(recurse=False)):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or \
+                not list(m.parameters(recurse=False)):  # BatchNorm, SyncBatchNorm
             continue
         for p in m.parameters(recurse=False):
             p.requires_grad_(not frozen)

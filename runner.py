@@ -8,6 +8,7 @@ model, the optimizer, the step, and the run folder.
 """
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -21,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 import data
+import ddp
 import devices
 import films
-from batches import Augment, Batches
+from batches import Augment, Batches, HostImages
 from checkpoint import Checkpointer, check_writable
 from config import Config, make_stages
 from model import build_model, class_logits, layer_groups, set_body_frozen
@@ -43,10 +45,12 @@ class Run:
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     step: object  # step(x, y) -> loss: forward, backward, optimizer step
-    forward: object  # the model, or its compiled version: chosen per stage
+    forward: object  # what the step calls: infer, in DistributedDataParallel under torchrun
     compiled: object  # torch.compile(model), made when a stage first asks for it
     aug: object
     loss_weight: torch.Tensor = None
+    infer: object = None  # the model, or its compiled version (chosen per stage): evaluation's
+    node_cache: str = None  # the job's temporary cache (torchrun, --cache-dir ''), removed
     ckpt: object = None  # checkpoint.Checkpointer: snapshots, last.pt
     started: float = 0.0  # time.time() when the run began, less the time before a resume
     timings: dict = field(default_factory=dict)  # seconds spent per kind of work
@@ -74,12 +78,18 @@ def make_step(run):
 
 def setup(cfg, sizes=None):
     """Read and decode the data (at `sizes`, default the stages'), build model and optimizer,
-    and make the run folder."""
-    run_dir = run_folder(cfg)  # before any work: a run already there is never written over
+    and make the run folder.
+
+    Under torchrun every rank runs this; rank 0 alone checks and writes the run folder (the
+    others' run.dir is None: they write nothing), and a node's first rank decodes the films
+    into the cache while the node's other ranks wait, then read it."""
+    dev_name = ddp.init(cfg.device, cfg.dist_timeout)  # torchrun: the process group
+    # before any work: a run already there is never written over
+    run_dir = run_folder(cfg) if ddp.main() else None
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    dev = devices.pick_device(cfg.device)
+    dev = devices.pick_device(dev_name)
     amp, cl = devices.precision(dev, cfg.precision), devices.channels_last(dev, cfg.channels_last)
     print("config: " + json.dumps(dataclasses.asdict(cfg)))
     problems = data.Problems()  # all that is wrong with the data, said once, before training
@@ -88,10 +98,16 @@ def setup(cfg, sizes=None):
         cfg.phantom_seed, cfg.allow_patient_overlap, cfg.allow_missing_class, problems)
     # Decode once, at every stage size in one pass; val is carved from the decoded train set
     sizes = sizes or [s.size for s in make_stages(cfg)]
-    cache = cfg.cache_dir or None
+    cache, node_cache = cfg.cache_dir or None, None
+    if cache is None and ddp.world() > 1 and splits["train"].pixels is None:
+        cache = node_cache = ddp.node_cache_dir()  # decoded once per node all the same
+    if not ddp.local_main():
+        ddp.barrier()  # while the node's first rank decodes: then the cache holds it all
     full = films.load_pixels(splits["train"], sizes, cache, cfg.resize, problems=problems)
     test = films.load_pixels(splits["test"], sizes, cache, cfg.resize, problems=problems)
     problems.check()
+    if ddp.local_main():
+        ddp.barrier()
     tr, va = data.split_patients(splits["train"], cfg.val_frac, cfg.seed)
     items = {"train": splits["train"].subset(tr), "val": splits["train"].subset(va),
              "test": splits["test"]}
@@ -101,20 +117,15 @@ def setup(cfg, sizes=None):
               ", ".join(f"{c} {n}" for c, n in zip(classes, counts)))
     split_films = {"train": full.subset(tr), "val": full.subset(va), "test": test}
 
-    model = build_model(len(classes), cfg.weights, cfg.arch).to(dev)
+    model = build_model(len(classes), cfg.weights, cfg.arch, cfg.ps).to(dev)
+    if cfg.sync_bn:
+        model = ddp.sync_batchnorm(model, dev)
     # The run folder comes last: a run that cannot start leaves none behind (and, with
     # --overwrite, the old run whole). fp32 weights in each stage checkpoint and model.pt;
     # last.pt adds Adam's two moments.
-    check_writable(run_dir, need_bytes=(len(make_stages(cfg)) + 4) * 4 * sum(
-        p.numel() for p in model.parameters()))
-    if cfg.overwrite and not cfg.resume and os.path.isfile(os.path.join(run_dir, "config.json")):
-        shutil.rmtree(run_dir)  # a run folder (config.json), and only now
-        os.makedirs(run_dir)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump({**dataclasses.asdict(cfg), "git_commit": git_commit(),
-                   "torch": torch.__version__, "device": str(dev)}, f, indent=1)
-    with open(os.path.join(run_dir, "classes.json"), "w") as f:
-        json.dump(classes, f)
+    if ddp.main():
+        write_run_folder(cfg, run_dir, classes, dev, need_bytes=(len(make_stages(cfg)) + 4) *
+                         4 * sum(p.numel() for p in model.parameters()))
 
     if cl:  # NHWC lets the tensor cores run convolutions without transposes
         model = model.to(memory_format=torch.channels_last)
@@ -132,14 +143,32 @@ def setup(cfg, sizes=None):
         weight = (counts.sum() / (len(classes) * counts.clamp(min=1).float())).to(dev)
     aug = Augment(cfg.rotate, cfg.zoom, cfg.warp, cfg.lighting, cfg.p_affine, cfg.p_lighting,
                   cfg.flip) if cfg.aug else None
+    ranks = f", {ddp.world()} ranks ({torch.distributed.get_backend()}" + (
+        ", SyncBatchNorm)" if cfg.sync_bn else ")") if ddp.world() > 1 else ""
     print(f"device {devices.describe(dev)}: {'bf16 autocast' if amp else 'fp32'}, "
           f"{'channels_last' if cl else 'NCHW'}, {'fused' if opt.defaults.get('fused') else 'for-each'} "
-          f"AdamW, compile {cfg.compile}; run folder {run_dir}")
-    run = Run(cfg, run_dir, dev, amp, cl, classes, items, split_films, model, opt, None, model,
-              None, aug, weight)
+          f"AdamW, compile {cfg.compile}{ranks}; run folder {run_dir}")
+    run = Run(cfg, run_dir, dev, amp, cl, classes, items, split_films, model, opt, step=None,
+              forward=model, compiled=None, aug=aug, loss_weight=weight, infer=model,
+              node_cache=node_cache)
     run.step = make_step(run)
-    run.ckpt = Checkpointer(run, os.path.join(run_dir, "last.pt"), cfg.save_every)
+    run.ckpt = Checkpointer(run, run_dir and os.path.join(run_dir, "last.pt"), cfg.save_every)
     return run
+
+
+def write_run_folder(cfg, run_dir, classes, dev, need_bytes):
+    """Make the run folder (rank 0): check it can take the run, replace an old run there with
+    --overwrite, write config.json and classes.json."""
+    check_writable(run_dir, need_bytes)
+    if cfg.overwrite and not cfg.resume and os.path.isfile(os.path.join(run_dir, "config.json")):
+        shutil.rmtree(run_dir)  # a run folder (config.json), and only now
+        os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({**dataclasses.asdict(cfg), "git_commit": git_commit(),
+                   "torch": torch.__version__, "device": str(dev),
+                   **({"ranks": ddp.world()} if ddp.world() > 1 else {})}, f, indent=1)
+    with open(os.path.join(run_dir, "classes.json"), "w") as f:
+        json.dump(classes, f)
 
 
 def run_folder(cfg):
@@ -164,8 +193,15 @@ def use_compile(run, stage):
     if on and run.compiled is None:  # compiles lazily, at the first call per shape
         run.compiled = torch.compile(run.model, dynamic=False,
                                      backend=run.cfg.compile_backend)
-    run.forward = run.compiled if on else run.model
+    run.infer = run.forward = run.compiled if on else run.model
     return on
+
+
+def freeze(run, frozen):
+    """Freeze or unfreeze the body; under torchrun, DDP is made anew around what the step
+    calls, for the parameters that now train (ddp.wrap)."""
+    set_body_frozen(run.model, frozen)
+    run.forward = ddp.wrap(run.infer, run.device)
 
 
 def git_commit():
@@ -177,20 +213,41 @@ def git_commit():
 
 
 def stage_tensors(run, size):
-    """{split: (uint8 films, labels, height/width or None)} at this stage's size, moved to
-    the device once. The films' shapes matter only to --resize crop."""
-    crop = run.cfg.resize == "crop"
-    return {k: (f.images[size].to(run.device),
-                torch.tensor(run.items[k].labels, device=run.device),
-                f.hw.to(run.device) if crop else None) for k, f in run.films.items()}
+    """{split: (uint8 films, labels, height/width or None)} at this stage's size: the films
+    moved to the device once, or left in host memory (HostImages, --data-on); labels and
+    shapes on the device. The films' shapes matter only to --resize crop."""
+    crop, dev = run.cfg.resize == "crop", run.device
+    on_host = films_on_host(run, size)
+    return {k: (HostImages(f, size, dev) if on_host else f.to(size, dev),
+                torch.tensor(run.items[k].labels, device=dev),
+                f.hw.to(dev) if crop else None) for k, f in run.films.items()}
+
+
+def films_on_host(run, size):
+    """--data-on: whether this stage's films stay in host memory. auto: on the device when
+    they take at most --data-gpu-gib (default: half the GPU's free memory; on the CPU the
+    host is the device)."""
+    c, dev = run.cfg, run.device
+    gib = sum(f.nbytes(size) for f in run.films.values()) / 2 ** 30
+    if c.data_on == "auto":
+        budget = c.data_gpu_gib or (torch.cuda.mem_get_info(dev)[0] / 2 ** 31
+                                    if dev.type == "cuda" else math.inf)
+        host = gib > budget
+        why = f" ({gib:.2f} GiB {'>' if host else '<='} {budget:.2f} GiB for films)"
+    else:
+        host, why = c.data_on == "cpu", " (--data-on)"
+    print(f"films at {size} px: {gib:.2f} GiB, " + (
+        "in host memory, each batch copied to the device" if host else "on the device") + why)
+    return host
 
 
 def train_batches(run, tensors, size, batch_size, tag):
-    """Shuffled, augmented training batches; each phase draws its own reproducible order."""
+    """Shuffled, augmented training batches; each phase draws its own reproducible order
+    (the same on every rank under torchrun: each takes its slice of the global batch)."""
     images, labels, hw = tensors["train"]
     return Batches(images, labels, batch_size, size, aug=run.aug, hw=hw,
                    balance=run.cfg.balance, seed=run.cfg.seed + zlib.crc32(tag.encode()),
-                   channels_last=run.channels_last)
+                   channels_last=run.channels_last, rank=ddp.rank(), world=ddp.world())
 
 
 def start_phase(run, frozen):
@@ -201,7 +258,7 @@ def start_phase(run, frozen):
     moments: moments zero, beta1 where the last schedule left it (fastai v2's clear_state);
     none: one optimizer for the whole run, moments carried across phases and stages.
     """
-    set_body_frozen(run.model, frozen)
+    freeze(run, frozen)
     if run.cfg.opt_reset != "none":
         run.opt.state.clear()  # AdamW makes its state anew at the next step
     if run.cfg.opt_reset == "fresh":
@@ -210,9 +267,14 @@ def start_phase(run, frozen):
 
 
 def predict(run, x, y, hw, size, batch_size=256):
-    """(mean loss, accuracy, class probabilities (N, C) on the CPU) over (x, y), unaugmented."""
-    logits = class_logits(run.model, run.forward, x, size, hw, batch_size, amp=run.amp,
-                          channels_last=run.channels_last)
+    """(mean loss, accuracy, class probabilities (N, C) on the CPU) over (x, y), unaugmented.
+
+    Under torchrun each rank predicts its shard, and every rank gets all the logits."""
+    lo, hi = ddp.shard(len(y))
+    part = x.part(lo, hi) if isinstance(x, HostImages) else x[lo:hi]
+    logits = class_logits(run.model, run.infer, part, size, None if hw is None else hw[lo:hi],
+                          batch_size, amp=run.amp, channels_last=run.channels_last)
+    logits = ddp.gather_rows(logits, len(y))
     n = max(1, len(y))
     loss = F.cross_entropy(logits, y, weight=run.loss_weight, reduction="sum").item() / n
     return loss, (logits.argmax(1) == y).float().sum().item() / n, logits.softmax(1).cpu()

@@ -13,20 +13,23 @@ runs/<name>/ with its config, metrics, LR-finder curves, checkpoints and test me
 """
 import json
 import os
+import shutil
 import time
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 import data
+import ddp
 import devices
 from checkpoint import load_optimizer, resume_from, save_checkpoint, set_rng_state
 from config import make_stages, parse_args
 from lrfind import find_lr
 from metrics import classification_metrics, format_metrics
-from model import set_body_frozen
 from report import stage_table, write_predictions, write_report
-from runner import add_time, predict, setup, stage_tensors, start_phase, train_batches, use_compile
+from runner import (add_time, freeze, predict, setup, stage_tensors, start_phase, train_batches,
+                    use_compile)
 from schedule import ONE_CYCLE, discriminative_lrs
 
 
@@ -58,6 +61,8 @@ def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0):
     start of that epoch (run.ckpt's snapshot), and the step and LR where it happened are
     reported. After each epoch run.ckpt snapshots the state and writes last.pt in the
     background (where: the stage and phase); a resumed phase starts at epoch `start`.
+    Under torchrun the losses logged are the means over ranks, img/s counts every rank's
+    images, and a bad loss on any rank rolls every rank back.
     """
     c, sched, dev = run.cfg, ONE_CYCLE[run.cfg.one_cycle], run.device
     batches = train_batches(run, tensors, size, batch_size, tag)
@@ -67,7 +72,8 @@ def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0):
         t0, loss_sum, shown = time.time(), torch.zeros((), device=dev), None
         devices.reset_peak(dev)
         first_bad = torch.full((), -1, device=dev)  # step of the first bad loss
-        bar = tqdm(batches.epoch(epoch), desc=f"{tag} {epoch + 1}/{epochs}", leave=False)
+        bar = tqdm(batches.epoch(epoch), desc=f"{tag} {epoch + 1}/{epochs}", leave=False,
+                   disable=not ddp.main())
         for i, (x, y) in enumerate(bar):
             for g, lr_max in zip(run.opt.param_groups, lrs):
                 g["lr"], mom = sched(k, total, lr_max, c.pct_start, c.div, c.div_final)
@@ -89,7 +95,11 @@ def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0):
                 shown = loss
         devices.sync(dev)
         train_time = time.time() - t0
-        bad = int(first_bad.item())
+        never = torch.iinfo(first_bad.dtype).max  # the first bad step on any rank
+        bad = int(ddp.all_min(torch.where(first_bad < 0, never, first_bad)).item())
+        bad = -1 if bad == never else bad
+        loss_sum = ddp.all_mean(loss_sum)
+        ddp.broadcast_buffers(run.model)  # rank 0's BatchNorm statistics, on every rank
         if bad >= 0:
             run.ckpt.restore()
             bad_lr = sched(bad, total, lrs[-1], c.pct_start, c.div, c.div_final)[0]
@@ -103,7 +113,10 @@ def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0):
         row = {"phase": tag, **where, "epoch": epoch + 1,
                "train_loss": loss_sum.item() / len(batches),
                "val_loss": val_loss, "val_acc": val_acc, "lr": lrs[-1], "max_lrs": lrs,
-               "img_s": len(batches) * batch_size / train_time, "time": time.time() - t0}
+               "img_s": len(batches) * batch_size * ddp.world() / train_time,
+               "time": time.time() - t0}
+        if ddp.world() > 1:
+            row.update(ranks=ddp.world(), img_s_per_rank=row["img_s"] / ddp.world())
         if devices.peak_gib(dev) is not None:
             row["peak_gib"] = devices.peak_gib(dev)
         if bad >= 0:
@@ -115,7 +128,7 @@ def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0):
         t1 = time.time()
         run.timings["elapsed"] = t1 - run.started  # this run's time so far, resumes included
         run.ckpt.take(**where, epoch=epoch + 1, phase_epochs=epochs, lrs=lrs,
-                      history=run.history, timings=run.timings)
+                      history=run.history, timings=run.timings, ranks=ddp.world())
         run.ckpt.write()
         add_time(run, "checkpoint", time.time() - t1)
         print(f"{tag} epoch {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f}, "
@@ -139,6 +152,10 @@ def main(cfg):
         run.model.load_state_dict(state["model"])
         load_optimizer(run.opt, state["opt"])  # in the weights' layout, which may be new
         note = set_rng_state(state["rng"], run.device)
+        if state.get("ranks", 1) != ddp.world():
+            note = (f"{note}; " if note else "") + (
+                f"saved by {state.get('ranks', 1)} process(es), resumed by {ddp.world()}: "
+                "the global batch and the batches it draws change")
         if note:
             print(f"note: {run.dir} was {note}; it is not bit for bit the uninterrupted run")
         run.history, run.timings = state["history"], state["timings"]
@@ -148,7 +165,8 @@ def main(cfg):
         print(f"resuming {run.dir} after epoch {state['epoch']} of {state['phase_name']} "
               f"in stage {state['stage'] + 1}")
     run.started = t_start
-    with open(os.path.join(run.dir, "metrics.jsonl"), "w") as log:
+    # rank 0 logs; the other ranks (run.dir None) write nothing
+    with open(os.path.join(run.dir, "metrics.jsonl") if run.dir else os.devnull, "w") as log:
         for row in run.history:  # what the interrupted run had logged
             log.write(json.dumps(row) + "\n")
         for i, st in enumerate(stages):
@@ -157,6 +175,7 @@ def main(cfg):
             print(f"\n== stage {i + 1}/{len(stages)}: {st.size} px, head {st.frozen_epochs} "
                   f"+ all layers {st.unfrozen_epochs} epochs, batch {st.batch_size}, "
                   f"compiled: {'yes' if use_compile(run, st) else 'no'}")
+            tensors = None  # the last stage's films leave the device before these come
             tensors = stage_tensors(run, st.size)
             for phase, epochs, spec in [("frozen", st.frozen_epochs, st.lr_frozen),
                                         ("unfrozen", st.unfrozen_epochs, st.lr_unfrozen)]:
@@ -165,7 +184,7 @@ def main(cfg):
                 tag = f"s{i + 1}_{st.size}_{phase}"
                 where = dict(stage=i, phase_name=phase)
                 if state and (i, phase) == (state["stage"], state["phase_name"]):
-                    set_body_frozen(run.model, phase == "frozen")  # optimizer as saved
+                    freeze(run, phase == "frozen")  # optimizer as saved
                     lrs, start = state["lrs"], state["epoch"]
                     state = None  # from here on, as if never interrupted
                 else:
@@ -180,11 +199,17 @@ def main(cfg):
                 fit(run, tensors, st.size, st.batch_size, epochs, lrs, tag, log, where, start)
             # the stage's table, as report.md shows it
             print("\n" + stage_table([r for r in run.history if r["stage"] == i]))
-            save_checkpoint(run, os.path.join(run.dir, f"stage{i + 1}_{st.size}.pt"),
-                            stage=i + 1, size=st.size)
-    save_checkpoint(run, os.path.join(run.dir, "model.pt"), size=stages[-1].size)
+            if ddp.main():
+                save_checkpoint(run, os.path.join(run.dir, f"stage{i + 1}_{st.size}.pt"),
+                                stage=i + 1, size=st.size)
+    if ddp.main():
+        save_checkpoint(run, os.path.join(run.dir, "model.pt"), size=stages[-1].size)
     run.ckpt.close()  # a last.pt write still going ends before the run reports
     run.timings["checkpoint_writes"] = run.ckpt.stats["write_s"]  # in the background
+    differ = ddp.max_difference(run.model)  # torchrun: every rank must hold rank 0's model
+    if differ:
+        raise RuntimeError(f"the ranks' models differ after training (by up to {differ:.3g}): "
+                           "their steps were not the same")
 
     # The test split, touched once: at the last stage's size, no augmentation
     t0 = time.time()
@@ -194,16 +219,23 @@ def main(cfg):
                                run.items["test"].sources, probs.tolist())
     m["timings_s"] = {**run.timings, "total": time.time() - t_start}
     m["timings_s"].pop("elapsed", None)
-    with open(os.path.join(run.dir, "test_metrics.json"), "w") as f:
-        json.dump(m, f, indent=1)
-    write_predictions(os.path.join(run.dir, "test_predictions.csv"), run.items["test"],
-                      run.items["test"].labels, probs.tolist(), run.classes)
-    write_report(run.dir)
+    if ddp.world() > 1:  # checked above: the weights and buffers of every rank are rank 0's
+        m["ranks"] = {"n": ddp.world(), "same_model": differ == 0.0}
+    if ddp.main():
+        with open(os.path.join(run.dir, "test_metrics.json"), "w") as f:
+            json.dump(m, f, indent=1)
+        write_predictions(os.path.join(run.dir, "test_predictions.csv"), run.items["test"],
+                          run.items["test"].labels, probs.tolist(), run.classes)
+        write_report(run.dir)
     print(f"\n== test split ({len(probs)} images, {stages[-1].size} px)\n" + format_metrics(m))
     print(f"\nrun folder: {run.dir} (report.md); seconds: " +
           ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
+    ddp.barrier()  # every rank done reading the films before the job's cache goes
+    if run.node_cache and ddp.local_main():
+        shutil.rmtree(run.node_cache, ignore_errors=True)
+    ddp.close()
     return m
 
 
-if __name__ == "__main__":
-    data.run_cli(main, parse_args(doc=__doc__))
+if __name__ == "__main__":  # record: under torchrun, a failing rank's error is reported whole
+    record(data.run_cli)(main, parse_args(doc=__doc__))

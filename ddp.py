@@ -1,0 +1,241 @@
+"""Data-parallel training under torchrun: one process ("rank") per GPU, on one or several nodes.
+
+    torchrun --nproc_per_node=8 train.py --data PATH          # one node, 8 GPUs
+    python train.py --data PATH                               # one process: all of this is a no-op
+
+Every rank runs train.py whole, on its own GPU (LOCAL_RANK picks it) with the whole stage's
+films; at each step all ranks draw the same global permutation and augmentation and take
+their slice (batches.py), DistributedDataParallel averages the gradients, and the optimizers
+stay in step. What is reported is computed from all ranks' results (all_mean, gather_rows)
+and written by rank 0 alone (main()). A rank that fails ends the job: torchrun stops the
+others, and every collective has a timeout (--dist-timeout), so none waits forever.
+"""
+import builtins
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def launched():
+    """Whether torchrun started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def main():
+    """Rank 0: the one that writes the run folder and prints."""
+    return rank() == 0
+
+
+def local_main():
+    """A node's first rank: the one that decodes the node's films into the cache."""
+    return not dist.is_initialized() or int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def init(device, timeout_s=1800):
+    """Join torchrun's process group when it launched several processes, and return the
+    device name this rank trains on: cuda:LOCAL_RANK (NCCL) or the CPU (gloo). A no-op (the
+    name as given) in a plain `python train.py`."""
+    if not launched() or dist.is_initialized():
+        return device
+    local = int(os.environ["LOCAL_RANK"])
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        if device not in ("auto", "cuda"):
+            raise SystemExit(f"--device {device} under torchrun: each process takes the GPU "
+                             "its LOCAL_RANK names; give --device cuda (or auto), and choose "
+                             "GPUs with CUDA_VISIBLE_DEVICES")
+        if local >= torch.cuda.device_count():
+            raise SystemExit(f"LOCAL_RANK {local}: this node has {torch.cuda.device_count()} "
+                             "GPU(s); start at most that many processes per node")
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if cuda else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    if rank() != 0:  # one log, rank 0's (as torchvision's references do); print(force=True)
+        quiet()
+    return device
+
+
+def quiet():
+    """Silence print() in this process, but for print(..., force=True)."""
+    show = builtins.print
+
+    def print(*args, force=False, **kw):
+        if force:
+            show(*args, **kw)
+    builtins.print = print
+
+
+def barrier():
+    if world() > 1:
+        dist.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's `obj` (any picklable value), on every rank."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_mean(t):
+    """The mean over ranks of a tensor (a new tensor; the same on every rank)."""
+    if world() == 1:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / world()
+
+
+def all_min(t):
+    if world() == 1:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def shard(n):
+    """This rank's rows [lo, hi) of n: contiguous, ceil(n / world) each, the last shorter."""
+    m = -(-n // world())
+    return min(n, rank() * m), min(n, (rank() + 1) * m)
+
+
+def gather_rows(x, n):
+    """Every rank's shard(n) rows of x, concatenated in rank order: (n, ...) on every rank."""
+    if world() == 1:
+        return x
+    m = -(-n // world())
+    padded = x.new_zeros(m, *x.shape[1:])
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world())]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:n]
+
+
+def broadcast_buffers(model):
+    """Rank 0's BatchNorm statistics on every rank. Each rank's last forward updates them
+    from its own batch (as DDP's broadcast_buffers does at the next forward, which the last
+    step has none of): evaluation and checkpoints use rank 0's, on every rank."""
+    if world() > 1:
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
+def max_difference(model):
+    """The largest difference between any rank's weights and buffers and rank 0's: 0.0 when
+    the ranks hold the same model (as they must after every step)."""
+    if world() == 1:
+        return 0.0
+    worst = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    for t in [*model.parameters(), *model.buffers()]:
+        ref = t.detach().clone()
+        dist.broadcast(ref, src=0)
+        worst = torch.maximum(worst, (t.detach() - ref).abs().max().double())
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return worst.item()
+
+
+def wrap(module, device):
+    """DistributedDataParallel around the module the step calls, made anew at each phase:
+    DDP registers the parameters that train when it is made, and freezing or unfreezing the
+    body changes them. Parameters are broadcast from rank 0 (they are already equal)."""
+    if world() == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over the ranks; its gradient is the sum of the ranks' gradients
+    (each rank's loss depends on every rank's contribution)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the global batch, for ranks on the CPU (gloo): torch's SyncBatchNorm
+    runs on GPUs only. The per-channel sums of x and x^2 are all-reduced (with their
+    gradients), so each rank normalises with the statistics of every rank's batch together,
+    as one process with the whole batch would. Same parameters and buffers as BatchNorm."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected a batch of 2 or more dimensions, got {x.dim()}")
+
+    def forward(self, x):
+        if not self.training or world() == 1:
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        stats = _SumOverRanks.apply(torch.stack([xf.sum(dims), (xf * xf).sum(dims)]))
+        count = x.numel() // x.shape[1] * world()  # every rank's batch has the same shape
+        mean, var = stats[0] / count, stats[1] / count - (stats[0] / count) ** 2
+        with torch.no_grad():  # as F.batch_norm: running variance unbiased
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * count / max(1, count - 1),
+                                              alpha=m)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(model, device):
+    """--sync-bn: every BatchNorm normalises over the global batch (SyncBatchNorm on GPUs,
+    CPUSyncBatchNorm on the CPU). Off by default, as in torchvision's references: each rank's
+    batch is the recipe's batch, and its statistics are what one GPU would see."""
+    if world() == 1:
+        return model
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, m in list(model.named_children()):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            s = CPUSyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine,
+                                 m.track_running_stats)
+            s.load_state_dict(m.state_dict())
+            s.train(m.training)
+            setattr(model, name, s)
+        else:
+            sync_batchnorm(m, device)
+    return model
+
+
+def node_cache_dir():
+    """Where a node's ranks share the decoded films when --cache-dir is '': a folder for
+    this job (torchrun's master address and port name it), removed at the end."""
+    import tempfile
+    job = "-".join(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT",
+                                                   "TORCHELASTIC_RUN_ID"))
+    return os.path.join(tempfile.gettempdir(), f"covid-resnet-ddp-{job}")
+
+
+def close():
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,159 @@
+"""Data-parallel training under torchrun (gloo, 2 CPU processes) and data larger than memory
+(memory-mapped cache, films left in host memory)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import films
+import train
+from batches import Augment, Batches, HostImages
+from config import parse_args
+from data import load_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "..", "shared", "data", "cxr-sample")
+# Tiny phantom runs: both LR finders, one-cycle and evaluation, a few seconds per process.
+# --ps 0: the head's dropout draws its masks per process, so 2 ranks could never draw what
+# one process draws; without it every random draw of the run is shared (batches.py).
+TINY = ["--demo", "--stages", "32", "--frozen-epochs", "1", "--unfrozen-epochs", "2",
+        "--phantoms", "128", "--lr-find-steps", "6", "--ps", "0"]
+
+
+def torchrun(args, n=2, **kw):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={n}", "train.py", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def test_ranks_take_disjoint_slices_of_the_global_batch_and_its_augmentation():
+    n, bs = 70, 8
+    images = torch.randint(0, 256, (n, 1, 24, 24), dtype=torch.uint8)
+    ids = torch.arange(n)  # labels that name the films
+    one = list(Batches(images, ids, 2 * bs, 16, aug=Augment(), seed=3).epoch(1))
+    two = [list(Batches(images, ids, bs, 16, aug=Augment(), seed=3, rank=r, world=2).epoch(1))
+           for r in (0, 1)]
+    assert len(one) == len(two[0]) == len(two[1]) == n // (2 * bs)
+    seen = torch.cat([y for r in two for _, y in r])
+    assert len(set(seen.tolist())) == len(seen) == len(one) * 2 * bs  # each film once
+    for (x, y), (x0, y0), (x1, y1) in zip(one, *two):
+        # rank 0's batch is the first half of one process's, rank 1's the second half,
+        # augmentation included
+        assert torch.equal(y, torch.cat([y0, y1]))
+        assert torch.equal(x, torch.cat([x0, x1]))
+
+
+def test_two_ranks_of_batch_b_train_as_one_process_of_batch_2b(tmp_path):
+    """torchrun, 2 gloo ranks x batch 16 with --sync-bn against 1 process x batch 32: the
+    same films, augmentation, LR-finder curves and updates. What differs is the order of
+    float sums (gradients averaged over ranks, global BatchNorm sums in one pass), ~1e-7
+    relative per operation; over 9 Adam steps it stays near 1e-6 (measured). 1e-4 leaves
+    room, and any sampling or scaling mistake shows at 1e-2 (the head's dropout alone moved
+    the first epoch's loss by 1%)."""
+    runs = str(tmp_path)
+    p = torchrun([*TINY, "--batch-size", "16", "--sync-bn", "--runs", runs, "--name", "two"])
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out[-3000:]
+    train.main(parse_args([*TINY, "--batch-size", "32", "--runs", runs, "--name", "one"]))
+    two, one = rows(tmp_path / "two"), rows(tmp_path / "one")
+    assert [r["max_lrs"] for r in two] == [r["max_lrs"] for r in one]  # the finders agree
+    for a, b in zip(two, one):
+        for k in ("train_loss", "val_loss", "val_acc"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4), (k, a, b)
+    assert two[0]["ranks"] == 2
+    m = json.load(open(tmp_path / "two" / "test_metrics.json"))
+    assert m["ranks"] == {"n": 2, "same_model": True}  # rank 1 ends with rank 0's weights
+    assert m["accuracy"]["value"] == pytest.approx(
+        json.load(open(tmp_path / "one" / "test_metrics.json"))["accuracy"]["value"])
+    # rank 0 alone writes (the others have no run folder to write to): the same files
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+    assert json.load(open(tmp_path / "two" / "config.json"))["ranks"] == 2
+    assert out.count("== stage 1/1") == 1  # one log: rank 0's
+
+
+def worker(local_rank, parent):
+    """The pid of torchrun's worker process with this LOCAL_RANK."""
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and f"LOCAL_RANK={local_rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def test_a_killed_rank_ends_the_job_and_resume_under_torchrun_goes_on(tmp_path):
+    run_dir = tmp_path / "k"
+    p = torchrun([*TINY, "--frozen-epochs", "0", "--unfrozen-epochs", "24", "--batch-size",
+                  "16", "--runs", str(tmp_path), "--name", "k"])
+    t0 = time.time()
+    while time.time() - t0 < 200 and p.poll() is None:
+        if (run_dir / "last.pt").exists() and len(rows(run_dir)) >= 3:
+            break
+        time.sleep(0.05)
+    pid = worker(1, p.pid)
+    assert pid and p.poll() is None, "the run ended before it could be killed"
+    os.kill(pid, signal.SIGKILL)
+    out = p.communicate(timeout=120)[0]  # rank 0 does not wait for rank 1 forever
+    assert p.returncode != 0
+    assert "local_rank: 1" in out and "SIGKILL" in out  # torchrun names the rank that died
+    assert not (run_dir / "test_metrics.json").exists()
+    done = len(torch.load(run_dir / "last.pt", weights_only=True)["history"])
+    assert 1 <= done < 24  # last.pt: the last finished write, one epoch behind at most
+    p = torchrun(["--resume", str(run_dir)])
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out[-3000:]
+    assert f"after epoch {done} of unfrozen" in out
+    assert [r["epoch"] for r in rows(run_dir)] == list(range(1, 25))  # each epoch once
+    assert json.load(open(run_dir / "test_metrics.json"))["ranks"]["same_model"]
+
+
+def test_cache_is_memory_mapped_and_a_stage_is_materialised_alone(tmp_path):
+    _, splits = load_dataset(SAMPLE)
+    items = splits["test"]
+    decoded = films.load_pixels(items, [24, 32], str(tmp_path), "crop")
+    mapped = films.load_pixels(items, [24, 32], str(tmp_path), "crop")  # from the cache
+    assert all(isinstance(a, np.memmap) for a in mapped.images.values())
+    part = mapped.subset([5, 0, 3])
+    x = part.to(32, "cpu", chunk=100)  # a few films per copy
+    assert torch.equal(x, torch.from_numpy(decoded.images[32][[5, 0, 3]]))
+    assert part.nbytes(32) == 3 * decoded.images[32][0].size
+    host = HostImages(part, 24, torch.device("cpu"))
+    assert len(host) == 3 and torch.equal(host[1:], torch.from_numpy(
+        decoded.images[24][[0, 3]]))
+
+
+def test_films_in_host_memory_train_as_films_on_the_device(tmp_path, capsys):
+    """--data-on cpu, here chosen by auto for films over a tiny budget (what a data set larger
+    than the GPU does): batches gathered from the memory-mapped cache give the run the films
+    on the device gives, bit for bit."""
+    base = ["--data", SAMPLE, "--arch", "resnet18", "--weights", "none", "--device", "cpu",
+            "--stages", "24,32", "--frozen-epochs", "0", "--unfrozen-epochs", "1,2",
+            "--batch-size", "16", "--lr-find-steps", "6", "--runs", str(tmp_path)]
+    cache = str(tmp_path / "cache")
+    dev = train.main(parse_args([*base, "--data-on", "gpu", "--cache-dir", "", "--name", "a"]))
+    train.main(parse_args([*base, "--cache-dir", cache, "--name", "warm-up"]))
+    assert "in host memory" not in capsys.readouterr().out
+    host = train.main(parse_args([*base, "--data-on", "auto", "--data-gpu-gib", "0.0001",
+                                  "--cache-dir", cache, "--name", "b"]))
+    assert "films at 32 px: 0.00 GiB, in host memory" in capsys.readouterr().out
+    assert rows(tmp_path / "a") == [{**r, "time": a["time"], "img_s": a["img_s"]}
+                                    for r, a in zip(rows(tmp_path / "b"), rows(tmp_path / "a"))]
+    assert host["accuracy"] == dev["accuracy"]
+    assert open(tmp_path / "a" / "test_predictions.csv").read() == \
+        open(tmp_path / "b" / "test_predictions.csv").read()
