@@ -5,6 +5,7 @@
     python bench.py --part loop        # one part per call (each under 10 minutes on one H100)
     python bench.py                    # every part, one after another (~20 minutes on one H100)
     python bench.py --quick            # tiny sizes on the CPU in seconds: checks the script
+    python bench.py --ddp 8            # data-parallel scaling: torchrun on 8 GPUs against 1
 
 Parts (--part, comma separated; results merged into --out across calls, written after each
 measurement, so a killed call keeps what it measured):
@@ -38,7 +39,7 @@ import runner
 from config import add_flags
 from gpucheck import gpu_check
 from measure import (PARTS, QUICK, BenchConfig, Results, cache_rate, checkpoint_cost,
-                     end_to_end, measure_steps, remove_scratch, scratch, step_run,
+                     ddp_scaling, end_to_end, measure_steps, remove_scratch, scratch, step_run,
                      write_phantom_covidx)
 
 
@@ -84,10 +85,18 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     res = Results(out, env)
     try:
-        if bc.gpu_check:
+        if bc.gpu_check or bc.ddp:
             log = os.path.splitext(out)[0] + ".log"  # every script's output, one by one
             open(log, "w").close()
+        if bc.gpu_check:
             gpu_check(bc, dev, res, log)
+        elif bc.ddp:
+            if dev.type == "cuda" and torch.cuda.device_count() < bc.ddp:
+                raise SystemExit(f"--ddp {bc.ddp}: this machine has "
+                                 f"{torch.cuda.device_count()} GPU(s)")
+            res.add_row("ddp", ddp_scaling(bc, dev, bc.ddp, log), key=("ranks", "size",
+                                                                  "batch_per_rank"))
+            print("\n" + report(res.r))
         else:
             run_parts(bc, dev, res)
             print("\n" + report(res.r))
@@ -125,6 +134,14 @@ def report(r):
                              f"{t.get('lr_find', 0):.1f} | {t.get('first_steps', 0):.1f} | "
                              f"{t['train']:.1f} | {t['eval']:.1f} | "
                              f"{t.get('checkpoint', 0):.1f} | {t['total']:.1f} |")
+    if r.get("ddp"):
+        lines += ["", "| ranks | size | batch per rank | img/s, 1 rank | img/s, all ranks | "
+                  "img/s per rank | scaling efficiency |", "|---" * 7 + "|"]
+        for d in r["ddp"]:
+            n = d["ranks"]
+            lines.append(f"| {n} | {d['size']} | {d['batch_per_rank']} | {d['img_s_1']:,.0f} | "
+                         f"{d[f'img_s_{n}']:,.0f} | {d['img_s_per_rank']:,.0f} | "
+                         f"{d['efficiency']:.2f} |")
     if r.get("cache_rate"):
         c = r["cache_rate"]
         lines += ["", f"cache build: {c['images_s']:.0f} images/s on {r['env']['cpus']} cores "

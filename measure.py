@@ -11,6 +11,8 @@ import copy
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from config import Config, knob
 from model import set_body_frozen
 
 PARTS = ("ceiling", "loop", "checkpoint", "e2e", "cache")
+ROOT = os.path.dirname(os.path.abspath(__file__))
 _SCRATCH = []
 
 
@@ -92,6 +95,10 @@ class BenchConfig:
     e2e_sets: str = knob("5310:639", "train:test sizes of the end-to-end runs, comma separated")
     png_size: int = knob(1024, "size of the phantom PNGs written for e2e and cache")
     cache_images: int = knob(512, "PNGs decoded for the cache build rate")
+    ddp: int = knob(0, "instead of the parts: data-parallel scaling, train.py under torchrun on "
+                    "N GPUs (gloo processes on the CPU) against 1, images/s per rank")
+    ddp_steps: int = knob(20, "--ddp: steps per epoch of the N-rank run (3 epochs, the first "
+                          "not timed)")
     out: str = knob("", "JSON results, merged across calls (default: bench.json, or "
                     "gpu_check.json with --gpu-check, whose scripts' output goes to the same "
                     "name with .log)")
@@ -99,7 +106,7 @@ class BenchConfig:
 
 
 QUICK = dict(device="cpu", sizes="32,40", batch_size=8, arch="resnet18", steps=2, warmup=1,
-             modes="eager", e2e_sets="32:16", png_size=96, cache_images=16)
+             modes="eager", e2e_sets="32:16", png_size=96, cache_images=16, ddp_steps=4)
 
 
 class Results:
@@ -267,6 +274,41 @@ def end_to_end(bc, dev, root, cache):
             cfg.frozen_epochs, cfg.unfrozen_epochs, cfg.lr_find_steps = "1", "1", 4
         m = train.main(cfg)
         out[cache_state] = {**m["timings_s"], "accuracy": m["accuracy"]["value"]}
+    return out
+
+
+def ddp_scaling(bc, dev, n, log):
+    """Images/s of train.py on 1 process and under torchrun on n, at the first stage size:
+    phantoms held on the device, fixed LRs (no finder), 3 epochs of which the last 2 count.
+    Every rank has bc.batch_size per step (the global batch is n times larger) and the same
+    films per step either way; efficiency = n-rank images/s / (n x 1-process images/s)."""
+    size = int(bc.sizes.split(",")[0])
+    args = ["--data", "phantom", "--phantoms", str(bc.batch_size * n * bc.ddp_steps),
+            "--val-frac", "0.02", "--arch", bc.arch, "--weights", "none", "--stages", str(size),
+            "--frozen-epochs", "0", "--unfrozen-epochs", "3", "--lr-unfrozen", "1e-3",
+            "--batch-size", str(bc.batch_size), "--device", dev.type, "--precision", bc.precision, "--channels-last", bc.channels_last,
+            "--compile", "off", "--data-on", "gpu", "--save-every", "3600",
+            "--runs", scratch()]
+    out = {"size": size, "batch_per_rank": bc.batch_size, "ranks": n}
+    for k, launcher in ((1, []), (n, ["-m", "torch.distributed.run", "--standalone",
+                                      f"--nproc_per_node={n}"])):
+        cmd = [sys.executable, *launcher, os.path.join(ROOT, "train.py"), *args, "--name",
+               f"ranks{k}"]
+        with open(log, "a") as f:
+            f.write(f"\n===== {k} rank(s): {' '.join(cmd)}\n")
+            f.flush()
+            p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                               env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
+                                   "OMP_NUM_THREADS", str(max(1, os.cpu_count() // k)))})
+        if p.returncode:
+            raise RuntimeError(f"train.py on {k} rank(s) failed (exit {p.returncode}); see {log}")
+        rows = [json.loads(line) for line in open(os.path.join(args[-1], f"ranks{k}",
+                                                               "metrics.jsonl"))][1:]
+        out[f"img_s_{k}"] = sum(r["img_s"] for r in rows) / len(rows)  # every rank's images
+    out["img_s_per_rank"] = out[f"img_s_{n}"] / n
+    out["efficiency"] = out["img_s_per_rank"] / out["img_s_1"]
+    print(f"  {n} ranks: {out[f'img_s_{n}']:,.0f} img/s ({out['img_s_per_rank']:,.0f} per rank)"
+          f" vs 1: {out['img_s_1']:,.0f} img/s; scaling efficiency {out['efficiency']:.2f}")
     return out
 
 

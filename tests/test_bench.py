@@ -40,6 +40,16 @@ def test_parts_run_one_per_call_and_merge_into_one_file(tmp_path):
     assert len(again["ceiling"]) == 4  # a row measured again replaces the old one
 
 
+def test_ddp_scaling_runs_train_py_under_torchrun_against_one_process(tmp_path, capsys):
+    r = bench.main(["--quick", "--ddp", "2", "--out", str(tmp_path / "d.json")])["ddp"]
+    assert len(r) == 1 and r[0]["ranks"] == 2 and r[0]["img_s_1"] > 0
+    assert r[0]["efficiency"] == r[0]["img_s_2"] / 2 / r[0]["img_s_1"]
+    log = open(tmp_path / "d.log").read()
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in log
+    assert "2 ranks (gloo)" in log  # the 2-rank run was data-parallel
+    assert "| 2 | 32 | 8 |" in capsys.readouterr().out
+
+
 def test_gpu_check_runs_whole_on_the_cpu_with_bf16_channels_last_and_compile(tmp_path,
                                                                            monkeypatch):
     """The first-GPU check, its kernels aside: train (eager, then compiled), evaluate
