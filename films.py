@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import repeat
 
@@ -177,32 +178,52 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
         workers, n = workers or os.cpu_count(), len(items.paths)
         bar = dict(total=n, unit="img", desc=f"checking {n} images" if check_only
                    else f"decoding {n} images at {store} px")
-        if workers == 1 or n < 64:  # a pool costs more than it saves on a few images
-            results = [decode(p, store) for p in tqdm(items.paths, **bar)]
-        else:
-            with process_pool(workers) as pool:
-                results = list(tqdm(pool.map(decode, items.paths, repeat(store), chunksize=16),
-                                    **bar))
-        found = Problems()
-        found.add("images could not be read", [f"{p} ({r})" for p, r in
-                                               zip(items.paths, results) if isinstance(r, str)],
-                  " (replace them, or remove them from the split file)")
-        if problems is None:
-            found.check()
-        elif problems or found:
-            problems += found
-            return None
-        dims = np.array([r[0] for r in results], dtype=np.int32).reshape(-1, 2)
-        for k, s in enumerate(todo):
-            out[s] = np.stack([r[1][k] for r in results])[:, None]
+        # Each film goes straight into its place in one array per size: in the cache file
+        # itself (memory-mapped, written as the films come) when there is a cache, so that
+        # host memory never holds the decoded data set, whatever its size.
         if key:
             os.makedirs(cache_dir, exist_ok=True)
-            for s, arr in [*((s, out[s]) for s in todo), ("dims", dims)]:
-                path = cached[s]
-                tmp = f"{path}.{os.getpid()}.tmp"
-                with open(tmp, "wb") as f:
-                    np.save(f, arr)
-                os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
+        tmp = {s: f"{cached[s]}.{os.getpid()}.tmp" if key else None for s in todo}
+        arrays = {s: np.lib.format.open_memmap(tmp[s], "w+", np.uint8, (n, 1, t, t)) if key
+                  else np.empty((n, 1, t, t), np.uint8) for s, t in zip(todo, store)}
+        dims, bad = np.zeros((n, 2), np.int32), []
+        try:
+            with process_pool(workers) if workers > 1 and n >= 64 else nullcontext() as pool:
+                # a pool costs more than it saves on a few images
+                results = pool.map(decode, items.paths, repeat(store), chunksize=16) if pool \
+                    else (decode(p, store) for p in items.paths)
+                for i, (path, r) in enumerate(tqdm(zip(items.paths, results), **bar)):
+                    if isinstance(r, str):
+                        bad.append(f"{path} ({r})")
+                        continue
+                    dims[i] = r[0]
+                    for k, s in enumerate(todo):
+                        arrays[s][i, 0] = r[1][k]
+            found = Problems()
+            found.add("images could not be read", bad,
+                      " (replace them, or remove them from the split file)")
+            if problems is None:
+                found.check()
+            elif problems or found:
+                problems += found
+                return None
+            for s in todo:
+                if key:  # atomic: a killed run leaves no half-written cache
+                    arrays[s].flush()
+                    del arrays[s]
+                    os.replace(tmp[s], cached[s])
+                    out[s] = np.load(cached[s], mmap_mode="r")
+                else:
+                    out[s] = arrays[s]
+            if key:
+                with open(f"{cached['dims']}.{os.getpid()}.tmp", "wb") as f:
+                    np.save(f, dims)
+                os.replace(f.name, cached["dims"])
+        finally:
+            arrays.clear()
+            for t in tmp.values():
+                if t and os.path.exists(t):
+                    os.remove(t)
     warn_small(items.paths, dims, max(sizes))
     dims = torch.from_numpy(dims).float()
     return Films(out, dims[:, 1] / dims[:, 0])

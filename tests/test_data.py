@@ -50,7 +50,7 @@ def test_covidx_layout(tmp_path, columns):
     assert splits["train"].paths[0] == os.path.join(str(tmp_path), "train", "train0.png")
     assert splits["train"].sources[0] == ("src" if columns == 4 else "")
     px = films.load_pixels(splits["train"], [16, 24])
-    assert px.images[16].shape == (6, 1, 16, 16) and px.images[24].dtype == torch.uint8
+    assert px.images[16].shape == (6, 1, 16, 16) and px.images[24].dtype == np.uint8
 
 
 def test_crop_mode_stores_the_films_larger_with_their_shapes(tmp_path):
@@ -66,7 +66,7 @@ def test_crop_mode_stores_the_films_larger_with_their_shapes(tmp_path):
     assert torch.equal(crop.hw, squish.hw)
     assert films.stored_size(100, "crop", 3.0) == 150  # longer films: at most 1.5x
     again = films.load_pixels(splits["train"], [16, 24], str(tmp_path / "cache"), "crop")
-    assert torch.equal(again.images[24], crop.images[24])  # from the cache, keyed by mode
+    assert np.array_equal(again.images[24], crop.images[24])  # from the cache, keyed by mode
     assert len(os.listdir(tmp_path / "cache")) == 3
 
 
@@ -140,6 +140,9 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
     (tmp_path / "train" / "train4.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(data.DataError, match=r"1 images could not be read.*:\n.*train4.png"):
         films.load_pixels(splits["train"], [8])
+    with pytest.raises(data.DataError, match="could not be read"):  # the cache half built
+        films.load_pixels(splits["train"], [8], cache_dir=str(tmp_path / "cache"))
+    assert os.listdir(tmp_path / "cache") == []  # as the films came: removed, nothing cached
 
 
 def test_malformed_line_is_reported_with_its_number(tmp_path):
@@ -214,7 +217,7 @@ def test_cache_is_reused_and_never_written_beside_the_data(tmp_path, monkeypatch
         raise AssertionError("decoded although cached")
     monkeypatch.setattr(films, "decode", no_decoding)
     second = films.load_pixels(splits["train"], [8, 12], cache_dir=str(tmp_path / "cache"))
-    assert torch.equal(first.images[12], second.images[12])
+    assert np.array_equal(first.images[12], second.images[12])
     assert torch.equal(first.hw, second.hw)
     # a rewritten image invalidates the cache
     write_image(tmp_path / "d" / "train" / "train2.png", "RGB", size=(50, 50))
@@ -243,7 +246,7 @@ def test_phantoms_are_deterministic_and_have_four_classes():
     assert not np.array_equal(s1["train"].pixels, s2["train"].pixels)
     assert not set(s1["train"].patients) & set(s1["test"].patients)
     px = films.load_pixels(s1["test"], [16, 24])
-    assert px.images[24].shape == (40, 1, 24, 24) and px.images[24].dtype == torch.uint8
+    assert px.images[24].shape == (40, 1, 24, 24) and px.images[24].dtype == np.uint8
     assert torch.equal(px.hw, torch.ones(40))  # phantoms are square
     for c in phantom.CLASSES:  # any size, every class (bench.py writes them at 512 and 1024)
         assert phantom.render(c, np.random.default_rng(0), 100).shape == (100, 100)
