@@ -8,11 +8,13 @@ films; at each step all ranks draw the same global permutation and augmentation 
 their slice (batches.py), DistributedDataParallel averages the gradients, and the optimizers
 stay in step. What is reported is computed from all ranks' results (all_mean, gather_rows)
 and written by rank 0 alone (main()). A rank that fails ends the job: torchrun stops the
-others, and every collective has a timeout (--dist-timeout), so none waits forever.
+node's other ranks, what rank 0 alone does (its files) is checked by every rank (each()), and
+every collective has a timeout (--dist-timeout), so none waits forever.
 """
 import builtins
 import datetime
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -60,19 +62,20 @@ def init(device, timeout_s=1800):
                              "GPU(s); start at most that many processes per node")
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
+    # device_id: NCCL binds this rank to its GPU now (a barrier need not guess it)
     dist.init_process_group("nccl" if cuda else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    if rank() != 0:  # one log, rank 0's (as torchvision's references do); print(force=True)
-        quiet()
+                            timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=torch.device(device) if cuda else None)
+    print_on_main()  # one log, rank 0's (as torchvision's references do)
     return device
 
 
-def quiet():
-    """Silence print() in this process, but for print(..., force=True)."""
-    show = builtins.print
+def print_on_main():
+    """print() prints on rank 0 only, and on any rank as print(..., force=True)."""
+    show, main_rank = builtins.print, rank() == 0
 
     def print(*args, force=False, **kw):
-        if force:
+        if main_rank or force:
             show(*args, **kw)
     builtins.print = print
 
@@ -108,22 +111,62 @@ def all_min(t):
     return t
 
 
-def shard(n):
-    """This rank's rows [lo, hi) of n: contiguous, ceil(n / world) each, the last shorter."""
-    m = -(-n // world())
-    return min(n, rank() * m), min(n, (rank() + 1) * m)
+def shard(n, r=None):
+    """Rank r's rows [lo, hi) of n (default: this rank's): contiguous, balanced (the sizes
+    differ by one at most; with fewer rows than ranks, some ranks have none)."""
+    r = rank() if r is None else r
+    return r * n // world(), (r + 1) * n // world()
 
 
 def gather_rows(x, n):
-    """Every rank's shard(n) rows of x, concatenated in rank order: (n, ...) on every rank."""
+    """Every rank's shard(n) rows of x, concatenated in rank order: (n, ...) on every rank.
+    x lives on the rank's device (NCCL gathers GPU tensors only), even when it has no rows."""
     if world() == 1:
         return x
-    m = -(-n // world())
-    padded = x.new_zeros(m, *x.shape[1:])
+    padded = x.new_zeros(-(-n // world()), *x.shape[1:])
     padded[:len(x)] = x
     parts = [torch.empty_like(padded) for _ in range(world())]
     dist.all_gather(parts, padded)
-    return torch.cat(parts)[:n]
+    return torch.cat([p[:hi - lo] for r, p in enumerate(parts) for lo, hi in [shard(n, r)]])
+
+
+def each(fn):
+    """fn() on every rank, and if it fails on any rank, every rank stops with that rank's
+    error: a rank that failed alone would leave the others waiting at their next collective
+    (on other nodes, which torchrun does not stop at once, until --dist-timeout). fn must
+    hold no collective. One process: fn(), its exceptions as they are."""
+    if world() == 1:
+        return fn()
+    out, err = None, None
+    try:
+        out = fn()
+    except SystemExit as e:
+        err = f"rank {rank()}: {e}"
+    except Exception as e:
+        err = f"rank {rank()}: {type(e).__name__}: {e}"
+    errors = [None] * world()
+    dist.all_gather_object(errors, err)
+    if any(errors):
+        raise SystemExit(next(e for e in errors if e))
+    return out
+
+
+def all_objects(obj):
+    """Every rank's `obj` (picklable), as a list in rank order, on every rank."""
+    if world() == 1:
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def seed_rank(seed):
+    """Each rank its own stream of torch's global generators, which only the head's dropout
+    draws from during training (batches and augmentation have their own, shared generator):
+    the ranks draw different masks, as one process would for the global batch. Rank 0 keeps
+    `seed`'s stream, so one process is unchanged."""
+    if rank() > 0:
+        torch.manual_seed(seed + 7919 * rank())  # the CPU's and every GPU's
 
 
 def broadcast_buffers(model):
@@ -228,12 +271,10 @@ def sync_batchnorm(model, device):
 
 
 def node_cache_dir():
-    """Where a node's ranks share the decoded films when --cache-dir is '': a folder for
-    this job (torchrun's master address and port name it), removed at the end."""
-    import tempfile
-    job = "-".join(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT",
-                                                   "TORCHELASTIC_RUN_ID"))
-    return os.path.join(tempfile.gettempdir(), f"covid-resnet-ddp-{job}")
+    """Where a node's ranks share the decoded films when --cache-dir is '': one folder in
+    the node's temporary directory, its files keyed by the data as every cache is (a job
+    killed before it removes the folder leaves it for the next, which reuses it)."""
+    return os.path.join(tempfile.gettempdir(), "covid-resnet-ddp-cache")
 
 
 def close():

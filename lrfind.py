@@ -159,10 +159,9 @@ def find_lr(run, tensors, size, batch_size, frozen, tag):
     step = lambda x, y: ddp.all_mean(run.step(x, y))
     lrs, raw, smooth = lr_find(step, run.model, run.opt, batches, c.lr_find_steps,
                                c.lr_find_start, c.lr_find_end, c.lr_find_beta)
-    if ddp.main():
-        lr = save_lr_find(os.path.join(run.dir, "lrfind_" + tag), lrs, raw, smooth, c.suggest,
-                          c.lr_find_steps)
-    return ddp.broadcast(lr if ddp.main() else None)
+    lr = ddp.each(lambda: ddp.main() and save_lr_find(
+        os.path.join(run.dir, "lrfind_" + tag), lrs, raw, smooth, c.suggest, c.lr_find_steps))
+    return ddp.broadcast(lr)  # rank 0's
 
 
 def main(argv=None):

@@ -212,4 +212,5 @@ def class_logits(model, forward, images, size, hw=None, batch_size=256, transfor
         with autocast(images.device, amp):
             out.append(forward(normalize(x, channels_last))[:n].float())
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, model.head[-1].out_features)
+    return torch.cat(out) if out else torch.zeros(0, model.head[-1].out_features,
+                                                  device=images.device)

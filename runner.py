@@ -84,8 +84,8 @@ def setup(cfg, sizes=None):
     others' run.dir is None: they write nothing), and a node's first rank decodes the films
     into the cache while the node's other ranks wait, then read it."""
     dev_name = ddp.init(cfg.device, cfg.dist_timeout)  # torchrun: the process group
-    # before any work: a run already there is never written over
-    run_dir = run_folder(cfg) if ddp.main() else None
+    # before any work: a run already there is never written over (rank 0 checks, all stop)
+    run_dir = ddp.each(lambda: run_folder(cfg) if ddp.main() else None)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -118,14 +118,14 @@ def setup(cfg, sizes=None):
     split_films = {"train": full.subset(tr), "val": full.subset(va), "test": test}
 
     model = build_model(len(classes), cfg.weights, cfg.arch, cfg.ps).to(dev)
+    ddp.seed_rank(cfg.seed)  # the same weights everywhere, each rank its own dropout
     if cfg.sync_bn:
         model = ddp.sync_batchnorm(model, dev)
     # The run folder comes last: a run that cannot start leaves none behind (and, with
     # --overwrite, the old run whole). fp32 weights in each stage checkpoint and model.pt;
     # last.pt adds Adam's two moments.
-    if ddp.main():
-        write_run_folder(cfg, run_dir, classes, dev, need_bytes=(len(make_stages(cfg)) + 4) *
-                         4 * sum(p.numel() for p in model.parameters()))
+    need = (len(make_stages(cfg)) + 4) * 4 * sum(p.numel() for p in model.parameters())
+    ddp.each(lambda: ddp.main() and write_run_folder(cfg, run_dir, classes, dev, need))
 
     if cl:  # NHWC lets the tensor cores run convolutions without transposes
         model = model.to(memory_format=torch.channels_last)
@@ -230,6 +230,8 @@ def films_on_host(run, size):
     c, dev = run.cfg, run.device
     gib = sum(f.nbytes(size) for f in run.films.values()) / 2 ** 30
     if c.data_on == "auto":
+        if dev.type == "cuda":  # the last stage's films, freed, still count as reserved
+            torch.cuda.empty_cache()
         budget = c.data_gpu_gib or (torch.cuda.mem_get_info(dev)[0] / 2 ** 31
                                     if dev.type == "cuda" else math.inf)
         host = gib > budget

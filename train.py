@@ -23,7 +23,7 @@ from tqdm import tqdm
 import data
 import ddp
 import devices
-from checkpoint import load_optimizer, resume_from, save_checkpoint, set_rng_state
+from checkpoint import load_optimizer, resume_from, rng_state, save_checkpoint, set_rng_state
 from config import make_stages, parse_args
 from lrfind import find_lr
 from metrics import classification_metrics, format_metrics
@@ -67,7 +67,7 @@ def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0):
     c, sched, dev = run.cfg, ONE_CYCLE[run.cfg.one_cycle], run.device
     batches = train_batches(run, tensors, size, batch_size, tag)
     total, k, rows = epochs * len(batches), start * len(batches), []
-    run.ckpt.take()  # what a first epoch that diverges goes back to
+    ddp.each(run.ckpt.take)  # what a first epoch that diverges goes back to
     for epoch in range(start, epochs):
         t0, loss_sum, shown = time.time(), torch.zeros((), device=dev), None
         devices.reset_peak(dev)
@@ -127,9 +127,13 @@ def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0):
         log.flush()
         t1 = time.time()
         run.timings["elapsed"] = t1 - run.started  # this run's time so far, resumes included
-        run.ckpt.take(**where, epoch=epoch + 1, phase_epochs=epochs, lrs=lrs,
-                      history=run.history, timings=run.timings, ranks=ddp.world())
-        run.ckpt.write()
+        # every rank's generators (its dropout's), so that a resume under torchrun goes on
+        # as each rank would have; rank 0 writes them with its snapshot
+        rngs = ddp.all_objects(rng_state(dev)) if ddp.world() > 1 else None
+        ddp.each(lambda: (run.ckpt.take(
+            **where, epoch=epoch + 1, phase_epochs=epochs, lrs=lrs, history=run.history,
+            timings=run.timings, ranks=ddp.world(), **({"rng_ranks": rngs} if rngs else {})),
+            run.ckpt.write()))
         add_time(run, "checkpoint", time.time() - t1)
         print(f"{tag} epoch {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f}, "
               f"val loss {val_loss:.4f}, val acc {100 * val_acc:.1f}%, "
@@ -137,6 +141,15 @@ def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0):
         if bad >= 0:
             break
     return rows
+
+
+def write_outputs(run, m, probs):
+    """The test split's metrics, predictions and the run's report.md."""
+    with open(os.path.join(run.dir, "test_metrics.json"), "w") as f:
+        json.dump(m, f, indent=1)
+    write_predictions(os.path.join(run.dir, "test_predictions.csv"), run.items["test"],
+                      run.items["test"].labels, probs.tolist(), run.classes)
+    write_report(run.dir)
 
 
 def main(cfg):
@@ -151,8 +164,11 @@ def main(cfg):
     if state:
         run.model.load_state_dict(state["model"])
         load_optimizer(run.opt, state["opt"])  # in the weights' layout, which may be new
-        note = set_rng_state(state["rng"], run.device)
-        if state.get("ranks", 1) != ddp.world():
+        same_world = state.get("ranks", 1) == ddp.world()
+        note = set_rng_state(state["rng_ranks"][ddp.rank()] if same_world and
+                             "rng_ranks" in state else state["rng"], run.device)
+        if not same_world:
+            ddp.seed_rank(cfg.seed + len(state["history"]))  # each rank its own dropout
             note = (f"{note}; " if note else "") + (
                 f"saved by {state.get('ranks', 1)} process(es), resumed by {ddp.world()}: "
                 "the global batch and the batches it draws change")
@@ -199,12 +215,12 @@ def main(cfg):
                 fit(run, tensors, st.size, st.batch_size, epochs, lrs, tag, log, where, start)
             # the stage's table, as report.md shows it
             print("\n" + stage_table([r for r in run.history if r["stage"] == i]))
-            if ddp.main():
-                save_checkpoint(run, os.path.join(run.dir, f"stage{i + 1}_{st.size}.pt"),
-                                stage=i + 1, size=st.size)
-    if ddp.main():
-        save_checkpoint(run, os.path.join(run.dir, "model.pt"), size=stages[-1].size)
-    run.ckpt.close()  # a last.pt write still going ends before the run reports
+            ddp.each(lambda: ddp.main() and save_checkpoint(
+                run, os.path.join(run.dir, f"stage{i + 1}_{st.size}.pt"), stage=i + 1,
+                size=st.size))
+    ddp.each(lambda: ddp.main() and save_checkpoint(run, os.path.join(run.dir, "model.pt"),
+                                                    size=stages[-1].size))
+    ddp.each(run.ckpt.close)  # a last.pt write still going ends before the run reports
     run.timings["checkpoint_writes"] = run.ckpt.stats["write_s"]  # in the background
     differ = ddp.max_difference(run.model)  # torchrun: every rank must hold rank 0's model
     if differ:
@@ -221,12 +237,7 @@ def main(cfg):
     m["timings_s"].pop("elapsed", None)
     if ddp.world() > 1:  # checked above: the weights and buffers of every rank are rank 0's
         m["ranks"] = {"n": ddp.world(), "same_model": differ == 0.0}
-    if ddp.main():
-        with open(os.path.join(run.dir, "test_metrics.json"), "w") as f:
-            json.dump(m, f, indent=1)
-        write_predictions(os.path.join(run.dir, "test_predictions.csv"), run.items["test"],
-                          run.items["test"].labels, probs.tolist(), run.classes)
-        write_report(run.dir)
+    ddp.each(lambda: ddp.main() and write_outputs(run, m, probs))
     print(f"\n== test split ({len(probs)} images, {stages[-1].size} px)\n" + format_metrics(m))
     print(f"\nrun folder: {run.dir} (report.md); seconds: " +
           ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))

@@ -82,6 +82,46 @@ def test_two_ranks_of_batch_b_train_as_one_process_of_batch_2b(tmp_path):
     assert out.count("== stage 1/1") == 1  # one log: rank 0's
 
 
+COLLECTIVES = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import ddp
+ddp.init("cpu")
+r = ddp.rank()
+for n in (1, 3, 8):  # fewer rows than ranks: rank 1 has none, and gathers all the same
+    lo, hi = ddp.shard(n)
+    mine = torch.arange(n * 2.0).view(n, 2)[lo:hi]
+    assert torch.equal(ddp.gather_rows(mine, n), torch.arange(n * 2.0).view(n, 2)), n
+assert ddp.shard(1) == ((0, 0), (0, 1))[r] and ddp.shard(3) == ((0, 1), (1, 3))[r]
+assert ddp.all_objects({"rank": r}) == [{"rank": 0}, {"rank": 1}]
+ddp.seed_rank(5)
+draws = ddp.all_objects(torch.rand(3))
+assert not torch.equal(draws[0], draws[1])  # each rank its own dropout masks
+def rank0_only():
+    if r == 0:
+        raise SystemExit("the run folder is full")
+try:
+    ddp.each(rank0_only)
+except SystemExit as e:
+    print(f"rank {r} stopped: {e}", force=True)
+ddp.close()
+"""
+
+
+def test_collectives_for_uneven_shards_and_a_failure_of_rank_0_alone(tmp_path):
+    """gather_rows when a rank has no rows; each(): what fails on rank 0 alone stops every
+    rank with rank 0's message (rather than leaving rank 1 at its next collective)."""
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(script), ROOT], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    for r in (0, 1):
+        assert f"rank {r} stopped: rank 0: the run folder is full" in p.stdout
+
+
 def worker(local_rank, parent):
     """The pid of torchrun's worker process with this LOCAL_RANK."""
     for pid in os.listdir("/proc"):
@@ -113,7 +153,10 @@ def test_a_killed_rank_ends_the_job_and_resume_under_torchrun_goes_on(tmp_path):
     assert p.returncode != 0
     assert "local_rank: 1" in out and "SIGKILL" in out  # torchrun names the rank that died
     assert not (run_dir / "test_metrics.json").exists()
-    done = len(torch.load(run_dir / "last.pt", weights_only=True)["history"])
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    done = len(last["history"])
+    r0, r1 = last["rng_ranks"]  # every rank's generators, saved by rank 0
+    assert not torch.equal(r0["torch"], r1["torch"])  # each rank's own dropout stream
     assert 1 <= done < 24  # last.pt: the last finished write, one epoch behind at most
     p = torchrun(["--resume", str(run_dir)])
     out = p.communicate(timeout=300)[0]
