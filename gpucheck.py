@@ -100,6 +100,9 @@ def gpu_check(bc, dev, res, log):
     demo_compiled one stage of the demo with --compile on (frozen, unfrozen and evaluation
                   graphs: every kind of graph training compiles);
     predict       predict.py with Grad-CAM on the real run's test PNGs;
+    demo_host     the demo with --data-on cpu: films in host memory, each batch gathered into
+                  pinned memory and copied without waiting (the path for data larger than
+                  the GPU);
     steps         ceiling vs real loop per stage and phase, eager, with peak memory;
     checkpoint    the cost of one epoch's snapshot and last.pt write for ResNet-50 with Adam;
     steps_compiled  ceiling vs real loop compiled, at the first size.
@@ -202,6 +205,11 @@ def gpu_check(bc, dev, res, log):
             out["cams"] = len(os.listdir(os.path.join(runs, "cams")))
         return out
 
+    def same_as(ref, out):
+        if out["status"] == "ok":
+            out["same_as_demo"] = out["accuracy"] == ref["accuracy"]
+        return out
+
     def steps(b, sizes=None, modes=None):
         rows = measure_steps(b, dev, res, "loop", sizes, modes)
         return {"status": "ok", "min_ratio": min(r["ratio"] for r in rows),
@@ -215,6 +223,9 @@ def gpu_check(bc, dev, res, log):
     step("demo_compiled", 60 if bc.quick else 150, lambda: train_run("demo_compiled", compiled))
     if d["status"] == "ok" and os.path.isdir(os.path.join(pngs, "test")):
         step("predict", 30, predict)
+    if d["status"] == "ok":  # pinned host batches, copied without waiting: as the demo
+        step("demo_host", 60, lambda: same_as(d, train_run("demo_host", [
+            *demo, "--data-on", "cpu"])))
     step("steps", 60, lambda: steps(eager))
     step("checkpoint", 20, lambda: {"status": "ok",
                                     **checkpoint_cost(step_run(eager, dev, 64))})
