@@ -297,9 +297,10 @@ def ddp_scaling(bc, dev, n, log):
         with open(log, "a") as f:
             f.write(f"\n===== {k} rank(s): {' '.join(cmd)}\n")
             f.flush()
+            threads = os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // k)))
             p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                               env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
-                                   "OMP_NUM_THREADS", str(max(1, os.cpu_count() // k)))})
+                               env={**os.environ, "OMP_NUM_THREADS": threads,
+                                    "TMPDIR": scratch()})  # torchrun's logs in the scratch
         if p.returncode:
             raise RuntimeError(f"train.py on {k} rank(s) failed (exit {p.returncode}); see {log}")
         rows = [json.loads(line) for line in open(os.path.join(args[-1], f"ranks{k}",

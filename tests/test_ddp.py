@@ -26,11 +26,16 @@ TINY = ["--demo", "--stages", "32", "--frozen-epochs", "1", "--unfrozen-epochs",
         "--phantoms", "128", "--lr-find-steps", "6", "--ps", "0"]
 
 
-def torchrun(args, n=2, **kw):
+def env(tmp):
+    """One thread per rank (2 ranks, 2 cores); torchrun's log folders in the test's folder."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
+
+
+def torchrun(args, tmp, n=2):
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              f"--nproc_per_node={n}", "train.py", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+                            env=env(tmp))
 
 
 def rows(run_dir):
@@ -62,7 +67,8 @@ def test_two_ranks_of_batch_b_train_as_one_process_of_batch_2b(tmp_path):
     room, and any sampling or scaling mistake shows at 1e-2 (the head's dropout alone moved
     the first epoch's loss by 1%)."""
     runs = str(tmp_path)
-    p = torchrun([*TINY, "--batch-size", "16", "--sync-bn", "--runs", runs, "--name", "two"])
+    p = torchrun([*TINY, "--batch-size", "16", "--sync-bn", "--runs", runs, "--name", "two"],
+                 tmp_path)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0, out[-3000:]
     train.main(parse_args([*TINY, "--batch-size", "32", "--runs", runs, "--name", "one"]))
@@ -116,7 +122,7 @@ def test_collectives_for_uneven_shards_and_a_failure_of_rank_0_alone(tmp_path):
     script.write_text(COLLECTIVES)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", str(script), ROOT], capture_output=True,
-                       text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       text=True, timeout=120, env=env(tmp_path))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     for r in (0, 1):
         assert f"rank {r} stopped: rank 0: the run folder is full" in p.stdout
@@ -140,7 +146,7 @@ def worker(local_rank, parent):
 def test_a_killed_rank_ends_the_job_and_resume_under_torchrun_goes_on(tmp_path):
     run_dir = tmp_path / "k"
     p = torchrun([*TINY, "--frozen-epochs", "0", "--unfrozen-epochs", "24", "--batch-size",
-                  "16", "--runs", str(tmp_path), "--name", "k"])
+                  "16", "--runs", str(tmp_path), "--name", "k"], tmp_path)
     t0 = time.time()
     while time.time() - t0 < 200 and p.poll() is None:
         if (run_dir / "last.pt").exists() and len(rows(run_dir)) >= 3:
@@ -158,7 +164,7 @@ def test_a_killed_rank_ends_the_job_and_resume_under_torchrun_goes_on(tmp_path):
     r0, r1 = last["rng_ranks"]  # every rank's generators, saved by rank 0
     assert not torch.equal(r0["torch"], r1["torch"])  # each rank's own dropout stream
     assert 1 <= done < 24  # last.pt: the last finished write, one epoch behind at most
-    p = torchrun(["--resume", str(run_dir)])
+    p = torchrun(["--resume", str(run_dir)], tmp_path)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0, out[-3000:]
     assert f"after epoch {done} of unfrozen" in out
