@@ -185,6 +185,25 @@ def normalize(x, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def on_host(nbytes, device, data_on="auto", gpu_gib=0.0, what=""):
+    """--data-on: whether films of `nbytes` stay in host memory (HostImages) rather than on
+    the device. auto: on the device when they take at most gpu_gib GiB (0: half the GPU's
+    free memory; on the CPU the host is the device). Says which."""
+    gib = nbytes / 2 ** 30
+    if data_on == "auto":
+        if device.type == "cuda":  # films freed before (the last stage's) still count as reserved
+            torch.cuda.empty_cache()
+        budget = gpu_gib or (torch.cuda.mem_get_info(device)[0] / 2 ** 31
+                             if device.type == "cuda" else math.inf)
+        host = gib > budget
+        why = f" ({gib:.2f} GiB {'>' if host else '<='} {budget:.2f} GiB for films)"
+    else:
+        host, why = data_on == "cpu", " (--data-on)"
+    print(f"films {what}: {gib:.2f} GiB, " + (
+        "in host memory, each batch copied to the device" if host else "on the device") + why)
+    return host
+
+
 class HostImages:
     """A split's films at one size left in host memory (or in the memory-mapped cache), for
     --data-on cpu: indexed like the device tensor it stands in for, each batch is gathered

@@ -75,6 +75,9 @@ def main(argv=None):
         p.set_defaults(**QUICK)
         args = p.parse_args(argv)
     bc = BenchConfig(**vars(args))
+    if bc.ddp and (bc.ddp < 2 or bc.ddp_steps < 1 or bc.gpu_check):
+        p.error(f"--ddp {bc.ddp} --ddp-steps {bc.ddp_steps}: give 2 ranks or more, 1 step or "
+                "more, and not with --gpu-check (one call each)")
     dev = devices.pick_device(bc.device)
     out = bc.out or ("gpu_check.json" if bc.gpu_check else "bench.json")
     env = {"device": devices.describe(dev), "torch": torch.__version__,

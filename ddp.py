@@ -271,12 +271,16 @@ def sync_batchnorm(model, device):
 
 
 def node_cache_dir():
-    """Where a node's ranks share the decoded films when --cache-dir is '': one folder in
-    the node's temporary directory, its files keyed by the data as every cache is (a job
-    killed before it removes the folder leaves it for the next, which reuses it)."""
-    return os.path.join(tempfile.gettempdir(), "covid-resnet-ddp-cache")
+    """Where a node's ranks share the decoded films when --cache-dir is '': the ranks need a
+    cache to share them, so this user's folder in the node's temporary directory, its files
+    keyed by the data as in every cache. It is kept (a later job reuses it; two jobs running
+    at once may share it): remove it when done."""
+    return os.path.join(tempfile.gettempdir(), f"covid-resnet-ddp-cache-{os.getuid()}")
 
 
 def close():
+    """Leave the process group, all ranks together: a rank that tears its connections down
+    while another still uses them can abort that one at exit."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -20,7 +20,7 @@ import torch
 import data
 import devices
 import films
-from batches import Augment
+from batches import Augment, HostImages, on_host
 from config import Config
 from metrics import classification_metrics, format_metrics
 from model import class_logits, load_checkpoint
@@ -100,6 +100,9 @@ def main(argv=None):
     p.add_argument("--precision", default="auto", choices=devices.PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU; logits are fp32 either way")
     p.add_argument("--channels-last", default="auto", choices=devices.SWITCHES)
+    p.add_argument("--data-on", default="auto", choices=["auto", "gpu", "cpu"],
+                   help="the films on the device, or in host memory with each batch copied "
+                        "(auto: the device when they fit in half its free memory)")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~/.cache"),
                                                        "covid-resnet"))
     p.add_argument("--phantoms", type=int, default=2000, help="with --data phantom")
@@ -128,7 +131,9 @@ def main(argv=None):
     decoded = films.load_pixels(items, [size], a.cache_dir or None, cfg["resize"],
                                 problems=problems)
     problems.check()
-    images = decoded.to(size, dev)
+    images = HostImages(decoded, size, dev) if on_host(
+        decoded.nbytes(size), dev, a.data_on, what=f"of the {a.split} split at {size} px") \
+        else decoded.to(size, dev)
     hw = decoded.hw.to(dev) if cfg["resize"] == "crop" else None
     aug = Augment(*(cfg[f.name] for f in dataclasses.fields(Augment)))
     probs = tta_probs(model, images, size, hw, aug, a.tta, a.batch_size, a.seed, amp,

@@ -284,7 +284,7 @@ def ddp_scaling(bc, dev, n, log):
     films per step either way; efficiency = n-rank images/s / (n x 1-process images/s)."""
     size = int(bc.sizes.split(",")[0])
     args = ["--data", "phantom", "--phantoms", str(bc.batch_size * n * bc.ddp_steps),
-            "--val-frac", "0.02", "--arch", bc.arch, "--weights", "none", "--stages", str(size),
+            "--val-frac", "0", "--arch", bc.arch, "--weights", "none", "--stages", str(size),
             "--frozen-epochs", "0", "--unfrozen-epochs", "3", "--lr-unfrozen", "1e-3",
             "--batch-size", str(bc.batch_size), "--device", dev.type, "--precision", bc.precision, "--channels-last", bc.channels_last,
             "--compile", "off", "--data-on", "gpu", "--save-every", "3600",

@@ -8,7 +8,6 @@ model, the optimizer, the step, and the run folder.
 """
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -25,7 +24,7 @@ import data
 import ddp
 import devices
 import films
-from batches import Augment, Batches, HostImages
+from batches import Augment, Batches, HostImages, on_host
 from checkpoint import Checkpointer, check_writable
 from config import Config, make_stages
 from model import build_model, class_logits, layer_groups, set_body_frozen
@@ -50,7 +49,6 @@ class Run:
     aug: object
     loss_weight: torch.Tensor = None
     infer: object = None  # the model, or its compiled version (chosen per stage): evaluation's
-    node_cache: str = None  # the job's temporary cache (torchrun, --cache-dir ''), removed
     ckpt: object = None  # checkpoint.Checkpointer: snapshots, last.pt
     started: float = 0.0  # time.time() when the run began, less the time before a resume
     timings: dict = field(default_factory=dict)  # seconds spent per kind of work
@@ -98,9 +96,10 @@ def setup(cfg, sizes=None):
         cfg.phantom_seed, cfg.allow_patient_overlap, cfg.allow_missing_class, problems)
     # Decode once, at every stage size in one pass; val is carved from the decoded train set
     sizes = sizes or [s.size for s in make_stages(cfg)]
-    cache, node_cache = cfg.cache_dir or None, None
+    cache = cfg.cache_dir or None
     if cache is None and ddp.world() > 1 and splits["train"].pixels is None:
-        cache = node_cache = ddp.node_cache_dir()  # decoded once per node all the same
+        cache = ddp.node_cache_dir()  # decoded once per node all the same
+        print(f"--cache-dir '': the node's ranks share the films through {cache} (kept)")
     if not ddp.local_main():
         ddp.barrier()  # while the node's first rank decodes: then the cache holds it all
     full = films.load_pixels(splits["train"], sizes, cache, cfg.resize, problems=problems)
@@ -149,8 +148,7 @@ def setup(cfg, sizes=None):
           f"{'channels_last' if cl else 'NCHW'}, {'fused' if opt.defaults.get('fused') else 'for-each'} "
           f"AdamW, compile {cfg.compile}{ranks}; run folder {run_dir}")
     run = Run(cfg, run_dir, dev, amp, cl, classes, items, split_films, model, opt, step=None,
-              forward=model, compiled=None, aug=aug, loss_weight=weight, infer=model,
-              node_cache=node_cache)
+              forward=model, compiled=None, aug=aug, loss_weight=weight, infer=model)
     run.step = make_step(run)
     run.ckpt = Checkpointer(run, run_dir and os.path.join(run_dir, "last.pt"), cfg.save_every)
     return run
@@ -224,23 +222,9 @@ def stage_tensors(run, size):
 
 
 def films_on_host(run, size):
-    """--data-on: whether this stage's films stay in host memory. auto: on the device when
-    they take at most --data-gpu-gib (default: half the GPU's free memory; on the CPU the
-    host is the device)."""
-    c, dev = run.cfg, run.device
-    gib = sum(f.nbytes(size) for f in run.films.values()) / 2 ** 30
-    if c.data_on == "auto":
-        if dev.type == "cuda":  # the last stage's films, freed, still count as reserved
-            torch.cuda.empty_cache()
-        budget = c.data_gpu_gib or (torch.cuda.mem_get_info(dev)[0] / 2 ** 31
-                                    if dev.type == "cuda" else math.inf)
-        host = gib > budget
-        why = f" ({gib:.2f} GiB {'>' if host else '<='} {budget:.2f} GiB for films)"
-    else:
-        host, why = c.data_on == "cpu", " (--data-on)"
-    print(f"films at {size} px: {gib:.2f} GiB, " + (
-        "in host memory, each batch copied to the device" if host else "on the device") + why)
-    return host
+    """--data-on: whether this stage's films (every split) stay in host memory."""
+    nbytes = sum(f.nbytes(size) for f in run.films.values())
+    return on_host(nbytes, run.device, run.cfg.data_on, run.cfg.data_gpu_gib, f"at {size} px")
 
 
 def train_batches(run, tensors, size, batch_size, tag):

@@ -13,7 +13,6 @@ runs/<name>/ with its config, metrics, LR-finder curves, checkpoints and test me
 """
 import json
 import os
-import shutil
 import time
 
 import torch
@@ -241,9 +240,6 @@ def main(cfg):
     print(f"\n== test split ({len(probs)} images, {stages[-1].size} px)\n" + format_metrics(m))
     print(f"\nrun folder: {run.dir} (report.md); seconds: " +
           ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
-    ddp.barrier()  # every rank done reading the films before the job's cache goes
-    if run.node_cache and ddp.local_main():
-        shutil.rmtree(run.node_cache, ignore_errors=True)
     ddp.close()
     return m
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 import films
 import train
 from batches import Augment, Batches, HostImages
@@ -172,6 +173,10 @@ def test_a_killed_rank_ends_the_job_and_resume_under_torchrun_goes_on(tmp_path):
     assert json.load(open(run_dir / "test_metrics.json"))["ranks"]["same_model"]
 
 
+needs_sample = pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="no ../shared sample")
+
+
+@needs_sample
 def test_cache_is_memory_mapped_and_a_stage_is_materialised_alone(tmp_path):
     _, splits = load_dataset(SAMPLE)
     items = splits["test"]
@@ -188,6 +193,7 @@ def test_cache_is_memory_mapped_and_a_stage_is_materialised_alone(tmp_path):
         decoded.images[24][[0, 3]]))
 
 
+@needs_sample
 def test_films_in_host_memory_train_as_films_on_the_device(tmp_path, capsys):
     """--data-on cpu, here chosen by auto for films over a tiny budget (what a data set larger
     than the GPU does): batches gathered from the memory-mapped cache give the run the films
@@ -207,3 +213,9 @@ def test_films_in_host_memory_train_as_films_on_the_device(tmp_path, capsys):
     assert host["accuracy"] == dev["accuracy"]
     assert open(tmp_path / "a" / "test_predictions.csv").read() == \
         open(tmp_path / "b" / "test_predictions.csv").read()
+    # evaluate.py too: the test split's films in host memory, batches copied
+    m = evaluate.main([str(tmp_path / "b"), "--data", SAMPLE, "--data-on", "cpu",
+                       "--cache-dir", cache, "--device", "cpu", "--out", str(tmp_path / "e")])
+    assert "films of the test split at 32 px: 0.00 GiB, in host memory" in \
+        capsys.readouterr().out
+    assert m["accuracy"]["value"] == host["accuracy"]["value"]
