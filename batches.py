@@ -244,7 +244,7 @@ class HostImages:
 
     def __getitem__(self, s):
         """A slice of films (evaluation's batches, a rank's shard) as a device tensor."""
-        return self.gather(np.arange(self.shape[0])[s])
+        return self.gather(np.arange(*s.indices(self.shape[0])))  # the slice's rows alone
 
 
 class Batches:
@@ -257,7 +257,8 @@ class Batches:
 
     Data-parallel (world ranks): every rank draws the same order and the same augmentation
     for the global batch of world * batch_size films, and takes its own slice (rank): an
-    epoch sees each film once across the ranks, and 2 ranks x B see exactly the films and
+    epoch sees each film at most once across the ranks (the partial last global batch is
+    dropped), and 2 ranks x B see exactly the films and
     transforms 1 process x 2B sees. images may be HostImages (--data-on cpu): the order is
     still drawn on the device, and brought to the host once per epoch.
     """
