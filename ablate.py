@@ -27,7 +27,7 @@ import time
 from tqdm import tqdm
 
 import compare
-from config import make_stages, parse_args
+from machinery.config import make_stages, parse_args
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # name -> train.py flags. {placeholders} are filled from the base run's stages:
@@ -65,7 +65,7 @@ def variant_flags(table, name, base):
     return shlex.split(table[name].format_map(placeholders(cfg)))
 
 
-def parse(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # --seed is train's
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default="", help=f"names from VARIANTS, comma separated "
@@ -76,6 +76,11 @@ def parse(argv=None):
     p.add_argument("--out", default="", help="folder for the runs and the comparison "
                    "(default: runs/ablation-<data>); a rerun with the same --out goes on")
     p.add_argument("--ref", default="", help="reference variant (default: the first)")
+    return p
+
+
+def parse(argv=None):
+    p = make_parser()
     a, base = p.parse_known_args(argv)
     table = dict(VARIANTS)
     mine = []

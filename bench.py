@@ -21,8 +21,8 @@ measurement, so a killed call keeps what it measured):
               cache), LR finders, first steps (autotuning, compilation), training and evaluation;
   cache       (d) the CPU cache build rate for 1024 px 8-bit PNGs.
 --gpu-check runs train.py, evaluate.py and predict.py as a user would, on the device
-(gpucheck.py); BENCHMARKS.md says what healthy output looks like. The measurements themselves
-are in measure.py.
+(machinery/gpucheck.py); BENCHMARKS.md says what healthy output looks like. The measurements
+themselves are in machinery/measure.py.
 """
 import argparse
 import json
@@ -34,13 +34,24 @@ from dataclasses import asdict
 
 import torch
 
-import devices
-import runner
-from config import add_flags
-from gpucheck import gpu_check
-from measure import (PARTS, QUICK, BenchConfig, Results, cache_rate, checkpoint_cost,
-                     ddp_scaling, end_to_end, measure_steps, remove_scratch, scratch, step_run,
-                     write_phantom_covidx)
+import data
+import train
+from machinery import devices
+from machinery.config import add_flags
+from machinery.gpucheck import gpu_check
+from machinery.measure import (PARTS, QUICK, BenchConfig, Recipe, Results, cache_rate,
+                               checkpoint_cost, ddp_scaling, end_to_end, measure_steps,
+                               remove_scratch, scratch, step_run, write_phantom_covidx)
+from machinery.run import git_commit
+
+
+def stage_batches(run, size, batch_size):
+    """A stage's training batches, as train.py draws them (data.py)."""
+    return data.train_batches(run, data.stage_films(run, size)["train"], size, batch_size,
+                              "bench")
+
+
+RECIPE = Recipe(train_main=train.main, batches=stage_batches)  # what the steps time
 
 
 def run_parts(bc, dev, res):
@@ -48,7 +59,7 @@ def run_parts(bc, dev, res):
         t0 = time.time()
         print(f"\n== {part}")
         if part in ("ceiling", "loop"):
-            measure_steps(bc, dev, res, part)
+            measure_steps(bc, dev, res, part, RECIPE)
         elif part == "checkpoint":
             res.set("checkpoint", checkpoint_cost(step_run(bc, dev, 64)))
         elif part == "e2e":
@@ -57,7 +68,7 @@ def run_parts(bc, dev, res):
                 root, t1 = scratch(), time.time()
                 write_phantom_covidx(root, n_train, n_test, bc.png_size)
                 e = {"write_pngs_s": time.time() - t1,
-                     **end_to_end(bc, dev, root, scratch())}
+                     **end_to_end(bc, dev, root, scratch(), RECIPE)}
                 res.set("e2e", {**res.r.get("e2e", {}), spec: e})
         elif part == "cache":
             res.set("cache_rate", cache_rate(bc))
@@ -66,10 +77,15 @@ def run_parts(bc, dev, res):
         print(f"== {part}: {time.time() - t0:.0f} s")
 
 
-def main(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, BenchConfig)
+    return p
+
+
+def main(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     if args.quick:
         p.set_defaults(**QUICK)
@@ -83,7 +99,7 @@ def main(argv=None):
     env = {"device": devices.describe(dev), "torch": torch.__version__,
            "cuda": torch.version.cuda, "python": platform.python_version(),
            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-           "git_commit": runner.git_commit(), "config": asdict(bc)}
+           "git_commit": git_commit(), "config": asdict(bc)}
     print(json.dumps(env))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     res = Results(out, env)
@@ -92,7 +108,7 @@ def main(argv=None):
             log = os.path.splitext(out)[0] + ".log"  # every script's output, one by one
             open(log, "w").close()
         if bc.gpu_check:
-            gpu_check(bc, dev, res, log)
+            gpu_check(bc, dev, res, log, RECIPE)
         elif bc.ddp:
             if dev.type == "cuda" and torch.cuda.device_count() < bc.ddp:
                 raise SystemExit(f"--ddp {bc.ddp}: this machine has "

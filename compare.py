@@ -21,8 +21,8 @@ import math
 import os
 import random
 
-from config import Config
-from plots import dot_plot
+from machinery.config import Config
+from machinery.plots import dot_plot
 
 # not what sets a group apart: bookkeeping, the machine (device: as resolved, e.g. cuda:0),
 # shortcuts that only set other keys (demo); code versions are warned about instead
@@ -223,7 +223,8 @@ def pct(s):
     """mean ± sd [lo, hi] in percent (one run: its value alone)."""
     if s["n"] <= 1:
         return f"{100 * s['mean']:.1f}" if s["n"] else "-"
-    return f"{100 * s['mean']:.1f} ± {100 * s['sd']:.1f} [{100 * s['lo']:.1f}, {100 * s['hi']:.1f}]"
+    return (f"{100 * s['mean']:.1f} ± {100 * s['sd']:.1f} "
+            f"[{100 * s['lo']:.1f}, {100 * s['hi']:.1f}]")
 
 
 def table(rows, classes):
@@ -272,7 +273,7 @@ def write_csv(path, rows, classes):
                        [f"{v['mcnemar']['p']:.6g}" if "mcnemar" in v else ""])
 
 
-def main(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="finished run folders")
@@ -283,6 +284,11 @@ def main(argv=None):
     p.add_argument("--out", default=".", help="folder for compare.md, .csv and .png")
     p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    return p
+
+
+def main(argv=None):
+    p = make_parser()
     a = p.parse_args(argv)
     try:
         runs = [load_run(r) for r in a.runs]

@@ -1,297 +1,304 @@
-"""Chest X-ray data sets: read COVIDx or an ImageFolder tree and check it, all at once.
+"""What the network sees: chest films as uint8 tensors on the device, shuffled, augmented as
+fastai v1 augments, cropped and normalised, one batch at a time.
 
-    problems = Problems()                                  # gathers what is wrong ...
-    classes, splits = load_dataset("path/to/covidx", problems=problems)   # or "phantom"
-    train = films.load_pixels(splits["train"], (128, 224, 229), cache_dir, problems=problems)
-    problems.check()                                       # ... and raises it in one message
+    films = stage_films(run, 128)         # {split: (uint8 films, labels, shapes)} on the device
+    for x, y in train_batches(run, films["train"], 128, 64, "s1_128_frozen").epoch(0): ...
+    for x, n in eval_batches(images, 128, hw): ...    # evaluation: the centre crop
 
-Reading and checking the split files lives here; decoding the images (once, cached) lives in
-films.py, which adds what it finds (unreadable files) to the same Problems.
+What it teaches: the airbench way of feeding a GPU. Each film was decoded once, to one-channel
+uint8 at every stage size (machinery/films.py); a stage's films move to the device once; every
+batch is then a handful of batched torch ops there: a device randperm, one grid_sample for all
+of fastai v1's geometry *and* the crop, fastai's lighting in logit space, ImageNet
+normalisation. No DataLoader, no worker processes. Augment pins each law to fastai v1's
+get_transforms() (FIDELITY.md).
+
+Where the rest lives: reading and checking COVIDx split files and ImageFolder trees, and the
+patient-level validation split, in machinery/datasets.py; decoding and the cache in
+machinery/films.py; films kept in host memory (--data-on cpu) in machinery/hostmem.py.
 """
-import csv
-import glob
-import os
-import random
-import sys
-from collections import Counter
-from dataclasses import dataclass, field
+import math
+import zlib
+from dataclasses import dataclass
 
-import numpy as np
+import torch
+import torch.nn.functional as F
 
-import phantom
+from machinery import ddp
+from machinery.datasets import DataError
+from machinery.hostmem import HostImages, batch_source, on_host
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-class DataError(ValueError):
-    """The data set is not usable as given; the message lists what is wrong and where."""
-
-
-def run_cli(main, *args):
-    """main(*args), ending the program with the message alone on a DataError: the traceback
-    would add nothing about the data that the message does not say."""
-    try:
-        return main(*args)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-
-
-class Problems(list):
-    """What is wrong with a data set, gathered while reading and decoding it, so that one
-    message lists everything (rather than one fix, one rerun, the next error)."""
-
-    def add(self, what, entries, fix=""):
-        """'N <what><fix>:' and the first ten entries, one per line; nothing when none."""
-        if entries:
-            self.append(f"{len(entries)} {what}{fix}:\n    " + "\n    ".join(entries[:10]) +
-                        ("\n    ..." if len(entries) > 10 else ""))
-
-    def check(self):
-        if self:
-            raise DataError("the data set is not usable:\n  " + "\n  ".join(self))
+# ImageNet statistics: the pre-trained body expects its inputs scaled this way.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
-class Items:
-    """One split: parallel lists, one entry per image."""
-    paths: list = field(default_factory=list)  # image files (None for phantoms)
-    labels: list = field(default_factory=list)  # class indices
-    patients: list = field(default_factory=list)
-    sources: list = field(default_factory=list)
-    pixels: np.ndarray = None  # phantoms only: (N, 256, 256) uint8, rendered in memory
+class Augment:
+    """fastai v1's get_transforms() defaults (vision/transform.py), with its ResizeMethod.CROP.
 
-    def __len__(self):
-        return len(self.labels)
+    As in fastai v1, every transform draws its own coin per image: flip p 0.5, then warp,
+    rotate and zoom each with p_affine, brightness and contrast each with p_lighting; the
+    random crop always. draw() returns the parameters; __call__ applies them.
+    """
+    rotate: float = 10.0  # degrees, either way
+    zoom: float = 1.1  # up to 1.1x magnification, its centre drawn at random
+    warp: float = 0.2  # symmetric_warp: four corner offsets, each uniform in +-warp
+    lighting: float = 0.2  # brightness 0.5 +- 0.1, contrast log-uniform in (0.8, 1.25)
+    p_affine: float = 0.75  # probability of each geometric transform, per image
+    p_lighting: float = 0.75
+    flip: bool = True  # left-right, p 0.5 (fastai v1's do_flip); --no-flip keeps the heart left
 
-    def subset(self, idx):
-        return Items([self.paths[i] for i in idx], [self.labels[i] for i in idx],
-                     [self.patients[i] for i in idx], [self.sources[i] for i in idx],
-                     None if self.pixels is None else self.pixels[idx])
+    def draw(self, n, gen, device, rows=slice(None)):
+        """One batch's random parameters: a dict of (n, ...) tensors, or of their `rows`.
+
+        Every transform's parameters are drawn for every image (those whose coin says no get
+        the identity), so the generator advances the same amount whatever the coins say.
+        Under torchrun each rank draws for the global batch of n films, so that every rank
+        draws the same, and keeps the rows of its own films.
+        """
+        u = lambda *shape: torch.rand(n, *shape, device=device, generator=gen)
+        coin = lambda p: u() < p
+        flip = coin(0.5) & self.flip
+        warp = (u(4) * 2 - 1) * self.warp * coin(self.p_affine)[:, None]
+        angle = (u() * 2 - 1) * self.rotate * coin(self.p_affine)
+        zoom = torch.where(coin(self.p_affine), 1 + u() * (self.zoom - 1), 1.0)
+        zoom_at, crop_at = u(2), u(2)  # (x, y) in [0, 1]: fastai's (col_pct, row_pct)
+        lo = math.log(1 - self.lighting)  # contrast: log-uniform in (1 - L, 1 / (1 - L))
+        brightness = torch.where(coin(self.p_lighting),
+                                 0.5 + (u() * 2 - 1) * self.lighting / 2, 0.5)
+        contrast = torch.where(coin(self.p_lighting), torch.exp(lo - 2 * lo * u()), 1.0)
+        p = dict(flip=flip, warp=warp, angle=angle, zoom=zoom, zoom_at=zoom_at,
+                 crop_at=crop_at, brightness=brightness, contrast=contrast)
+        return {k: v[rows] for k, v in p.items()}
+
+    def __call__(self, x, gen, size=None, hw=None, p=None):
+        """x: (B, 1, T, T) float in [0, 1] -> (B, 1, size, size), transformed per image.
+
+        hw: each film's height / width with --resize crop (None: squished films, no crop).
+        p: parameters from draw(), or drawn here.
+        """
+        p = p or self.draw(len(x), gen, x.device)
+        x = sample(x, film_matrix(p, hw), size or x.shape[-1])
+        return lighting(x, p["brightness"], p["contrast"]) if self.lighting > 0 else x
+
+
+def _mat(rows):
+    """(n, 3, 3) from a 3x3 nested list of (n,) tensors."""
+    return torch.stack([torch.stack(r, -1) for r in rows], -2)
+
+
+def crop_matrix(hw, at):
+    """Output coords -> film coords of the square window fastai v1's ResizeMethod.CROP takes.
+
+    The film, resized so its shorter side is the output size, spans [-1, 1] on both axes;
+    the window spans all of the short axis and 1/aspect of the long one. at (n, 2) in [0, 1]
+    places it along x and y (fastai's col_pct, row_pct): 0.5 is the centre crop of
+    evaluation, uniform the random crop of training. hw None: no crop (squished films).
+    """
+    if hw is None:
+        return torch.eye(3, device=at.device).expand(len(at), 3, 3)
+    sx, sy = hw.clamp(max=1), (1 / hw).clamp(max=1)  # window / film, per axis
+    z, one = torch.zeros_like(sx), torch.ones_like(sx)
+    return _mat([[sx, z, (2 * at[:, 0] - 1) * (1 - sx)],
+                 [z, sy, (2 * at[:, 1] - 1) * (1 - sy)], [z, z, one]])
+
+
+_CONST = {}  # device -> constant tensors, made once (a copy to the GPU per batch would wait)
+
+
+def _const(device, name, values):
+    if (device, name) not in _CONST:
+        _CONST[device, name] = torch.tensor(values, device=device)
+    return _CONST[device, name]
+
+
+def warp_matrix(m):
+    """fastai v1's symmetric_warp as a homography: (n, 4) magnitudes -> (n, 3, 3).
+
+    The corners (-1,-1), (-1,1), (1,-1), (1,1) are moved to targets that share the four
+    magnitudes in pairs (vision/transform.py: _symmetric_warp); the homography maps the
+    targets back onto the corners, as fastai's _find_coeffs solves it.
+    """
+    n = len(m)
+    tx = torch.stack([-1 - m[:, 3], -1 - m[:, 2], 1 + m[:, 3], 1 + m[:, 2]], 1)  # (n, 4)
+    ty = torch.stack([-1 - m[:, 1], 1 + m[:, 1], -1 - m[:, 0], 1 + m[:, 0]], 1)
+    corners = _const(m.device, "corners", [[-1., -1., 1., 1.], [-1., 1., -1., 1.]])
+    ox, oy = corners[0].expand(n, 4), corners[1].expand(n, 4)
+    # two equations per corner: (a x + b y + c) / (g x + h y + 1) = ox, and the same for oy
+    A = m.new_zeros(n, 8, 8)
+    A[:, 0::2, 0], A[:, 0::2, 1], A[:, 0::2, 2] = tx, ty, 1
+    A[:, 1::2, 3], A[:, 1::2, 4], A[:, 1::2, 5] = tx, ty, 1
+    A[:, 0::2, 6], A[:, 0::2, 7] = -ox * tx, -ox * ty
+    A[:, 1::2, 6], A[:, 1::2, 7] = -oy * tx, -oy * ty
+    b = torch.stack([ox, oy], -1).reshape(n, 8)
+    # solve_ex: no check of the result, hence no wait for the device (a square is never
+    # singular at these magnitudes)
+    c = torch.linalg.solve_ex(A, b)[0]
+    return torch.cat([c, torch.ones_like(c[:, :1])], 1).view(n, 3, 3)
+
+
+def film_matrix(p, hw):
+    """Output coords -> film coords, all of fastai v1's geometry in one (n, 3, 3) matrix.
+
+    fastai v1 applies, in its transforms' order: warp (coord), rotate and zoom (affine),
+    flip (pixel), crop (last). A pixel u of the output is thus read from the film at
+    M(W(F(C(u)))): C the crop window, F the flip, W the warp, M = rotate @ zoom with fastai's
+    correction for non-square images (_affine_mult).
+    """
+    z, one = torch.zeros_like(p["angle"]), torch.ones_like(p["angle"])
+    C = crop_matrix(hw, p["crop_at"])
+    f = torch.where(p["flip"], -1.0, 1.0)
+    Fl = _mat([[f, z, z], [z, one, z], [z, z, one]])
+    W = warp_matrix(p["warp"])
+    a = p["angle"] * math.pi / 180
+    s = 1 / p["zoom"]
+    c = (1 - s)[:, None] * (2 * p["zoom_at"] - 1)  # fastai's _zoom: where it zooms to
+    cos, sin = torch.cos(a), torch.sin(a)
+    M = _mat([[cos * s, -sin * s, cos * c[:, 0] - sin * c[:, 1]],
+              [sin * s, cos * s, sin * c[:, 0] + cos * c[:, 1]], [z, z, one]])
+    r = one if hw is None else hw  # rotate in pixels, not in the stretched [-1, 1] square
+    M[:, 0, 1] *= r
+    M[:, 1, 0] /= r
+    return M @ W @ Fl @ C
+
+
+def sample(x, H, size):
+    """Read (B, 1, T, T) films at H(u) for each output pixel centre u: (B, 1, size, size)."""
+    B = len(x)
+    ax = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, device=x.device)
+    ys, xs = torch.meshgrid(ax, ax, indexing="ij")
+    base = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, size * size, 3)
+    g = base @ H.transpose(1, 2)  # (B, size*size, 3)
+    grid = (g[..., :2] / g[..., 2:]).view(B, size, size, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                         align_corners=False)
+
+
+def lighting(x, brightness, contrast):
+    """fastai v1's brightness then contrast, in logit space: sigmoid((logit(x) + logit(b)) * c).
+
+    brightness, contrast: (B,); 0.5 and 1 leave an image as it is."""
+    b, c = brightness.view(-1, 1, 1, 1), contrast.view(-1, 1, 1, 1)
+    return torch.sigmoid((torch.logit(x.clamp(1e-7, 1 - 1e-7)) + torch.logit(b)) * c)
+
+
+def view(x, size, hw=None):
+    """Evaluation's input: the centre crop with --resize crop (fastai v1's validation
+    crop_pad), the film itself when squished. x: (B, 1, T, T) float -> (B, 1, size, size)."""
+    if hw is None and x.shape[-1] == size:
+        return x
+    at = torch.full((len(x), 2), 0.5, device=x.device)
+    return sample(x, crop_matrix(hw, at), size)
+
+
+def normalize(x, channels_last=False):
+    """(B, 1, H, W) in [0, 1] -> (B, 3, H, W) ImageNet-normalised, the body's input."""
+    mean = _const(x.device, "mean", MEAN).view(1, 3, 1, 1)
+    std = _const(x.device, "std", STD).view(1, 3, 1, 1)
+    x = (x - mean) / std  # broadcasting makes the three channels
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading a data set: COVIDx split files or an ImageFolder tree
+# Batches: a stage's films on the device, shuffled and augmented for training, centre-cropped
+# for evaluation
 
-# (train, test) split-file names of the COVIDx releases, most recent layout first
-SPLIT_NAMES = [("train.txt", "test.txt"), ("train_split.txt", "test_split.txt"),
-               ("train_split_v3.txt", "test_split_v3.txt"),
-               ("train_split_v2.txt", "test_split_v2.txt")]
+class Batches:
+    """Training batches (x, y) of `size` px from uint8 films (N, 1, T, T) and labels (N,).
 
+    A new random order each pass (a device randperm), the partial last batch dropped (static
+    shapes). hw: each film's height / width with --resize crop. Without aug, a crop is the
+    centre one, as fastai v1 does. balance=True draws each class equally often instead, with
+    replacement (COVID-Net's rebalancing of its few COVID-19 films).
 
-def find_split_files(root):
-    """The (train, test) split files in root, or None when root has none (ImageFolder)."""
-    for tr, te in SPLIT_NAMES:
-        if os.path.isfile(os.path.join(root, tr)) and os.path.isfile(os.path.join(root, te)):
-            return os.path.join(root, tr), os.path.join(root, te)
-    found = sorted(glob.glob(os.path.join(root, "train_COVIDx*.txt")))  # COVIDx 5 .. 9A
-    pairs = [(f, f.replace("train_", "test_")) for f in found]
-    pairs = [p for p in pairs if os.path.isfile(p[1])]
-    if len(pairs) > 1:
-        raise DataError(f"{root} holds several COVIDx versions ({', '.join(p[0] for p in pairs)});"
-                        " choose one with --train-split and --test-split")
-    return pairs[0] if pairs else None
-
-
-def read_split_file(path):
-    """Lines `patient_id filename label [source]` -> ([(patient, filename, label, source)],
-    [a description of each malformed line])."""
-    rows, bad = [], []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:  # one bad byte is one malformed line, not a traceback
-                line = raw.decode("utf-8").lstrip("\ufeff")
-            except UnicodeDecodeError as e:
-                bad.append(f"{os.path.basename(path)} line {n}: not UTF-8 text (byte "
-                           f"{raw[e.start]:#04x} at column {e.start + 1}); save the file as "
-                           "UTF-8")
-                continue
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) not in (3, 4):
-                bad.append(f"{os.path.basename(path)} line {n}: {line.strip()[:80]!r}")
-                continue
-            rows.append((parts[0], parts[1], parts[2], parts[3] if len(parts) == 4 else ""))
-    return rows, bad
-
-
-def read_image_folder(root, base=None):
-    """root/<class>/<image> -> ([(patient, path, label, source)], class folder names).
-
-    An ImageFolder tree names no patients: each image counts as its own (its path relative to
-    base), so no patient-level check or split can be made. Prefer split files where you can.
+    Under torchrun (world ranks) every rank draws the same order and the same augmentation
+    for the global batch of world * batch_size films and keeps its own part (rank): an epoch
+    sees each film at most once across the ranks, and 2 ranks x B see exactly the films and
+    transforms 1 process x 2B sees. images may be a HostImages (--data-on cpu).
     """
-    rows, other = [], []
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and d.name[0] != ".")
-    for cls in classes:
-        for dirpath, _, files in sorted(os.walk(os.path.join(root, cls))):
-            for f in sorted(files):
-                path = os.path.join(dirpath, f)
-                if f.lower().endswith(IMAGE_EXTS):
-                    rows.append((os.path.relpath(path, base or root), path, cls, ""))
-                else:
-                    other.append(path)
-    if other:
-        print(f"warning: skipped {len(other)} files that are not images in {root} (e.g. "
-              f"{', '.join(other[:3])})")
-    return rows, classes
+
+    def __init__(self, images, labels, batch_size, size, aug=None, hw=None, balance=False,
+                 seed=0, channels_last=False, rank=0, world=1):
+        self.images, self.labels, self.bs, self.size = images, labels, batch_size, size
+        self.aug, self.hw, self.balance, self.cl = aug, hw, balance, channels_last
+        self.seed, self.rank, self.world = seed, rank, world
+        self.gen = torch.Generator(device=labels.device).manual_seed(seed)
+        if len(labels) < batch_size * world:
+            raise DataError(f"{len(labels)} training images are fewer than one batch "
+                            f"({batch_size}" + (f" per rank, {world} ranks" if world > 1
+                                                else "") + "); lower --batch-size")
+
+    def epoch(self, e):
+        """Reseed for epoch e: its order and augmentation then depend on (seed, e) alone, so a
+        run resumed at epoch e draws what the uninterrupted run drew, with no generator state
+        to carry over (a CUDA generator's state would not load into a CPU one)."""
+        self.gen.manual_seed(self.seed * 1_000_003 + e)
+        return self
+
+    def __len__(self):
+        return len(self.labels) // (self.bs * self.world)
+
+    def order(self):
+        """This pass's film indices, on the device: a random permutation, or with --balance
+        each film drawn with probability 1 / its class size, with replacement."""
+        if self.balance:
+            w = 1.0 / torch.bincount(self.labels).float()[self.labels]
+            return torch.multinomial(w, len(self.labels), replacement=True, generator=self.gen)
+        return torch.randperm(len(self.labels), device=self.labels.device, generator=self.gen)
+
+    def __iter__(self):
+        idx = self.order()
+        films = batch_source(self.images, idx)  # at -> the films idx[at], on the device
+        G = self.bs * self.world  # the global batch: one step's films on all ranks
+        mine = slice(self.rank * self.bs, (self.rank + 1) * self.bs)  # this rank's part of it
+        for i in range(len(self)):
+            at = slice(i * G + mine.start, i * G + mine.stop)
+            x = films(at).float().div_(255)  # (B, 1, T, T) in [0, 1]
+            j = idx[at]
+            hw = None if self.hw is None else self.hw[j]
+            if self.aug:
+                p = self.aug.draw(G, self.gen, self.labels.device, rows=mine)
+                x = self.aug(x, self.gen, self.size, hw, p)
+            else:
+                x = view(x, self.size, hw)
+            yield normalize(x, self.cl), self.labels[j]
 
 
-def apply_subtypes(rows, path):
-    """4 classes from 3: 'pneumonia' becomes its subtype (bacterial, viral) from a CSV file
-    `filename,subtype`; pneumonia of unknown kind is left out."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            subtypes = {r["filename"]: r["subtype"] for r in csv.DictReader(f)}
-    except UnicodeDecodeError as e:
-        raise DataError(f"--subtypes {path}: not UTF-8 text (byte {e.object[e.start]:#04x} "
-                        f"at offset {e.start}); save the file as UTF-8") from e
-    except KeyError as e:
-        raise DataError(f"--subtypes {path}: needs a header line with the columns filename "
-                        f"and subtype (no {e} column)") from e
-    out = []
-    for pid, fname, label, source in rows:
-        if label.lower() == "pneumonia":
-            sub = subtypes.get(os.path.basename(fname), "")
-            if sub not in ("bacterial", "viral"):
-                continue
-            label = sub
-        out.append((pid, fname, label, source))
-    return out
+def train_batches(run, films, size, batch_size, tag):
+    """The shuffled, augmented training batches of one phase (or LR sweep): `tag` seeds its
+    draws, so that each phase has its own reproducible order (the same on every rank)."""
+    images, labels, hw = films
+    c = run.cfg
+    aug = Augment(c.rotate, c.zoom, c.warp, c.lighting, c.p_affine, c.p_lighting,
+                  c.flip) if c.aug else None
+    return Batches(images, labels, batch_size, size, aug=aug, hw=hw, balance=c.balance,
+                   seed=c.seed + zlib.crc32(tag.encode()), channels_last=run.channels_last,
+                   rank=ddp.rank(), world=ddp.world())
 
 
-def phantom_dataset(n_train=2000, seed=0):
-    """(class names, {"train": Items, "test": Items}) of phantoms (phantom.py), the same for
-    the same seed: what --data phantom loads."""
-    splits = {}
-    for k, (split, n) in enumerate([("train", n_train), ("test", max(40, n_train // 5))]):
-        labels, patients, pixels = phantom.make_split(n, [seed, k], f"phantom-{split}-")
-        splits[split] = Items([None] * n, labels, patients, ["phantom"] * n, pixels)
-    return list(phantom.CLASSES), splits
+def eval_batches(images, size, hw=None, batch_size=256, pad=False, transform=None,
+                 channels_last=False):
+    """Evaluation's batches (x, n) of uint8 films (N, 1, T, T): x normalised, its first n rows
+    the films in order. Each is seen as evaluation sees it (view: with --resize crop, hw each
+    film's height / width, the centre crop), or through transform(x, hw) -> (B, 1, size,
+    size), one pass of test-time augmentation. pad: the last batch padded with zeros to
+    batch_size, one static shape for a compiled model (no recompilation)."""
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].float().div_(255)
+        n, h = len(x), None if hw is None else hw[i:i + batch_size]
+        x = transform(x, h) if transform else view(x, size, h)
+        if pad and n < batch_size:
+            x = torch.cat([x, x.new_zeros(batch_size - n, *x.shape[1:])])
+        yield normalize(x, channels_last), n
 
 
-def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtypes=None,
-                 n_phantoms=2000, seed=0, allow_patient_overlap=False, allow_missing_class=False,
-                 problems=None):
-    """Read and check a data set -> (class names, {"train": Items, "test": Items}).
-
-    root is a COVIDx folder (split files plus train/ and test/ image folders, or all images in
-    `image_dir`), an ImageFolder tree (root/train/<class>/*, root/test/<class>/*), or
-    "phantom" for synthetic radiographs. Class names are sorted. What is wrong with the data
-    raises a DataError, or, given a Problems list, is added to it (the images with problems
-    left out of the splits) so that decoding can look for more before one message says all.
-    """
-    if root == "phantom":
-        return phantom_dataset(n_phantoms, seed)
-    if not os.path.isdir(root):
-        raise DataError(f"--data {root}: no such folder. Give a COVIDx or ImageFolder root, "
-                        "or --data phantom for synthetic images.")
-    if train_split or test_split:
-        files = (train_split or os.path.join(root, "train.txt"),
-                 test_split or os.path.join(root, "test.txt"))
-        files = [f if os.path.isabs(f) else os.path.join(root, f) for f in files]
-    else:
-        files = find_split_files(root)
-    rows, malformed, named = {}, [], set()  # named: classes the layout promises
-    if files:
-        for split, f in zip(("train", "test"), files):
-            if not os.path.isfile(f):
-                raise DataError(f"split file {f} not found")
-            folder = image_dir or os.path.join(root, split)
-            split_rows, bad = read_split_file(f)
-            malformed += bad
-            rows[split] = [(p, os.path.join(folder, fn), lab, src)
-                           for p, fn, lab, src in split_rows]
-    elif all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test")):
-        for s in ("train", "test"):
-            rows[s], names = read_image_folder(os.path.join(root, s), root)
-            named.update(names)
-    else:  # root/<class>/*: hold out 20% of the patients as the test split
-        found, names = read_image_folder(root)
-        named = set(names)
-        if not found:
-            raise DataError(f"{root} has neither COVIDx split files (train.txt/test.txt, "
-                            "train_split.txt, train_COVIDx*.txt) nor class folders of images; "
-                            "name the split files with --train-split/--test-split")
-        print(f"{root}: no test split given; holding out 20% of the patients as test")
-        labels = [names.index(r[2]) for r in found]
-        tr, te = split_patients(Items(labels=labels, patients=[r[0] for r in found]), 0.2, seed)
-        rows = {"train": [found[i] for i in tr], "test": [found[i] for i in te]}
-    if subtypes:
-        rows = {s: apply_subtypes(r, subtypes) for s, r in rows.items()}
-        named = {c for c in named if c.lower() != "pneumonia"} | {"bacterial", "viral"}
-    classes = sorted(named | {r[2] for rs in rows.values() for r in rs})
-    found = Problems()
-    check_rows(rows, classes, found, malformed, named, allow_patient_overlap,
-               allow_missing_class)
-    missing = {r[1]: 1 for rs in rows.values() for r in rs if not os.path.isfile(r[1])}
-    found.add("listed images are missing", list(missing), " (check --data / --image-dir)")
-    if problems is None:
-        found.check()
-    else:
-        problems += found
-    idx = {c: i for i, c in enumerate(classes)}
-    splits = {}
-    for s, rs in rows.items():
-        rs = [r for r in rs if r[1] not in missing]
-        splits[s] = Items([r[1] for r in rs], [idx[r[2]] for r in rs], [r[0] for r in rs],
-                          [r[3] for r in rs])
-    return classes, splits
-
-
-def check_rows(rows, classes, problems, malformed=(), named=(), allow_patient_overlap=False,
-               allow_missing_class=False):
-    """Add to `problems` what is wrong before any image is opened: malformed lines, empty
-    splits, unknown labels, classes with no images (of `named`, the classes the folders or
-    --subtypes promise, and of train's), files listed twice, patients in both splits."""
-    problems.add("malformed lines", list(malformed),
-                 " (expected `patient_id filename label [source]`)")
-    for split, rs in rows.items():
-        if not rs:
-            problems.append(f"the {split} split is empty")
-    counts = {s: Counter(r[2] for r in rs) for s, rs in rows.items()}
-    if rows["train"] and rows["test"] and not allow_missing_class:
-        unknown = [c for c in classes if not counts["train"][c] and c not in named]
-        problems.add("test labels that train does not have", [
-            f"{c} ({counts['test'][c]} images)" for c in unknown],
-            " (a typo, or split files of two versions? --allow-missing-class goes on anyway)")
-        why = {"train": "the model cannot learn it", "test": "its sensitivity is unmeasurable"}
-        problems.add("classes with no images", [
-            f"{c}: none in {' or '.join(where)} ({'; '.join(why[s] for s in where)})"
-            for c in classes if c not in unknown
-            for where in [[s for s in rows if not counts[s][c]]] if where],
-            " (add images or fix the labels, or pass --allow-missing-class to go on anyway)")
-    seen = Counter(r[1] for rs in rows.values() for r in rs)
-    problems.add("files listed more than once", sorted(p for p, n in seen.items() if n > 1))
-    shared = {r[0] for r in rows["train"]} & {r[0] for r in rows["test"]}
-    if shared and not allow_patient_overlap:
-        problems.append(f"{len(shared)} patients are in both train and test (e.g. "
-                        f"{', '.join(sorted(shared)[:5])}): test accuracy would be inflated. "
-                        "Fix the split, or pass --allow-patient-overlap to go on anyway")
-
-
-def split_patients(items, frac, seed):
-    """(train, val) index lists with no patient on both sides, ~frac of each class in val.
-
-    Patient-level, because two films of one patient are nearly the same picture: splitting by
-    image would let the validation score reward memorised patients.
-    """
-    if frac <= 0:
-        return list(range(len(items))), []
-    rng = random.Random(seed)
-    by_patient = {}
-    for i, p in enumerate(items.patients):
-        by_patient.setdefault(p, []).append(i)
-    val = []
-    for c in sorted(set(items.labels)):
-        pats = sorted(p for p, ix in by_patient.items() if items.labels[ix[0]] == c)
-        rng.shuffle(pats)
-        want = frac * sum(len(by_patient[p]) for p in pats)
-        taken = 0
-        for p in pats[:-1]:  # the last patient stays: every class keeps training images
-            if taken >= want:
-                break
-            val += by_patient[p]
-            taken += len(by_patient[p])
-    val_set = set(val)
-    return [i for i in range(len(items)) if i not in val_set], sorted(val)
+def stage_films(run, size):
+    """{split: (uint8 films, labels, height/width or None)} at one stage's size: the films
+    moved to the device once, or left in host memory (HostImages) when --data-on says so;
+    labels and shapes on the device. The films' shapes matter only to --resize crop."""
+    crop, dev = run.cfg.resize == "crop", run.device
+    nbytes = sum(f.nbytes(size) for f in run.films.values())
+    host = on_host(nbytes, dev, run.cfg.data_on, run.cfg.data_gpu_gib, f"at {size} px")
+    return {k: (HostImages(f, size, dev) if host else f.to(size, dev),
+                torch.tensor(run.items[k].labels, device=dev),
+                f.hw.to(dev) if crop else None) for k, f in run.films.items()}

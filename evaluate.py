@@ -17,15 +17,15 @@ import os
 
 import torch
 
-import data
-import devices
-import films
-from batches import Augment, HostImages, on_host
-from config import Config
-from metrics import classification_metrics, format_metrics
-from model import class_logits, load_checkpoint
-from plots import confusion_plot
-from report import roc_plot, write_predictions
+from data import Augment, eval_batches
+from machinery import datasets, devices, films
+from machinery.checkpoint import load_checkpoint
+from machinery.config import Config
+from machinery.hostmem import HostImages, on_host
+from machinery.metrics import classification_metrics, format_metrics
+from machinery.plots import confusion_plot
+from machinery.report import roc_plot, write_predictions
+from model import class_logits
 
 
 def map_classes(data_classes, model_classes, class_map=""):
@@ -55,12 +55,14 @@ def tta_probs(model, images, size, hw, aug, tta, batch_size=128, seed=0, amp=Non
           that corner, 4 of them flipped, and all given the training's warp, rotation and
           lighting at random (with their probabilities);
     'k':  the mean of the plain prediction and k passes of the training augmentation.
-    aug: the model's training augmentation (batches.Augment); hw: films' height / width
-    with --resize crop, else None; amp, channels_last: as model.class_logits.
+    aug: the model's training augmentation (data.Augment); hw: films' height / width
+    with --resize crop, else None; amp: the body's autocast dtype or None (model.class_logits);
+    channels_last: NHWC batches (data.eval_batches).
     """
     def probs(transform=None):
-        return class_logits(model, model, images, size, hw, batch_size, transform, amp,
-                            channels_last).softmax(1)
+        batches = eval_batches(images, size, hw, batch_size, transform=transform,
+                               channels_last=channels_last)
+        return class_logits(model, model, batches, amp).softmax(1)
     plain = probs()
     gen = torch.Generator(device=images.device).manual_seed(seed)
     if tta != "v1":
@@ -80,7 +82,7 @@ def tta_probs(model, images, size, hw, aug, tta, batch_size=128, seed=0, amp=Non
     return 0.4 * plain + 0.6 * torch.stack(views).mean(0)
 
 
-def main(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a run folder or a .pt checkpoint")
@@ -108,6 +110,11 @@ def main(argv=None):
     p.add_argument("--phantoms", type=int, default=2000, help="with --data phantom")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="output folder")
+    return p
+
+
+def main(argv=None):
+    p = make_parser()
     a = p.parse_args(argv)
 
     if a.tta != "v1" and not a.tta.isdigit():
@@ -122,8 +129,8 @@ def main(argv=None):
     dev = devices.pick_device(a.device)
     amp, cl = devices.precision(dev, a.precision), devices.channels_last(dev, a.channels_last)
     model = model.to(dev, memory_format=torch.channels_last if cl else torch.preserve_format)
-    problems = data.Problems()
-    data_classes, splits = data.load_dataset(a.data, a.train_split, a.test_split, a.image_dir,
+    problems = datasets.Problems()
+    data_classes, splits = datasets.load_dataset(a.data, a.train_split, a.test_split, a.image_dir,
                                              a.subtypes, a.phantoms, a.seed, True, True, problems)
     to_model = map_classes(data_classes, classes, a.class_map)
     items = splits[a.split]
@@ -163,4 +170,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    datasets.run_cli(main)

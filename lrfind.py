@@ -9,6 +9,11 @@ flat, noisy curves min_grad lands in the noise at the low end; FIDELITY.md has t
     python lrfind.py --data phantom --size 64 --phase unfrozen --weights none
 
 From Python: lrs, raw, smooth = lr_find(step, model, opt, batches); valley(lrs, smooth).
+
+What it teaches: the sweep (lr_find), the readings of its curve (pure functions of the
+losses), and one phase's test (suggest_lr: the sweep on the phase's own model, optimizer
+and batches). The plot is machinery/plots.py's; the weight decay of the sweep is the
+optimizer's, as in fastai.
 """
 import copy
 import csv
@@ -17,13 +22,13 @@ import os
 
 import numpy as np
 from torch.distributed.elastic.multiprocessing.errors import record
-from tqdm import tqdm
 
-import data
-import ddp
-from config import parse_args
-from plots import COLOURS, LIGHT, line_plot
-from runner import freeze, setup, stage_tensors, train_batches
+from data import stage_films, train_batches
+from machinery import config, ddp
+from machinery.datasets import run_cli
+from machinery.plots import COLOURS, LIGHT, line_plot
+from machinery.run import forwards, setup
+from model import set_body_frozen, train_step
 from schedule import lr_sweep
 
 
@@ -40,7 +45,7 @@ def lr_find(step, model, opt, batches, n_steps=100, lr_start=1e-7, lr_end=10.0, 
     avg, best = 0.0, math.inf
     try:
         it = iter(batches)
-        for i in tqdm(range(n_steps), desc="lr_find", leave=False, disable=not ddp.main()):
+        for i in ddp.progress(range(n_steps), "lr_find"):  # a bar on rank 0
             lr = lr_sweep(i, n_steps, lr_start, lr_end)
             for g in opt.param_groups:  # one LR for every layer group during the sweep
                 g["lr"] = lr
@@ -82,17 +87,21 @@ def _trim(lrs, losses, skip_start, skip_end=5):
     return [k[0] for k in keep], [k[1] for k in keep]
 
 
-def min_grad(lrs, losses, num_it=None):
+def min_grad(lrs, losses, num_it=None, skip_start=10):
     """fastai v1's suggestion (basic_train.py: Recorder.plot(suggestion=True)): the LR where
     the loss falls fastest, from np.gradient (central differences, one-sided at the ends) of
-    the curve without its first 10 and last 5 points; the first such LR on a tie."""
-    lrs, losses = _trim(lrs, losses, 10)
+    the curve without its first skip_start (10, Recorder.plot's default) and last 5 points;
+    the first such LR on a tie. num_it is not used: fastai v1 skips those 10 points whatever
+    the sweep's length (the other readings skip a tenth of it)."""
+    lrs, losses = _trim(lrs, losses, skip_start)
     return lrs[int(np.argmin(np.gradient(np.array(losses))))]
 
 
 def valley(lrs, losses, num_it=None):
-    """fastai v2's default (2021): the longest stretch where the loss keeps falling, a little
-    past its middle: far enough from the start to be fast, early enough to be safe.
+    """fastai v2's default (2021): the longest stretch where the loss keeps falling, and the
+    point about halfway along it: far enough from the start to be fast, early enough to be
+    safe. As fastai v2 counts it, the point is start + int(L/3) + int(L/6) for a stretch of
+    L steps from `start` (the point before its first): at or just before its middle.
 
     As fastai v2 it skips the first num_it // 10 points of a sweep planned for num_it steps
     (default: as many as were taken) and the last 5.
@@ -146,40 +155,65 @@ def save_lr_find(prefix, lrs, raw, smooth, method="valley", num_it=None):
     return lr
 
 
-def find_lr(run, tensors, size, batch_size, frozen, tag):
-    """Run the LR range test for one phase; write lrfind_<tag>.csv/.png; return the LR.
+def suggest_lr(run, films, size, batch_size, tag):
+    """One phase's LR range test: the sweep on the phase's model and optimizer (its body
+    frozen or not, as the phase set it) and its own draws of augmented batches; the curve
+    written to lrfind_<tag>.csv/.png; the suggested LR (--suggest) returned.
 
     Under torchrun every rank sweeps together: each step is the real data-parallel step on
     the global batch, and its loss is the mean over ranks, so the curve is the one global
     batch's. Each rank restores its own state; rank 0 writes the curve and its suggestion is
     every rank's."""
-    freeze(run, frozen)
-    batches = train_batches(run, tensors, size, batch_size, "lrfind_" + tag)
     c = run.cfg
-    step = lambda x, y: ddp.all_mean(run.step(x, y))
+    batches = train_batches(run, films, size, batch_size, "lrfind_" + tag)
+
+    def step(x, y):  # the training step; under torchrun, the loss of the global batch
+        return ddp.all_mean(train_step(run.forward, run.opt, x, y, run.amp_dtype,
+                                       run.loss_weight))
     lrs, raw, smooth = lr_find(step, run.model, run.opt, batches, c.lr_find_steps,
                                c.lr_find_start, c.lr_find_end, c.lr_find_beta)
-    lr = ddp.each(lambda: ddp.main() and save_lr_find(
-        os.path.join(run.dir, "lrfind_" + tag), lrs, raw, smooth, c.suggest, c.lr_find_steps))
+    lr = None
+    with ddp.fail_together():
+        if ddp.main():
+            lr = save_lr_find(os.path.join(run.dir, "lrfind_" + tag), lrs, raw, smooth,
+                              c.suggest, c.lr_find_steps)
     return ddp.broadcast(lr)  # rank 0's
 
 
+# The flags lrfind.py offers: what setup() and the sweep use (train.py has all of them)
+FLAGS = ["data", "train_split", "test_split", "image_dir", "subtypes", "phantoms",
+         "phantom_seed", "val_frac", "allow_patient_overlap", "allow_missing_class",
+         "cache_dir", "resize", "arch", "weights", "ps", "recipe", "batch_size", "wd",
+         "lr_find_steps", "lr_find_start", "lr_find_end", "lr_find_beta", "suggest", "aug",
+         "rotate", "zoom", "warp", "lighting", "p_affine", "p_lighting", "flip", "balance",
+         "class_weights", "device", "precision", "channels_last", "data_on", "data_gpu_gib",
+         "sync_bn", "dist_timeout", "demo", "seed", "runs", "name", "overwrite"]
+
+
+EXTRA = {"size": (int, 128, "image size in pixels"),
+         "phase": (str, "frozen", "frozen | unfrozen")}
+
+
+def make_parser():
+    return config.make_parser(__doc__, FLAGS, EXTRA)
+
+
 def main(argv=None):
-    cfg, extra = parse_args(argv, doc=__doc__,
-                            extra={"size": (int, 128, "image size in pixels"),
-                                   "phase": (str, "frozen", "frozen | unfrozen")})
+    cfg, extra = config.parse_args(argv, EXTRA, __doc__, FLAGS)
     size, phase = extra["size"], extra["phase"]
     if phase not in ("frozen", "unfrozen") or size < 8:
         raise SystemExit(f"--phase {phase} --size {size}: give --phase frozen or unfrozen and "
                          "a --size of at least 8 px")
     run = setup(cfg, sizes=[size])  # decode the images at this size only
-    tensors = stage_tensors(run, size)
+    films = stage_films(run, size)
+    set_body_frozen(run.model, phase == "frozen")
+    run.forward, run.infer = forwards(run, compiled=False)
     tag = f"{size}_{phase}"
-    lr = find_lr(run, tensors, size, int(cfg.batch_size.split(",")[0]), phase == "frozen", tag)
+    lr = suggest_lr(run, films["train"], size, int(cfg.batch_size.split(",")[0]), tag)
     print(f"suggested LR ({cfg.suggest}): {lr:.2e}; curve in {run.dir}/lrfind_{tag}.png")
     ddp.close()
     return lr
 
 
 if __name__ == "__main__":
-    record(data.run_cli)(main)  # torchrun: a failing rank's error, reported as its own
+    record(run_cli)(main)  # torchrun: a failing rank's error, reported as its own

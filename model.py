@@ -1,21 +1,26 @@
-"""COVID-ResNet: an ImageNet ResNet-50 body with fastai v1's classifier head.
+"""COVID-ResNet: the network, its layer groups, the optimizer and the training step.
 
     model = build_model(n_classes=4, weights="imagenet")   # or "none", or a .pth path
     groups = layer_groups(model)                            # stem..layer2 | layer3..4 | head
     set_body_frozen(model, True)                            # train the head (and BN) only
-    logits = class_logits(model, model, films, size)        # evaluation's view of uint8 films
+    opt = make_optimizer(model, wd=0.01)                    # fastai v1's Adam, one group each
+    loss = train_step(model, opt, x, y)                     # forward, backward, step
+    logits = class_logits(model, model, batches)            # evaluation, in eval mode
 
-The head is the one fastai v1's `cnn_learner` put on every body, which the paper used:
-concatenated average+max pooling, then BN-dropout-linear twice. Inputs are 3-channel,
-ImageNet-normalised images (batches.py makes them from one-channel radiographs).
+What it teaches: an ImageNet ResNet-50 body under the head fastai v1's `cnn_learner` put on
+every body, which the paper used (concatenated average+max pooling, then BN-dropout-linear
+twice); the three layer groups that get their own learning rates; freezing that leaves
+BatchNorm training; fastai's Adam; one precision path for the step. Inputs are 3-channel,
+ImageNet-normalised images (data.py makes them from one-channel radiographs). This file
+imports nothing of the project: loading a trained run's checkpoint lives in
+machinery/checkpoint.py, the devices and torch.compile in machinery/devices.py.
 """
 import os
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
-
-from batches import normalize, view
-from devices import autocast
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -93,7 +98,7 @@ _BODY_INDEX = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3":
                "layer4": "7"}
 
 
-def _load_into(module, sd, weights, arch):
+def load_weights(module, sd, weights, arch):
     """load_state_dict that names what does not fit instead of a wall of size mismatches."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
@@ -121,12 +126,12 @@ def build_model(n_classes, weights="imagenet", arch="resnet50", ps=0.5):
     if any(k.startswith("body.") for k in sd):  # one of ours
         head = {k: v for k, v in sd.items() if k.startswith("head.")}
         if head and head["head.7.weight"].shape[0] == n_classes:
-            return _load_into(model, sd, weights, arch) or model
+            return load_weights(model, sd, weights, arch) or model
         sd = {k[5:]: v for k, v in sd.items() if k.startswith("body.")}
     else:  # torchvision's layout (conv1.weight, layer1.0.conv1.weight, ...); fc is replaced
         sd = {_BODY_INDEX[k.split(".")[0]] + k[k.index("."):]: v
               for k, v in sd.items() if k.split(".")[0] in _BODY_INDEX}
-    _load_into(model.body, sd, weights, arch)
+    load_weights(model.body, sd, weights, arch)
     return model
 
 
@@ -164,53 +169,58 @@ def set_body_frozen(model, frozen):
             p.requires_grad_(not frozen)
 
 
-def load_checkpoint(path):
-    """One of our checkpoints -> (model, checkpoint dict), with a clear error for anything else.
+# ---------------------------------------------------------------------------------------------
+# How it learns: fastai v1's Adam over the layer groups, and one training step
 
-    path may be a run folder (its model.pt is taken). Loads with weights_only=True: tensors,
-    numbers and strings only, so a checkpoint from elsewhere cannot run code.
-    """
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.pt")
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such checkpoint (give a run folder or a .pt file)")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holding arbitrary objects
-        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); is the file complete?") from e
-    if not (isinstance(ck, dict) and {"model", "classes", "config"} <= set(ck)):
-        raise SystemExit(f"{path}: not a COVID-ResNet checkpoint (it needs model, classes and "
-                         f"config entries; train.py writes them)")
-    model = COVIDResNet(getattr(torchvision.models, ck["config"]["arch"])(weights=None),
-                        len(ck["classes"]))
-    _load_into(model, ck["model"], path, ck["config"]["arch"])
-    return model, ck
+BETAS = (0.9, 0.99)  # fastai v1's Adam: beta1 0.9 (the one-cycle moves it), beta2 0.99
+
+
+def make_optimizer(model, wd=0.01, verbose=True):
+    """fastai v1's optimizer: Adam with decoupled weight decay (its true_wd, torch's AdamW),
+    one param group per layer group, named, so that each group gets its own learning rate.
+
+    The fused kernel updates every parameter in one kernel, on CUDA and (torch 2.4 and later)
+    on the CPU, 3-4x faster there than the for-each kernel; the update is the same. The LR set
+    here is a placeholder: the LR finder and the one-cycle schedule write each group's LR
+    before every step."""
+    groups = layer_groups(model, verbose)
+    return torch.optim.AdamW([{"params": ps, "name": name} for name, ps in groups.items()],
+                             lr=1e-3, betas=BETAS, weight_decay=wd, fused=True)
+
+
+def autocast(device, dtype):
+    """bf16 autocast on `device` when dtype is torch.bfloat16 (bf16 has fp32's range: no
+    GradScaler needed); nothing, plain fp32, when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_step(forward, opt, x, y, amp=None, weight=None):
+    """One step: forward (under autocast with dtype `amp`, the head in fp32) and the
+    cross-entropy loss (class weights `weight` or None), backward, the optimizer's step.
+
+    forward is the model, or what calls it (torch.compile's version, DistributedDataParallel).
+    Returns the loss still on the device: the step never waits for it."""
+    with autocast(x.device, amp):
+        loss = F.cross_entropy(forward(x), y, weight=weight)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 @torch.no_grad()
-def class_logits(model, forward, images, size, hw=None, batch_size=256, transform=None,
-                 amp=None, channels_last=False):
-    """fp32 logits (N, C) for uint8 films (N, 1, T, T) on the model's device, in eval mode.
+def class_logits(model, forward, batches, amp=None):
+    """fp32 logits (N, C) in eval mode, from evaluation batches (x, n): x normalised, its
+    first n rows real (data.eval_batches; the rest pad a compiled forward's last batch).
 
-    forward is the model or its compiled version. Each batch is seen as evaluation sees it
-    (batches.view: with --resize crop, hw each film's height / width, the centre crop), or
-    through transform(x, hw) -> (B, 1, size, size), one pass of test-time augmentation.
-    For a compiled forward the last batch is padded: one static shape, no recompilation.
-    amp: the autocast dtype of the body (devices.precision), or None; channels_last: NHWC
-    batches, as the model was converted.
+    forward is the model or its compiled version; amp the autocast dtype of the body or None.
     """
     was_training = model.training
     model.eval()
     out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].float().div_(255)
-        n, h = len(x), None if hw is None else hw[i:i + batch_size]
-        x = transform(x, h) if transform else view(x, size, h)
-        if n < batch_size and forward is not model:  # eager: no need to pay for padding
-            x = torch.cat([x, x.new_zeros(batch_size - n, *x.shape[1:])])
-        with autocast(images.device, amp):
-            out.append(forward(normalize(x, channels_last))[:n].float())
+    for x, n in batches:
+        with autocast(x.device, amp):
+            out.append(forward(x)[:n].float())
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, model.head[-1].out_features,
-                                                  device=images.device)
+    return torch.cat(out) if out else torch.zeros(
+        0, model.head[-1].out_features, device=next(model.parameters()).device)

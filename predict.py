@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from batches import normalize, view
-from films import decode, film_aspect, stored_size, to_gray
-import devices
-from model import class_logits, load_checkpoint
+from data import eval_batches, normalize, view
+from machinery import devices
+from machinery.checkpoint import load_checkpoint
+from machinery.films import decode, film_aspect, stored_size, to_gray
+from model import class_logits
 
 
 def find_files(args):
@@ -75,7 +76,7 @@ def save_cam(path, image_path, cam, crop, alpha=0.45):
     Image.fromarray(out.round().astype(np.uint8)).save(path)
 
 
-def main(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a run folder or a .pt checkpoint")
@@ -89,6 +90,11 @@ def main(argv=None):
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU; logits and Grad-CAM "
                    "are fp32 either way")
     p.add_argument("--channels-last", default="auto", choices=devices.SWITCHES)
+    return p
+
+
+def main(argv=None):
+    p = make_parser()
     a = p.parse_args(argv)
     if a.batch_size < 1 or a.size < 0:
         p.error(f"--batch-size {a.batch_size} --size {a.size}: give a batch of 1 or more and "
@@ -118,8 +124,8 @@ def main(argv=None):
         raise SystemExit("no readable images among " + ", ".join(a.images))
     images = torch.from_numpy(np.stack(pixels))[:, None].to(dev)  # (N, 1, T, T) uint8
     hw = torch.tensor(hw, device=dev) if crop else None
-    probs = class_logits(model, model, images, size, hw, a.batch_size, amp=amp,
-                         channels_last=cl).softmax(1).cpu()
+    batches = eval_batches(images, size, hw, a.batch_size, channels_last=cl)
+    probs = class_logits(model, model, batches, amp).softmax(1).cpu()
 
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w", newline="") as f:

@@ -1,99 +1,37 @@
-"""One page per training run: runs/<name>/report.md with its plots, made from the run's files.
+"""Write a training run's one-page report again: runs/<name>/report.md with its plots.
 
-    python report.py runs/NAME          # (train.py writes it at the end of every run)
+    python report.py runs/NAME
 
-Reads config.json, metrics.jsonl, the LR-finder curves, test_metrics.json and
-test_predictions.csv; writes loss.png and accuracy.png (per epoch), confusion_matrix.png,
-roc.png and report.md, which shows them with the stage table and the test metrics.
+train.py writes it at the end of every run; this remakes it from the run's files (after
+editing a plot, say). It reads config.json, metrics.jsonl, the LR-finder curves,
+test_metrics.json and test_predictions.csv, and writes loss.png, accuracy.png,
+confusion_matrix.png, roc.png and report.md.
 """
-import csv
-import json
+import argparse
 import os
-import sys
 
-from metrics import format_metrics, roc_curve
-from plots import COLOURS, GREY, confusion_plot, line_plot
+from machinery.report import write_report
 
 
-def write_predictions(path, items, labels, probs, classes):
-    """predictions CSV: path, patient, source, label, prediction, class probabilities.
-
-    labels are class indices into `classes` (the model's), probs a list of rows."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "patient", "source", "label", "predicted"] +
-                   [f"p_{c}" for c in classes])
-        for k, pr in enumerate(probs):
-            top = max(range(len(pr)), key=pr.__getitem__)
-            w.writerow([items.paths[k] or "", items.patients[k], items.sources[k],
-                        classes[labels[k]], classes[top]] + [f"{v:.6f}" for v in pr])
+def make_parser():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a finished run's folder (it holds test_metrics.json)")
+    return p
 
 
-def roc_plot(path, probs, labels, classes, per_class):
-    """One-vs-rest ROC curve of every class, with its AUC from the metrics, and chance."""
-    series = []
-    for i, c in enumerate(classes):
-        fpr, tpr = roc_curve([pr[i] for pr in probs], [y == i for y in labels])
-        auc = per_class[c].get("roc_auc")
-        series.append((fpr, tpr, f"{c} (AUC {'n/a' if auc is None else f'{auc:.3f}'})"))
-    line_plot(path, series + [([0, 1], [0, 1], "chance")], "false positive rate",
-              "true positive rate", title="ROC, each class against the rest",
-              colours=COLOURS[:len(series)] + [GREY], legend_at="bottom")
-
-
-def stage_table(rows):
-    """Markdown table: one line per phase, from the per-epoch rows of metrics.jsonl."""
-    phases = {}
-    for r in rows:
-        phases.setdefault(r["phase"], []).append(r)
-    lines = ["| phase | epochs | max LR per group | train loss | val loss | val acc | time s |",
-             "|---|---|---|---|---|---|---|"]
-    for tag, rs in phases.items():
-        last = rs[-1]
-        lrs = " / ".join(f"{lr:.1e}" for lr in last.get("max_lrs", [last["lr"]]))
-        lines.append(f"| {tag} | {len(rs)} | {lrs} | {last['train_loss']:.4f} | "
-                     f"{last['val_loss']:.4f} | {100 * last['val_acc']:.1f}% | "
-                     f"{sum(r['time'] for r in rs):.1f} |")
-    return "\n".join(lines)
-
-
-def write_report(run_dir):
-    """Write the plots and report.md into run_dir; return the report's path."""
-    p = lambda name: os.path.join(run_dir, name)
-    cfg = json.load(open(p("config.json")))
-    rows = [json.loads(line) for line in open(p("metrics.jsonl")) if line.strip()]
-    m = json.load(open(p("test_metrics.json")))
-    epochs = list(range(1, len(rows) + 1))
-    line_plot(p("loss.png"), [(epochs, [r["train_loss"] for r in rows], "train loss"),
-                              (epochs, [r["val_loss"] for r in rows], "validation loss")],
-              "epoch (all phases in order)", "cross-entropy loss", title="loss per epoch")
-    line_plot(p("accuracy.png"), [(epochs, [r["val_acc"] for r in rows], "validation")],
-              "epoch (all phases in order)", "accuracy", title="validation accuracy per epoch")
-    confusion_plot(p("confusion_matrix.png"), m["confusion_matrix"], m["classes"],
-                   f"test split, {m['n']} images")
-    with open(p("test_predictions.csv"), newline="") as f:
-        preds = list(csv.DictReader(f))
-    roc_plot(p("roc.png"), [[float(r["p_" + c]) for c in m["classes"]] for r in preds],
-             [m["classes"].index(r["label"]) for r in preds], m["classes"], m["per_class"])
-
-    lrfinds = sorted(f for f in os.listdir(run_dir) if f.startswith("lrfind_") and
-                     f.endswith(".png"))
-    text = [f"# Run {os.path.basename(os.path.normpath(run_dir))}", "",
-            f"Data `{cfg['data']}`, {cfg['arch']} with weights `{cfg['weights']}`, stages "
-            f"{cfg['stages']} px, device {cfg.get('device', '?')}, torch {cfg.get('torch', '?')}, "
-            f"git commit `{cfg.get('git_commit', '?')[:12]}`, seed {cfg['seed']}.", "",
-            "## Stages", "", stage_table(rows), "",
-            "![loss per epoch](loss.png) ![accuracy per epoch](accuracy.png)", "",
-            "## LR range tests", "",
-            "Each phase's sweep; the red circle marks the learning rate taken.", ""]
-    text += [f"![{f[7:-4]}]({f})" for f in lrfinds] or ["(no phase used `auto`)"]
-    text += ["", "## Test split", "", "```", format_metrics(m), "```", "",
-             "![confusion matrix](confusion_matrix.png) ![ROC curves](roc.png)", "",
-             "## Config", "", "```json", json.dumps(cfg, indent=1), "```", ""]
-    with open(p("report.md"), "w") as f:
-        f.write("\n".join(text))
-    return p("report.md")
+def main(argv=None):
+    p = make_parser()
+    a = p.parse_args(argv)
+    need = [f for f in ("config.json", "metrics.jsonl", "test_metrics.json",
+                        "test_predictions.csv") if not os.path.isfile(os.path.join(a.run, f))]
+    if need:
+        p.error(f"{a.run}: not a finished run folder (no {', '.join(need)}); train.py writes "
+                "them at the end of a run")
+    path = write_report(a.run)
+    print(path)
+    return path
 
 
 if __name__ == "__main__":
-    print(write_report(sys.argv[1]))
+    main()

@@ -3,6 +3,10 @@
 Nothing here needs torch: each function maps a step number to a number, so a schedule can be
 printed, plotted or tested on its own (tests/test_schedule.py).
 
+What it teaches: fastai's one-cycle (v1's, step by step, and torch's OneCycleLR, which is
+fastai v2's), the LR range test's sweep, and discriminative LRs, each as a formula. The
+loop that writes them into the optimizer is train.fit.
+
 Vocabulary and defaults follow fastai v1 (1.0.x), which the paper used (FIDELITY.md):
     one_cycle(step, total, lr_max)        fastai v1's OneCycleScheduler, step by step
     one_cycle_torch(step, total, lr_max)  torch's OneCycleLR (fastai v2's defaults)

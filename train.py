@@ -10,234 +10,249 @@ each phase with its own LR range test (lrfind.py), a one-cycle schedule and, whe
 discriminative learning rates per layer group (schedule.py). The paper's stages, as reported:
 128 px 3+5 epochs, 224 px 3+5, 229 px 0+25 at LRs 1e-6..1e-4: 41 epochs. Every run writes
 runs/<name>/ with its config, metrics, LR-finder curves, checkpoints and test metrics.
+
+What it teaches, top to bottom: the plan (a list of phases, as data); one phase (start_phase,
+max_lrs, fit); one step (fit's inner loop, and model.train_step). Read lrfind.py, schedule.py,
+model.py and data.py next. What it leaves out, the run's machinery (flags, the run folder,
+checkpoints and resume, devices and torch.compile, torchrun, the film cache, metrics and
+plots), lives in machinery/, behind the named calls below.
 """
-import json
 import os
 import time
+from dataclasses import dataclass, replace
+from itertools import groupby
+from operator import attrgetter
 
-import torch
+import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
-from tqdm import tqdm
 
 import data
-import ddp
-import devices
-from checkpoint import load_optimizer, resume_from, rng_state, save_checkpoint, set_rng_state
-from config import make_stages, parse_args
-from lrfind import find_lr
-from metrics import classification_metrics, format_metrics
-from report import stage_table, write_predictions, write_report
-from runner import (add_time, freeze, predict, setup, stage_tensors, start_phase, train_batches,
-                    use_compile)
+from lrfind import suggest_lr
+from machinery import ddp
+from machinery.checkpoint import restore, resume_from, save_checkpoint
+from machinery.config import make_stages, parse_args
+from machinery.datasets import run_cli
+from machinery.epochs import Books, MetricsLog, checkpoint_epoch, rollback_point
+from machinery.hostmem import rows
+from machinery.metrics import classification_metrics, format_metrics
+from machinery.report import stage_table, write_outputs
+from machinery.run import add_time, compile_stage, forwards, setup, timed
+from model import class_logits, make_optimizer, set_body_frozen, train_step
 from schedule import ONE_CYCLE, discriminative_lrs
 
 
-def resolve_lrs(run, tensors, size, batch_size, frozen, spec, tag):
-    """Max LR per layer group from 'auto' | 'x' | ':x' | 'lo:hi' (schedule.discriminative_lrs).
+@dataclass
+class Phase:
+    """One phase of the plan: a stage's head-only ("frozen") or whole-network ("unfrozen")
+    training, with its own LR range test and one-cycle schedule."""
+    stage: int  # 0-based
+    name: str  # "frozen" | "unfrozen"
+    size: int  # image size, px
+    batch_size: int
+    epochs: int
+    lr: str  # max LR: auto (the LR finder's) | x | :x | lo:hi (config.py)
+    compiled: bool  # whether the stage runs torch.compile's model (--compile)
+    first_epoch: int = 0  # a resumed run goes on after its last saved epoch
+    lrs: list = None  # a resumed phase's max LR per layer group, as it chose them
 
-    --no-discriminative: one LR for every group (auto: the finder's; lo:hi: hi)."""
-    n = len(run.opt.param_groups)
-    one = frozen or not run.cfg.discriminative
-    if spec == "auto":
-        lr = find_lr(run, tensors, size, batch_size, frozen, tag)
-        print(f"  LR finder ({run.cfg.suggest}): {lr:.2e}")
-        # unfrozen: fastai's slice(lr), a tenth of it for the body
-        return [lr] * n if one else discriminative_lrs(lr, n)
-    if spec.startswith(":"):  # fastai's slice(x): x for the head, x/10 for the body
-        return [float(spec[1:])] * n if one and not frozen else \
-            discriminative_lrs(float(spec[1:]), n)
-    if ":" in spec:
-        lo, hi = spec.split(":")
-        return [float(hi)] * n if one and not frozen else \
-            discriminative_lrs((float(lo), float(hi)), n)
-    return [float(spec)] * n
+    @property
+    def frozen(self):
+        return self.name == "frozen"
+
+    @property
+    def resumed(self):
+        return self.first_epoch > 0
+
+    @property
+    def tag(self):  # names the phase's files and log lines: s1_128_frozen
+        return f"s{self.stage + 1}_{self.size}_{self.name}"
 
 
-def fit(run, tensors, size, batch_size, epochs, lrs, tag, log, where, start=0):
-    """fastai's fit_one_cycle: `epochs` epochs, LR and beta1 of each group set by hand each step.
+def make_plan(cfg, stages, n_train, device):
+    """The whole run as data: every stage's phases that have epochs, in order."""
+    return [Phase(i, name, st.size, st.batch_size, epochs, lr,
+                  compile_stage(cfg, device, st, n_train))
+            for i, st in enumerate(stages)
+            for name, epochs, lr in [("frozen", st.frozen_epochs, st.lr_frozen),
+                                     ("unfrozen", st.unfrozen_epochs, st.lr_unfrozen)]
+            if epochs > 0]
 
-    A NaN or infinite loss ends the phase: model and optimizer go back to their state at the
-    start of that epoch (run.ckpt's snapshot), and the step and LR where it happened are
-    reported. After each epoch run.ckpt snapshots the state and writes last.pt in the
-    background (where: the stage and phase); a resumed phase starts at epoch `start`.
-    Under torchrun the losses logged are the means over ranks, img/s counts every rank's
-    images, and a bad loss on any rank rolls every rank back.
+
+def remaining(plan, state):
+    """The plan less what a resumed run had finished (its last.pt `state`): the phases before
+    the one it was in, and that phase's saved epochs, which it goes on after."""
+    at = [(p.stage, p.name) for p in plan].index((state["stage"], state["phase_name"]))
+    return [replace(plan[at], first_epoch=state["epoch"], lrs=state["lrs"])] + plan[at + 1:]
+
+
+def start_phase(run, phase, previous):
+    """Freeze or unfreeze the body, give the phase the optimizer fastai would, and choose
+    what its steps call (eager or compiled; in DDP under torchrun, made after freezing, as DDP
+    registers the parameters that train).
+
+    --opt-reset fresh: a new Adam at every phase (fastai v1's freeze() and unfreeze() call
+    create_opt: moments zero, step 0, beta1 0.9; the phase's LR finder runs on it); on-change:
+    a new Adam only where the body is frozen or unfrozen, so that the paper's stage 3 goes on
+    with stage 2's (fastai v1's fit reuses learn.opt); moments: moments zeroed, beta1 where
+    the last schedule left it (fastai v2's clear_state); none: one Adam for the whole run.
+    A resumed phase keeps the optimizer it saved.
     """
-    c, sched, dev = run.cfg, ONE_CYCLE[run.cfg.one_cycle], run.device
-    batches = train_batches(run, tensors, size, batch_size, tag)
-    total, k, rows = epochs * len(batches), start * len(batches), []
-    ddp.each(run.ckpt.take)  # what a first epoch that diverges goes back to
-    for epoch in range(start, epochs):
-        t0, loss_sum, shown = time.time(), torch.zeros((), device=dev), None
-        devices.reset_peak(dev)
-        first_bad = torch.full((), -1, device=dev)  # step of the first bad loss
-        bar = tqdm(batches.epoch(epoch), desc=f"{tag} {epoch + 1}/{epochs}", leave=False,
-                   disable=not ddp.main())
-        for i, (x, y) in enumerate(bar):
-            for g, lr_max in zip(run.opt.param_groups, lrs):
-                g["lr"], mom = sched(k, total, lr_max, c.pct_start, c.div, c.div_final)
-                g["betas"] = (mom, g["betas"][1])
-            loss = run.step(x, y)
-            loss_sum += loss
-            # noted on the device, read once per epoch: no host sync in the step
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), k, first_bad)
-            k += 1
-            if k == 1:  # the phase's first step: autotuning, and compilation where on
-                devices.sync(dev)
-                add_time(run, "first_steps", time.time() - t0)
-            if i % 10 == 0:  # show the loss of 10 steps ago: reading it waits for that
-                # step only, while the device keeps working on the ones queued since
-                if shown is not None:
-                    bar.set_postfix(loss=f"{shown.item():.3f}",
-                                    lr=f"{run.opt.param_groups[-1]['lr']:.1e}",
-                                    img_s=f"{(i + 1) * batch_size / (time.time() - t0):.0f}")
-                shown = loss
-        devices.sync(dev)
-        train_time = time.time() - t0
-        never = torch.iinfo(first_bad.dtype).max  # the first bad step on any rank
-        bad = int(ddp.all_min(torch.where(first_bad < 0, never, first_bad)).item())
-        bad = -1 if bad == never else bad
-        loss_sum = ddp.all_mean(loss_sum)
-        ddp.broadcast_buffers(run.model)  # rank 0's BatchNorm statistics, on every rank
-        if bad >= 0:
-            run.ckpt.restore()
-            bad_lr = sched(bad, total, lrs[-1], c.pct_start, c.div, c.div_final)[0]
-            print(f"{tag}: the loss was not finite at step {bad + 1} of {total} (head LR "
-                  f"{bad_lr:.2e}). Weights and optimizer are back at the start of epoch "
-                  f"{epoch + 1}; this phase ends here. A lower LR may help.")
-        val_loss, val_acc, _ = predict(run, *tensors["val"], size) if len(tensors["val"][1]) \
-            else (float("nan"), float("nan"), None)
-        add_time(run, "train", train_time)
-        add_time(run, "eval", time.time() - t0 - train_time)
-        row = {"phase": tag, **where, "epoch": epoch + 1,
-               "train_loss": loss_sum.item() / len(batches),
-               "val_loss": val_loss, "val_acc": val_acc, "lr": lrs[-1], "max_lrs": lrs,
-               "img_s": len(batches) * batch_size * ddp.world() / train_time,
-               "time": time.time() - t0}
-        if ddp.world() > 1:
-            row.update(ranks=ddp.world(), img_s_per_rank=row["img_s"] / ddp.world())
-        if devices.peak_gib(dev) is not None:
-            row["peak_gib"] = devices.peak_gib(dev)
-        if bad >= 0:
-            row.update(train_loss=float("nan"), diverged_at_step=bad + 1, diverged_lr=bad_lr)
-        rows.append(row)
-        run.history.append(row)
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        t1 = time.time()
-        run.timings["elapsed"] = t1 - run.started  # this run's time so far, resumes included
-        # every rank's generators (its dropout's), so that a resume under torchrun goes on
-        # as each rank would have; rank 0 writes them with its snapshot
-        rngs = ddp.all_objects(rng_state(dev)) if ddp.world() > 1 else None
-        ddp.each(lambda: (run.ckpt.take(
-            **where, epoch=epoch + 1, phase_epochs=epochs, lrs=lrs, history=run.history,
-            timings=run.timings, ranks=ddp.world(), **({"rng_ranks": rngs} if rngs else {})),
-            run.ckpt.write()))
-        add_time(run, "checkpoint", time.time() - t1)
-        print(f"{tag} epoch {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f}, "
-              f"val loss {val_loss:.4f}, val acc {100 * val_acc:.1f}%, "
-              f"{row['img_s']:.0f} img/s, {row['time']:.1f}s")
-        if bad >= 0:
+    set_body_frozen(run.model, phase.frozen)
+    reset = run.cfg.opt_reset
+    changed = previous is None or previous.frozen != phase.frozen
+    if phase.resumed or reset == "none":
+        pass
+    elif reset == "fresh" or (reset == "on-change" and changed):
+        run.opt = make_optimizer(run.model, run.cfg.wd, verbose=False)
+    elif reset == "moments":
+        run.opt.state.clear()  # AdamW makes its state anew at the next step
+    run.forward, run.infer = forwards(run, phase.compiled)
+
+
+def max_lrs(run, films, phase):
+    """The phase's max LR of each layer group, from its spec (--lr-frozen, --lr-unfrozen):
+
+    auto: the LR range test's suggestion: for every group when frozen (fastai's
+          fit_one_cycle(lr)), fastai's slice(lr) when unfrozen: lr/10 for the body's groups;
+    :x    fastai's slice(x); lo:hi: spread geometrically (schedule.discriminative_lrs);
+    x     for every group.
+    --no-discriminative: one LR for every group when unfrozen (lo:hi: hi).
+    """
+    n, spec = len(run.opt.param_groups), phase.lr
+    if spec == "auto":
+        lr = suggest_lr(run, films["train"], phase.size, phase.batch_size, phase.tag)
+        print(f"  LR finder ({run.cfg.suggest}): {lr:.2e}")
+        spread, top = not phase.frozen, lr
+    elif ":" in spec:
+        lo, hi = spec.split(":")
+        lr = float(hi) if lo == "" else (float(lo), float(hi))
+        spread, top = True, float(hi)
+    else:
+        return [float(spec)] * n
+    if not run.cfg.discriminative and not phase.frozen:
+        return [top] * n
+    return discriminative_lrs(lr, n) if spread else [lr] * n
+
+
+def fit(run, phase, lrs, films, log):
+    """fastai's fit_one_cycle: phase.epochs epochs of one cycle from the max LRs `lrs`, one per
+    layer group; a resumed phase starts at phase.first_epoch.
+
+    Each step sets the LR and beta1 (Adam's momentum) of every group by hand from the one-cycle
+    schedule, then steps; each epoch ends with validation and its log line. The books around
+    them (machinery/epochs.py) hold the loss on the device (no host sync per step), time and
+    memory, a snapshot after every epoch (last.pt, written in the background), and the
+    divergence guard: a NaN or infinite loss puts model and optimizer back as they were at
+    the start of that epoch, and ends the phase.
+    """
+    c, one_cycle = run.cfg, ONE_CYCLE[run.cfg.one_cycle]
+    batches = data.train_batches(run, films["train"], phase.size, phase.batch_size, phase.tag)
+    total = phase.epochs * len(batches)  # one cycle over the whole phase
+    rollback_point(run)
+    for epoch in range(phase.first_epoch, phase.epochs):
+        books = Books(run, f"{phase.tag} {epoch + 1}/{phase.epochs}")
+        for i, (x, y) in enumerate(books.progress(batches.epoch(epoch))):
+            k = epoch * len(batches) + i  # the step within the cycle
+            for group, lr_max in zip(run.opt.param_groups, lrs):
+                group["lr"], beta1 = one_cycle(k, total, lr_max, c.pct_start, c.div, c.div_final)
+                group["betas"] = (beta1, group["betas"][1])
+            loss = train_step(run.forward, run.opt, x, y, run.amp_dtype, run.loss_weight)
+            books.add(loss, k)
+        bad = books.end_training()  # the first step whose loss was not finite, or None
+        if bad is not None:
+            bad_lr = one_cycle(bad, total, lrs[-1], c.pct_start, c.div, c.div_final)[0]
+            books.roll_back(bad_lr, total)
+        val_loss, val_acc, _ = evaluate(run, films["val"], phase.size)
+        row = books.row(phase, epoch, lrs, val_loss, val_acc)
+        log.write(row)
+        checkpoint_epoch(run, phase, epoch, lrs)
+        print(f"{phase.tag} epoch {epoch + 1}/{phase.epochs}: train loss "
+              f"{row['train_loss']:.4f}, val loss {val_loss:.4f}, val acc "
+              f"{100 * val_acc:.1f}%, {row['img_s']:.0f} img/s, {row['time']:.1f}s")
+        if bad is not None:
             break
-    return rows
 
 
-def write_outputs(run, m, probs):
-    """The test split's metrics, predictions and the run's report.md."""
-    with open(os.path.join(run.dir, "test_metrics.json"), "w") as f:
-        json.dump(m, f, indent=1)
-    write_predictions(os.path.join(run.dir, "test_predictions.csv"), run.items["test"],
-                      run.items["test"].labels, probs.tolist(), run.classes)
-    write_report(run.dir)
+def evaluate(run, films, size):
+    """(mean loss, accuracy, class probabilities (N, C) on the CPU) of one split, unaugmented:
+    the centre crop, as fastai v1 validates. Under torchrun each rank predicts its shard and
+    every rank gets all the logits. No films (--val-frac 0): NaN."""
+    images, labels, hw = films
+    if len(labels) == 0:
+        return float("nan"), float("nan"), None
+    lo, hi = ddp.shard(len(labels))  # this rank's rows (all of them in one process)
+    batches = data.eval_batches(rows(images, lo, hi), size, None if hw is None else hw[lo:hi],
+                                pad=run.infer is not run.model, channels_last=run.channels_last)
+    logits = class_logits(run.model, run.infer, batches, run.amp_dtype)
+    logits = ddp.gather_rows(logits, len(labels))
+    loss = F.cross_entropy(logits, labels, weight=run.loss_weight, reduction="sum")
+    accuracy = (logits.argmax(1) == labels).float().sum().item() / len(labels)
+    return loss.item() / len(labels), accuracy, logits.softmax(1).cpu()
 
 
 def main(cfg):
-    t_start = time.time()
+    started = time.time()
     state = None
-    if cfg.resume:
+    if cfg.resume:  # the run folder's saved config, and its last.pt
         cfg, state = resume_from(cfg)
-    run = setup(cfg)
-    add_time(run, "setup", time.time() - t_start)  # reading, decoding or cache, model
+    run = setup(cfg)  # the data read, checked, decoded; the model, its optimizer; the folder
+    run.started = started
+    add_time(run, "setup", time.time() - started)
     stages = make_stages(cfg)
-    done = set()  # (stage, phase) pairs finished before a resume
-    if state:
-        run.model.load_state_dict(state["model"])
-        load_optimizer(run.opt, state["opt"])  # in the weights' layout, which may be new
-        same_world = state.get("ranks", 1) == ddp.world()
-        note = set_rng_state(state["rng_ranks"][ddp.rank()] if same_world and
-                             "rng_ranks" in state else state["rng"], run.device)
-        if not same_world:
-            ddp.seed_rank(cfg.seed + len(state["history"]))  # each rank its own dropout
-            note = (f"{note}; " if note else "") + (
-                f"saved by {state.get('ranks', 1)} process(es), resumed by {ddp.world()}: "
-                "the global batch and the batches it draws change")
-        if note:
-            print(f"note: {run.dir} was {note}; it is not bit for bit the uninterrupted run")
-        run.history, run.timings = state["history"], state["timings"]
-        t_start -= run.timings.get("elapsed", 0.0)  # the time before the kill counts too
-        done = {(r["stage"], r["phase_name"]) for r in run.history} - \
-            {(state["stage"], state["phase_name"])}
-        print(f"resuming {run.dir} after epoch {state['epoch']} of {state['phase_name']} "
-              f"in stage {state['stage'] + 1}")
-    run.started = t_start
-    # rank 0 logs; the other ranks (run.dir None) write nothing
-    with open(os.path.join(run.dir, "metrics.jsonl") if run.dir else os.devnull, "w") as log:
-        for row in run.history:  # what the interrupted run had logged
-            log.write(json.dumps(row) + "\n")
-        for i, st in enumerate(stages):
-            if state and i < state["stage"]:
-                continue
+    plan = make_plan(cfg, stages, len(run.items["train"]), run.device)
+    if state:  # weights, optimizer, generators and history as saved; the plan less what's done
+        restore(run, state)
+        plan = remaining(plan, state)
+    with MetricsLog(run) as log:
+        previous = None
+        for i, phases in groupby(plan, attrgetter("stage")):
+            st, phases = stages[i], list(phases)
             print(f"\n== stage {i + 1}/{len(stages)}: {st.size} px, head {st.frozen_epochs} "
                   f"+ all layers {st.unfrozen_epochs} epochs, batch {st.batch_size}, "
-                  f"compiled: {'yes' if use_compile(run, st) else 'no'}")
-            tensors = None  # the last stage's films leave the device before these come
-            tensors = stage_tensors(run, st.size)
-            for phase, epochs, spec in [("frozen", st.frozen_epochs, st.lr_frozen),
-                                        ("unfrozen", st.unfrozen_epochs, st.lr_unfrozen)]:
-                if epochs == 0 or (i, phase) in done:
-                    continue
-                tag = f"s{i + 1}_{st.size}_{phase}"
-                where = dict(stage=i, phase_name=phase)
-                if state and (i, phase) == (state["stage"], state["phase_name"]):
-                    freeze(run, phase == "frozen")  # optimizer as saved
-                    lrs, start = state["lrs"], state["epoch"]
-                    state = None  # from here on, as if never interrupted
+                  f"compiled: {'yes' if phases[0].compiled else 'no'}")
+            films = None  # the last stage's films leave the device before these come
+            films = data.stage_films(run, st.size)
+            for phase in phases:
+                start_phase(run, phase, previous)
+                if phase.resumed:
+                    lrs = phase.lrs  # as chosen before the interruption
                 else:
-                    start_phase(run, phase == "frozen")
-                    t0 = time.time()
-                    lrs = resolve_lrs(run, tensors, st.size, st.batch_size, phase == "frozen",
-                                      spec, tag)
-                    add_time(run, "lr_find", time.time() - t0)
-                    start = 0
-                print(f"  {tag}: max LR per group " + ", ".join(
+                    with timed(run, "lr_find"):
+                        lrs = max_lrs(run, films, phase)
+                print(f"  {phase.tag}: max LR per group " + ", ".join(
                     f"{g['name']} {lr:.1e}" for g, lr in zip(run.opt.param_groups, lrs)))
-                fit(run, tensors, st.size, st.batch_size, epochs, lrs, tag, log, where, start)
-            # the stage's table, as report.md shows it
+                fit(run, phase, lrs, films, log)
+                previous = phase
             print("\n" + stage_table([r for r in run.history if r["stage"] == i]))
-            ddp.each(lambda: ddp.main() and save_checkpoint(
-                run, os.path.join(run.dir, f"stage{i + 1}_{st.size}.pt"), stage=i + 1,
-                size=st.size))
-    ddp.each(lambda: ddp.main() and save_checkpoint(run, os.path.join(run.dir, "model.pt"),
-                                                    size=stages[-1].size))
-    ddp.each(run.ckpt.close)  # a last.pt write still going ends before the run reports
-    run.timings["checkpoint_writes"] = run.ckpt.stats["write_s"]  # in the background
-    differ = ddp.max_difference(run.model)  # torchrun: every rank must hold rank 0's model
-    if differ:
-        raise RuntimeError(f"the ranks' models differ after training (by up to {differ:.3g}): "
-                           "their steps were not the same")
+            with ddp.fail_together():
+                if ddp.main():
+                    save_checkpoint(run, os.path.join(run.dir, f"stage{i + 1}_{st.size}.pt"),
+                                    stage=i + 1, size=st.size)
+    return finish(run, films, stages[-1].size)
 
-    # The test split, touched once: at the last stage's size, no augmentation
-    t0 = time.time()
-    _, _, probs = predict(run, *tensors["test"], stages[-1].size)
-    add_time(run, "eval", time.time() - t0)
-    m = classification_metrics(run.items["test"].labels, probs.argmax(1).tolist(), run.classes,
-                               run.items["test"].sources, probs.tolist())
-    m["timings_s"] = {**run.timings, "total": time.time() - t_start}
+
+def finish(run, films, size):
+    """Save the model; then the test split, touched once: at the last stage's size, no
+    augmentation. Its metrics (with intervals), predictions and report.md."""
+    with ddp.fail_together():
+        if ddp.main():
+            save_checkpoint(run, os.path.join(run.dir, "model.pt"), size=size)
+        run.ckpt.close()  # a last.pt write still going ends before the run reports
+    run.timings["checkpoint_writes"] = run.ckpt.stats["write_s"]  # in the background
+    same = ddp.check_same_model(run.model)  # torchrun: every rank must hold rank 0's model
+    with timed(run, "eval"):
+        _, _, probs = evaluate(run, films["test"], size)
+    items = run.items["test"]
+    m = classification_metrics(items.labels, probs.argmax(1).tolist(), run.classes,
+                               items.sources, probs.tolist())
+    m["timings_s"] = {**run.timings, "total": time.time() - run.started}
     m["timings_s"].pop("elapsed", None)
-    if ddp.world() > 1:  # checked above: the weights and buffers of every rank are rank 0's
-        m["ranks"] = {"n": ddp.world(), "same_model": differ == 0.0}
-    ddp.each(lambda: ddp.main() and write_outputs(run, m, probs))
-    print(f"\n== test split ({len(probs)} images, {stages[-1].size} px)\n" + format_metrics(m))
+    if ddp.world() > 1:
+        m["ranks"] = {"n": ddp.world(), "same_model": same}
+    with ddp.fail_together():
+        if ddp.main():
+            write_outputs(run, m, probs)
+    print(f"\n== test split ({len(probs)} images, {size} px)\n" + format_metrics(m))
     print(f"\nrun folder: {run.dir} (report.md); seconds: " +
           ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
     ddp.close()
@@ -245,4 +260,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":  # record: under torchrun, a failing rank's error is reported whole
-    record(data.run_cli)(main, parse_args(doc=__doc__))
+    record(run_cli)(main, parse_args(doc=__doc__))

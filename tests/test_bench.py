@@ -5,8 +5,8 @@ import os
 import tempfile
 
 import bench
-import devices
-import gpucheck
+from machinery import devices
+from machinery import gpucheck
 
 
 def test_bench_quick_measures_every_part(tmp_path, capsys):

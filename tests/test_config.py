@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-import data
-from config import parse_args
+from machinery import datasets
+from machinery.config import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--data", "phantom"]
@@ -64,9 +64,9 @@ def test_a_split_file_that_is_not_utf8_is_a_data_error_naming_the_line(tmp_path)
         os.makedirs(tmp_path / split)
     (tmp_path / "train.txt").write_bytes(b"p1 a.png normal\np2 b\xff.png COVID-19\n")
     (tmp_path / "test.txt").write_bytes(b"p3 c.png normal\n")
-    with pytest.raises(data.DataError, match=r"train.txt line 2: not UTF-8 text \(byte 0xff "
+    with pytest.raises(datasets.DataError, match=r"train.txt line 2: not UTF-8 text \(byte 0xff "
                                              r"at column 5\)"):
-        data.load_dataset(str(tmp_path))
+        datasets.load_dataset(str(tmp_path))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data",
                         str(tmp_path), "--weights", "none", "--runs", str(tmp_path / "runs")],
                        capture_output=True, text=True)
@@ -98,7 +98,7 @@ def test_a_run_folder_that_holds_a_run_is_never_written_over(tmp_path):
 
 
 def test_defaults_follow_the_stages_given_and_resume_takes_nothing_else(capsys):
-    from config import make_stages
+    from machinery.config import make_stages
     st = make_stages(parse_args(["--demo", "--stages", "32,48"]))  # the demo's lists, cut
     assert [(s.size, s.frozen_epochs, s.unfrozen_epochs) for s in st] == [(32, 1, 3), (48, 1, 3)]
     assert "--unfrozen-epochs has 3 values for 4 stages" in errors(
@@ -111,9 +111,9 @@ def test_defaults_follow_the_stages_given_and_resume_takes_nothing_else(capsys):
 
 
 def test_overwrite_removes_only_a_run_folder(tmp_path):
-    import runner
+    from machinery.run import setup
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep")
     cfg = parse_args(TINY + ["--runs", str(tmp_path), "--name", "notes", "--overwrite"])
-    runner.setup(cfg)
+    setup(cfg)
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep"  # not a run: left as is

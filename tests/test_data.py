@@ -1,316 +1,203 @@
-"""Data: both layouts, every image mode, clear errors, the cache, batches and augmentation."""
-import os
+"""Device batches and fastai v1's augmentation: one pass per epoch, the parameters' laws over
+many draws, the geometry against fastai v1's own formulas, and crops in training and evaluation.
+"""
+import math
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import data
-import films
-import phantom
-
-SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cxr-sample")
+import data as B
 
 
-def write_image(path, mode, size=(40, 30)):
-    """A small test image in the given PIL mode, with a left-to-right gradient."""
-    g = np.tile(np.linspace(0, 1, size[0]), (size[1], 1))
-    if mode == "I;16":
-        img = Image.fromarray((g * 4095).astype(np.uint16))  # 12 bits used, as many DICOMs
-    elif mode == "RGBA":
-        a = np.dstack([(g * 255).astype(np.uint8)] * 3 + [np.full(g.shape, 255, np.uint8)])
-        a[:, :5, 3] = 0  # a transparent strip on the left
-        img = Image.fromarray(a, "RGBA")
-    else:
-        img = Image.fromarray((g * 255).astype(np.uint8)).convert(mode)
-    img.save(path)
+def test_batches_one_pass_per_epoch_and_balance():
+    imgs = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 4, 4).clone()
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    train = B.Batches(imgs, labels, 3, 4, seed=1)
+    batches = list(train)
+    assert len(batches) == len(train) == 3  # the partial last batch is dropped
+    assert all(x.shape == (3, 3, 4, 4) and x.dtype == torch.float32 for x, _ in batches)
+    seen = [int(round((x[i, 0, 0, 0] * B.STD[0] + B.MEAN[0]).item() * 255))
+            for x, _ in batches for i in range(3)]
+    assert len(set(seen)) == 9  # no image twice in one pass
+    assert [b[0].sum() for b in batches] != [b[0].sum() for b in train]  # reshuffled
+    balanced = B.Batches(imgs, labels, 10, 4, balance=True, seed=0)
+    ys = torch.cat([y for _ in range(50) for _, y in balanced])
+    assert 0.4 < ys.float().mean().item() < 0.6  # the 20% class drawn half the time
 
 
-def make_covidx(root, n=6, columns=4):
-    """A COVIDx-style folder: train/, test/, train.txt, test.txt; two classes."""
-    for split in ("train", "test"):
-        os.makedirs(root / split)
-        with open(root / f"{split}.txt", "w") as f:
-            for i in range(n):
-                name = f"{split}{i}.png"
-                write_image(root / split / name, "L")
-                label = ["normal", "COVID-19"][i % 2]
-                f.write(f"{split}-p{i // 2} {name} {label}" + (" src" if columns == 4 else "")
-                        + "\n")
+def test_no_augmentation_is_identity_and_normalisation_is_imagenet():
+    imgs = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    x, y = next(iter(B.Batches(imgs, torch.arange(4), 4, 8)))  # no aug given; y: which image
+    for c in range(3):
+        expect = (imgs[y, 0].float() / 255 - B.MEAN[c]) / B.STD[c]
+        assert torch.allclose(x[:, c], expect, atol=1e-6)
+    cl = B.normalize(imgs.float() / 255, channels_last=True)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("columns", [3, 4])
-def test_covidx_layout(tmp_path, columns):
-    make_covidx(tmp_path, columns=columns)
-    classes, splits = data.load_dataset(str(tmp_path))
-    assert classes == ["COVID-19", "normal"]  # from the data, sorted
-    assert len(splits["train"]) == 6 and len(splits["test"]) == 6
-    assert splits["train"].labels[:2] == [1, 0]
-    assert splits["train"].paths[0] == os.path.join(str(tmp_path), "train", "train0.png")
-    assert splits["train"].sources[0] == ("src" if columns == 4 else "")
-    px = films.load_pixels(splits["train"], [16, 24])
-    assert px.images[16].shape == (6, 1, 16, 16) and px.images[24].dtype == np.uint8
+def test_augmentation_invariants():
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    y = B.Augment()(x, gen)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert y.min() >= 0 and y.max() <= 1
+    assert not torch.allclose(x, y)
+    same = B.Augment(rotate=0, zoom=1.0, warp=0, lighting=0, flip=False)(x, gen)
+    assert torch.equal(same, x)  # the identity transform resamples exactly
+    a = B.Augment()(x, torch.Generator().manual_seed(3))
+    b = B.Augment()(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)  # reproducible from the seed
 
 
-def test_crop_mode_stores_the_films_larger_with_their_shapes(tmp_path):
-    make_covidx(tmp_path)  # 40x30 films: 4:3
-    write_image(tmp_path / "train" / "train1.png", "L", size=(30, 45))  # a 2:3 portrait
-    _, splits = data.load_dataset(str(tmp_path))
-    squish = films.load_pixels(splits["train"], [16])
-    assert squish.images[16].shape == (6, 1, 16, 16)
-    assert squish.hw.tolist() == pytest.approx([0.75, 1.5, 0.75, 0.75, 0.75, 0.75])
-    crop = films.load_pixels(splits["train"], [16, 24], str(tmp_path / "cache"), "crop")
-    # the longest aspect ratio, 1.5, sets the square: a crop window keeps 16 px of detail
-    assert crop.images[16].shape == (6, 1, 24, 24) and crop.images[24].shape == (6, 1, 36, 36)
-    assert torch.equal(crop.hw, squish.hw)
-    assert films.stored_size(100, "crop", 3.0) == 150  # longer films: at most 1.5x
-    again = films.load_pixels(splits["train"], [16, 24], str(tmp_path / "cache"), "crop")
-    assert np.array_equal(again.images[24], crop.images[24])  # from the cache, keyed by mode
-    assert len(os.listdir(tmp_path / "cache")) == 3
+def test_each_transform_draws_its_own_coin_over_many_images():
+    n = 20000
+    p = B.Augment().draw(n, torch.Generator().manual_seed(0), "cpu")
+    off = {"flip": ~p["flip"], "warp": (p["warp"] == 0).all(1), "rotate": p["angle"] == 0,
+           "zoom": p["zoom"] == 1, "brightness": p["brightness"] == 0.5,
+           "contrast": p["contrast"] == 1}
+    rate = {k: v.float().mean().item() for k, v in off.items()}
+    assert rate["flip"] == pytest.approx(0.5, abs=0.015)
+    for k in ("warp", "rotate", "zoom", "brightness", "contrast"):  # p 0.75 each
+        assert rate[k] == pytest.approx(0.25, abs=0.015), k
+    for a in off:  # independent coins: the joint rate is the product of the two
+        for b in off:
+            if a < b:
+                joint = (off[a] & off[b]).float().mean().item()
+                assert joint == pytest.approx(rate[a] * rate[b], abs=0.01), (a, b)
+    # one coin per transform leaves 1.6% of images with no geometric change at all (a single
+    # coin for all geometry, as this repository once had, would leave 25%)
+    geometry_off = (off["warp"] & off["rotate"] & off["zoom"]).float().mean().item()
+    assert geometry_off == pytest.approx(0.25 ** 3, abs=0.005)
 
 
-def test_split_files_of_other_covidx_versions(tmp_path):
-    make_covidx(tmp_path)
-    os.rename(tmp_path / "train.txt", tmp_path / "train_COVIDx9A.txt")
-    os.rename(tmp_path / "test.txt", tmp_path / "test_COVIDx9A.txt")
-    assert data.find_split_files(str(tmp_path))[0].endswith("train_COVIDx9A.txt")
-    os.rename(tmp_path / "train_COVIDx9A.txt", tmp_path / "train_split.txt")
-    os.rename(tmp_path / "test_COVIDx9A.txt", tmp_path / "test_split.txt")
-    assert data.find_split_files(str(tmp_path))[1].endswith("test_split.txt")
-    # named by the user, with all images in one folder
-    os.makedirs(tmp_path / "all")
-    for s in ("train", "test"):
-        for f in os.listdir(tmp_path / s):
-            os.rename(tmp_path / s / f, tmp_path / "all" / f)
-    classes, splits = data.load_dataset(str(tmp_path), "train_split.txt", "test_split.txt",
-                                        image_dir=str(tmp_path / "all"))
-    assert len(splits["test"]) == 6 and os.path.isfile(splits["test"].paths[0])
+def test_parameter_ranges_and_laws():
+    n = 20000
+    p = B.Augment().draw(n, torch.Generator().manual_seed(1), "cpu")
+    w = p["warp"][(p["warp"] != 0).all(1)]  # four corner magnitudes, uniform in +-0.2 each
+    assert w.min() >= -0.2 and w.max() <= 0.2 and w.min() < -0.199 and w.max() > 0.199
+    assert w.mean().abs() < 0.005 and w.var().item() == pytest.approx(0.2 ** 2 / 3, rel=0.05)
+    assert np.abs(np.corrcoef(w.T.numpy()) - np.eye(4)).max() < 0.03  # four independent
+    z = p["zoom"][p["zoom"] != 1]
+    assert z.min() >= 1 and z.max() <= 1.1 and z.mean().item() == pytest.approx(1.05, abs=0.002)
+    a = p["angle"][p["angle"] != 0]
+    assert a.abs().max() <= 10 and a.abs().max() > 9.99 and a.var().item() == pytest.approx(
+        100 / 3, rel=0.05)
+    b = p["brightness"][p["brightness"] != 0.5]
+    assert b.min() >= 0.4 and b.max() <= 0.6
+    c = p["contrast"][p["contrast"] != 1].log()
+    assert c.min() >= math.log(0.8) - 1e-6 and c.max() <= math.log(1.25) + 1e-6
+    assert c.var().item() == pytest.approx(math.log(1.25) ** 2 / 3, rel=0.05)  # log-uniform
+    for k in ("zoom_at", "crop_at"):
+        assert p[k].min() >= 0 and p[k].max() <= 1 and p[k].mean().item() == pytest.approx(
+            0.5, abs=0.01)
 
 
-def test_image_folder_layouts(tmp_path):
-    for split in ("train", "test"):
-        for cls in ("normal", "pneumonia"):
-            os.makedirs(tmp_path / split / cls)
-            for i in range(3):
-                write_image(tmp_path / split / cls / f"{cls}{i}.png", "L")
-    (tmp_path / "train" / "normal" / "notes.txt").write_text("not an image")
-    classes, splits = data.load_dataset(str(tmp_path))
-    assert classes == ["normal", "pneumonia"]
-    assert len(splits["train"]) == 6 and splits["train"].labels == [0, 0, 0, 1, 1, 1]
-    # flat root/<class>/: a fifth of the patients become the test split
-    flat = tmp_path / "train"
-    classes, splits = data.load_dataset(str(flat))
-    assert len(splits["train"]) + len(splits["test"]) == 6 and len(splits["test"]) >= 1
-    assert not set(splits["train"].paths) & set(splits["test"].paths)
+def test_crop_offsets_span_the_slack_in_training_and_are_centred_in_evaluation():
+    n = 20000
+    gen = torch.Generator().manual_seed(2)
+    hw = torch.tensor([0.5, 2.0, 1.0]).repeat(n // 2)[:n]  # landscape 2:1, portrait 1:2, square
+    at = B.Augment().draw(n, gen, "cpu")["crop_at"]
+    C = B.crop_matrix(hw, at)
+    land, port, sq = C[hw == 0.5], C[hw == 2.0], C[hw == 1.0]
+    assert torch.allclose(land[:, 0, 0], torch.tensor(0.5)) and (land[:, 1, 1] == 1).all()
+    tx = land[:, 0, 2]  # the window's centre: anywhere the 2:1 film leaves room for it
+    assert tx.min() >= -0.5 and tx.max() <= 0.5 and tx.min() < -0.49 and tx.max() > 0.49
+    assert (land[:, 1, 2] == 0).all()  # the short axis is taken whole
+    assert port[:, 1, 2].abs().max() > 0.49 and (port[:, 0, 2] == 0).all()
+    assert (sq[:, :2, 2] == 0).all()  # a square film has no slack
+    centre = B.crop_matrix(hw, torch.full((n, 2), 0.5))
+    assert (centre[:, :2, 2] == 0).all()  # evaluation: the centre crop
+    assert torch.equal(B.crop_matrix(None, at)[0], torch.eye(3))  # squish: no crop
 
 
-@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "LA", "CMYK"])
-def test_every_image_mode_decodes_to_gray(tmp_path, mode):
-    ext = ".jpg" if mode == "CMYK" else ".png"
-    path = tmp_path / f"img{ext}"
-    write_image(path, mode)
-    dims, out = films.decode(str(path), [20, 10])
-    assert dims == (40, 30) and [a.shape for a in out] == [(20, 20), (10, 10)]
-    assert all(a.dtype == np.uint8 for a in out)
-    a = out[0].astype(int)
-    assert a[:, -1].mean() > 200 and a[:, 5].mean() < 80  # the gradient survives
-    if mode == "I;16":  # 12-bit data stretched to the full 8-bit range
-        assert a.max() >= 250 and a.min() <= 5
-    if mode == "RGBA":  # transparent pixels are black
-        assert a[:, 0].max() == 0
+def test_crop_takes_the_right_window_of_the_film():
+    # A 3:2 landscape film stored squished to 24x24: pixel value = its column in the film
+    film = torch.linspace(0, 1, 24).view(1, 1, 1, 24).expand(1, 1, 24, 24)
+    hw = torch.tensor([2 / 3])
+    at = lambda x: torch.tensor([[x, 0.5]])
+    left = B.sample(film, B.crop_matrix(hw, at(0.0)), 16)
+    right = B.sample(film, B.crop_matrix(hw, at(1.0)), 16)
+    assert left.shape == (1, 1, 16, 16)
+    assert left.max() < 0.7 and left.min() < 0.02  # the left 2/3 of the film
+    assert right.min() > 0.3 and right.max() > 0.98  # the right 2/3
+    centre = B.view(film, 16, hw)
+    assert centre.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert centre[..., 0].mean() > 0.15 and centre[..., -1].mean() < 0.85  # 1/6 cut each side
+    assert torch.equal(B.view(film, 24), film)  # squished films are seen whole
 
 
-def test_jpeg_16bit_and_rgba_through_load_pixels(tmp_path):
-    make_covidx(tmp_path)
-    write_image(tmp_path / "train" / "train0.png", "I;16")
-    write_image(tmp_path / "train" / "train1.png", "RGBA")
-    classes, splits = data.load_dataset(str(tmp_path))
-    px = films.load_pixels(splits["train"], [8]).images[8]
-    assert px.shape == (6, 1, 8, 8) and px[0].max() > 200
+def fastai_v1_coords(W, H, S, p):
+    """fastai v1's sampling coordinates for one film, written out from its source
+    (vision/image.py: apply_tfms, _affine_mult; vision/transform.py: _symmetric_warp,
+    _find_coeffs, _rotate, _zoom, _flip_lr, _crop_pad_default), in pixels of the resized film.
+    Its grid puts the edge pixels' centres at -1 and 1 (_affine_grid: linspace(-1, 1, W))."""
+    ys, xs = np.meshgrid(np.linspace(-1, 1, H), np.linspace(-1, 1, W), indexing="ij")
+    flow = np.stack([xs, ys], -1).reshape(-1, 2)  # _affine_grid of the resized film
+    m = p["warp"]
+    orig = [[-1, -1], [-1, 1], [1, -1], [1, 1]]
+    targ = [[-1 - m[3], -1 - m[1]], [-1 - m[2], 1 + m[1]], [1 + m[3], -1 - m[0]],
+            [1 + m[2], 1 + m[0]]]
+    A, b = [], []
+    for p1, p2 in zip(targ, orig):  # _find_coeffs(_orig_pts, targ_pts)
+        A.append([p1[0], p1[1], 1, 0, 0, 0, -p2[0] * p1[0], -p2[0] * p1[1]])
+        A.append([0, 0, 0, p1[0], p1[1], 1, -p2[1] * p1[0], -p2[1] * p1[1]])
+        b += p2
+    c = np.append(np.linalg.solve(np.array(A, float), np.array(b, float)), 1).reshape(3, 3)
+    f = np.concatenate([flow, np.ones((len(flow), 1))], 1) @ c.T  # _apply_perspective
+    flow = f[:, :2] / f[:, 2:]
+    a = math.radians(p["angle"])
+    R = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    s = p["zoom"]
+    Z = np.array([[1 / s, 0, (1 - 1 / s) * (2 * p["zoom_at"][0] - 1)],
+                  [0, 1 / s, (1 - 1 / s) * (2 * p["zoom_at"][1] - 1)], [0, 0, 1]])
+    M = R @ Z  # affine_mat @ rotate, then @ zoom (the order of get_transforms)
+    M[0, 1] *= H / W
+    M[1, 0] *= W / H
+    flow = (flow @ M[:2, :2].T + M[:2, 2]).reshape(H, W, 2)
+    if p["flip"]:  # flip_lr on the resampled pixels
+        flow = flow[:, ::-1]
+    row = int((H - S + 1) * p["crop_at"][1])  # _crop_default
+    col = int((W - S + 1) * p["crop_at"][0])
+    flow = flow[row:row + S, col:col + S]
+    return (flow + 1) / 2 * np.array([W - 1, H - 1])  # edge pixel centres at +-1 -> pixels
 
 
-def test_missing_and_corrupt_files_are_named(tmp_path):
-    make_covidx(tmp_path)
-    os.remove(tmp_path / "train" / "train3.png")
-    with pytest.raises(data.DataError, match=r"1 listed images are missing.*:\n.*train3.png"):
-        data.load_dataset(str(tmp_path))
-    write_image(tmp_path / "train" / "train3.png", "L")
-    classes, splits = data.load_dataset(str(tmp_path))
-    (tmp_path / "train" / "train4.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.raises(data.DataError, match=r"1 images could not be read.*:\n.*train4.png"):
-        films.load_pixels(splits["train"], [8])
-    with pytest.raises(data.DataError, match="could not be read"):  # the cache half built
-        films.load_pixels(splits["train"], [8], cache_dir=str(tmp_path / "cache"))
-    assert os.listdir(tmp_path / "cache") == []  # as the films came: removed, nothing cached
+@pytest.mark.parametrize("W,H,flip", [(300, 200, False), (300, 200, True), (200, 300, True),
+                                      (200, 200, False)])
+def test_geometry_matches_fastai_v1_formulas(W, H, flip):
+    S = min(W, H)
+    p = {"warp": [0.15, -0.1, 0.05, -0.2], "angle": 8.0, "zoom": 1.08, "zoom_at": [0.3, 0.8],
+         "flip": flip, "crop_at": [0.4, 0.4]}  # 0.4 x 100 px of slack: a whole pixel
+    ref = fastai_v1_coords(W, H, S, p)
+    t = {k: torch.tensor([v]) for k, v in p.items()}
+    H3 = B.film_matrix(t, torch.tensor([H / W]))[0].double()
+    u = (torch.arange(S, dtype=torch.float64) * 2 + 1) / S - 1  # output pixel centres
+    ys, xs = torch.meshgrid(u, u, indexing="ij")
+    g = torch.stack([xs, ys, torch.ones_like(xs)], -1) @ H3.T
+    ours = (g[..., :2] / g[..., 2:] + 1) / 2 * torch.tensor([W, H]) - 0.5  # align_corners=False
+    # the two pixel conventions differ by up to half a pixel at the film's edges
+    assert np.abs(ours.numpy() - ref).max() < 1.0
+    p_moved = dict(p, angle=-8.0)  # any change of the geometry is seen
+    assert np.abs(fastai_v1_coords(W, H, S, p_moved) - ref).max() > 5
 
 
-def test_malformed_line_is_reported_with_its_number(tmp_path):
-    make_covidx(tmp_path)
-    with open(tmp_path / "train.txt", "a") as f:
-        f.write("only-two fields\n")
-    with pytest.raises(data.DataError, match="line 7: 'only-two fields'"):
-        data.load_dataset(str(tmp_path))
+def test_lighting_is_brightness_then_contrast_in_logit_space():
+    x = torch.tensor([0.2, 0.5, 0.9]).view(3, 1, 1, 1)
+    b, c = torch.tensor([0.6, 0.4, 0.5]), torch.tensor([1.2, 0.8, 1.0])
+    logit = lambda v: math.log(v / (1 - v))
+    expect = [1 / (1 + math.exp(-(logit(v) + logit(bb)) * cc))
+              for v, bb, cc in zip([0.2, 0.5, 0.9], b.tolist(), c.tolist())]
+    assert B.lighting(x, b, c).flatten().tolist() == pytest.approx(expect, abs=1e-6)
+    assert torch.allclose(B.lighting(x, torch.full((3,), 0.5), torch.ones(3)), x, atol=1e-6)
 
 
-def test_patient_in_train_and_test_is_an_error_unless_allowed(tmp_path):
-    make_covidx(tmp_path)
-    with open(tmp_path / "test.txt", "a") as f:
-        f.write("train-p0 extra.png normal src\n")
-    write_image(tmp_path / "test" / "extra.png", "L")
-    with pytest.raises(data.DataError, match="train-p0.*--allow-patient-overlap"):
-        data.load_dataset(str(tmp_path))
-    data.load_dataset(str(tmp_path), allow_patient_overlap=True)
-
-
-def test_a_test_label_that_train_lacks_is_an_unknown_label(tmp_path):
-    make_covidx(tmp_path)
-    with open(tmp_path / "test.txt", "a") as f:
-        f.write("new-p new.png pneumonia src\n")
-    write_image(tmp_path / "test" / "new.png", "L")
-    with pytest.raises(data.DataError, match=r"1 test labels that train does not have .a typo"
-                       r".*:\n    pneumonia \(1 images\)") as e:
-        data.load_dataset(str(tmp_path))
-    assert "classes with no images" not in str(e.value)
-    classes, _ = data.load_dataset(str(tmp_path), allow_missing_class=True)
-    assert classes == ["COVID-19", "normal", "pneumonia"]
-
-
-def test_an_empty_data_set_is_named(tmp_path):
-    make_covidx(tmp_path)
-    open(tmp_path / "train.txt", "w").close()
-    with pytest.raises(data.DataError, match=r"not usable:\n  the train split is empty$"):
-        data.load_dataset(str(tmp_path))
-
-
-def test_an_empty_class_folder_is_a_class_with_no_images(tmp_path):
-    for split in ("train", "test"):
-        for cls in ("COVID-19", "normal"):
-            os.makedirs(tmp_path / split / cls)
-            if (split, cls) != ("test", "COVID-19"):
-                write_image(tmp_path / split / cls / "a.png", "L")
-    with pytest.raises(data.DataError, match="COVID-19: none in test .its sensitivity"):
-        data.load_dataset(str(tmp_path))
-    classes, splits = data.load_dataset(str(tmp_path), allow_missing_class=True)
-    assert classes == ["COVID-19", "normal"] and splits["test"].labels == [1]
-
-
-@pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="../shared/data/cxr-sample absent")
-def test_subtypes_that_leave_a_class_empty_are_reported(tmp_path):
-    with open(tmp_path / "subtype.csv", "w") as f:  # every pneumonia is bacterial
-        f.write("filename,subtype\n" + "".join(
-            f"{line.split()[1]},bacterial\n" for split in ("train", "test")
-            for line in open(os.path.join(SAMPLE, f"{split}.txt")) if "pneumonia" in line))
-    with pytest.raises(data.DataError, match=r"viral: none in train or test"):
-        data.load_dataset(SAMPLE, subtypes=str(tmp_path / "subtype.csv"))
-
-
-def test_cache_is_reused_and_never_written_beside_the_data(tmp_path, monkeypatch):
-    make_covidx(tmp_path / "d")
-    before = sorted(os.listdir(tmp_path / "d"))
-    classes, splits = data.load_dataset(str(tmp_path / "d"))
-    first = films.load_pixels(splits["train"], [8, 12], cache_dir=str(tmp_path / "cache"))
-    assert len(os.listdir(tmp_path / "cache")) == 3  # one file per size, one of image sizes
-    assert sorted(os.listdir(tmp_path / "d")) == before
-
-    def no_decoding(*a, **k):
-        raise AssertionError("decoded although cached")
-    monkeypatch.setattr(films, "decode", no_decoding)
-    second = films.load_pixels(splits["train"], [8, 12], cache_dir=str(tmp_path / "cache"))
-    assert np.array_equal(first.images[12], second.images[12])
-    assert torch.equal(first.hw, second.hw)
-    # a rewritten image invalidates the cache
-    write_image(tmp_path / "d" / "train" / "train2.png", "RGB", size=(50, 50))
-    os.utime(tmp_path / "d" / "train" / "train2.png", ns=(1, 1))
-    with pytest.raises(AssertionError, match="decoded although cached"):
-        films.load_pixels(splits["train"], [8], cache_dir=str(tmp_path / "cache"))
-
-
-def test_split_patients_keeps_patients_whole_and_classes_balanced():
-    patients = [f"p{i // 4}" for i in range(200)]  # 50 patients with 4 films each
-    items = data.Items(labels=[int(p[1:]) % 2 for p in patients], patients=patients)
-    tr, va = data.split_patients(items, 0.1, seed=0)
-    assert sorted(tr + va) == list(range(200))
-    assert not {items.patients[i] for i in tr} & {items.patients[i] for i in va}
-    for c in (0, 1):
-        n_val = sum(items.labels[i] == c for i in va)
-        assert 8 <= n_val <= 16  # ~10% of each class's 100 images, in whole patients
-
-
-def test_phantoms_are_deterministic_and_have_four_classes():
-    c1, s1 = data.load_dataset("phantom", n_phantoms=40, seed=1)
-    _, s1b = data.load_dataset("phantom", n_phantoms=40, seed=1)
-    _, s2 = data.load_dataset("phantom", n_phantoms=40, seed=2)
-    assert c1 == phantom.CLASSES and len(c1) == 4
-    assert np.array_equal(s1["train"].pixels, s1b["train"].pixels)
-    assert not np.array_equal(s1["train"].pixels, s2["train"].pixels)
-    assert not set(s1["train"].patients) & set(s1["test"].patients)
-    px = films.load_pixels(s1["test"], [16, 24])
-    assert px.images[24].shape == (40, 1, 24, 24) and px.images[24].dtype == np.uint8
-    assert torch.equal(px.hw, torch.ones(40))  # phantoms are square
-    for c in phantom.CLASSES:  # any size, every class (bench.py writes them at 512 and 1024)
-        assert phantom.render(c, np.random.default_rng(0), 100).shape == (100, 100)
-
-
-@pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="../shared/data/cxr-sample absent")
-def test_real_sample_three_and_four_classes():
-    classes, splits = data.load_dataset(SAMPLE)
-    assert classes == ["COVID-19", "normal", "pneumonia"]
-    assert len(splits["train"]) == 192 and len(splits["test"]) == 47
-    classes, splits = data.load_dataset(SAMPLE, subtypes=os.path.join(SAMPLE, "subtype.csv"))
-    assert classes == ["COVID-19", "bacterial", "normal", "viral"]
-    assert len(splits["train"]) < 192  # pneumonia films of unknown kind are left out
-
-
-def test_all_problems_of_a_data_set_in_one_message(tmp_path):
-    make_covidx(tmp_path, n=30)
-    with open(tmp_path / "train.txt", "a") as f:
-        f.write("only-two fields\n")
-        f.write("train-p9 train1.png normal src\n")  # the same file a second time
-    with open(tmp_path / "test.txt", "a") as f:
-        f.write("a b c d e\n")
-        f.write("train-p3 extra.png pneumonia src\n")  # a new label; a train patient
-    for i in range(12):
-        os.remove(tmp_path / "train" / f"train{i + 2}.png")
-    (tmp_path / "train" / "train20.png").write_bytes(b"garbage")
-    (tmp_path / "test" / "test5.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    problems = data.Problems()
-    classes, splits = data.load_dataset(str(tmp_path), problems=problems)
-    assert len(problems) == 5 and len(splits["train"]) == 30 + 1 - 12  # missing left out
-    assert films.load_pixels(splits["train"], [8], problems=problems) is None
-    assert films.load_pixels(splits["test"], [8], problems=problems) is None
-    with pytest.raises(data.DataError) as e:
-        problems.check()
-    msg = str(e.value)
-    assert msg.startswith("the data set is not usable:\n  2 malformed lines")
-    assert "train.txt line 31: 'only-two fields'" in msg and "test.txt line 31" in msg
-    assert "1 test labels that train does not have" in msg and "pneumonia (1 images)" in msg
-    assert "1 files listed more than once" in msg and "train1.png" in msg
-    assert "1 patients are in both train and test (e.g. train-p3)" in msg
-    assert "13 listed images are missing" in msg and "train2.png" in msg  # in listed order
-    assert msg.count("train1") >= 1 and "\n    ..." in msg  # the first ten, then ...
-    assert "1 images could not be read" in msg and "train20.png" in msg
-    assert "test5.png (" in msg
-
-
-def test_images_smaller_than_the_stage_size_are_upscaled_with_a_warning(tmp_path, capsys):
-    make_covidx(tmp_path)  # 40 x 30 images
-    write_image(tmp_path / "train" / "train0.png", "L", size=(300, 260))
-    classes, splits = data.load_dataset(str(tmp_path))
-    for _ in range(2):  # decoded, then from the cache: the warning comes both times
-        px = films.load_pixels(splits["train"], [64, 256], cache_dir=str(tmp_path / "cache"))
-        assert px.images[256].shape == (6, 1, 256, 256)
-        out = capsys.readouterr().out
-        assert "warning: 5 of 6 images are smaller than 256 px" in out and "(40x30)" in out
-    films.load_pixels(splits["train"], [24])
-    assert "smaller" not in capsys.readouterr().out
-
-
-def test_non_image_files_in_an_image_folder_are_skipped_with_a_warning(tmp_path, capsys):
-    for split in ("train", "test"):
-        os.makedirs(tmp_path / split / "normal")
-        write_image(tmp_path / split / "normal" / "a.png", "L")
-        (tmp_path / split / "normal" / "Thumbs.db").write_bytes(b"x")
-    classes, splits = data.load_dataset(str(tmp_path))
-    assert len(splits["train"]) == 1
-    assert "skipped 1 files that are not images" in capsys.readouterr().out
+def test_batches_crop_films_without_augmentation_in_the_centre():
+    film = torch.linspace(0, 255, 24).round().to(torch.uint8).view(1, 1, 1, 24).expand(
+        4, 1, 24, 24).contiguous()
+    hw = torch.full((4,), 2 / 3)
+    x, _ = next(iter(B.Batches(film, torch.arange(4), 4, 16, hw=hw)))
+    assert x.shape == (4, 3, 16, 16)
+    raw = x[:, 0] * B.STD[0] + B.MEAN[0]
+    assert torch.allclose(raw, B.view(film.float() / 255, 16, hw)[:, 0], atol=1e-6)

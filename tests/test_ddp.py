@@ -12,17 +12,18 @@ import pytest
 import torch
 
 import evaluate
-import films
 import train
-from batches import Augment, Batches, HostImages
-from config import parse_args
-from data import load_dataset
+from data import Augment, Batches
+from machinery import films
+from machinery.config import parse_args
+from machinery.datasets import load_dataset
+from machinery.hostmem import HostImages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "..", "shared", "data", "cxr-sample")
 # Tiny phantom runs: both LR finders, one-cycle and evaluation, a few seconds per process.
 # --ps 0: the head's dropout draws its masks per process, so 2 ranks could never draw what
-# one process draws; without it every random draw of the run is shared (batches.py).
+# one process draws; without it every random draw of the run is shared (data.py).
 TINY = ["--demo", "--stages", "32", "--frozen-epochs", "1", "--unfrozen-epochs", "2",
         "--phantoms", "128", "--lr-find-steps", "6", "--ps", "0"]
 
@@ -93,7 +94,7 @@ COLLECTIVES = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import torch
-import ddp
+from machinery import ddp
 ddp.init("cpu")
 r = ddp.rank()
 for n in (1, 3, 8):  # fewer rows than ranks: rank 1 has none, and gathers all the same
@@ -105,11 +106,10 @@ assert ddp.all_objects({"rank": r}) == [{"rank": 0}, {"rank": 1}]
 ddp.seed_rank(5)
 draws = ddp.all_objects(torch.rand(3))
 assert not torch.equal(draws[0], draws[1])  # each rank its own dropout masks
-def rank0_only():
-    if r == 0:
-        raise SystemExit("the run folder is full")
 try:
-    ddp.each(rank0_only)
+    with ddp.fail_together():
+        if ddp.main():
+            raise SystemExit("the run folder is full")
 except SystemExit as e:
     print(f"rank {r} stopped: {e}", force=True)
 ddp.close()
@@ -117,7 +117,7 @@ ddp.close()
 
 
 def test_collectives_for_uneven_shards_and_a_failure_of_rank_0_alone(tmp_path):
-    """gather_rows when a rank has no rows; each(): what fails on rank 0 alone stops every
+    """gather_rows when a rank has no rows; fail_together(): what fails on rank 0 alone stops every
     rank with rank 0's message (rather than leaving rank 1 at its next collective)."""
     script = tmp_path / "collectives.py"
     script.write_text(COLLECTIVES)

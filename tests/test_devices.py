@@ -9,11 +9,9 @@ import threading
 import pytest
 import torch
 
-import checkpoint
-import devices
-import films
-from batches import Batches
-from model import build_model, class_logits
+from data import Batches, eval_batches, normalize, view
+from machinery import checkpoint, devices, films
+from model import autocast, build_model, class_logits, make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -27,9 +25,11 @@ def test_precision_and_layout_are_knobs_whose_defaults_follow_the_device():
     assert devices.channels_last(cuda, "auto") and not devices.channels_last(cuda, "off")
     with pytest.raises(SystemExit, match="--precision fp16: choose one of auto, bf16, fp32"):
         devices.precision(CPU, "fp16")
-    with devices.autocast(CPU, torch.bfloat16):
+    with autocast(CPU, torch.bfloat16):
         assert (torch.randn(4, 4) @ torch.randn(4, 4)).dtype is torch.bfloat16
-    opt = devices.adamw([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
+    with autocast(CPU, None):
+        assert (torch.randn(4, 4) @ torch.randn(4, 4)).dtype is torch.float32
+    opt = make_optimizer(build_model(2, "none", "resnet18"), verbose=False)
     assert opt.defaults["fused"]  # the CPU has a fused AdamW since torch 2.4
 
 
@@ -37,11 +37,11 @@ def test_logits_are_fp32_under_bf16_autocast():
     torch.manual_seed(0)
     model = build_model(4, "none", "resnet18").eval().to(memory_format=torch.channels_last)
     films_u8 = torch.randint(0, 256, (6, 1, 40, 40), dtype=torch.uint8)
-    logits = class_logits(model, model, films_u8, 32, amp=torch.bfloat16, channels_last=True)
+    logits = class_logits(model, model, eval_batches(films_u8, 32, channels_last=True),
+                          torch.bfloat16)
     assert logits.dtype is torch.float32
     # not bf16 values cast up: the head ran in fp32 (bf16 keeps 8 bits of mantissa)
     assert (logits != logits.bfloat16().float()).any()
-    from batches import normalize, view
     x = normalize(view(films_u8.float() / 255, 32), True)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         features = model.body(x)
@@ -99,10 +99,10 @@ def test_an_epochs_batches_depend_on_seed_and_epoch_alone():
 
 class _Run:
     def __init__(self):
-        from config import Config
+        from machinery.config import Config
         torch.manual_seed(0)
         self.model = torch.nn.Linear(3, 2)
-        self.opt = devices.adamw(self.model.parameters(), lr=0.1)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.1, fused=True)
         self.classes, self.cfg, self.device = ["a", "b"], Config(), CPU
 
     def train_step(self):
@@ -191,7 +191,7 @@ def test_process_pools_start_from_a_forkserver_that_preloads_torch_and_films():
         assert pool._mp_context.get_start_method() == "forkserver"
         assert list(pool.map(films.stored_size, [64, 64], ["crop", "squish"], [1.5, 1.5])) == \
             [96, 64]  # a films function, run in a worker
-    assert "films" in multiprocessing.forkserver._forkserver._preload_modules
+    assert "machinery.films" in multiprocessing.forkserver._forkserver._preload_modules
     assert ROOT in os.environ["PYTHONPATH"].split(os.pathsep)  # the server finds films
 
 
@@ -200,12 +200,12 @@ def test_optimizer_state_takes_its_parameters_layout_when_loaded():
     CUDA's fused AdamW needs each moment in its parameter's layout."""
     torch.manual_seed(0)
     nchw = torch.nn.Conv2d(3, 4, 3)
-    opt = devices.adamw(nchw.parameters(), lr=0.1)
+    opt = torch.optim.AdamW(nchw.parameters(), lr=0.1, fused=True)
     nchw(torch.randn(2, 3, 8, 8)).sum().backward()
     opt.step()
     nhwc = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
     nhwc.load_state_dict(nchw.state_dict())
-    opt2 = devices.adamw(nhwc.parameters(), lr=0.1)
+    opt2 = torch.optim.AdamW(nhwc.parameters(), lr=0.1, fused=True)
     checkpoint.load_optimizer(opt2, opt.state_dict())
     w = nhwc.weight
     assert w.is_contiguous(memory_format=torch.channels_last)
@@ -240,9 +240,10 @@ def test_resume_on_the_cpu_of_a_run_saved_on_a_gpu(tmp_path):
 def test_an_inductor_compiled_step_in_bf16_and_channels_last(tmp_path):
     """Inductor generates kernels here too (C++ on the CPU, Triton on a GPU): the real step
     (bf16 autocast, NHWC, fused AdamW, the fp32 head) through torch.compile, against eager."""
-    import runner
-    from config import parse_args
-    run = runner.setup(parse_args([
+    from machinery.config import parse_args
+    from machinery.run import setup
+    from model import train_step
+    run = setup(parse_args([
         "--data", "phantom", "--phantoms", "40", "--arch", "resnet18", "--weights", "none",
         "--device", "cpu", "--stages", "32", "--precision", "bf16", "--channels-last", "on",
         "--compile", "on", "--cache-dir", "", "--runs", str(tmp_path)]))
@@ -250,7 +251,7 @@ def test_an_inductor_compiled_step_in_bf16_and_channels_last(tmp_path):
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.arange(8) % 4
     run.model.eval()  # no dropout, BN's running statistics: the same function both ways
-    with torch.no_grad(), devices.autocast(CPU, run.amp):
+    with torch.no_grad(), autocast(CPU, run.amp_dtype):
         eager = run.model(x)
         compiled = torch.compile(run.model, dynamic=False)(x)
     assert compiled.dtype is torch.float32
@@ -258,6 +259,6 @@ def test_an_inductor_compiled_step_in_bf16_and_channels_last(tmp_path):
     run.model.train()
     run.forward = torch.compile(run.model, dynamic=False)
     before = run.model.head[-1].weight.detach().clone()
-    losses = [run.step(x, y) for _ in range(2)]
+    losses = [train_step(run.forward, run.opt, x, y, run.amp_dtype) for _ in range(2)]
     assert all(torch.isfinite(loss) and loss.dtype is torch.float32 for loss in losses)
     assert not torch.equal(run.model.head[-1].weight, before)  # the optimizer stepped

@@ -10,9 +10,10 @@ import torchvision
 from PIL import Image
 
 import evaluate
-from batches import Augment
-import phantom
-from model import build_model, load_checkpoint
+from data import Augment
+from machinery import phantom
+from machinery.checkpoint import load_checkpoint
+from model import build_model
 
 
 @pytest.fixture

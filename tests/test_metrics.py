@@ -1,7 +1,7 @@
 """Metrics against hand-computed values, Wilson intervals against published ones."""
 import pytest
 
-from metrics import classification_metrics, format_metrics, roc_auc, roc_curve, wilson
+from machinery.metrics import classification_metrics, format_metrics, roc_auc, roc_curve, wilson
 
 
 def test_wilson_matches_published_values():

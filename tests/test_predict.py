@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import phantom
+from machinery import phantom
 import predict
 from model import build_model
 

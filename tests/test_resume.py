@@ -62,8 +62,8 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path):
 
 
 def test_a_checkpoint_write_that_dies_leaves_the_previous_one_whole(tmp_path, monkeypatch):
-    import checkpoint
-    from config import Config
+    from machinery import checkpoint
+    from machinery.config import Config
     run = type("R", (), {"model": torch.nn.Linear(3, 2), "classes": ["a", "b"],
                          "cfg": Config()})
     path = str(tmp_path / "last.pt")

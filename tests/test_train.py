@@ -10,13 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import lrfind
-import checkpoint
-import model as model_module
-import runner
 import train
-from config import make_stages, parse_args
-from model import build_model
+from machinery import checkpoint
+from machinery.config import make_stages, parse_args
+from machinery.epochs import MetricsLog
+from machinery.run import setup
+from model import build_model, class_logits, train_step
+from train import Phase
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cxr-sample")
 # Small sizes, ResNet-18 and few steps keep each run to a few dozen CPU seconds
@@ -127,22 +129,46 @@ def test_demo_defaults_can_be_overridden_and_data_is_required(capsys):
     assert "--data PATH" in capsys.readouterr().err
 
 
-def test_resolve_lrs_forms():
-    from config import Config
+def test_max_lrs_forms(monkeypatch):
+    from machinery.config import Config
 
-    class R:  # resolve_lrs needs only the optimizer's groups and the config for explicit LRs
+    class R:  # max_lrs needs the optimizer's groups, and the config
         opt = torch.optim.AdamW([{"params": [torch.zeros(1)]} for _ in range(3)])
         cfg = Config()
-    assert train.resolve_lrs(R, None, 32, 0, False, "1e-6:1e-4", "") == pytest.approx(
-        [1e-6, 1e-5, 1e-4])
-    assert train.resolve_lrs(R, None, 32, 0, True, "3e-3", "") == pytest.approx([3e-3] * 3)
+
+    def lrs(name, spec):
+        return train.max_lrs(R, {"train": None}, Phase(0, name, 32, 16, 1, spec, False))
+    monkeypatch.setattr(train, "suggest_lr", lambda *a: 1e-3)  # the LR finder's suggestion
+    assert lrs("unfrozen", "1e-6:1e-4") == pytest.approx([1e-6, 1e-5, 1e-4])
+    assert lrs("frozen", "3e-3") == pytest.approx([3e-3] * 3)
+    assert lrs("frozen", "auto") == pytest.approx([1e-3] * 3)  # fit_one_cycle(lr)
+    assert lrs("unfrozen", "auto") == pytest.approx([1e-4, 1e-4, 1e-3])  # slice(lr)
+    assert lrs("unfrozen", ":1e-2") == lrs("frozen", ":1e-2") == pytest.approx(
+        [1e-3, 1e-3, 1e-2])  # slice(x) as given, frozen or not
     R.cfg = Config(discriminative=False)  # one LR for all groups: the top of the range
-    assert train.resolve_lrs(R, None, 32, 0, False, "1e-6:1e-4", "") == pytest.approx(
-        [1e-4] * 3)
+    assert lrs("unfrozen", "1e-6:1e-4") == pytest.approx([1e-4] * 3)
+    assert lrs("unfrozen", "auto") == lrs("unfrozen", ":1e-3") == pytest.approx([1e-3] * 3)
+    assert lrs("frozen", "1e-6:1e-4") == pytest.approx([1e-6, 1e-5, 1e-4])
+
+
+def test_the_plan_is_data_and_a_resume_is_the_plan_less_what_was_done():
+    cfg = parse_args(["--data", "phantom"])
+    plan = train.make_plan(cfg, make_stages(cfg), 4780, torch.device("cpu"))
+    assert [(p.stage, p.name, p.size, p.epochs, p.lr) for p in plan] == [
+        (0, "frozen", 128, 3, "auto"), (0, "unfrozen", 128, 5, "auto"),
+        (1, "frozen", 224, 3, "auto"), (1, "unfrozen", 224, 5, "auto"),
+        (2, "unfrozen", 229, 25, "1e-6:1e-4")]  # the paper's 41 epochs; stage 3 has no head
+    assert [p.tag for p in plan][:2] == ["s1_128_frozen", "s1_128_unfrozen"]
+    assert not any(p.compiled or p.resumed for p in plan)  # no compilation on the CPU
+    state = {"stage": 1, "phase_name": "unfrozen", "epoch": 2, "lrs": [1e-5, 1e-5, 1e-4]}
+    rest = train.remaining(plan, state)
+    assert [(p.tag, p.first_epoch, p.lrs) for p in rest] == [
+        ("s2_224_unfrozen", 2, [1e-5, 1e-5, 1e-4]), ("s3_229_unfrozen", 0, None)]
+    assert rest[0].resumed and not rest[1].resumed
 
 
 def test_bad_data_stops_before_training_with_one_message(tmp_path):
-    from test_data import make_covidx
+    from test_datasets import make_covidx
     make_covidx(tmp_path / "d")
     (tmp_path / "d" / "test" / "test2.png").write_bytes(b"not a png")  # found by decoding
     os.remove(tmp_path / "d" / "train" / "train4.png")  # found by reading the split file
@@ -164,11 +190,11 @@ def test_bad_data_stops_before_training_with_one_message(tmp_path):
 def test_class_weights_and_balance_options(tmp_path):
     cfg = parse_args(["--data", "phantom", "--phantoms", "64", "--runs", str(tmp_path),
                             "--cache-dir", "", "--class-weights", "--balance"] + TINY)
-    run = runner.setup(cfg, sizes=[32])
+    run = setup(cfg, sizes=[32])
     counts = torch.bincount(torch.tensor(run.items["train"].labels), minlength=4).float()
     expect = counts.sum() / (4 * counts)  # inverse frequency, mean weight 1 over images
     assert torch.allclose(run.loss_weight, expect)
-    batches = runner.train_batches(run, runner.stage_tensors(run, 32), 32, 16, "t")
+    batches = data.train_batches(run, data.stage_films(run, 32)["train"], 32, 16, "t")
     assert batches.balance and len(batches) == len(run.items["train"]) // 16
 
 
@@ -181,16 +207,18 @@ def test_class_logits_every_image_once_in_order():
     def compiled(x):  # stands in for torch.compile(model): any forward that is not the model
         shapes.append(len(x))
         return model(x)
-    logits = model_module.class_logits(model, compiled, images, 32, batch_size=4)
+    logits = class_logits(model, compiled, data.eval_batches(images, 32, batch_size=4,
+                                                             pad=True))
     assert logits.shape == (10, 3) and shapes == [4, 4, 4]  # 4 + 4 + 2, padded: one shape
     with torch.no_grad():
-        direct = model(model_module.normalize(images.float() / 255))
+        direct = model(data.normalize(images.float() / 255))
     assert torch.allclose(logits, direct, atol=1e-4)
-    eager = model_module.class_logits(model, model, images, 32, batch_size=4)  # no padding
-    assert torch.allclose(eager, logits, atol=1e-4)
+    eager = class_logits(model, model, data.eval_batches(images, 32, batch_size=4))
+    assert torch.allclose(eager, logits, atol=1e-4)  # the last batch not padded: the same
     model.train()
-    model_module.class_logits(model, model, images[:2], 32, batch_size=4)
+    class_logits(model, model, data.eval_batches(images[:2], 32, batch_size=4))
     assert model.training  # the model's mode is given back
+    assert class_logits(model, model, data.eval_batches(images[:0], 32)).shape == (0, 3)
 
 
 def test_unwritable_or_full_run_folder_fails_before_training(tmp_path, monkeypatch):
@@ -198,27 +226,31 @@ def test_unwritable_or_full_run_folder_fails_before_training(tmp_path, monkeypat
     blocker.write_text("a file where the runs folder should be")
     args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", ""] + TINY
     with pytest.raises(SystemExit, match="cannot write the run folder"):
-        runner.setup(parse_args(args + ["--runs", str(blocker)]))
+        setup(parse_args(args + ["--runs", str(blocker)]))
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: type("U", (), {"free": 10**6}))
     with pytest.raises(SystemExit, match=r"1 MiB free; the run's checkpoints need about \d+"):
-        runner.setup(parse_args(args + ["--runs", str(tmp_path / "full"), "--name", "x"]))
+        setup(parse_args(args + ["--runs", str(tmp_path / "full"), "--name", "x"]))
     assert not os.path.exists(tmp_path / "full" / "x")
 
 
 def test_a_diverging_phase_stops_and_restores_the_last_good_state(tmp_path, capsys):
-    args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", "", "--runs", str(tmp_path)]
-    run = runner.setup(parse_args(args + TINY))
-    tensors = runner.stage_tensors(run, 32)
+    args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", "", "--runs", str(tmp_path),
+            "--name", "boom"]
+    run = setup(parse_args(args + TINY))
+    films = data.stage_films(run, 32)
+    phase = Phase(0, "unfrozen", 32, 16, 3, "1e30", False)
+    train.start_phase(run, phase, None)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    with open(tmp_path / "log.jsonl", "w") as log:  # an LR of 1e30 overflows at once
-        rows = train.fit(run, tensors, 32, 16, 3, [1e30] * 3, "boom", log,
-                         dict(stage=0, phase_name="unfrozen"))
+    with MetricsLog(run) as log:  # an LR of 1e30 overflows at once
+        train.fit(run, phase, [1e30] * 3, films, log)
+    rows = run.history
     assert len(rows) == 1 and rows[0]["diverged_at_step"] >= 1  # stopped in epoch 1
     for k, v in run.model.state_dict().items():
         assert torch.equal(v, before[k]), k  # back at the start of the epoch
     out = capsys.readouterr().out
     assert "the loss was not finite at step" in out and "head LR" in out
-    assert json.loads(open(tmp_path / "log.jsonl").read())["diverged_lr"] > 0
+    logged = json.loads(open(tmp_path / "boom" / "metrics.jsonl").read())
+    assert logged["diverged_lr"] > 0 and logged["diverged_at_step"] == rows[0]["diverged_at_step"]
 
 
 def test_each_phase_starts_with_the_optimizer_fastai_would_have(tmp_path, monkeypatch):
@@ -230,19 +262,22 @@ def test_each_phase_starts_with_the_optimizer_fastai_would_have(tmp_path, monkey
         seen.append((len(opt.state), opt.param_groups[0]["betas"][0]))
         return real_lr_find(step, model, opt, *a, **k)
     monkeypatch.setattr(lrfind, "lr_find", spy)
-    for reset, expect in [("fresh", "v1"), ("moments", "v2"), ("none", "kept")]:
-        run = runner.setup(parse_args(args + TINY + ["--opt-reset", reset, "--name", reset]))
-        tensors = runner.stage_tensors(run, 32)
-        runner.start_phase(run, True)
-        with open(tmp_path / f"{reset}.jsonl", "w") as log:
-            train.fit(run, tensors, 32, 16, 1, [1e-3] * 3, "p1", log,
-                      dict(stage=0, phase_name="frozen"))
+    head = Phase(0, "frozen", 32, 16, 1, "1e-3", False)
+    body = Phase(0, "unfrozen", 32, 16, 1, "auto", False)
+    again = Phase(1, "unfrozen", 32, 16, 1, "auto", False)  # as the paper's stage 3
+    for reset, expect in [("fresh", "v1"), ("moments", "v2"), ("none", "kept"),
+                          ("on-change", "v1")]:
+        run = setup(parse_args(args + TINY + ["--opt-reset", reset, "--name", reset]))
+        films = data.stage_films(run, 32)
+        train.start_phase(run, head, None)
+        with MetricsLog(run) as log:
+            train.fit(run, head, [1e-3] * 3, films, log)
         moments = {id(p): s["exp_avg"].clone() for p, s in run.opt.state.items()}
         beta1 = run.opt.param_groups[0]["betas"][0]
         assert moments and beta1 != 0.9  # the one-cycle moved beta1
         seen.clear()
-        runner.start_phase(run, False)
-        train.resolve_lrs(run, tensors, 32, 16, False, "auto", "p2")
+        train.start_phase(run, body, head)
+        train.max_lrs(run, films, body)
         if expect == "v1":  # a new Adam: no moments, beta1 back to 0.9
             assert seen == [(0, 0.9)] and run.opt.param_groups[0]["betas"] == (0.9, 0.99)
         elif expect == "v2":  # clear_state: no moments, beta1 where the schedule left it
@@ -252,6 +287,17 @@ def test_each_phase_starts_with_the_optimizer_fastai_would_have(tmp_path, monkey
             assert all(torch.equal(s["exp_avg"], moments[id(p)])
                        for p, s in run.opt.state.items())  # the finder put them back
         assert not any(p.requires_grad is False for p in run.model.body.parameters())
+        if reset in ("fresh", "on-change"):  # an unfrozen phase after an unfrozen one
+            with MetricsLog(run) as log:
+                train.fit(run, body, [1e-3] * 3, films, log)
+            opt = run.opt
+            steps = {id(p): s["step"].item() for p, s in opt.state.items()}
+            train.start_phase(run, again, body)
+            if reset == "fresh":  # a new Adam at every phase
+                assert run.opt is not opt and not run.opt.state
+            else:  # fastai v1's fit without freeze()/unfreeze(): learn.opt goes on
+                assert run.opt is opt and steps == {
+                    id(p): s["step"].item() for p, s in run.opt.state.items()}
 
 
 def test_recipes_set_their_knobs_and_flags_still_win():
@@ -262,19 +308,24 @@ def test_recipes_set_their_knobs_and_flags_still_win():
         ("paper", "v1", 0.3, 2.5e5, "fresh", "valley", "crop", True)
     v1 = parse_args(base + ["--recipe", "fastai-v1"])
     assert v1.suggest == "min_grad" and v1.one_cycle == "v1" and v1.opt_reset == "fresh"
+    assert v1.precision == "fp32" and paper.precision == "auto"  # fastai v1 trained in fp32
     v2 = parse_args(base + ["--recipe", "fastai-v2"])
     assert (v2.one_cycle, v2.pct_start, v2.div_final, v2.opt_reset, v2.suggest) == \
         ("torch", 0.25, 1e5, "moments", "valley")
     mixed = parse_args(base + ["--recipe", "fastai-v2", "--pct-start", "0.3", "--demo"])
     assert mixed.pct_start == 0.3 and mixed.one_cycle == "torch" and mixed.arch == "resnet18"
     assert parse_args(base + ["--no-flip", "--resize", "squish"]).flip is False
+    # fastai v1: final_div = div * 1e4 unless given; --div alone moves the final LR
+    assert parse_args(base + ["--div", "10"]).div_final == 1e5
+    assert parse_args(base + ["--div", "10", "--div-final", "3e5"]).div_final == 3e5
+    assert parse_args(base + ["--recipe", "fastai-v2", "--div", "10"]).div_final == 1e5
 
 
 def test_optimizer_is_fastai_v1s_adam_with_true_weight_decay(tmp_path):
     # fastai v1: opt_func = partial(optim.Adam, betas=(0.9, 0.99)), wd 1e-2 applied as
     # p *= 1 - lr * wd to every parameter that has a gradient, BatchNorm included (true_wd, bn_wd)
     args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", "", "--runs", str(tmp_path)]
-    run = runner.setup(parse_args(args + TINY))
+    run = setup(parse_args(args + TINY))
     assert isinstance(run.opt, torch.optim.AdamW)
     assert [g["name"] for g in run.opt.param_groups] == ["stem-layer2", "layer3-layer4", "head"]
     for g in run.opt.param_groups:
@@ -291,33 +342,12 @@ def test_optimizer_is_fastai_v1s_adam_with_true_weight_decay(tmp_path):
 def test_the_step_minimises_cross_entropy(tmp_path):
     # fastai v1's classification loss: CrossEntropyFlat (layers.py), i.e. F.cross_entropy
     args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", "", "--runs", str(tmp_path)]
-    run = runner.setup(parse_args(args + TINY))
+    run = setup(parse_args(args + TINY))
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     run.model.eval()  # dropout off, BatchNorm fixed: the same logits before the step
     with torch.no_grad():
         expect = torch.nn.functional.cross_entropy(run.model(x), y)
-    assert run.step(x, y).item() == pytest.approx(expect.item(), rel=1e-5)
-
-
-def test_no_module_imports_one_that_imports_it_back():
-    """The modules form layers: a lower one never imports a higher one, not even lazily."""
-    import ast
-    import glob
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    mods = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(root, "*.py"))}
-    deps = {}
-    for m in mods:
-        tree = ast.parse(open(os.path.join(root, m + ".py")).read())
-        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
-                 for a in n.names}
-        names |= {n.module.split(".")[0] for n in ast.walk(tree)
-                  if isinstance(n, ast.ImportFrom) and n.module}
-        deps[m] = names & mods - {m}
-
-    def below(m, seen):
-        for d in deps[m] - seen:
-            seen.add(d)
-            below(d, seen)
-        return seen
-    assert {"train", "lrfind", "data", "phantom", "runner"} <= mods
-    assert [m for m in sorted(mods) if m in below(m, set())] == []
+    before = run.model.head[-1].weight.detach().clone()
+    loss = train_step(run.model, run.opt, x, y)
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-5) and not loss.requires_grad
+    assert not torch.equal(run.model.head[-1].weight, before)  # and the optimizer stepped

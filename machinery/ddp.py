@@ -5,20 +5,23 @@
 
 Every rank runs train.py whole, on its own GPU (LOCAL_RANK picks it) with the whole stage's
 films; at each step all ranks draw the same global permutation and augmentation and take
-their slice (batches.py), DistributedDataParallel averages the gradients, and the optimizers
+their slice (data.py), DistributedDataParallel averages the gradients, and the optimizers
 stay in step. What is reported is computed from all ranks' results (all_mean, gather_rows)
 and written by rank 0 alone (main()). A rank that fails ends the job: torchrun stops the
-node's other ranks, what rank 0 alone does (its files) is checked by every rank (each()), and
-every collective has a timeout (--dist-timeout), so none waits forever.
+node's other ranks, what rank 0 alone does (its files) is checked by every rank
+(fail_together()), and every collective has a timeout (--dist-timeout), so none waits
+forever. docs/torchrun-and-memory.md says how to launch it and what it changes.
 """
 import builtins
 import datetime
 import os
 import tempfile
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
 
 def launched():
@@ -80,6 +83,22 @@ def print_on_main():
     builtins.print = print
 
 
+def progress(iterable, desc, **kw):
+    """A tqdm progress bar, shown on rank 0 only (the others' would overwrite it)."""
+    return tqdm(iterable, desc=desc, leave=False, disable=rank() != 0, **kw)
+
+
+@contextmanager
+def node_first():
+    """The block runs on a node's first rank first, then on the node's other ranks: the first
+    decodes the films into the cache, the others then read it. A no-op in one process."""
+    if not local_main():
+        barrier()
+    yield
+    if local_main():
+        barrier()
+
+
 def barrier():
     if world() > 1:
         dist.barrier()
@@ -130,16 +149,19 @@ def gather_rows(x, n):
     return torch.cat([p[:hi - lo] for r, p in enumerate(parts) for lo, hi in [shard(n, r)]])
 
 
-def each(fn):
-    """fn() on every rank, and if it fails on any rank, every rank stops with that rank's
-    error: a rank that failed alone would leave the others waiting at their next collective
-    (on other nodes, which torchrun does not stop at once, until --dist-timeout). fn must
-    hold no collective. One process: fn(), its exceptions as they are."""
+@contextmanager
+def fail_together():
+    """The block runs on every rank; if it fails on any rank, every rank stops with that rank's
+    error. What rank 0 does alone (`if ddp.main():` its files) goes in such a block: a rank that
+    failed alone would leave the others waiting at their next collective (on other nodes, which
+    torchrun does not stop at once, until --dist-timeout). The block must hold no collective.
+    One process: the block's exceptions as they are."""
     if world() == 1:
-        return fn()
-    out, err = None, None
+        yield
+        return
+    err = None
     try:
-        out = fn()
+        yield
     except SystemExit as e:
         err = f"rank {rank()}: {e}"
     except Exception as e:
@@ -148,7 +170,6 @@ def each(fn):
     dist.all_gather_object(errors, err)
     if any(errors):
         raise SystemExit(next(e for e in errors if e))
-    return out
 
 
 def all_objects(obj):
@@ -190,6 +211,16 @@ def max_difference(model):
         worst = torch.maximum(worst, (t.detach() - ref).abs().max().double())
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return worst.item()
+
+
+def check_same_model(model):
+    """True when every rank holds rank 0's weights and buffers, as it must after training
+    (one process: always); an error naming the largest difference otherwise."""
+    differ = max_difference(model)
+    if differ:
+        raise RuntimeError(f"the ranks' models differ after training (by up to {differ:.3g}): "
+                           "their steps were not the same")
+    return True
 
 
 def wrap(module, device):

@@ -1,13 +1,13 @@
 """Films: every image file decoded once, to one-channel uint8 at every stage size, and cached.
 
-    films = load_pixels(items, (128, 224, 229), cache_dir, "crop")   # items: a data.Items
+    films = load_pixels(items, (128, 224, 229), cache_dir, "crop")   # items: a datasets.Items
     films.images[224]                   # uint8 (N, 1, T, T): each film whole, squished
     films.hw                            # (N,) each film's height / width, for the crop
     films.to(224, "cuda")               # one stage's films on the device (a split's rows)
 
 The airbench way: each file is decoded once, in parallel on all cores, into uint8 arrays that
 are cached on disk, memory-mapped, and moved to the training device a stage size at a time (or,
-with --data-on cpu, gathered batch by batch from host memory); batches.py makes the batches
+with --data-on cpu, gathered batch by batch from host memory: hostmem.py); data.py makes the batches
 there (resizing by cropping included). No DataLoader, no worker processes, and the GPU never
 waits on a JPEG decoder.
 """
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data import Problems
+from machinery.datasets import Problems
 
 CROP_MARGIN = 1.5  # --resize crop: films up to 1.5:1 keep full detail (see stored_size)
 CACHE_VERSION = 4  # bump when decoding changes, so old caches are not reused
@@ -237,12 +237,12 @@ def process_pool(workers=None):
     The server imports this module (torch included) and the main script once, and every worker
     starts as a fork of it, its imports done. (Python 3.11's forkserver neither preloads
     '__main__' nor passes sys.path, hence the module name and PYTHONPATH set here.)"""
-    root = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's
     path = os.environ.get("PYTHONPATH", "")
     if root not in path.split(os.pathsep):  # for the server, started with this environment
         os.environ["PYTHONPATH"] = os.pathsep.join([root] + ([path] if path else []))
     main = getattr(sys.modules["__main__"], "__file__", None) or ""
-    preload = ["films"]
+    preload = ["machinery.films"]
     if os.path.dirname(os.path.abspath(main)) == root and main.endswith(".py"):
         preload.append(os.path.basename(main)[:-3])  # train, bench, ...: its imports
     ctx = multiprocessing.get_context("forkserver")

@@ -2,9 +2,10 @@
 
     bc = BenchConfig(sizes="128,224,229")          # the knobs (bench.py makes them flags)
     res = Results("bench.json", env)               # merged across calls, saved as it goes
-    measure_steps(bc, dev, res, "loop")            # (a) ceiling and (b) real loop per stage/phase
+    recipe = Recipe(train.main, batches)           # what is timed of the tutorial files
+    measure_steps(bc, dev, res, "loop", recipe)    # (a) ceiling and (b) real loop per stage/phase
     checkpoint_cost(step_run(bc, dev, 64))         # one epoch's snapshot and last.pt write
-    end_to_end(bc, dev, root, cache); cache_rate(bc)
+    end_to_end(bc, dev, root, cache, recipe); cache_rate(bc)
 """
 import atexit
 import copy
@@ -21,19 +22,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import data
-import devices
-import films
-import phantom
-import runner
-import train
-from films import process_pool
-from checkpoint import Checkpointer, save_checkpoint
-from config import Config, knob
-from model import set_body_frozen
+from machinery import datasets, devices, films, phantom
+from machinery.checkpoint import Checkpointer, save_checkpoint
+from machinery.config import Config, knob
+from machinery.films import process_pool
+from machinery.run import forwards, setup
+from model import set_body_frozen, train_step
 
 PARTS = ("ceiling", "loop", "checkpoint", "e2e", "cache")
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project
 _SCRATCH = []
 
 
@@ -73,6 +70,15 @@ def write_phantom_covidx(root, n_train, n_test, size=1024, seed=0, workers=None)
     with process_pool(workers) as pool:
         list(tqdm(pool.map(_save_png, jobs, chunksize=16), total=len(jobs),
                   desc=f"writing {len(jobs)} PNGs at {size} px", leave=False))
+
+
+@dataclass
+class Recipe:
+    """What the measurements time of the tutorial files (bench.py hands them in: the package
+    never imports train.py or data.py): train.py's main(cfg), and a stage's training batches,
+    batches(run, size, batch_size) -> data.Batches."""
+    train_main: object
+    batches: object
 
 
 @dataclass
@@ -155,14 +161,19 @@ def timed(dev, fn, n):
 
 
 def step_run(bc, dev, n_train=None):
-    """A runner.setup() run on in-memory phantoms, for the step measurements."""
+    """A setup() run on in-memory phantoms, for the step measurements."""
     n_train = n_train or max(bc.batch_size * (bc.steps + bc.warmup), 64)
     cfg = Config(data="phantom", phantoms=n_train, arch=bc.arch, weights="none",
                  device=str(dev), stages=bc.sizes, frozen_epochs="0", unfrozen_epochs="1",
                  batch_size=str(bc.batch_size), runs=scratch(), cache_dir="",
                  compile="off", precision=bc.precision, channels_last=bc.channels_last,
                  compile_backend=bc.compile_backend)
-    return runner.setup(cfg)
+    return setup(cfg)
+
+
+def step(run, x, y):
+    """The training step, as train.py takes it."""
+    return train_step(run.forward, run.opt, x, y, run.amp_dtype, run.loss_weight)
 
 
 def ceiling(run, bc, size):
@@ -171,17 +182,16 @@ def ceiling(run, bc, size):
     x = torch.randn(bc.batch_size, 3, size, size, device=run.device).contiguous(memory_format=cl)
     y = torch.randint(0, len(run.classes), (bc.batch_size,), device=run.device)
     for _ in range(bc.warmup):
-        run.step(x, y)
-    return bc.batch_size / timed(run.device, lambda: run.step(x, y), bc.steps)
+        step(run, x, y)
+    return bc.batch_size / timed(run.device, lambda: step(run, x, y), bc.steps)
 
 
-def real_loop(run, bc, size):
+def real_loop(run, bc, size, recipe):
     """(b): img/s of the step on the training loop's own batches, new epochs as needed."""
-    batches = runner.train_batches(run, runner.stage_tensors(run, size), size, bc.batch_size,
-                                  "bench")
+    batches = recipe.batches(run, size, bc.batch_size)
     it, epoch = iter(batches.epoch(0)), 0
 
-    def step():
+    def next_step():
         nonlocal it, epoch
         try:
             xb, yb = next(it)
@@ -189,32 +199,28 @@ def real_loop(run, bc, size):
             epoch += 1
             it = iter(batches.epoch(epoch))
             xb, yb = next(it)
-        run.step(xb, yb)
+        step(run, xb, yb)
     for _ in range(bc.warmup):
-        step()
-    return bc.batch_size / timed(run.device, step, bc.steps)
+        next_step()
+    return bc.batch_size / timed(run.device, next_step, bc.steps)
 
 
-def measure_steps(bc, dev, res, part, sizes=None, modes=None):
+def measure_steps(bc, dev, res, part, recipe, sizes=None, modes=None):
     """ceiling or loop: one row per size x phase x mode, saved as it is measured."""
     run = step_run(bc, dev)
     modes = modes or bc.modes.split(",")
     rows = []
     for mode in modes:
-        if mode == "compiled":
-            if run.compiled is None:
-                run.compiled = torch.compile(run.model, dynamic=False,
-                                             backend=bc.compile_backend)
-        run.infer = run.forward = run.compiled if mode == "compiled" else run.model
         for size in sizes or [int(s) for s in bc.sizes.split(",")]:
             for phase in ("frozen", "unfrozen"):
                 set_body_frozen(run.model, phase == "frozen")
+                run.forward, run.infer = forwards(run, mode == "compiled")
                 devices.reset_peak(dev)
                 t0 = time.time()
                 row = {"size": size, "phase": phase, "mode": mode, "batch": bc.batch_size,
                        "ceiling": ceiling(run, bc, size)}
                 if part == "loop":
-                    row["real"] = real_loop(run, bc, size)
+                    row["real"] = real_loop(run, bc, size, recipe)
                     row["ratio"] = row["real"] / row["ceiling"]
                 row["peak_gib"] = devices.peak_gib(dev)
                 row["wall_s"] = time.time() - t0  # includes autotuning and compilation
@@ -233,7 +239,7 @@ def checkpoint_cost(run, repeats=3):
     model and optimizer deep-copied on the device, then a synchronous save with fsync."""
     x = torch.randn(2, 3, 64, 64, device=run.device)
     set_body_frozen(run.model, False)
-    run.step(x, torch.zeros(2, dtype=torch.long, device=run.device))  # Adam's moments exist
+    step(run, x, torch.zeros(2, dtype=torch.long, device=run.device))  # Adam's moments exist
     dev, path = run.device, os.path.join(run.dir, "last.pt")
     ck = Checkpointer(run, path)
     out = {"snapshot_s": [], "snapshot_done_s": [], "write_s": [], "before_s": []}
@@ -262,7 +268,7 @@ def checkpoint_cost(run, repeats=3):
     return r
 
 
-def end_to_end(bc, dev, root, cache):
+def end_to_end(bc, dev, root, cache, recipe):
     """(c): train.py's default schedule on PNG files, from a cold and then a warm cache."""
     out = {}
     for cache_state in ("cold", "warm"):
@@ -272,7 +278,7 @@ def end_to_end(bc, dev, root, cache):
                      channels_last=bc.channels_last, compile_backend=bc.compile_backend)
         if bc.quick:  # one epoch per stage, short LR sweeps
             cfg.frozen_epochs, cfg.unfrozen_epochs, cfg.lr_find_steps = "1", "1", 4
-        m = train.main(cfg)
+        m = recipe.train_main(cfg)
         out[cache_state] = {**m["timings_s"], "accuracy": m["accuracy"]["value"]}
     return out
 
@@ -286,7 +292,8 @@ def ddp_scaling(bc, dev, n, log):
     args = ["--data", "phantom", "--phantoms", str(bc.batch_size * n * bc.ddp_steps),
             "--val-frac", "0", "--arch", bc.arch, "--weights", "none", "--stages", str(size),
             "--frozen-epochs", "0", "--unfrozen-epochs", "3", "--lr-unfrozen", "1e-3",
-            "--batch-size", str(bc.batch_size), "--device", dev.type, "--precision", bc.precision, "--channels-last", bc.channels_last,
+            "--batch-size", str(bc.batch_size), "--device", dev.type, "--precision",
+            bc.precision, "--channels-last", bc.channels_last,
             "--compile", "off", "--data-on", "gpu", "--save-every", "3600",
             "--runs", scratch()]
     out = {"size": size, "batch_per_rank": bc.batch_size, "ranks": n}
@@ -317,7 +324,7 @@ def cache_rate(bc):
     """(d): decoding alone, all cores, no cache."""
     root = scratch()
     write_phantom_covidx(root, bc.cache_images, 4, bc.png_size)
-    _, splits = data.load_dataset(root, allow_missing_class=True)
+    _, splits = datasets.load_dataset(root, allow_missing_class=True)
     t0 = time.time()
     films.load_pixels(splits["train"], [int(s) for s in bc.sizes.split(",")], cache_dir=None)
     rate = bc.cache_images / (time.time() - t0)

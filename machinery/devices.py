@@ -1,9 +1,9 @@
-"""Where and how the network runs: device, precision, memory layout, optimizer kernel, and the
+"""Where and how the network runs: device, precision, memory layout, torch.compile, and the
 calls that depend on the device, in one place for train.py, evaluate.py, predict.py and bench.py.
 
     dev = pick_device("auto")                  # the GPU where there is one, else the CPU
     amp = precision(dev, "auto")               # torch.bfloat16 on CUDA, None (fp32) on the CPU
-    with autocast(dev, amp): logits = model(x)
+    with model.autocast(dev, amp): logits = net(x)
     cl = channels_last(dev, "auto")            # NHWC on CUDA
     compile_pays(images, size)                 # whether torch.compile repays itself
     sync(dev); peak_gib(dev)                   # that device's, not the current one's
@@ -11,8 +11,6 @@ calls that depend on the device, in one place for train.py, evaluate.py, predict
 The device only decides the defaults: --precision bf16 and --channels-last on run on the CPU
 too, so every branch the GPU takes has run on a CPU before (the kernels aside).
 """
-from contextlib import nullcontext
-
 import torch
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -51,23 +49,12 @@ def precision(dev, name="auto"):
     return torch.bfloat16 if name == "bf16" else None
 
 
-def autocast(dev, dtype):
-    """Mixed precision on `dev` with `dtype`, or nothing (fp32) when dtype is None."""
-    return torch.autocast(dev.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 def channels_last(dev, name="auto"):
     """--channels-last: NHWC lets tensor cores run convolutions without transposes; on the
     CPU the default NCHW is as fast for these sizes. auto: on for CUDA only."""
     if name not in SWITCHES:
         raise SystemExit(f"--channels-last {name}: choose one of {', '.join(SWITCHES)}")
     return name == "on" or (name == "auto" and dev.type == "cuda")
-
-
-def adamw(groups, **kw):
-    """torch's AdamW with its fused kernel: one kernel for all parameters, on CUDA and, since
-    torch 2.4, on the CPU (3-4x faster there than the for-each kernel); the same update."""
-    return torch.optim.AdamW(groups, fused=True, **kw)
 
 
 # Measured on one H100 (torch 2.11, bf16, channels_last, batch 256; issue #3): an eager

@@ -18,56 +18,74 @@ from dataclasses import dataclass, field, fields
 from model import ARCHS
 
 
-def knob(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def knob(default, help, choices=None, metavar=None):
+    """A field of a config dataclass: its default, its --help text, its choices and the name
+    of its value in --help. The help says what an empty or derived default means
+    ("(default: ...)"); other defaults are added to it."""
+    return field(default=default, metadata={"help": help, "choices": choices,
+                                            "metavar": metavar})
 
 
 @dataclass
 class Config:
     # data
-    data: str = knob("", "COVIDx or ImageFolder root, or 'phantom' for synthetic films")
-    train_split: str = knob("", "train split file (default: found in --data)")
-    test_split: str = knob("", "test split file (default: found in --data)")
-    image_dir: str = knob("", "folder holding all images (default: --data/train, --data/test)")
-    subtypes: str = knob("", "subtype.csv: relabel pneumonia as bacterial/viral (4 classes)")
+    data: str = knob("", "COVIDx or ImageFolder root, or 'phantom' for synthetic films "
+                     "(default: none: required, unless --demo)", metavar="PATH")
+    train_split: str = knob("", "train split file (default: found in --data: train.txt, "
+                            "train_split.txt, train_COVIDx*.txt)", metavar="FILE")
+    test_split: str = knob("", "test split file (default: found in --data, as --train-split)",
+                           metavar="FILE")
+    image_dir: str = knob("", "folder holding all images (default: --data/train and "
+                          "--data/test)", metavar="DIR")
+    subtypes: str = knob("", "subtype.csv: relabel pneumonia as bacterial/viral, 4 classes "
+                         "(default: none, the labels as given)", metavar="CSV")
     phantoms: int = knob(2000, "number of phantom training films (--data phantom)")
     phantom_seed: int = knob(0, "seed of the phantom films themselves: fixed, so that runs "
                              "with another --seed train and test on the same films")
     val_frac: float = knob(0.1, "fraction of training patients held out for validation")
-    allow_patient_overlap: bool = knob(False, "allow patients in both train and test")
-    allow_missing_class: bool = knob(False, "allow a class with no train or no test images")
+    allow_patient_overlap: bool = knob(False, "go on when patients are in both train and test")
+    allow_missing_class: bool = knob(False, "go on when a class has no train or no test images")
     cache_dir: str = knob(os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
-        "~/.cache")), "covid-resnet"), "where decoded images are cached ('' for none)")
+        "~/.cache")), "covid-resnet"), "where decoded images are cached ('' for none)",
+        metavar="DIR")
     resize: str = knob("crop", "crop: shorter side to the size, random square in training, "
                        "centre in evaluation (fastai v1) | squish: the whole film",
                        ["crop", "squish"])
     # model
-    arch: str = knob("resnet50", "torchvision ResNet body", list(ARCHS))
-    weights: str = knob("imagenet", "imagenet | none | path to a state dict")
+    arch: str = knob("resnet50", "torchvision ResNet body: " + " | ".join(ARCHS), list(ARCHS),
+                     "NAME")
+    weights: str = knob("imagenet", "imagenet | none | path to a state dict", metavar="W")
     ps: float = knob(0.5, "head dropout (fastai's ps): p of the last dropout, half of it for "
                      "the first")
-    # the recipe family: sets the knobs in RECIPES below (flags given explicitly still win)
+    # recipe and schedule: one value per stage, or one value for all stages
     recipe: str = knob("paper", "paper: fastai v1 as the paper ran it, with the measured "
                        "exceptions in FIDELITY.md | fastai-v1: strictly v1 | fastai-v2: v2's "
-                       "defaults; sets the knobs in config.RECIPES",
-                       ["paper", "fastai-v1", "fastai-v2"])
-    # schedule: one value per stage, or one value for all stages
-    stages: str = knob("128,224,229", "image size of each stage")
-    frozen_epochs: str = knob("3,3,0", "epochs training the head only, per stage")
-    unfrozen_epochs: str = knob("5,5,25", "epochs training all layers, per stage")
+                       "defaults (what each sets: below)", ["paper", "fastai-v1", "fastai-v2"])
+    stages: str = knob("128,224,229", "image size of each stage", metavar="PX,..")
+    frozen_epochs: str = knob("3,3,0", "epochs training the head only, per stage", metavar="N,..")
+    unfrozen_epochs: str = knob("5,5,25", "epochs training all layers, per stage",
+                                metavar="N,..")
     lr_frozen: str = knob("auto", "max LR per stage: auto (LR finder) | x (every group) | :x "
-                          "(fastai's slice(x): x/10 for the body) | lo:hi (spread)")
-    lr_unfrozen: str = knob("auto,auto,1e-6:1e-4", "auto = slice(finder's LR) | x | :x | lo:hi")
-    batch_size: str = knob("64", "batch size per stage")
+                          "(fastai's slice(x): x/10 for the body) | lo:hi (spread)",
+                          metavar="LR,..")
+    lr_unfrozen: str = knob("auto,auto,1e-6:1e-4", "auto = slice(finder's LR) | x | :x | lo:hi",
+                            metavar="LR,..")
+    batch_size: str = knob("64", "batch size per stage", metavar="N,..")
     one_cycle: str = knob("v1", "one-cycle steps: v1 (fastai v1's OneCycleScheduler) | torch "
                           "(OneCycleLR, fastai v2's within a step)", ["v1", "torch"])
     pct_start: float = knob(0.3, "one-cycle: fraction of steps warming up")
     div: float = knob(25.0, "one-cycle: start LR = max LR / div")
-    div_final: float = knob(2.5e5, "one-cycle: final LR = max LR / div_final (v1: div * 1e4)")
-    opt_reset: str = knob("fresh", "optimizer at each phase start: fresh (new Adam, fastai v1) "
-                          "| moments (moments zeroed, fastai v2) | none (one for the run)",
-                          ["fresh", "moments", "none"])
-    wd: float = knob(0.01, "AdamW decoupled weight decay")
+    div_final: float = knob(0.0, "one-cycle: final LR = max LR / div_final (default: div x "
+                            "1e4, fastai v1's final_div: 2.5e5 at --div 25)")
+    opt_reset: str = knob("fresh", "optimizer at each phase start: fresh (a new Adam at every "
+                          "phase, the paper's script calling freeze()/unfreeze() at each) | "
+                          "on-change (a new Adam only where the body is frozen or unfrozen: "
+                          "the last stage goes on with the Adam of the one before) | moments "
+                          "(moments zeroed, fastai v2) | none (one Adam for the run)",
+                          ["fresh", "on-change", "moments", "none"])
+    wd: float = knob(0.01, "AdamW decoupled weight decay (in the LR sweep too, as fastai)")
+    discriminative: bool = knob(True, "one LR for all layer groups when unfrozen, not "
+                                "fastai's slice (default: discriminative LRs)")
     lr_find_steps: int = knob(100, "LR finder: steps of the sweep")
     lr_find_start: float = knob(1e-7, "LR finder: first LR")
     lr_find_end: float = knob(10.0, "LR finder: last LR")
@@ -75,59 +93,85 @@ class Config:
     suggest: str = knob("valley", "LR finder suggestion: valley (fastai v2) | min_grad "
                         "(fastai v1) | steep | minimum", ["valley", "min_grad", "steep", "minimum"])
     # augmentation and class imbalance
-    aug: bool = knob(True, "augment training batches (fastai v1's get_transforms)")
+    aug: bool = knob(True, "no augmentation (default: fastai v1's get_transforms)")
     rotate: float = knob(10.0, "max rotation, degrees")
     zoom: float = knob(1.1, "max zoom")
     warp: float = knob(0.2, "symmetric warp: max offset of each corner")
     lighting: float = knob(0.2, "brightness/contrast change")
     p_affine: float = knob(0.75, "probability of each of warp, rotation and zoom, per image")
     p_lighting: float = knob(0.75, "probability of each of brightness and contrast, per image")
-    flip: bool = knob(True, "random left-right flips, p 0.5 (fastai v1); --no-flip keeps the "
-                      "heart on its side")
+    flip: bool = knob(True, "no left-right flips: the heart stays on its side (default: "
+                      "flips, p 0.5, as fastai v1)")
     balance: bool = knob(False, "sample every class equally often")
     class_weights: bool = knob(False, "weight the loss by inverse class frequency")
-    discriminative: bool = knob(True, "discriminative LRs per layer group when unfrozen "
-                                "(fastai's slice); --no-discriminative: one LR for all groups")
-    # system
-    seed: int = knob(0, "random seed")
-    device: str = knob("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = knob("auto", "auto (bf16 on CUDA, fp32 on the CPU) | bf16 (autocast, "
-                          "either device) | fp32; the head and every reported number run in "
-                          "fp32", ["auto", "bf16", "fp32"])
+    # device and speed
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N", metavar="DEV")
+    precision: str = knob("auto", "auto (bf16 on CUDA, fp32 on the CPU; fp32 with --recipe "
+                          "fastai-v1) | bf16 (autocast, either device) | fp32; the head and "
+                          "every reported number run in fp32", ["auto", "bf16", "fp32"])
     channels_last: str = knob("auto", "NHWC memory layout: auto (on CUDA only) | on | off",
                               ["auto", "on", "off"])
-    compile: str = knob("auto", "torch.compile: auto = per stage on CUDA, where it pays",
-                        ["auto", "on", "off"])
+    compile: str = knob("auto", "torch.compile: auto (per stage, on CUDA, where it pays) | on "
+                        "| off", ["auto", "on", "off"])
     compile_backend: str = knob("inductor", "torch.compile backend: inductor (generated "
                                 "kernels) | aot_eager (traced, torch's own kernels: for "
                                 "checking and debugging) | eager", ["inductor", "aot_eager",
                                                                     "eager"])
-    save_every: float = knob(0.0, "write last.pt (in the background) at most every this many "
-                             "seconds; 0: after every epoch, unless the last write is still "
-                             "going")
     data_on: str = knob("auto", "where the stage's films are held: gpu (on the device, "
                         "batches made there) | cpu (host memory or the memory-mapped cache, "
                         "each batch gathered into pinned memory and copied asynchronously) | "
                         "auto (gpu when they fit in --data-gpu-gib)", ["auto", "gpu", "cpu"])
     data_gpu_gib: float = knob(0.0, "--data-on auto: the most device memory the films may "
-                               "take (0: half the GPU's free memory; no limit on the CPU)")
+                               "take (default: 0, half the GPU's free memory; no limit on the "
+                               "CPU)")
     sync_bn: bool = knob(False, "under torchrun: BatchNorm statistics over the global batch "
                          "(SyncBatchNorm) rather than each GPU's own (torchvision's default)")
     dist_timeout: float = knob(1800.0, "under torchrun: seconds a collective (a barrier "
                                "while rank 0 decodes included) may wait before the job fails")
-    runs: str = knob("runs", "folder for run folders")
-    name: str = knob("", "run name; empty: date-time and data set")
-    demo: bool = knob(False, "quick demo: phantoms, random init, CPU, small sizes")
-    resume: str = knob("", "run folder to continue from its last complete epoch (last.pt)")
+    # run: folder, seed, checkpoints
+    demo: bool = knob(False, "quick demo: phantoms, random init, CPU, small sizes (what it "
+                      "sets: below)")
+    seed: int = knob(0, "random seed")
+    runs: str = knob("runs", "folder for run folders", metavar="DIR")
+    name: str = knob("", "run name (default: date-time and data set)")
+    resume: str = knob("", "run folder to continue from its last complete epoch (last.pt); "
+                       "takes no other flag (default: none, a new run)", metavar="RUN")
     overwrite: bool = knob(False, "replace the run in --runs/--name if there is one (without "
                            "it, an existing run folder is never written over)")
+    save_every: float = knob(0.0, "write last.pt (in the background) at most every this many "
+                             "seconds (default: 0, after every epoch unless the last write is "
+                             "still going)")
 
+    def __post_init__(self):
+        if not self.div_final:  # fastai v1's OneCycleScheduler: final_div = div_factor * 1e4
+            self.div_final = self.div * 1e4
+
+
+# --help shows the knobs in these groups, in this order (every field in one)
+GROUPS = {
+    "data": ["data", "train_split", "test_split", "image_dir", "subtypes", "phantoms",
+             "phantom_seed", "val_frac", "allow_patient_overlap", "allow_missing_class",
+             "cache_dir", "resize"],
+    "model": ["arch", "weights", "ps"],
+    "recipe and schedule (one value per stage, or one for all)": [
+        "recipe", "stages", "frozen_epochs", "unfrozen_epochs", "lr_frozen", "lr_unfrozen",
+        "batch_size", "one_cycle", "pct_start", "div", "div_final", "opt_reset", "wd",
+        "discriminative", "lr_find_steps", "lr_find_start", "lr_find_end", "lr_find_beta",
+        "suggest"],
+    "augmentation and class imbalance": ["aug", "rotate", "zoom", "warp", "lighting",
+                                         "p_affine", "p_lighting", "flip", "balance",
+                                         "class_weights"],
+    "device and speed": ["device", "precision", "channels_last", "compile", "compile_backend",
+                         "data_on", "data_gpu_gib", "sync_bn", "dist_timeout"],
+    "run folder": ["demo", "seed", "runs", "name", "resume", "overwrite", "save_every"],
+}
 
 # The recipe families (--recipe): each sets these knobs; the rest keep their defaults.
-# "paper" is the Config defaults: fastai v1, but for the LR finder's reading (FIDELITY.md).
+# "paper" is the Config defaults: fastai v1, but for the LR finder's reading (FIDELITY.md)
+# and bf16 autocast on CUDA.
 RECIPES = {
     "paper": {},
-    "fastai-v1": dict(suggest="min_grad"),
+    "fastai-v1": dict(suggest="min_grad", precision="fp32"),
     "fastai-v2": dict(one_cycle="torch", pct_start=0.25, div_final=1e5, opt_reset="moments",
                       suggest="valley"),
 }
@@ -142,33 +186,87 @@ DEMO = dict(data="phantom", phantoms=640, arch="resnet18", weights="none", devic
             lr_find_end=1.0, lr_find_beta=0.9)
 
 
-def add_flags(parser, cls):
-    """One command-line flag per field of the dataclass `cls`, typed by its default."""
-    for f in fields(cls):
-        kw = dict(default=f.default, help=f.metadata["help"] + " (default: %(default)s)",
-                  choices=f.metadata["choices"])
-        if isinstance(f.default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = type(f.default)
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+def flag(name):
+    return "--" + name.replace("_", "-")
 
 
-def parse_args(argv=None, extra=None, doc=__doc__):
+def add_flags(parser, cls, groups=None, only=None):
+    """One command-line flag per field of the dataclass `cls`, typed by its default, in
+    argument groups ({title: [field names]}; None: one list); `only`: the fields to offer.
+
+    A yes/no knob shows the flag that changes it (--demo, --no-flip); its twin (--no-demo,
+    --flip) is still accepted, for scripts written before, but not shown."""
+    all_fields = {f.name: f for f in fields(cls)}
+    short = {int: "N", float: "X", str: "S"}
+    for title, names in (groups or {None: list(all_fields)}).items():
+        names = [n for n in names if only is None or n in only]
+        g = parser.add_argument_group(title) if title and names else parser
+        for name in names:
+            f = all_fields[name]
+            help, choices = f.metadata["help"], f.metadata["choices"]
+            if isinstance(f.default, bool):  # the flag that changes it, and its hidden twin
+                yes, no = flag(name), "--no-" + flag(name)[2:]
+                shown, twin = (no, yes) if f.default else (yes, no)
+                g.add_argument(shown, dest=name, action="store_const", const=not f.default,
+                               default=f.default, help=help)
+                g.add_argument(twin, dest=name, action="store_const", const=f.default,
+                               help=argparse.SUPPRESS)
+                continue
+            if "(default:" not in help:
+                if f.default == "":
+                    raise ValueError(f"{flag(name)}: its help must say what '' means")
+                help += " (default: %(default)s)"
+            metavar = f.metadata["metavar"] or (
+                "{" + ",".join(choices) + "}" if choices else short[type(f.default)])
+            g.add_argument(flag(name), default=f.default, type=type(f.default),
+                           choices=choices, help=help, metavar=metavar)
+
+
+class Help(argparse.RawDescriptionHelpFormatter):
+    """--help as wide as the code (100 columns), each flag's text beside it."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30, width=100)
+
+
+def epilog(only=None):
+    """What --recipe and --demo set, from RECIPES and DEMO (of the flags in `only`)."""
+    said = lambda knobs: " ".join(f"{flag(k)} {v}" for k, v in knobs.items()
+                                  if only is None or k in only)
+    lines = ["what --recipe and --demo set (a flag given explicitly still wins):"]
+    for name, knobs in RECIPES.items():
+        lines.append(f"  --recipe {name}: " + (said(knobs) or "the defaults above"))
+    lines.append("  --demo: " + said(DEMO))
+    return "\n".join(lines)
+
+
+def make_parser(doc=__doc__, only=None, extra=None):
+    """The command line of train.py (lrfind.py: `only` its fields, and `extra` flags
+    {name: (type, default, help)}); doc: the script's docstring, for --help."""
+    doc = doc.split("\nWhat it teaches")[0]  # a script's docstring, less its reading notes
+    p = argparse.ArgumentParser(description=doc, epilog=epilog(only), formatter_class=Help,
+                                usage="%(prog)s [--demo | --data PATH] [flags below]")
+    for k, (t, d, h) in (extra or {}).items():
+        p.add_argument("--" + k, type=t, default=d, help=f"{h} (default: {d})")
+    add_flags(p, Config, GROUPS, only)
+    return p
+
+
+def parse_args(argv=None, extra=None, doc=__doc__, only=None):
     """Config from the command line (sys.argv without argv); every field is a flag.
 
-    extra: {name: (type, default, help)} for flags of another script (lrfind.py); doc: --help.
+    extra: {name: (type, default, help)} for flags of another script (lrfind.py); only: the
+    fields that script offers (the rest keep their defaults); doc: --help's text.
     """
-    p = argparse.ArgumentParser(description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(p, Config)
-    for k, (t, d, h) in (extra or {}).items():
-        p.add_argument("--" + k, type=t, default=d, help=h)
+    p = make_parser(doc, only, extra)
     args = p.parse_args(argv)
     # the recipe's and the demo's values become the defaults; flags given explicitly still win
-    p.set_defaults(**RECIPES[args.recipe], **(DEMO if args.demo else {}))
+    preset = {**RECIPES[args.recipe], **(DEMO if args.demo else {})}
+    p.set_defaults(**preset)
     args = p.parse_args(argv)
-    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+    values = {f.name: preset.get(f.name, f.default) for f in fields(Config)}
+    values.update((k, v) for k, v in vars(args).items() if k in values)
+    cfg = Config(**values)
     if cfg.resume:
         given = [a for a in (sys.argv[1:] if argv is None else argv)
                  if a.startswith("--") and a.split("=")[0] != "--resume"]
@@ -182,7 +280,8 @@ def parse_args(argv=None, extra=None, doc=__doc__):
     n = len(cfg.stages.split(","))
     for name in LISTS:
         vals = getattr(cfg, name).split(",")
-        if name != "stages" and len(vals) > n and getattr(cfg, name) == p.get_default(name):
+        if name != "stages" and len(vals) > n and getattr(cfg, name) == preset.get(
+                name, Config.__dataclass_fields__[name].default):
             setattr(cfg, name, ",".join(vals[:n]))
     problems = validate(cfg)
     if problems:
@@ -251,7 +350,6 @@ FILES = ("train_split", "test_split", "subtypes")  # files that must exist when 
 def validate(cfg):
     """Everything wrong with the flags, one message each naming the flag and what it accepts,
     before any work is done ([] when all is well)."""
-    flag = lambda name: "--" + name.replace("_", "-")
     problems = []
     n_stages = None
     for name, (conv, ok, what) in LISTS.items():
@@ -278,7 +376,8 @@ def validate(cfg):
     for name in FILES + ("image_dir",):
         path = getattr(cfg, name)
         if path and not (os.path.isdir if name == "image_dir" else os.path.isfile)(path):
-            problems.append(f"{flag(name)} {path}: no such {'folder' if name == 'image_dir' else 'file'}")
+            what = "folder" if name == "image_dir" else "file"
+            problems.append(f"{flag(name)} {path}: no such {what}")
     if cfg.weights not in ("imagenet", "none") and not os.path.isfile(cfg.weights):
         problems.append(f"--weights {cfg.weights}: give imagenet, none or a state dict file")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
@@ -291,6 +390,8 @@ def validate(cfg):
 
 @dataclass
 class Stage:
+    """One stage of progressive resizing: its image size, epochs head-only then whole network,
+    batch size, and the LR spec of each phase (auto | x | :x | lo:hi)."""
     size: int
     frozen_epochs: int
     unfrozen_epochs: int

@@ -3,6 +3,8 @@
     save_checkpoint(run, path, **extra)   # atomic: temporary file, fsync, rename
     ck = Checkpointer(run, "last.pt")     # per epoch: ck.take(...) to host memory, ck.write()
     cfg, state = resume_from(cfg)         # the run folder's last.pt, for --resume
+    restore(run, state)                   # its weights, optimizer, generators and history
+    model, ck = load_checkpoint("runs/NAME")   # a trained model, for evaluate.py and predict.py
     check_writable(run_dir, need_bytes)   # before training, not at the first checkpoint
 """
 import copy
@@ -16,8 +18,11 @@ import time
 
 import numpy as np
 import torch
+import torchvision
 
-from config import Config
+from machinery import ddp
+from machinery.config import Config
+from model import COVIDResNet, load_weights
 
 
 def check_writable(run_dir, need_bytes):
@@ -245,3 +250,49 @@ def resume_from(cfg):
     saved.runs, saved.name = os.path.split(os.path.normpath(cfg.resume))
     saved.resume = cfg.resume
     return saved, state
+
+
+def restore(run, state):
+    """Put a resumed run where last.pt left it: weights, optimizer (in the weights' layout,
+    which may be new), every generator, the history and the timings. Says what cannot be
+    restored exactly (another device, another number of ranks)."""
+    run.model.load_state_dict(state["model"])
+    load_optimizer(run.opt, state["opt"])
+    same_world = state.get("ranks", 1) == ddp.world()
+    note = set_rng_state(state["rng_ranks"][ddp.rank()] if same_world and
+                         "rng_ranks" in state else state["rng"], run.device)
+    if not same_world:
+        ddp.seed_rank(run.cfg.seed + len(state["history"]))  # each rank its own dropout
+        note = (f"{note}; " if note else "") + (
+            f"saved by {state.get('ranks', 1)} process(es), resumed by {ddp.world()}: "
+            "the global batch and the batches it draws change")
+    if note:
+        print(f"note: {run.dir} was {note}; it is not bit for bit the uninterrupted run")
+    run.history, run.timings = state["history"], state["timings"]
+    run.started -= run.timings.get("elapsed", 0.0)  # the time before the kill counts too
+    print(f"resuming {run.dir} after epoch {state['epoch']} of {state['phase_name']} "
+          f"in stage {state['stage'] + 1}")
+
+
+def load_checkpoint(path):
+    """One of our checkpoints -> (model, checkpoint dict), with a clear error for anything else.
+
+    path may be a run folder (its model.pt is taken). Loads with weights_only=True: tensors,
+    numbers and strings only, so a checkpoint from elsewhere cannot run code.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.pt")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such checkpoint (give a run folder or a .pt file)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding arbitrary objects
+        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); is the file complete?") from e
+    if not (isinstance(ck, dict) and {"model", "classes", "config"} <= set(ck)):
+        raise SystemExit(f"{path}: not a COVID-ResNet checkpoint (it needs model, classes and "
+                         f"config entries; train.py writes them)")
+    model = COVIDResNet(getattr(torchvision.models, ck["config"]["arch"])(weights=None),
+                        len(ck["classes"]))
+    load_weights(model, ck["model"], path, ck["config"]["arch"])
+    return model, ck

@@ -13,10 +13,10 @@ from dataclasses import asdict
 
 import torch
 
-from measure import (BenchConfig, checkpoint_cost, measure_steps, scratch, step_run,
-                     write_phantom_covidx)
+from machinery.measure import (BenchConfig, checkpoint_cost, measure_steps, scratch, step_run,
+                               write_phantom_covidx)
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project
 
 
 def start(name, args, log, title):
@@ -89,8 +89,9 @@ def killed_and_resumed(args, runs, log, timeout, kill_after):
     return {"status": "ok" if good else "failed", **out}
 
 
-def gpu_check(bc, dev, res, log):
-    """The first run on a new GPU, in one call, within bc.budget seconds, in order of value:
+def gpu_check(bc, dev, res, log, recipe):
+    """The first run on a new GPU, in one call, within bc.budget seconds, in order of value
+    (recipe: what the step measurements time of the tutorial files, measure.Recipe):
 
     demo          the demo on the device, eager, as a user runs it (train.py --demo);
     evaluate      evaluate.py on that run: plain (it must reproduce train.py's test accuracy),
@@ -211,7 +212,7 @@ def gpu_check(bc, dev, res, log):
         return out
 
     def steps(b, sizes=None, modes=None):
-        rows = measure_steps(b, dev, res, "loop", sizes, modes)
+        rows = measure_steps(b, dev, res, "loop", recipe, sizes, modes)
         return {"status": "ok", "min_ratio": min(r["ratio"] for r in rows),
                 "peak_gib": max(r["peak_gib"] or 0 for r in rows)}
 

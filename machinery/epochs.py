@@ -1,0 +1,146 @@
+"""What train.fit does around the recipe, each epoch: the books (loss, time, memory, progress
+bar), the divergence guard, the log and the checkpoint.
+
+    rollback_point(run)                    # the state a first epoch that diverges goes back to
+    books = Books(run, f"{tag} 1/5")       # one epoch
+    for x, y in books.progress(batches): ...; books.add(loss, k)   # no host sync per step
+    bad = books.end_training()             # waits once; the first non-finite loss, any rank
+    books.roll_back(lr, total)             # weights and optimizer as the epoch began
+    row = books.row(phase, epoch, lrs, val_loss, val_acc); log.write(row)
+    checkpoint_epoch(run, phase, epoch, lrs)   # snapshot; last.pt written in the background
+
+Under torchrun the losses are means over ranks, img/s counts every rank's images, and a bad
+loss on any rank rolls every rank back.
+"""
+import json
+import os
+import time
+
+import torch
+
+from machinery import ddp, devices
+from machinery.checkpoint import rng_state
+from machinery.run import add_time
+
+
+class Books:
+    """One training epoch's accounts, kept on the device while it runs: the summed loss, the
+    step of the first NaN or infinite loss; its time and peak memory; a progress bar."""
+
+    def __init__(self, run, desc):
+        self.run, self.desc, self.t0 = run, desc, time.time()
+        dev = run.device
+        self.loss_sum = torch.zeros((), device=dev)
+        self.first_bad = torch.full((), -1, device=dev)  # step of the first bad loss
+        self.steps, self.shown, self.bar, self.bad = 0, None, None, None
+        devices.reset_peak(dev)
+
+    def progress(self, batches):
+        self.batch_size, self.n_batches = batches.bs, len(batches)
+        self.bar = ddp.progress(batches, self.desc)
+        return self.bar
+
+    def add(self, loss, k):
+        """After step k of the phase: no host sync, the loss stays on the device."""
+        self.loss_sum += loss
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), k,
+                                     self.first_bad)
+        if k == 0:  # the phase's first step: autotuning, and compilation where on
+            devices.sync(self.run.device)
+            add_time(self.run, "first_steps", time.time() - self.t0)
+        if self.steps % 10 == 0:  # show the loss of 10 steps ago: reading it waits for that
+            # step only, while the device keeps working on the ones queued since
+            if self.shown is not None:
+                self.bar.set_postfix(
+                    loss=f"{self.shown.item():.3f}",
+                    lr=f"{self.run.opt.param_groups[-1]['lr']:.1e}",
+                    img_s=f"{(self.steps + 1) * self.batch_size / (time.time() - self.t0):.0f}")
+            self.shown = loss
+        self.steps += 1
+
+    def end_training(self):
+        """Wait for the device; return the step of the first non-finite loss on any rank, or
+        None. Under torchrun the summed loss becomes the mean over ranks, and every rank takes
+        rank 0's BatchNorm statistics."""
+        dev = self.run.device
+        devices.sync(dev)
+        self.train_time = time.time() - self.t0
+        never = torch.iinfo(self.first_bad.dtype).max
+        bad = int(ddp.all_min(torch.where(self.first_bad < 0, never, self.first_bad)).item())
+        self.loss_sum = ddp.all_mean(self.loss_sum)
+        ddp.broadcast_buffers(self.run.model)
+        self.bad = None if bad == never else bad
+        return self.bad
+
+    def roll_back(self, lr, total):
+        """The loss was not finite at step self.bad of `total` (head LR `lr`): model and
+        optimizer go back to their state at the start of this epoch (the last snapshot)."""
+        self.run.ckpt.restore()
+        self.bad_lr = lr
+        print(f"{self.desc}: the loss was not finite at step {self.bad + 1} of {total} (head "
+              f"LR {lr:.2e}). Weights and optimizer are back at the start of this epoch; this "
+              "phase ends here. A lower LR may help.")
+
+    def row(self, phase, epoch, lrs, val_loss, val_acc):
+        """The epoch's line of metrics.jsonl (validation done: its time counts as eval)."""
+        run, world = self.run, ddp.world()
+        add_time(run, "train", self.train_time)
+        add_time(run, "eval", time.time() - self.t0 - self.train_time)
+        row = {"phase": phase.tag, "stage": phase.stage, "phase_name": phase.name,
+               "epoch": epoch + 1, "train_loss": self.loss_sum.item() / self.n_batches,
+               "val_loss": val_loss, "val_acc": val_acc, "lr": lrs[-1], "max_lrs": lrs,
+               "img_s": self.n_batches * self.batch_size * world / self.train_time,
+               "time": time.time() - self.t0}
+        if world > 1:
+            row.update(ranks=world, img_s_per_rank=row["img_s"] / world)
+        if devices.peak_gib(run.device) is not None:
+            row["peak_gib"] = devices.peak_gib(run.device)
+        if self.bad is not None:
+            row.update(train_loss=float("nan"), diverged_at_step=self.bad + 1,
+                       diverged_lr=self.bad_lr)
+        return row
+
+
+class MetricsLog:
+    """metrics.jsonl (rank 0; the other ranks write nothing) and run.history: one line per
+    epoch, flushed as it is written. A resumed run's log starts with what it had logged."""
+
+    def __init__(self, run):
+        self.run = run
+        self.f = open(os.path.join(run.dir, "metrics.jsonl") if run.dir else os.devnull, "w")
+        for row in run.history:
+            self.f.write(json.dumps(row) + "\n")
+
+    def write(self, row):
+        self.run.history.append(row)
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def rollback_point(run):
+    """Snapshot the state now: what a phase's first epoch goes back to if it diverges."""
+    with ddp.fail_together():
+        run.ckpt.take()
+
+
+def checkpoint_epoch(run, phase, epoch, lrs):
+    """After each epoch: snapshot the run (host memory; what a diverging epoch rolls back to)
+    and write it to last.pt in the background (rank 0). Every rank's generators go with it
+    (its dropout's), so that a resume under torchrun goes on as each rank would have."""
+    t0 = time.time()
+    run.timings["elapsed"] = t0 - run.started  # this run's time so far, resumes included
+    extra = dict(stage=phase.stage, phase_name=phase.name, epoch=epoch + 1,
+                 phase_epochs=phase.epochs, lrs=lrs, history=run.history,
+                 timings=run.timings, ranks=ddp.world())
+    if ddp.world() > 1:
+        extra["rng_ranks"] = ddp.all_objects(rng_state(run.device))
+    with ddp.fail_together():
+        run.ckpt.take(**extra)
+        run.ckpt.write()
+    add_time(run, "checkpoint", time.time() - t0)

@@ -1,0 +1,199 @@
+"""What a run is made of, for train.py and lrfind.py: the data read, checked, decoded and split
+by patient, the model and its optimizer on the device, and the run folder.
+
+    run = setup(cfg)                         # Run: config, device, data, model, optimizer, folder
+    run.forward, run.infer = forwards(run, compiled=False)  # what a phase's steps call
+    with timed(run, "lr_find"): ...          # seconds per kind of work, in test_metrics.json
+
+Under torchrun every rank makes its own Run; rank 0 alone writes the run folder.
+"""
+import dataclasses
+import json
+import os
+import random
+import shutil
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from machinery import datasets, ddp, devices, films
+from machinery.checkpoint import Checkpointer, check_writable
+from machinery.config import Config, make_stages
+from model import build_model, make_optimizer
+
+
+@dataclass
+class Run:
+    """What setup() makes once and every phase uses."""
+    cfg: Config
+    dir: str  # the run folder; None on the ranks but rank 0 under torchrun (they write nothing)
+    device: torch.device
+    amp_dtype: torch.dtype  # the body's autocast dtype (torch.bfloat16), or None: fp32
+    channels_last: bool
+    classes: list
+    items: dict  # "train", "val", "test" -> datasets.Items
+    films: dict  # "train", "val", "test" -> films.Films (uint8 films per size, shapes), CPU
+    model: nn.Module  # the weights: what is frozen, optimized, evaluated and saved
+    opt: torch.optim.Optimizer
+    forward: nn.Module = None  # what the training step calls this phase (forwards())
+    infer: nn.Module = None  # what evaluation calls this phase: the model, or compiled
+    loss_weight: torch.Tensor = None  # --class-weights, else None
+    ckpt: Checkpointer = None  # snapshots and last.pt
+    compiled: nn.Module = None  # torch.compile(model), made when a phase first asks for it
+    started: float = 0.0  # time.time() when the run began, less the time before a resume
+    timings: dict = field(default_factory=dict)  # seconds spent per kind of work
+    history: list = field(default_factory=list)  # one dict per epoch, as in metrics.jsonl
+
+
+def setup(cfg, sizes=None):
+    """Read, check and decode the data (at `sizes`, default the stages'), hold out validation
+    patients, build the model and its optimizer on the device, and make the run folder.
+
+    Under torchrun every rank runs this; rank 0 alone checks and writes the run folder, and a
+    node's first rank decodes the films into the cache while the node's other ranks wait."""
+    dev_name = ddp.init(cfg.device, cfg.dist_timeout)  # torchrun: the process group
+    with ddp.fail_together():  # before any work: a run already there is never written over
+        run_dir = run_folder(cfg) if ddp.main() else None
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    dev = devices.pick_device(dev_name)
+    amp, cl = devices.precision(dev, cfg.precision), devices.channels_last(dev, cfg.channels_last)
+    print("config: " + json.dumps(dataclasses.asdict(cfg)))
+    classes, items, split_films = read_data(cfg, sizes or [s.size for s in make_stages(cfg)])
+
+    model = build_model(len(classes), cfg.weights, cfg.arch, cfg.ps).to(dev)
+    ddp.seed_rank(cfg.seed)  # the same weights everywhere, each rank its own dropout
+    if cfg.sync_bn:
+        model = ddp.sync_batchnorm(model, dev)
+    # The run folder comes last: a run that cannot start leaves none behind (and, with
+    # --overwrite, the old run whole). fp32 weights in each stage checkpoint and model.pt;
+    # last.pt adds Adam's two moments.
+    need = (len(make_stages(cfg)) + 4) * 4 * sum(p.numel() for p in model.parameters())
+    with ddp.fail_together():
+        if ddp.main():
+            write_run_folder(cfg, run_dir, classes, dev, need)
+
+    if cl:  # NHWC lets the tensor cores run convolutions without transposes
+        model = model.to(memory_format=torch.channels_last)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # shapes are static within a stage
+    if cfg.compile != "off":  # one static graph per stage size x (frozen, unfrozen, eval)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    weight = None
+    if cfg.class_weights:  # inverse frequency, mean weight 1
+        counts = torch.bincount(torch.tensor(items["train"].labels), minlength=len(classes))
+        weight = (counts.sum() / (len(classes) * counts.clamp(min=1).float())).to(dev)
+    opt = make_optimizer(model, cfg.wd)
+    ranks = f", {ddp.world()} ranks ({torch.distributed.get_backend()}" + (
+        ", SyncBatchNorm)" if cfg.sync_bn else ")") if ddp.world() > 1 else ""
+    print(f"device {devices.describe(dev)}: {'bf16 autocast' if amp else 'fp32'}, "
+          f"{'channels_last' if cl else 'NCHW'}, "
+          f"{'fused' if opt.defaults.get('fused') else 'for-each'} AdamW, compile "
+          f"{cfg.compile}{ranks}; run folder {run_dir}")
+    run = Run(cfg, run_dir, dev, amp, cl, classes, items, split_films, model, opt,
+              forward=model, infer=model, loss_weight=weight)
+    run.ckpt = Checkpointer(run, run_dir and os.path.join(run_dir, "last.pt"), cfg.save_every)
+    return run
+
+
+def read_data(cfg, sizes):
+    """(classes, {split: Items}, {split: Films}): the data set read and checked, its films
+    decoded once at every size in one pass, and ~cfg.val_frac of the training patients held
+    out for validation. Everything wrong with the data is said in one message, before any
+    training."""
+    problems = datasets.Problems()
+    classes, splits = datasets.load_dataset(
+        cfg.data, cfg.train_split, cfg.test_split, cfg.image_dir, cfg.subtypes, cfg.phantoms,
+        cfg.phantom_seed, cfg.allow_patient_overlap, cfg.allow_missing_class, problems)
+    cache = cfg.cache_dir or None
+    if cache is None and ddp.world() > 1 and splits["train"].pixels is None:
+        cache = ddp.node_cache_dir()  # decoded once per node all the same
+        print(f"--cache-dir '': the node's ranks share the films through {cache} (kept)")
+    with ddp.node_first():  # its first rank decodes into the cache, the others read it
+        full = films.load_pixels(splits["train"], sizes, cache, cfg.resize, problems=problems)
+        test = films.load_pixels(splits["test"], sizes, cache, cfg.resize, problems=problems)
+        problems.check()
+    tr, va = datasets.split_patients(splits["train"], cfg.val_frac, cfg.seed)
+    items = {"train": splits["train"].subset(tr), "val": splits["train"].subset(va),
+             "test": splits["test"]}
+    for k, it in items.items():
+        counts = np.bincount(it.labels, minlength=len(classes))
+        print(f"{k:>5}: {len(it):5d} images, " +
+              ", ".join(f"{c} {n}" for c, n in zip(classes, counts)))
+    return classes, items, {"train": full.subset(tr), "val": full.subset(va), "test": test}
+
+
+def forwards(run, compiled):
+    """(what the training step calls, what evaluation calls) for a phase: the model itself, or
+    torch.compile's version of it (made once, compiled lazily at the first call per shape);
+    the step's in DistributedDataParallel under torchrun. Choose them after freezing or
+    unfreezing: DDP registers the parameters that train when it is made."""
+    net = run.model
+    if compiled:
+        if run.compiled is None:
+            run.compiled = torch.compile(run.model, dynamic=False,
+                                         backend=run.cfg.compile_backend)
+        net = run.compiled
+    return ddp.wrap(net, run.device), net
+
+
+def compile_stage(cfg, device, stage, n_train):
+    """Whether --compile compiles this stage: on, off, or auto: on CUDA where compiling repays
+    itself (devices.compile_pays) for the stage's epochs over n_train films."""
+    images = (stage.frozen_epochs + stage.unfrozen_epochs) * n_train
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"
+                                   and devices.compile_pays(images, stage.size))
+
+
+def write_run_folder(cfg, run_dir, classes, dev, need_bytes):
+    """Make the run folder (rank 0): check it can take the run, replace an old run there with
+    --overwrite, write config.json and classes.json."""
+    check_writable(run_dir, need_bytes)
+    if cfg.overwrite and not cfg.resume and os.path.isfile(os.path.join(run_dir, "config.json")):
+        shutil.rmtree(run_dir)  # a run folder (config.json), and only now
+        os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({**dataclasses.asdict(cfg), "git_commit": git_commit(),
+                   "torch": torch.__version__, "device": str(dev),
+                   **({"ranks": ddp.world()} if ddp.world() > 1 else {})}, f, indent=1)
+    with open(os.path.join(run_dir, "classes.json"), "w") as f:
+        json.dump(classes, f)
+
+
+def run_folder(cfg):
+    """--runs/--name (default name: date-time and data set). A folder that holds a run
+    (config.json) is refused unless this is its --resume, or --overwrite replaces it."""
+    name = cfg.name or time.strftime("%Y%m%d-%H%M%S-") + os.path.basename(
+        os.path.normpath(cfg.data))
+    run_dir = os.path.join(cfg.runs, name)
+    if os.path.isfile(os.path.join(run_dir, "config.json")) and not (cfg.resume or
+                                                                       cfg.overwrite):
+        raise SystemExit(f"{run_dir} already holds a run; continue it with --resume "
+                         f"{run_dir}, replace it with --overwrite, or choose another --name")
+    return run_dir
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def add_time(run, kind, seconds):
+    run.timings[kind] = run.timings.get(kind, 0.0) + seconds
+
+
+@contextmanager
+def timed(run, kind):
+    """The block's wall-clock seconds, added to run.timings[kind]."""
+    t0 = time.time()
+    yield
+    add_time(run, kind, time.time() - t0)
