@@ -16,8 +16,9 @@ import math
 import multiprocessing
 import os
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat
 
@@ -188,10 +189,7 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
                   else np.empty((n, 1, t, t), np.uint8) for s, t in zip(todo, store)}
         dims, bad = np.zeros((n, 2), np.int32), []
         try:
-            with process_pool(workers) if workers > 1 and n >= 64 else nullcontext() as pool:
-                # a pool costs more than it saves on a few images
-                results = pool.map(decode, items.paths, repeat(store), chunksize=16) if pool \
-                    else (decode(p, store) for p in items.paths)
+            with decode_all(items.paths, store, workers) as results:
                 for i, (path, r) in enumerate(tqdm(zip(items.paths, results), **bar)):
                     if isinstance(r, str):
                         bad.append(f"{path} ({r})")
@@ -227,6 +225,33 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
     warn_small(items.paths, dims, max(sizes))
     dims = torch.from_numpy(dims).float()
     return Films(out, dims[:, 1] / dims[:, 0])
+
+
+# Starting a process pool costs about 3 s (2 CPU cores): each worker's interpreter imports torch
+POOL_START_S = 3.0
+
+
+@contextmanager
+def decode_all(paths, store, workers, first=32):
+    """decode() of every path, in order. The first ones are decoded here and timed; the rest
+    go to a process pool on all cores when they would take longer than starting one, else
+    they are decoded here too: a few hundred small films decode in less time than a pool
+    takes to start."""
+    def results():
+        t0 = time.time()
+        yield from (decode(p, store) for p in paths[:first])
+        per_film = (time.time() - t0) / max(1, min(first, len(paths)))
+        rest = paths[first:]
+        if workers > 1 and per_film * len(rest) > POOL_START_S:
+            with process_pool(workers) as pool:
+                yield from pool.map(decode, rest, repeat(store), chunksize=16)
+        else:
+            yield from (decode(p, store) for p in rest)
+    gen = results()
+    try:
+        yield gen
+    finally:
+        gen.close()  # a pool still running shuts down
 
 
 def process_pool(workers=None):

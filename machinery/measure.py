@@ -67,9 +67,12 @@ def write_phantom_covidx(root, n_train, n_test, size=1024, seed=0, workers=None)
                 name = f"{split}-{i:06d}.png"
                 f.write(f"{p} {name} {phantom.CLASSES[c]} phantom\n")
                 jobs.append((pixels[i], os.path.join(root, split, name), size))
+    bar = dict(total=len(jobs), desc=f"writing {len(jobs)} PNGs at {size} px", leave=False)
+    if len(jobs) * size * size < 2 ** 24:  # a few MB of pixels: quicker than starting a pool
+        list(tqdm(map(_save_png, jobs), **bar))
+        return
     with process_pool(workers) as pool:
-        list(tqdm(pool.map(_save_png, jobs, chunksize=16), total=len(jobs),
-                  desc=f"writing {len(jobs)} PNGs at {size} px", leave=False))
+        list(tqdm(pool.map(_save_png, jobs, chunksize=16), **bar))
 
 
 @dataclass

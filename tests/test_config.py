@@ -78,23 +78,22 @@ TINY = ["--data", "phantom", "--phantoms", "40", "--arch", "resnet18", "--weight
         "--batch-size", "16", "--lr-unfrozen", "1e-3", "--cache-dir", ""]
 
 
-def test_a_run_folder_that_holds_a_run_is_never_written_over(tmp_path):
-    def train(*flags):
-        return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--runs",
-                               str(tmp_path), "--name", "same", *flags],
-                              capture_output=True, text=True)
-    assert train().returncode == 0
+def test_a_run_folder_that_holds_a_run_is_never_written_over(tmp_path, capsys):
+    import train
+
+    def run(*flags):  # as `python train.py ...` runs it, in this process
+        return train.main(parse_args([*TINY, "--runs", str(tmp_path), "--name", "same",
+                                      *flags]))
+    run()
     model = tmp_path / "same" / "model.pt"
     first = model.read_bytes()
-    second = train("--seed", "1")
-    assert second.returncode == 1 and "already holds a run" in second.stderr
-    assert "--resume" in second.stderr and "--overwrite" in second.stderr
+    with pytest.raises(SystemExit, match="already holds a run") as e:
+        run("--seed", "1")
+    assert "--resume" in str(e.value) and "--overwrite" in str(e.value)
     assert model.read_bytes() == first  # untouched
-    assert train("--seed", "1", "--overwrite").returncode == 0
+    run("--seed", "1", "--overwrite")
     assert model.read_bytes() != first  # replaced, as asked
-    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume",
-                              str(tmp_path / "same")], capture_output=True, text=True)
-    assert resumed.returncode == 0  # a resume writes into its own folder
+    train.main(parse_args(["--resume", str(tmp_path / "same")]))  # into its own folder
 
 
 def test_defaults_follow_the_stages_given_and_resume_takes_nothing_else(capsys):

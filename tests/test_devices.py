@@ -2,10 +2,9 @@
 generator states across machines, the background checkpoint writer, device-specific calls."""
 import json
 import os
-import subprocess
-import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,6 +194,30 @@ def test_process_pools_start_from_a_forkserver_that_preloads_torch_and_films():
     assert ROOT in os.environ["PYTHONPATH"].split(os.pathsep)  # the server finds films
 
 
+def test_a_pool_decodes_only_what_takes_longer_than_starting_one(tmp_path, monkeypatch):
+    from PIL import Image
+    paths = []
+    for i in range(12):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray((np.arange(400).reshape(20, 20) * (i + 1) % 256).astype(np.uint8)).save(
+            paths[-1])
+    started, real_pool = [], films.process_pool
+
+    def pool(workers):
+        started.append(workers)
+        return real_pool(workers)
+    monkeypatch.setattr(films, "process_pool", pool)
+    with films.decode_all(paths, [8], 2, first=4) as results:
+        here = list(results)
+    assert not started  # 12 small films: quicker here than a pool's start
+    monkeypatch.setattr(films, "POOL_START_S", 0.0)  # as if each film took long
+    with films.decode_all(paths, [8], 2, first=4) as results:
+        pooled = list(results)
+    assert started == [2]
+    assert [r[0] for r in here] == [r[0] for r in pooled] == [(20, 20)] * 12
+    assert all(np.array_equal(a[1][0], b[1][0]) for a, b in zip(here, pooled))  # in order
+
+
 def test_optimizer_state_takes_its_parameters_layout_when_loaded():
     """A run saved with NCHW weights (the CPU) and resumed with channels_last ones (a GPU):
     CUDA's fused AdamW needs each moment in its parameter's layout."""
@@ -214,14 +237,16 @@ def test_optimizer_state_takes_its_parameters_layout_when_loaded():
         assert torch.equal(opt2.state[w][k], opt.state[nchw.weight][k])
 
 
-def test_resume_on_the_cpu_of_a_run_saved_on_a_gpu(tmp_path):
+def test_resume_on_the_cpu_of_a_run_saved_on_a_gpu(tmp_path, capsys):
     """A last.pt as an 8-GPU machine wrote it before 2026-11-27 (8 CUDA generator states and
     a 16-byte CUDA batch generator): the CPU resume goes on, and says it is not bit-exact."""
-    args = [sys.executable, os.path.join(ROOT, "train.py"), "--data", "phantom", "--phantoms",
-            "64", "--arch", "resnet18", "--weights", "none", "--device", "cpu", "--stages",
-            "32", "--frozen-epochs", "0", "--unfrozen-epochs", "2", "--batch-size", "16",
-            "--lr-find-steps", "4", "--cache-dir", "", "--runs", str(tmp_path), "--name", "r"]
-    assert subprocess.run(args, capture_output=True).returncode == 0
+    import train
+    from machinery.config import parse_args
+    train.main(parse_args([
+        "--data", "phantom", "--phantoms", "64", "--arch", "resnet18", "--weights", "none",
+        "--device", "cpu", "--stages", "32", "--frozen-epochs", "0", "--unfrozen-epochs", "2",
+        "--batch-size", "16", "--lr-find-steps", "4", "--cache-dir", "", "--runs",
+        str(tmp_path), "--name", "r"]))
     last = tmp_path / "r" / "last.pt"
     state = torch.load(last, weights_only=True)
     state["history"] = state["history"][:1]  # as if killed after epoch 1
@@ -229,35 +254,38 @@ def test_resume_on_the_cpu_of_a_run_saved_on_a_gpu(tmp_path):
     state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8
     state["batches_gen"] = torch.zeros(16, dtype=torch.uint8)
     torch.save(state, last)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume",
-                        str(tmp_path / "r")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "saved on a GPU, resumed on the CPU" in r.stdout
+    capsys.readouterr()
+    train.main(parse_args(["--resume", str(tmp_path / "r")]))
+    assert "saved on a GPU, resumed on the CPU" in capsys.readouterr().out
     rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     assert [row["epoch"] for row in rows] == [1, 2]
 
 
-def test_an_inductor_compiled_step_in_bf16_and_channels_last(tmp_path):
-    """Inductor generates kernels here too (C++ on the CPU, Triton on a GPU): the real step
-    (bf16 autocast, NHWC, fused AdamW, the fp32 head) through torch.compile, against eager."""
+def test_inductor_compiles_the_model_and_the_step_compiles_in_bf16_and_channels_last(tmp_path):
+    """Inductor generates kernels here too (C++ on the CPU, Triton on a GPU) for the model in
+    bf16 autocast and NHWC with its fp32 head, against eager; and the real step (forward and
+    backward, fused AdamW) runs through torch.compile's graph capture (aot_eager: traced, no
+    code generation; inductor compiles the backward graph too on a GPU: bench.py --gpu-check)."""
     from machinery.config import parse_args
-    from machinery.run import setup
+    from machinery.run import forwards, setup
     from model import train_step
     run = setup(parse_args([
         "--data", "phantom", "--phantoms", "40", "--arch", "resnet18", "--weights", "none",
         "--device", "cpu", "--stages", "32", "--precision", "bf16", "--channels-last", "on",
-        "--compile", "on", "--cache-dir", "", "--runs", str(tmp_path)]))
+        "--compile", "on", "--compile-backend", "aot_eager", "--cache-dir", "", "--runs",
+        str(tmp_path)]))
     torch.manual_seed(0)
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.arange(8) % 4
     run.model.eval()  # no dropout, BN's running statistics: the same function both ways
     with torch.no_grad(), autocast(CPU, run.amp_dtype):
         eager = run.model(x)
-        compiled = torch.compile(run.model, dynamic=False)(x)
+        compiled = torch.compile(run.model, dynamic=False, backend="inductor")(x)
     assert compiled.dtype is torch.float32
     assert torch.allclose(compiled, eager, rtol=0.05, atol=0.05)  # bf16 rounding apart
     run.model.train()
-    run.forward = torch.compile(run.model, dynamic=False)
+    run.forward, run.infer = forwards(run, compiled=True)
+    assert run.forward is run.compiled and run.compiled is not run.model
     before = run.model.head[-1].weight.detach().clone()
     losses = [train_step(run.forward, run.opt, x, y, run.amp_dtype) for _ in range(2)]
     assert all(torch.isfinite(loss) and loss.dtype is torch.float32 for loss in losses)
