@@ -14,7 +14,7 @@ measurement, so a killed call keeps what it measured):
               of --modes (eager, compiled), with peak GPU memory;
   loop        (b) the training loop's own batches (uint8 films on the device, augmentation) and
               step, with (a) measured again beside it: (b)/(a) in one process;
-  checkpoint  the cost of one epoch's snapshot and last.pt write (checkpoint.Checkpointer),
+  checkpoint  the cost of one epoch's snapshot and last.pt write (machinery/checkpoint.py),
               against a deep copy and a synchronous save as train.py did before;
   e2e         (c) train.py's default schedule on phantom PNGs of COVIDx v1's size (5,310 train /
               639 test), from a cold and then a warm cache, split into setup (decoding or

@@ -87,7 +87,7 @@ def stored_size(size, mode, aspect):
     'crop' (fastai v1's ResizeMethod.CROP) trains on a square window of the film resized so
     that its shorter side is `size`: along the long side that window is size/aspect of the
     film. Stored squished to size * aspect (at most CROP_MARGIN), the window keeps its full
-    detail; batches.py takes it out with the augmentation's one grid_sample.
+    detail; data.py takes it out with the augmentation's one grid_sample.
     """
     return size if mode == "squish" else math.ceil(size * min(aspect, CROP_MARGIN))
 
