@@ -228,6 +228,8 @@ def main(cfg):
                 if ddp.main():
                     save_checkpoint(run, os.path.join(run.dir, f"stage{i + 1}_{st.size}.pt"),
                                     stage=i + 1, size=st.size)
+    if plan[-1].size != stages[-1].size:  # a last stage with no epochs: its size all the same
+        films = data.stage_films(run, stages[-1].size)
     return finish(run, films, stages[-1].size)
 
 

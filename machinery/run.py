@@ -98,7 +98,8 @@ def setup(cfg, sizes=None):
           f"{cfg.compile}{ranks}; run folder {run_dir}")
     run = Run(cfg, run_dir, dev, amp, cl, classes, items, split_films, model, opt,
               forward=model, infer=model, loss_weight=weight)
-    run.ckpt = Checkpointer(run, run_dir and os.path.join(run_dir, "last.pt"), cfg.save_every)
+    last = os.path.join(run_dir, "last.pt") if run_dir else None  # rank 0 alone writes
+    run.ckpt = Checkpointer(run, last, cfg.save_every)
     return run
 
 

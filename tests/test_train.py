@@ -351,3 +351,20 @@ def test_the_step_minimises_cross_entropy(tmp_path):
     loss = train_step(run.model, run.opt, x, y)
     assert loss.item() == pytest.approx(expect.item(), rel=1e-5) and not loss.requires_grad
     assert not torch.equal(run.model.head[-1].weight, before)  # and the optimizer stepped
+
+
+def test_a_last_stage_without_epochs_still_sets_the_test_size(tmp_path, capsys, monkeypatch):
+    sizes, real = [], data.stage_films
+
+    def stage_films(run, size):
+        sizes.append(size)
+        return real(run, size)
+    monkeypatch.setattr(data, "stage_films", stage_films)
+    cfg = parse_args(["--data", "phantom", "--phantoms", "48", "--runs", str(tmp_path),
+                      "--name", "z", "--cache-dir", "", "--stages", "32,40", "--frozen-epochs",
+                      "0", "--unfrozen-epochs", "1,0", "--lr-unfrozen", "1e-3", "--batch-size", "16",
+                      *TINY[:6]])
+    train.main(cfg)
+    assert sizes == [32, 40]  # the test split's films at 40 px, not 32 px ones resampled
+    assert "== test split (40 images, 40 px)" in capsys.readouterr().out
+    assert torch.load(tmp_path / "z" / "model.pt", weights_only=True)["size"] == 40
