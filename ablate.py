@@ -27,7 +27,7 @@ import time
 from tqdm import tqdm
 
 import compare
-from machinery.config import make_stages, parse_args
+from machinery.config import Help, make_stages, parse_args
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # name -> train.py flags. {placeholders} are filled from the base run's stages:
@@ -67,7 +67,7 @@ def variant_flags(table, name, base):
 
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # --seed is train's
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=Help)
     p.add_argument("--variants", default="", help=f"names from VARIANTS, comma separated "
                    f"(default: {DEFAULT}, then each --variant)")
     p.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',

@@ -37,7 +37,7 @@ import torch
 import data
 import train
 from machinery import devices
-from machinery.config import add_flags
+from machinery.config import Help, add_flags
 from machinery.gpucheck import gpu_check
 from machinery.measure import (PARTS, QUICK, BenchConfig, Recipe, Results, cache_rate,
                                checkpoint_cost, ddp_scaling, end_to_end, measure_steps,
@@ -79,7 +79,7 @@ def run_parts(bc, dev, res):
 
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=Help)
     add_flags(p, BenchConfig)
     return p
 

@@ -21,7 +21,7 @@ import math
 import os
 import random
 
-from machinery.config import Config
+from machinery.config import Config, Help
 from machinery.plots import dot_plot
 
 # not what sets a group apart: bookkeeping, the machine (device: as resolved, e.g. cuda:0),
@@ -275,7 +275,7 @@ def write_csv(path, rows, classes):
 
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=Help)
     p.add_argument("runs", nargs="+", help="finished run folders")
     p.add_argument("--group-by", default="", help="config keys that make a group, comma "
                    "separated (default: every key whose value differs between the runs)")

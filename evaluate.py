@@ -20,7 +20,7 @@ import torch
 from data import Augment, eval_batches
 from machinery import datasets, devices, films
 from machinery.checkpoint import load_checkpoint
-from machinery.config import Config
+from machinery.config import Config, Help
 from machinery.hostmem import HostImages, on_host
 from machinery.metrics import classification_metrics, format_metrics
 from machinery.plots import confusion_plot
@@ -84,10 +84,11 @@ def tta_probs(model, images, size, hw, aug, tta, batch_size=128, seed=0, amp=Non
 
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=Help)
     p.add_argument("checkpoint", help="a run folder or a .pt checkpoint")
     p.add_argument("--data", required=True, help="COVIDx or ImageFolder root, or 'phantom'")
-    p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--split", default="test", choices=["test", "train"],
+                   help="the split to evaluate")
     p.add_argument("--train-split", default="", help="train split file, if not found by name")
     p.add_argument("--test-split", default="", help="test split file, if not found by name")
     p.add_argument("--image-dir", default="", help="folder holding all images")
@@ -97,19 +98,21 @@ def make_parser():
     p.add_argument("--tta", default="0", help="test-time augmentation: v1 (fastai v1's TTA: "
                    "0.4 plain + 0.6 mean of 8 corner views), or k: the mean of the plain pass "
                    "and k augmented ones (default: 0, none)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=128, help="films per evaluation batch")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", choices=devices.PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU; logits are fp32 either way")
-    p.add_argument("--channels-last", default="auto", choices=devices.SWITCHES)
+    p.add_argument("--channels-last", default="auto", choices=devices.SWITCHES,
+                   help="NHWC memory layout: auto (on CUDA only) | on | off")
     p.add_argument("--data-on", default="auto", choices=["auto", "gpu", "cpu"],
                    help="the films on the device, or in host memory with each batch copied "
                         "(auto: the device when they fit in half its free memory)")
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~/.cache"),
-                                                       "covid-resnet"))
+    p.add_argument("--cache-dir", default=Config().cache_dir,
+                   help="where decoded images are cached, as train.py's ('' for none)")
     p.add_argument("--phantoms", type=int, default=2000, help="with --data phantom")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="", help="output folder")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the phantom films (train.py's --phantom-seed) and of TTA's draws")
+    p.add_argument("--out", default="", help="output folder (default: RUN/eval_<data>_<split>/)")
     return p
 
 

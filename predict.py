@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from data import eval_batches, normalize, view
 from machinery import devices
 from machinery.checkpoint import load_checkpoint
+from machinery.config import Help
 from machinery.films import decode, film_aspect, stored_size, to_gray
 from model import class_logits
 
@@ -78,18 +79,19 @@ def save_cam(path, image_path, cam, crop, alpha=0.45):
 
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=Help)
     p.add_argument("checkpoint", help="a run folder or a .pt checkpoint")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
     p.add_argument("--cam", default="", help="folder for Grad-CAM overlays (default: none)")
     p.add_argument("--size", type=int, default=0, help="image size (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64, help="films per batch")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", choices=devices.PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU; logits and Grad-CAM "
                    "are fp32 either way")
-    p.add_argument("--channels-last", default="auto", choices=devices.SWITCHES)
+    p.add_argument("--channels-last", default="auto", choices=devices.SWITCHES,
+                   help="NHWC memory layout: auto (on CUDA only) | on | off")
     return p
 
 

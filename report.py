@@ -10,12 +10,13 @@ confusion_matrix.png, roc.png and report.md.
 import argparse
 import os
 
+from machinery.config import Help
 from machinery.report import write_report
 
 
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=Help)
     p.add_argument("run", help="a finished run's folder (it holds test_metrics.json)")
     return p
 

@@ -223,10 +223,18 @@ def add_flags(parser, cls, groups=None, only=None):
 
 
 class Help(argparse.RawDescriptionHelpFormatter):
-    """--help as wide as the code (100 columns), each flag's text beside it."""
+    """--help as wide as the code (100 columns), each flag's text beside it, and its default
+    said once: where its help does not say it already, and never an empty one."""
 
     def __init__(self, prog):
         super().__init__(prog, max_help_position=30, width=100)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or not action.option_strings or action.default in (
+                None, "", False, argparse.SUPPRESS):
+            return text
+        return (text + " " if text else "") + "(default: %(default)s)"
 
 
 def epilog(only=None):
