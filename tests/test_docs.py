@@ -131,3 +131,16 @@ def test_every_link_between_the_docs_leads_somewhere():
                 if anchor not in heads:
                     bad.append(f"{doc}: {target} (no such heading)")
     assert not bad, "\n".join(bad)
+
+
+def test_every_test_the_docs_name_exists():
+    """FIDELITY.md pins each element of the recipe to a test: that test must exist."""
+    missing = []
+    for doc in DOCS:
+        for file, name in re.findall(r"(test_\w+\.py)::(test_\w+)",
+                                     open(os.path.join(ROOT, doc)).read()):
+            path = os.path.join(ROOT, "tests", file)
+            if not (os.path.isfile(path) and re.search(rf"^def {name}\(", open(path).read(),
+                                                       re.M)):
+                missing.append(f"{doc}: {file}::{name}")
+    assert not missing, "\n".join(missing)
