@@ -146,7 +146,7 @@ def worker(local_rank, parent):
 
 def test_a_killed_rank_ends_the_job_and_resume_under_torchrun_goes_on(tmp_path):
     run_dir = tmp_path / "k"
-    p = torchrun([*TINY, "--frozen-epochs", "0", "--unfrozen-epochs", "12", "--batch-size",
+    p = torchrun([*TINY, "--frozen-epochs", "0", "--unfrozen-epochs", "8", "--batch-size",
                   "16", "--runs", str(tmp_path), "--name", "k"], tmp_path)
     t0 = time.time()
     while time.time() - t0 < 200 and p.poll() is None:
@@ -164,12 +164,12 @@ def test_a_killed_rank_ends_the_job_and_resume_under_torchrun_goes_on(tmp_path):
     done = len(last["history"])
     r0, r1 = last["rng_ranks"]  # every rank's generators, saved by rank 0
     assert not torch.equal(r0["torch"], r1["torch"])  # each rank's own dropout stream
-    assert 1 <= done < 12  # last.pt: the last finished write, one epoch behind at most
+    assert 1 <= done < 8  # last.pt: the last finished write, one epoch behind at most
     p = torchrun(["--resume", str(run_dir)], tmp_path)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0, out[-3000:]
     assert f"after epoch {done} of unfrozen" in out
-    assert [r["epoch"] for r in rows(run_dir)] == list(range(1, 13))  # each epoch once
+    assert [r["epoch"] for r in rows(run_dir)] == list(range(1, 9))  # each epoch once
     assert json.load(open(run_dir / "test_metrics.json"))["ranks"]["same_model"]
 
 
