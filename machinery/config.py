@@ -212,10 +212,8 @@ def add_flags(parser, cls, groups=None, only=None):
                 g.add_argument(twin, dest=name, action="store_const", const=f.default,
                                help=argparse.SUPPRESS)
                 continue
-            if "(default:" not in help:
-                if f.default == "":
-                    raise ValueError(f"{flag(name)}: its help must say what '' means")
-                help += " (default: %(default)s)"
+            if f.default == "" and "(default:" not in help:  # Help adds the others' defaults
+                raise ValueError(f"{flag(name)}: its help must say what '' means")
             metavar = f.metadata["metavar"] or (
                 "{" + ",".join(choices) + "}" if choices else short[type(f.default)])
             g.add_argument(flag(name), default=f.default, type=type(f.default),
@@ -231,8 +229,9 @@ class Help(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "(default" in text or not action.option_strings or action.default in (
-                None, "", False, argparse.SUPPRESS):
+        said = "(default" in text or not action.option_strings
+        if said or action.default is None or action.default is False or action.default in (
+                "", argparse.SUPPRESS):  # a yes/no flag's off, or nothing: no default to say
             return text
         return (text + " " if text else "") + "(default: %(default)s)"
 

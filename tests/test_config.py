@@ -116,3 +116,14 @@ def test_overwrite_removes_only_a_run_folder(tmp_path):
     cfg = parse_args(TINY + ["--runs", str(tmp_path), "--name", "notes", "--overwrite"])
     setup(cfg)
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep"  # not a run: left as is
+
+
+def test_help_says_each_default_once_and_never_an_empty_one():
+    import evaluate
+    from machinery.config import make_parser
+    for text in (make_parser().format_help(), evaluate.make_parser().format_help()):
+        flat = " ".join(text.split())
+        assert "(default: )" not in flat and "(default: 0) (default" not in flat
+        assert flat.count("(default:") >= 10 and "--seed" in flat
+    assert "random seed (default: 0)" in " ".join(make_parser().format_help().split())
+    assert "--no-demo" not in make_parser().format_help()  # a twin that means nothing, hidden
