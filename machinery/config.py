@@ -45,6 +45,8 @@ class Config:
     val_frac: float = knob(0.1, "fraction of training patients held out for validation")
     allow_patient_overlap: bool = knob(False, "go on when patients are in both train and test")
     allow_missing_class: bool = knob(False, "go on when a class has no train or no test images")
+    allow_duplicates: bool = knob(False, "go on when a test film has an exact or near duplicate "
+                                  "in training (audit.py lists them all)")
     cache_dir: str = knob(os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
         "~/.cache")), "covid-resnet"), "where decoded images are cached ('' for none)",
         metavar="DIR")
@@ -151,7 +153,7 @@ class Config:
 GROUPS = {
     "data": ["data", "train_split", "test_split", "image_dir", "subtypes", "phantoms",
              "phantom_seed", "val_frac", "allow_patient_overlap", "allow_missing_class",
-             "cache_dir", "resize"],
+             "allow_duplicates", "cache_dir", "resize"],
     "model": ["arch", "weights", "ps"],
     "recipe and schedule (one value per stage, or one for all)": [
         "recipe", "stages", "frozen_epochs", "unfrozen_epochs", "lr_frozen", "lr_unfrozen",

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import sys
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from machinery.datasets import Problems
 
 CROP_MARGIN = 1.5  # --resize crop: films up to 1.5:1 keep full detail (see stored_size)
-CACHE_VERSION = 4  # bump when decoding changes, so old caches are not reused
+CACHE_VERSION = 5  # bump when decoding changes, so old caches are not reused
 
 
 def to_gray(img):
@@ -167,11 +168,13 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
     check_only = bool(problems)  # the data set is unusable already: find the rest quickly
     key = cache_dir and not check_only and fingerprint(items.paths, mode)
     cached = {s: key and os.path.join(cache_dir, f"{key}-{s}.npy") for s in ["dims", *sizes]}
-    out = {}
-    if key and os.path.isfile(cached["dims"]):  # (N, 2) width and height of each image
-        dims = np.load(cached["dims"])
+    out, dims = {}, None
+    if key:  # (N, 2) width and height of each film
+        dims = read_cached(cached["dims"], (len(items), 2))
+    if dims is not None:
+        dims = np.array(dims)
         # memory-mapped: read from disk (or the page cache) only where a stage reads it
-        out = {s: np.load(cached[s], mmap_mode="r") for s in sizes if os.path.isfile(cached[s])}
+        out = {s: a for s in sizes for a in [read_cached(cached[s], len(items))] if a is not None}
     todo = [8] if check_only else [s for s in sizes if s not in out]
     if todo:
         aspect = 1.0 if mode == "squish" or check_only else film_aspect(items.paths)
@@ -209,6 +212,7 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
                 if key:  # atomic: a killed run leaves no half-written cache
                     arrays[s].flush()
                     del arrays[s]
+                    write_checksum(tmp[s], cached[s])
                     os.replace(tmp[s], cached[s])
                     out[s] = np.load(cached[s], mmap_mode="r")
                 else:
@@ -216,6 +220,7 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
             if key:
                 with open(f"{cached['dims']}.{os.getpid()}.tmp", "wb") as f:
                     np.save(f, dims)
+                write_checksum(f.name, cached["dims"])
                 os.replace(f.name, cached["dims"])
         finally:
             arrays.clear()
@@ -225,6 +230,45 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
     warn_small(items.paths, dims, max(sizes))
     dims = torch.from_numpy(dims).float()
     return Films(out, dims[:, 1] / dims[:, 0])
+
+
+def crc32(path):
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def write_checksum(tmp, path):
+    """path.crc32: the CRC-32 of the cache file (being written as tmp), checked at each read."""
+    with open(f"{path}.crc32.tmp", "w") as f:
+        f.write(str(crc32(tmp)))
+    os.replace(f.name, f"{path}.crc32")
+
+
+def read_cached(path, rows):
+    """A cache file, memory-mapped, or None when it is not there or damaged (truncated, bytes
+    changed: its CRC-32 or shape is wrong), then removed so that it is decoded again.
+    rows: its expected number of films, or its expected shape. Reading it once for the CRC
+    costs about a second per GB; training reads it all anyway."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(f"{path}.crc32") as f:
+            want = int(f.read())
+        a = np.load(path, mmap_mode="r")
+        shape_ok = a.shape == rows if isinstance(rows, tuple) else len(a) == rows
+        if shape_ok and crc32(path) == want:
+            return a
+        why = "its shape" if not shape_ok else "its checksum"
+    except (OSError, ValueError, EOFError) as e:  # no .crc32, truncated, not an .npy
+        why = f"{type(e).__name__}: {e}"
+    print(f"warning: film cache {path} is damaged ({why}); decoding the films again")
+    for f in (path, f"{path}.crc32"):
+        if os.path.exists(f):
+            os.remove(f)
+    return None
 
 
 # Starting a process pool costs about 3 s (2 CPU cores): each worker's interpreter imports torch

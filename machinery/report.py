@@ -57,6 +57,20 @@ def stage_table(rows):
     return "\n".join(lines)
 
 
+def leak_lines(path):
+    """What the check at the start (audit.leaks) found: test films duplicated in training."""
+    if not os.path.isfile(path):
+        return []
+    leaks = json.load(open(path))
+    n = leaks["test_films_with_duplicate_in_train"]
+    if not n:
+        return ["No test film has an exact or near duplicate in training (audit.py's check at "
+                "the start of the run).", ""]
+    return [f"**{n} test films have an exact or near duplicate in training** (trained with "
+            "--allow-duplicates): the accuracy below is inflated by them. Pairs:", ""] + [
+        f"- `{pair}`" for pair in leaks["pairs"][:20]] + [""]
+
+
 def write_report(run_dir):
     """Write the plots and report.md into run_dir; return the report's path."""
     p = lambda name: os.path.join(run_dir, name)
@@ -87,7 +101,8 @@ def write_report(run_dir):
             "## LR range tests", "",
             "Each phase's sweep; the red circle marks the learning rate taken.", ""]
     text += [f"![{f[7:-4]}]({f})" for f in lrfinds] or ["(no phase used `auto`)"]
-    text += ["", "## Test split", "", "```", format_metrics(m), "```", "",
+    text += ["", "## Test split", "", *leak_lines(p("leaks.json")), "```", format_metrics(m),
+             "```", "",
              "![confusion matrix](confusion_matrix.png) ![ROC curves](roc.png)", "",
              "## Config", "", "```json", json.dumps(cfg, indent=1), "```", ""]
     with open(p("report.md"), "w") as f:

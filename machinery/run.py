@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from machinery import datasets, ddp, devices, films
+from machinery import audit, datasets, ddp, devices, films
 from machinery.checkpoint import Checkpointer, check_writable
 from machinery.config import Config, make_stages
 from model import build_model, make_optimizer
@@ -65,7 +65,8 @@ def setup(cfg, sizes=None):
     dev = devices.pick_device(dev_name)
     amp, cl = devices.precision(dev, cfg.precision), devices.channels_last(dev, cfg.channels_last)
     print("config: " + json.dumps(dataclasses.asdict(cfg)))
-    classes, items, split_films = read_data(cfg, sizes or [s.size for s in make_stages(cfg)])
+    classes, items, split_films, leaks = read_data(cfg, sizes or [s.size for s in
+                                                                  make_stages(cfg)])
 
     model = build_model(len(classes), cfg.weights, cfg.arch, cfg.ps).to(dev)
     ddp.seed_rank(cfg.seed)  # the same weights everywhere, each rank its own dropout
@@ -77,7 +78,7 @@ def setup(cfg, sizes=None):
     need = (len(make_stages(cfg)) + 4) * 4 * sum(p.numel() for p in model.parameters())
     with ddp.fail_together():
         if ddp.main():
-            write_run_folder(cfg, run_dir, classes, dev, need)
+            write_run_folder(cfg, run_dir, classes, dev, need, leaks)
 
     if cl:  # NHWC lets the tensor cores run convolutions without transposes
         model = model.to(memory_format=torch.channels_last)
@@ -104,10 +105,10 @@ def setup(cfg, sizes=None):
 
 
 def read_data(cfg, sizes):
-    """(classes, {split: Items}, {split: Films}): the data set read and checked, its films
-    decoded once at every size in one pass, and ~cfg.val_frac of the training patients held
-    out for validation. Everything wrong with the data is said in one message, before any
-    training."""
+    """(classes, {split: Items}, {split: Films}, leaks): the data set read and checked, its
+    films decoded once at every size in one pass, test films duplicated in training found
+    (leaks: audit.leaks' summary), and ~cfg.val_frac of the training patients held out for
+    validation. Everything wrong with the data is said in one message, before any training."""
     problems = datasets.Problems()
     classes, splits = datasets.load_dataset(
         cfg.data, cfg.train_split, cfg.test_split, cfg.image_dir, cfg.subtypes, cfg.phantoms,
@@ -119,6 +120,14 @@ def read_data(cfg, sizes):
     with ddp.node_first():  # its first rank decodes into the cache, the others read it
         full = films.load_pixels(splits["train"], sizes, cache, cfg.resize, problems=problems)
         test = films.load_pixels(splits["test"], sizes, cache, cfg.resize, problems=problems)
+        leaks = None
+        # the audit's cheap part: test films also in training (audit.py). Not for phantoms:
+        # each is drawn from its own seed, and their smooth shapes all look alike to it
+        if not problems and splits["train"].pixels is None:
+            small = min([s for s in sizes if s >= audit.THUMB] or [max(sizes)])
+            leaks = audit.leaks(audit.thumbs(full.images[small]), audit.thumbs(
+                test.images[small]), splits["train"], splits["test"], cfg.allow_duplicates,
+                problems)
         problems.check()
     tr, va = datasets.split_patients(splits["train"], cfg.val_frac, cfg.seed)
     items = {"train": splits["train"].subset(tr), "val": splits["train"].subset(va),
@@ -127,7 +136,7 @@ def read_data(cfg, sizes):
         counts = np.bincount(it.labels, minlength=len(classes))
         print(f"{k:>5}: {len(it):5d} images, " +
               ", ".join(f"{c} {n}" for c, n in zip(classes, counts)))
-    return classes, items, {"train": full.subset(tr), "val": full.subset(va), "test": test}
+    return classes, items, {"train": full.subset(tr), "val": full.subset(va), "test": test}, leaks
 
 
 def forwards(run, compiled):
@@ -152,9 +161,10 @@ def compile_stage(cfg, device, stage, n_train):
                                    and devices.compile_pays(images, stage.size))
 
 
-def write_run_folder(cfg, run_dir, classes, dev, need_bytes):
+def write_run_folder(cfg, run_dir, classes, dev, need_bytes, leaks=None):
     """Make the run folder (rank 0): check it can take the run, replace an old run there with
-    --overwrite, write config.json and classes.json."""
+    --overwrite, write config.json, classes.json and leaks.json (test films duplicated in
+    training, audit.leaks)."""
     check_writable(run_dir, need_bytes)
     if cfg.overwrite and not cfg.resume and os.path.isfile(os.path.join(run_dir, "config.json")):
         shutil.rmtree(run_dir)  # a run folder (config.json), and only now
@@ -165,6 +175,9 @@ def write_run_folder(cfg, run_dir, classes, dev, need_bytes):
                    **({"ranks": ddp.world()} if ddp.world() > 1 else {})}, f, indent=1)
     with open(os.path.join(run_dir, "classes.json"), "w") as f:
         json.dump(classes, f)
+    if leaks is not None:
+        with open(os.path.join(run_dir, "leaks.json"), "w") as f:
+            json.dump(leaks, f, indent=1)
 
 
 def run_folder(cfg):

@@ -6,7 +6,8 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIAL = {"train", "lrfind", "model", "data", "schedule"}
-SCRIPTS = {"train", "lrfind", "evaluate", "predict", "ablate", "compare", "bench", "report"}
+SCRIPTS = {"train", "lrfind", "evaluate", "predict", "ablate", "compare", "bench", "report",
+           "audit", "make_covidx_v1"}
 
 
 def modules():
@@ -49,7 +50,7 @@ def test_the_top_level_holds_the_tutorial_and_the_scripts_alone():
     assert top == TUTORIAL | SCRIPTS
     assert all(os.path.isfile(os.path.join(ROOT, "machinery", f"{m}.py")) for m in (
         "config", "run", "epochs", "checkpoint", "datasets", "films", "hostmem", "devices",
-        "ddp", "metrics", "plots", "report", "phantom", "measure", "gpucheck"))
+        "ddp", "metrics", "plots", "report", "phantom", "measure", "gpucheck", "audit", "covidx"))
 
 
 def test_imports_run_one_way():
@@ -66,7 +67,8 @@ def test_imports_run_one_way():
     users = {s: {m for m, ds in deps.items() if s in ds} for s in SCRIPTS}
     assert users["train"] <= {"bench"} and users["lrfind"] == {"train"}
     assert users["compare"] == {"ablate"} and all(
-        not users[s] for s in ("evaluate", "predict", "ablate", "bench", "report"))
+        not users[s] for s in ("evaluate", "predict", "ablate", "bench", "report", "audit",
+                               "make_covidx_v1"))
 
 
 def test_every_file_says_what_it_teaches_or_holds():

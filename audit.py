@@ -1,0 +1,257 @@
+"""Audit a data set before training on it: duplicates, leaks between splits, sources, shortcuts.
+
+    python audit.py --data ../shared/data/cxr-sample              # -> runs/audit-cxr-sample/
+    python audit.py --data covidx-v1 --out audits/v1 --subtypes subtype.csv
+
+What it finds, in any data set train.py reads:
+  - the same file twice (SHA-256 of its bytes), and near-duplicates: the same picture resized,
+    re-encoded, brightened, cropped a few percent or stored at another bit depth (a perceptual
+    hash, confirmed by the films' detail: machinery/audit.py), within and across the splits;
+  - patients in both splits, and one picture under two patient ids;
+  - the sources of each class, with a warning when a class comes mostly from one source;
+  - a shortcut baseline: a logistic regression on the file's metadata alone (size, aspect, bit
+    depth, colour mode, format, mean and spread of intensity; then with the source too),
+    cross-validated by patient. Accuracy well above chance means the labels can be told without
+    looking at the lungs: a model may learn the hospital instead of the disease.
+Writes audit.md, audit.json and duplicates.png (the pairs found, side by side) to --out.
+train.py runs the cheap part, test films duplicated in training, at every start and refuses
+to train on such a split unless --allow-duplicates is given.
+"""
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from machinery import audit, datasets, films
+from machinery.config import Config, Help
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def contact_sheet(path, pairs, tile=160):
+    """pairs: [(label, path a, path b)] -> one PNG, a pair per row, captioned."""
+    if not pairs:
+        return None
+    sheet = Image.new("L", (2 * tile + 8, len(pairs) * (tile + 16)), 255)
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, a, b) in enumerate(pairs):
+        y = r * (tile + 16)
+        draw.text((2, y + 2), label[:2 * tile // 6], fill=0)
+        for c, p in enumerate((a, b)):
+            with Image.open(p) as img:
+                img = films.to_gray(img)
+                img.thumbnail((tile, tile))
+            sheet.paste(img, (c * (tile + 8), y + 14))
+    sheet.save(path)
+    return path
+
+
+def run_audit(classes, splits, th, near, exact):
+    """The audit as a dict: splits {name: Items}, th {name: thumbnails}; near / exact: the
+    duplicate pairs found {(split a, split b): [audit.Pair]}."""
+    out = {"classes": classes, "films": {s: len(it) for s, it in splits.items()}}
+    out["duplicates"] = {}
+    for (sa, sb), pairs in [*near.items(), *exact.items()]:
+        key = f"{sa}~{sb}"
+        a, b = splits[sa], splits[sb]
+        rows = out["duplicates"].setdefault(key, [])
+        rows += [{"a": a.paths[p.i], "b": b.paths[p.j], "patient_a": a.patients[p.i],
+                  "patient_b": b.patients[p.j], "hamming": p.hamming, "ncc": p.ncc,
+                  "identical": p.identical} for p in pairs]
+    seen, unique = set(), {}
+    for key, rows in out["duplicates"].items():  # exact pairs are found twice: keep one
+        unique[key] = [r for r in rows if (r["a"], r["b"]) not in seen and
+                       not seen.add((r["a"], r["b"]))]
+    out["duplicates"] = unique
+    rows = [r for rs in unique.values() for r in rs]
+    out["same_picture_two_patients"] = [r for r in rows if r["patient_a"] != r["patient_b"]]
+    shared = set(splits["train"].patients) & set(splits["test"].patients)
+    out["patients_in_both_splits"] = sorted(shared)
+    both = datasets.Items(splits["train"].paths + splits["test"].paths,
+                          splits["train"].labels + splits["test"].labels,
+                          splits["train"].patients + splits["test"].patients,
+                          splits["train"].sources + splits["test"].sources)
+    out["sources"], out["source_warnings"] = audit.source_table(classes, both)
+    x = audit.metadata(both.paths, torch.cat([th["train"], th["test"]]))
+    out["shortcut"] = audit.shortcut_baseline(x, both.labels, both.patients, both.sources,
+                                              len(classes))
+    return out
+
+
+def summary(a):
+    """The audit in a few lines: what train.py's report and make_covidx_v1.py print."""
+    dup = a["duplicates"]
+    n = {k: len(v) for k, v in dup.items()}
+    sc = a["shortcut"]
+    lines = [f"films: {', '.join(f'{s} {k}' for s, k in a['films'].items())}",
+             "duplicate pairs (exact or near): " + (", ".join(f"{k} {v}" for k, v in n.items()
+                                                            if v) or "none"),
+             f"patients in both splits: {len(a['patients_in_both_splits'])}; one picture under "
+             f"two patient ids: {len(a['same_picture_two_patients'])}",
+             f"shortcut baseline (metadata alone, cross-validated by patient): "
+             f"{100 * sc['image_properties']:.1f}% from image properties, "
+             f"{100 * sc['with_source']:.1f}% with the source; chance {100 * sc['chance']:.1f}%"]
+    lines += [f"warning: {w}" for w in a["source_warnings"]]
+    return lines
+
+
+def how(r):
+    """How alike a pair is, in words."""
+    return "identical" if r["identical"] else f"hamming {r['hamming']}, detail {r['ncc']:.2f}"
+
+
+def write_md(path, a, sheet):
+    classes = a["classes"]
+    text = ["# Data audit", "", *[f"- {s}" for s in summary(a)], "", "## Sources by class", "",
+            "| source | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    text += [f"| {s} | " + " | ".join(str(row[c]) for c in classes) + " |"
+             for s, row in sorted(a["sources"].items())]
+    text += ["", "## Duplicate pairs", ""]
+    for key, rows in a["duplicates"].items():
+        text += [f"### {key}: {len(rows)}", ""] + [
+            f"- `{r['a']}` ~ `{r['b']}` ({how(r)}; patients {r['patient_a']} / "
+            f"{r['patient_b']})" for r in rows[:200]] + [""]
+    if sheet:
+        text += ["![duplicate pairs](duplicates.png)", ""]
+    text += ["## Timing (seconds)", "", "```", json.dumps(a["seconds"], indent=1), "```", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(text))
+
+
+COPIES = ["resize 50%", "JPEG q50", "crop 2%", "crop 4%", "brighter", "16-bit PNG"]
+
+
+def copy_of(img, kind, rng):
+    """A copy of the PIL film `img` as data sets make them: (PIL image, format)."""
+    w, h = img.size
+    if kind == "resize 50%":
+        return img.resize((w // 2, h // 2), Image.Resampling.LANCZOS), "PNG"
+    if kind == "JPEG q50":
+        return img, "JPEG50"
+    if kind.startswith("crop"):  # up to f of each side, drawn per side: shifts and stretches
+        f = int(kind[5:-1]) / 100
+        box = [int(w * f * rng.random()), int(h * f * rng.random())]
+        return img.crop((*box, w - int(w * f * rng.random()), h - int(h * f * rng.random()))), \
+            "PNG"
+    a = np.asarray(img, dtype=np.float32)
+    if kind == "brighter":
+        return Image.fromarray((a * 1.15 + 12).clip(0, 255).astype(np.uint8)), "PNG"
+    return Image.fromarray((a * 257 + 100).astype(np.int32)).convert("I;16"), "PNG"
+
+
+def measure(items, tmp):
+    """The detector on copies of each film (COPIES) and on the distinct films -> dict: the
+    recall of each kind of copy, the false pairs among films of different patients, times."""
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    orig = films.load_pixels(items, [audit.THUMB], None, "squish").images[audit.THUMB]
+    th = audit.thumbs(orig)
+    t1 = time.perf_counter()
+    within = audit.near_duplicates(th)
+    t2 = time.perf_counter()
+    n_diff = sum(items.patients[i] != items.patients[j] for i in range(len(th))
+                 for j in range(i + 1, len(th)))
+    false = [p for p in within if items.patients[p.i] != items.patients[p.j]]
+    out = {"films": len(th), "distinct_pairs": n_diff, "false_pairs": len(false),
+           "false_pair_rate": len(false) / max(n_diff, 1),
+           "same_patient_pairs_found": len(within) - len(false), "recall": {},
+           "seconds_per_1000_films_decode_and_hash": round((t1 - t0) * 1000 / len(th), 2),
+           f"seconds_pairs_within_{len(th)}_films": round(t2 - t1, 2)}
+    for kind in COPIES:
+        paths = []
+        for k, src in enumerate(items.paths):
+            with Image.open(src) as img:
+                img, fmt = copy_of(films.to_gray(img), kind, rng)
+            paths.append(os.path.join(tmp, f"{k}.{'jpg' if fmt == 'JPEG50' else 'png'}"))
+            img.save(paths[-1], **({"quality": 50} if fmt == "JPEG50" else {}))
+        copies = datasets.Items(paths, items.labels, items.patients, items.sources)
+        th_c = audit.thumbs(films.load_pixels(copies, [audit.THUMB], None, "squish")
+                            .images[audit.THUMB])
+        found = {(p.i, p.j) for p in audit.near_duplicates(th, th_c)}
+        out["recall"][kind] = round(sum((i, i) in found for i in range(len(th))) / len(th), 4)
+    return out
+
+
+def make_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    d = Config()
+    p.add_argument("--data", required=True, help="COVIDx or ImageFolder root")
+    p.add_argument("--train-split", default="", help="train split file, if not found by name")
+    p.add_argument("--test-split", default="", help="test split file, if not found by name")
+    p.add_argument("--image-dir", default="", help="folder holding all images")
+    p.add_argument("--subtypes", default="", help="subtype.csv for 4-class labels")
+    p.add_argument("--cache-dir", default=d.cache_dir,
+                   help="where decoded images are cached, as train.py's ('' for none)")
+    p.add_argument("--out", default="", help="output folder (default: runs/audit-<data>/)")
+    p.add_argument("--pairs", type=int, default=24, help="pairs shown in duplicates.png")
+    p.add_argument("--measure", action="store_true",
+                   help="measure the near-duplicate detector instead, on copies of the train "
+                        "split's films (resized, re-encoded, cropped, brighter, 16-bit) and on "
+                        "its distinct films; writes detector.json")
+    return p
+
+
+def main(argv=None):
+    a = make_parser().parse_args(argv)
+    t = {"start": time.perf_counter()}
+    problems = datasets.Problems()  # overlap and missing classes are findings here, not errors
+    classes, splits = datasets.load_dataset(a.data, a.train_split, a.test_split, a.image_dir,
+                                            a.subtypes, 0, 0, True, True, problems)
+    if splits["train"].pixels is not None:
+        raise datasets.DataError("--data phantom: the audit reads files; give a data set")
+    decoded = {s: films.load_pixels(it, [audit.THUMB], a.cache_dir or None, "squish",
+                                    problems=problems) for s, it in splits.items()}
+    problems.check()
+    out = a.out or os.path.join("runs", "audit-" + os.path.basename(os.path.normpath(a.data)))
+    os.makedirs(out, exist_ok=True)
+    if a.measure:
+        with tempfile.TemporaryDirectory() as tmp:
+            m = measure(splits["train"], tmp)
+        with open(os.path.join(out, "detector.json"), "w") as f:
+            json.dump(m, f, indent=1)
+        print(json.dumps(m, indent=1))
+        return m
+    th = {s: audit.thumbs(f.images[audit.THUMB]) for s, f in decoded.items()}
+    t["decode"] = time.perf_counter()
+    digests = {s: [sha256(p) for p in it.paths] for s, it in splits.items()}
+    t["sha256"] = time.perf_counter()
+    near, exact = {}, {}
+    for sa, sb in [("train", "train"), ("test", "test"), ("test", "train")]:
+        near[sa, sb] = audit.near_duplicates(th[sa], None if sa == sb else th[sb])
+        where = {}
+        for j, d in enumerate(digests[sb]):
+            where.setdefault(d, []).append(j)
+        exact[sa, sb] = [audit.Pair(i, j, 0, 1.0, True) for i, d in enumerate(digests[sa])
+                         for j in where.get(d, []) if sa != sb or j > i]
+    t["pairs"] = time.perf_counter()
+    result = run_audit(classes, splits, th, near, exact)
+    t["shortcut"] = time.perf_counter()
+    n = sum(len(it) for it in splits.values())
+    steps = list(t)
+    result["seconds"] = {k: round(t[k] - t[prev], 2) for prev, k in zip(steps, steps[1:])}
+    result["seconds"]["per_1000_films"] = round((t["shortcut"] - t["start"]) * 1000 / n, 2)
+    rows = [r for rs in result["duplicates"].values() for r in rs][:a.pairs]
+    sheet = contact_sheet(os.path.join(out, "duplicates.png"),
+                          [(how(r), r["a"], r["b"]) for r in rows])
+    with open(os.path.join(out, "audit.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    write_md(os.path.join(out, "audit.md"), result, sheet)
+    print("\n".join(summary(result)))
+    print(f"wrote {out}/audit.md, audit.json" + (", duplicates.png" if sheet else ""))
+    return result
+
+
+if __name__ == "__main__":
+    datasets.run_cli(main)

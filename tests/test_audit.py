@@ -1,0 +1,129 @@
+"""The data audit: the near-duplicate detector on real films and their copies, the check at
+every training start, audit.py's findings and files, and the shortcut baseline."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import audit as audit_cli
+from machinery import audit, datasets, films
+from machinery.config import parse_args
+from machinery.run import read_data
+
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cxr-sample")
+pytestmark = pytest.mark.skipif(not os.path.isdir(SAMPLE),
+                                reason="../shared/data/cxr-sample absent")
+
+
+def sample_rows(split="train"):
+    return [line.split() for line in open(os.path.join(SAMPLE, f"{split}.txt"))]
+
+
+def thumbs_of(paths):
+    items = datasets.Items(list(paths), [0] * len(paths), list(paths), [""] * len(paths))
+    return audit.thumbs(films.load_pixels(items, [audit.THUMB]).images[audit.THUMB])
+
+
+def test_copies_of_real_films_are_found_and_distinct_films_are_not(tmp_path):
+    rows = sample_rows()
+    one_each = list({r[0]: r for r in rows}.values())[::6][:14]  # 14 patients, one film each
+    paths = [os.path.join(SAMPLE, "train", r[1]) for r in one_each]
+    th = thumbs_of(paths)
+    assert audit.near_duplicates(th) == []  # distinct patients: no pair
+    rng = np.random.default_rng(0)
+    for kind in ["resize 50%", "JPEG q50", "brighter", "16-bit PNG", "crop 2%"]:
+        copies = []
+        for k, p in enumerate(paths):
+            img, fmt = audit_cli.copy_of(films.to_gray(Image.open(p)), kind, rng)
+            copies.append(str(tmp_path / f"{kind[:4]}{k}.{'jpg' if fmt == 'JPEG50' else 'png'}"))
+            img.save(copies[-1], **({"quality": 50} if fmt == "JPEG50" else {}))
+        pairs = audit.near_duplicates(th, thumbs_of(copies))
+        found = {(p.i, p.j) for p in pairs}
+        assert sum((i, i) in found for i in range(len(paths))) >= len(paths) - (kind == "crop 2%")
+        assert all(p.i == p.j for p in pairs), kind  # never a copy of another film
+
+
+def test_pack_counts_bits_as_the_plain_comparison():
+    bits = torch.rand(30, 63, generator=torch.Generator().manual_seed(0)) > 0.5
+    h = audit.pack(bits)
+    d = audit.POPCOUNT[(h[:, None] ^ h[None]).int()].sum(-1)
+    assert torch.equal(d.long(), (bits[:, None] != bits[None]).sum(-1))
+
+
+def small_covidx(tmp_path, test_extra=None):
+    """A COVIDx folder of 12 train and 6 test films of cxr-sample; test_extra: (name, PIL
+    image) added to test as a COVID-19 film of a new patient."""
+    root = tmp_path / "data"
+    for split, n in (("train", 4), ("test", 2)):
+        (root / split).mkdir(parents=True)
+        rows = [r for c in ("normal", "pneumonia", "COVID-19")
+                for r in [r for r in sample_rows(split) if r[2] == c][:n]]
+        for r in rows:
+            shutil.copy(os.path.join(SAMPLE, split, r[1]), root / split / r[1])
+        if split == "test" and test_extra:
+            test_extra[1].save(root / "test" / test_extra[0])
+            rows.append(["newpatient", test_extra[0], "COVID-19", "copy"])
+        (root / f"{split}.txt").write_text("".join(" ".join(r) + "\n" for r in rows))
+    return root
+
+
+def test_training_refuses_a_test_film_copied_from_training(tmp_path):
+    first = [r for r in sample_rows() if r[2] == "normal"][0]
+    img = Image.open(os.path.join(SAMPLE, "train", first[1]))
+    copy = img.resize((img.width * 3 // 4, img.height * 3 // 4))
+    root = small_covidx(tmp_path, ("copy.png", copy))
+    flags = ["--data", str(root), "--stages", "64", "--cache-dir", "", "--val-frac", "0"]
+    with pytest.raises(datasets.DataError, match="(?s)1 test films have an exact or near "
+                       "duplicate in training.*--allow-duplicates.*copy.png ~ .*" + first[1]):
+        read_data(parse_args(flags), [64])
+    *_, leaks = read_data(parse_args(flags + ["--allow-duplicates"]), [64])
+    assert leaks["test_films_with_duplicate_in_train"] == 1 and leaks["allowed"]
+    clean = small_covidx(tmp_path / "clean")
+    *_, leaks = read_data(parse_args(["--data", str(clean)] + flags[2:]), [64])
+    assert leaks["test_films_with_duplicate_in_train"] == 0 and leaks["pairs"] == []
+
+
+def test_audit_command_finds_duplicates_patients_sources(tmp_path):
+    first = [r for r in sample_rows() if r[2] == "normal"][0]
+    root = small_covidx(tmp_path)
+    # the same file under a second name and patient, in train
+    shutil.copy(root / "train" / first[1], root / "train" / "again.jpg")
+    with open(root / "train.txt", "a") as f:
+        f.write(f"other again.jpg normal {first[3]}\n")
+    out = tmp_path / "audit"
+    a = audit_cli.main(["--data", str(root), "--out", str(out), "--cache-dir", ""])
+    pairs = a["duplicates"]["train~train"]
+    assert [(os.path.basename(p["a"]), os.path.basename(p["b"]), p["identical"])
+            for p in pairs] == [(first[1], "again.jpg", True)]
+    assert [p["patient_b"] for p in a["same_picture_two_patients"]] == ["other"]
+    assert a["patients_in_both_splits"] == []
+    assert sum(a["sources"]["actualmed"].values()) + sum(
+        sum(r.values()) for s, r in a["sources"].items() if s != "actualmed") == 19
+    assert 0 < a["shortcut"]["chance"] < 1 and "source=kermany" in a["shortcut"]["features"]
+    for f in ("audit.md", "audit.json", "duplicates.png"):
+        assert (out / f).is_file()
+    assert json.load(open(out / "audit.json"))["films"] == {"train": 13, "test": 6}
+    assert "again.jpg" in (out / "audit.md").read_text()
+
+
+def test_shortcut_baseline_sees_labels_that_follow_the_source():
+    g = torch.Generator().manual_seed(0)
+    n = 120
+    sources = [["a", "b", "c"][i % 3] for i in range(n)]
+    labels = [i % 3 for i in range(n)]  # the label is the source
+    x = torch.randn(n, len(audit.FEATURES), generator=g)
+    r = audit.shortcut_baseline(x, labels, [f"p{i // 2}" for i in range(n)], sources, 3)
+    assert r["with_source"] == 1.0 and r["image_properties"] < 0.6
+    assert abs(r["chance"] - 1 / 3) < 0.01
+
+
+def test_a_class_from_one_source_is_warned_of():
+    items = datasets.Items([None] * 10, [0] * 5 + [1] * 5, list("abcdefghij"),
+                           ["x"] * 5 + ["y"] * 4 + ["x"])
+    table, warnings = audit.source_table(["COVID-19", "normal"], items)
+    assert table["x"] == {"COVID-19": 5, "normal": 1}
+    assert [w.split(":")[0] for w in warnings] == ["COVID-19", "normal"]
