@@ -86,8 +86,12 @@ def run_audit(classes, splits, th, near, exact):
     out["sources"], out["source_warnings"] = audit.source_table(classes, both)
     x = audit.metadata(both.paths, torch.cat([th["train"], th["test"]]))
     out["shortcut"] = audit.shortcut_baseline(x, both.labels, both.patients, both.sources,
-                                              len(classes))
+                                              classes)
     return out
+
+
+def pct(sc, key):
+    return f"{100 * sc[key]:.1f}% / {100 * sc['balanced_' + key]:.1f}%"
 
 
 def summary(a):
@@ -100,9 +104,11 @@ def summary(a):
                                                             if v) or "none"),
              f"patients in both splits: {len(a['patients_in_both_splits'])}; one picture under "
              f"two patient ids: {len(a['same_picture_two_patients'])}",
-             f"shortcut baseline (metadata alone, cross-validated by patient): "
-             f"{100 * sc['image_properties']:.1f}% from image properties, "
-             f"{100 * sc['with_source']:.1f}% with the source; chance {100 * sc['chance']:.1f}%"]
+             "shortcut baseline (metadata alone, cross-validated by patient), accuracy / "
+             f"balanced accuracy: {pct(sc, 'image_properties')} from image properties, "
+             f"{pct(sc, 'with_source')} with the source; chance {pct(sc, 'chance')}",
+             "  its recall per class, from image properties: " + ", ".join(
+                 f"{c} {100 * r:.0f}%" for c, r in sc["recall_image_properties"].items())]
     lines += [f"warning: {w}" for w in a["source_warnings"]]
     return lines
 

@@ -121,9 +121,10 @@ def read_data(cfg, sizes):
         full = films.load_pixels(splits["train"], sizes, cache, cfg.resize, problems=problems)
         test = films.load_pixels(splits["test"], sizes, cache, cfg.resize, problems=problems)
         leaks = None
-        # the audit's cheap part: test films also in training (audit.py). Not for phantoms:
-        # each is drawn from its own seed, and their smooth shapes all look alike to it
-        if not problems and splits["train"].pixels is None:
+        # the audit's cheap part: test films also in training (audit.py). Not for phantoms
+        # (in memory, or as files of source 'phantom': bench.py's): each is drawn from its own
+        # seed, and their smooth shapes, without a radiograph's detail, all look alike to it
+        if not problems and set(splits["train"].sources) != {"phantom"}:
             small = min([s for s in sizes if s >= audit.THUMB] or [max(sizes)])
             leaks = audit.leaks(audit.thumbs(full.images[small]), audit.thumbs(
                 test.images[small]), splits["train"], splits["test"], cfg.allow_duplicates,

@@ -116,9 +116,16 @@ def test_shortcut_baseline_sees_labels_that_follow_the_source():
     sources = [["a", "b", "c"][i % 3] for i in range(n)]
     labels = [i % 3 for i in range(n)]  # the label is the source
     x = torch.randn(n, len(audit.FEATURES), generator=g)
-    r = audit.shortcut_baseline(x, labels, [f"p{i // 2}" for i in range(n)], sources, 3)
+    r = audit.shortcut_baseline(x, labels, [f"p{i // 2}" for i in range(n)], sources, "ABC")
     assert r["with_source"] == 1.0 and r["image_properties"] < 0.6
-    assert abs(r["chance"] - 1 / 3) < 0.01
+    assert r["balanced_with_source"] == 1.0 and r["balanced_image_properties"] < 0.6
+    assert abs(r["chance"] - 1 / 3) < 0.01 and abs(r["balanced_chance"] - 1 / 3) < 0.01
+    # a rare class told by its source alone: balanced accuracy sees what accuracy hides
+    labels = [1] * 114 + [0] * 6
+    sources = ["big"] * 114 + ["small"] * 6
+    r = audit.shortcut_baseline(x, labels, [f"p{i}" for i in range(n)], sources, "AB")
+    assert r["chance"] == 0.95 and r["balanced_with_source"] == 1.0
+    assert r["recall_with_source"] == {"A": 1.0, "B": 1.0}
 
 
 def test_a_class_from_one_source_is_warned_of():

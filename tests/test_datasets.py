@@ -312,3 +312,21 @@ def test_non_image_files_in_an_image_folder_are_skipped_with_a_warning(tmp_path,
     classes, splits = datasets.load_dataset(str(tmp_path))
     assert len(splits["train"]) == 1
     assert "skipped 1 files that are not images" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="../shared/data/cxr-sample absent")
+def test_a_damaged_film_cache_is_decoded_again(tmp_path, capsys):
+    from machinery import films
+    _, splits = datasets.load_dataset(SAMPLE)
+    first = films.load_pixels(splits["test"], [32], str(tmp_path)).images[32].copy()
+    cache = [f for f in os.listdir(tmp_path) if f.endswith("-32.npy")][0]
+    path = tmp_path / cache
+    with open(path, "r+b") as f:  # bytes changed in place: the shape still fits
+        f.seek(-40, 2)
+        f.write(bytes(40))
+    again = films.load_pixels(splits["test"], [32], str(tmp_path)).images[32]
+    assert "is damaged (its checksum)" in capsys.readouterr().out
+    assert (again == first).all()
+    os.truncate(path, os.path.getsize(path) // 2)  # truncated
+    again = films.load_pixels(splits["test"], [32], str(tmp_path)).images[32]
+    assert "is damaged (ValueError" in capsys.readouterr().out and (again == first).all()
