@@ -7,6 +7,8 @@ they call what is here by name, and nothing here imports them but model.py and s
     epochs.py      fit()'s books: loss on the device, divergence guard, log, last.pt
     checkpoint.py  atomic checkpoints, snapshots written in the background, resume
     datasets.py    COVIDx split files and ImageFolder trees, read and checked; patient split
+    audit.py       duplicate films across splits, sources by class, the shortcut baseline
+    covidx.py      COVIDx v1's two sources and rules (make_covidx_v1.py)
     films.py       every film decoded once at every stage size, cached and memory-mapped
     hostmem.py     films too large for the device, batches copied from pinned host memory
     devices.py     device, precision, channels_last, torch.compile's break-even

@@ -1,4 +1,5 @@
 """Data: both layouts, every image mode, clear errors, the cache, batches and augmentation."""
+import glob
 import os
 
 import numpy as np
@@ -65,7 +66,7 @@ def test_crop_mode_stores_the_films_larger_with_their_shapes(tmp_path):
     assert films.stored_size(100, "crop", 3.0) == 150  # longer films: at most 1.5x
     again = films.load_pixels(splits["train"], [16, 24], str(tmp_path / "cache"), "crop")
     assert np.array_equal(again.images[24], crop.images[24])  # from the cache, keyed by mode
-    assert len(os.listdir(tmp_path / "cache")) == 3
+    assert len(glob.glob(str(tmp_path / "cache" / "*.npy"))) == 3  # each with its .crc32
 
 
 def test_split_files_of_other_covidx_versions(tmp_path):
@@ -208,7 +209,8 @@ def test_cache_is_reused_and_never_written_beside_the_data(tmp_path, monkeypatch
     before = sorted(os.listdir(tmp_path / "d"))
     classes, splits = datasets.load_dataset(str(tmp_path / "d"))
     first = films.load_pixels(splits["train"], [8, 12], cache_dir=str(tmp_path / "cache"))
-    assert len(os.listdir(tmp_path / "cache")) == 3  # one file per size, one of image sizes
+    assert len(glob.glob(str(tmp_path / "cache" / "*.npy"))) == 3  # a file per size, one of sizes
+    assert len(os.listdir(tmp_path / "cache")) == 6  # and the CRC-32 of each
     assert sorted(os.listdir(tmp_path / "d")) == before
 
     def no_decoding(*a, **k):

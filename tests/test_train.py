@@ -1,5 +1,6 @@
 """End to end: tiny three-stage runs on phantoms and on the real sample, and the command line."""
 import csv
+import glob
 import json
 import os
 import subprocess
@@ -88,7 +89,8 @@ def test_tiny_three_stage_run_on_the_real_sample(tmp_path):
     assert m["n"] == 47 and sum(map(sum, m["confusion_matrix"])) == 47
     assert set(m["per_source"]) == {"actualmed", "figure1", "kermany", "nih"}
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
-    assert len(os.listdir(cache)) == 8  # train and test: three sizes and the films' sizes
+    # train and test: three sizes and the films' sizes, each with its CRC-32
+    assert len(os.listdir(cache)) == 16 and len(glob.glob(os.path.join(cache, "*.npy"))) == 8
 
 
 def test_lrfind_runs_on_its_own(tmp_path):
