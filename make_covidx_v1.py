@@ -150,9 +150,9 @@ def main(argv=None):
                     "its commit of 24 March 2020 (548bb58) or pass --allow-missing",
            "kermany": "not in this chest_xray copy: use Kaggle's chest-xray-pneumonia (5,856 "
                       "films; v1 took train/ and val/ as train) or pass --allow-missing"}
-    lost = Problems()
+    lost, named = Problems(), "listed" if files else "metadata.csv's"
     for src, names in missing.items():
-        lost.add(f"listed {src} films not found", names, f" ({fix[src]})")
+        lost.add(f"{named} {src} films not found", names, f" ({fix[src]})")
     if a.allow_missing:
         print("\n".join(f"warning: {m}" for m in lost) or "every listed film was found")
     else:
