@@ -18,7 +18,6 @@ train.py runs the cheap part, test films duplicated in training, at every start 
 to train on such a split unless --allow-duplicates is given.
 """
 import argparse
-import hashlib
 import json
 import os
 import tempfile
@@ -30,14 +29,6 @@ from PIL import Image, ImageDraw
 
 from machinery import audit, datasets, films
 from machinery.config import Config, Help
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def contact_sheet(path, pairs, tile=160):
@@ -60,21 +51,21 @@ def contact_sheet(path, pairs, tile=160):
 
 def run_audit(classes, splits, th, near, exact):
     """The audit as a dict: splits {name: Items}, th {name: thumbnails}; near / exact: the
-    duplicate pairs found {(split a, split b): [audit.Pair]}."""
+    pairs found by the near-duplicate search and by the files' SHA-256, {(split a, split b):
+    [audit.Pair]}. Pairs are rows: same pixels (identical, at 64 px), same bytes or near."""
     out = {"classes": classes, "films": {s: len(it) for s, it in splits.items()}}
     out["duplicates"] = {}
-    for (sa, sb), pairs in [*near.items(), *exact.items()]:
-        key = f"{sa}~{sb}"
+    for sa, sb in near:  # a pair found by both keeps the near search's numbers
         a, b = splits[sa], splits[sb]
-        rows = out["duplicates"].setdefault(key, [])
-        rows += [{"a": a.paths[p.i], "b": b.paths[p.j], "patient_a": a.patients[p.i],
-                  "patient_b": b.patients[p.j], "hamming": p.hamming, "ncc": p.ncc,
-                  "identical": p.identical} for p in pairs]
-    seen, unique = set(), {}
-    for key, rows in out["duplicates"].items():  # exact pairs are found twice: keep one
-        unique[key] = [r for r in rows if (r["a"], r["b"]) not in seen and
-                       not seen.add((r["a"], r["b"]))]
-    out["duplicates"] = unique
+        rows, same = {}, {(p.i, p.j) for p in exact[sa, sb]}
+        for p in near[sa, sb] + exact[sa, sb]:
+            row = rows.setdefault((p.i, p.j), {
+                "a": a.paths[p.i], "b": b.paths[p.j], "patient_a": a.patients[p.i],
+                "patient_b": b.patients[p.j], "hamming": p.hamming, "ncc": p.ncc,
+                "identical": p.identical, "same_bytes": False})
+            row["same_bytes"] = (p.i, p.j) in same
+        out["duplicates"][f"{sa}~{sb}"] = list(rows.values())
+    unique = out["duplicates"]
     rows = [r for rs in unique.values() for r in rs]
     out["same_picture_two_patients"] = [r for r in rows if r["patient_a"] != r["patient_b"]]
     shared = set(splits["train"].patients) & set(splits["test"].patients)
@@ -115,6 +106,8 @@ def summary(a):
 
 def how(r):
     """How alike a pair is, in words."""
+    if r["same_bytes"]:
+        return "the same file"
     return "identical" if r["identical"] else f"hamming {r['hamming']}, detail {r['ncc']:.2f}"
 
 
@@ -126,7 +119,8 @@ def write_md(path, a, sheet):
              for s, row in sorted(a["sources"].items())]
     text += ["", "## Duplicate pairs", ""]
     for key, rows in a["duplicates"].items():
-        text += [f"### {key}: {len(rows)}", ""] + [
+        cut = " (the first 200 here; all in audit.json)" if len(rows) > 200 else ""
+        text += [f"### {key}: {len(rows)}{cut}", ""] + [
             f"- `{r['a']}` ~ `{r['b']}` ({how(r)}; patients {r['patient_a']} / "
             f"{r['patient_b']})" for r in rows[:200]] + [""]
     if sheet:
@@ -217,21 +211,23 @@ def main(argv=None):
                                             a.subtypes, 0, 0, True, True, problems)
     if splits["train"].pixels is not None:
         raise datasets.DataError("--data phantom: the audit reads files; give a data set")
-    decoded = {s: films.load_pixels(it, [audit.THUMB], a.cache_dir or None, "squish",
-                                    problems=problems) for s, it in splits.items()}
-    problems.check()
     out = a.out or os.path.join("runs", "audit-" + os.path.basename(os.path.normpath(a.data)))
-    os.makedirs(out, exist_ok=True)
     if a.measure:
+        problems.check()
         with tempfile.TemporaryDirectory() as tmp:
             m = measure(splits["train"], tmp)
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "detector.json"), "w") as f:
             json.dump(m, f, indent=1)
         print(json.dumps(m, indent=1))
         return m
+    decoded = {s: films.load_pixels(it, [audit.THUMB], a.cache_dir or None, "squish",
+                                    problems=problems) for s, it in splits.items()}
+    problems.check()
+    os.makedirs(out, exist_ok=True)
     th = {s: audit.thumbs(f.images[audit.THUMB]) for s, f in decoded.items()}
     t["decode"] = time.perf_counter()
-    digests = {s: [sha256(p) for p in it.paths] for s, it in splits.items()}
+    digests = {s: [audit.sha256(p) for p in it.paths] for s, it in splits.items()}
     t["sha256"] = time.perf_counter()
     near, exact = {}, {}
     for sa, sb in [("train", "train"), ("test", "test"), ("test", "train")]:
@@ -249,6 +245,8 @@ def main(argv=None):
     result["seconds"] = {k: round(t[k] - t[prev], 2) for prev, k in zip(steps, steps[1:])}
     result["seconds"]["per_1000_films"] = round((t["shortcut"] - t["start"]) * 1000 / n, 2)
     rows = [r for rs in result["duplicates"].values() for r in rs][:a.pairs]
+    if os.path.isfile(os.path.join(out, "duplicates.png")):  # an earlier audit's
+        os.remove(os.path.join(out, "duplicates.png"))
     sheet = contact_sheet(os.path.join(out, "duplicates.png"),
                           [(how(r), r["a"], r["b"]) for r in rows])
     with open(os.path.join(out, "audit.json"), "w") as f:

@@ -16,7 +16,6 @@ again to resume an interrupted copy (films already there with the right checksum
 The sources and the patient ids: machinery/covidx.py. Step by step: docs/data.md#covidx-v1.
 """
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -26,17 +25,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from machinery import covidx
+from machinery.audit import sha256
 from machinery.config import Help
 from machinery.datasets import DataError, Problems, check_rows, run_cli
 from machinery.run import git_commit
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def unreadable(paths):
@@ -86,6 +78,60 @@ def write_atomic(path, text):
     os.replace(f"{path}.tmp", path)
 
 
+def check_out_folder(out, sources, split_dirs):
+    """The real path of --out: never in a source, nor the folder of v1's split files (links
+    followed), and either new, empty or made by this script (its manifest.json): another data
+    set is never written over."""
+    real = os.path.realpath(out)
+    for d in [os.path.realpath(d) for d in sources]:
+        if os.path.commonpath([real, d]) == d:
+            raise DataError(f"--out {out} is in the source {d}; the sources are never written "
+                            "to: choose another folder")
+    if real in [os.path.realpath(d) for d in split_dirs]:
+        raise DataError(f"--out {out} is the folder of v1's split files: choose another")
+    if os.path.isdir(real) and os.listdir(real) and not os.path.isfile(
+            os.path.join(real, "manifest.json")):
+        raise DataError(f"--out {out} holds files this script did not make (no manifest.json); "
+                        "choose a new or empty folder")
+    return real
+
+
+def write_covidx(out, rows, link, manifest, cohen, kermany):
+    """Films first (each kept when already there whole), then train.txt, test.txt and
+    manifest.json, each replaced at once: a run killed anywhere leaves the old split files or
+    the new ones, never one of each. Films an earlier run of this script put there and this
+    one does not list are removed. Returns how many films were there already."""
+    old = os.path.join(out, "manifest.json")
+    made_before = set()
+    if os.path.isfile(old):
+        with open(old) as f:
+            made_before = {(r["split"], r["file"]) for r in json.load(f)["films"]}
+    manifest["films"], kept = [], 0
+    for split, rs in rows.items():
+        os.makedirs(os.path.join(out, split), exist_ok=True)
+        for pid, src, label, source in tqdm(rs, desc=f"writing {split}", unit="img"):
+            dst = os.path.join(out, split, os.path.basename(src))
+            digest = sha256(src)
+            if os.path.isfile(dst) and sha256(dst) == digest:
+                kept += 1  # there from an earlier run, whole
+            else:
+                place(src, dst, link)
+            manifest["films"].append({
+                "split": split, "file": os.path.basename(src), "patient": pid, "label": label,
+                "source": source, "sha256": digest,
+                "from": os.path.relpath(src, cohen if source == "cohen" else kermany)})
+    for split, rs in rows.items():
+        write_atomic(os.path.join(out, f"{split}.txt"), "".join(
+            f"{pid} {os.path.basename(src)} {label} {source}\n" for pid, src, label, source in rs))
+    manifest["counts"] = {s: {c: sum(r[2] == c for r in rs) for c in covidx.CLASSES}
+                          for s, rs in rows.items()}
+    write_atomic(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1))
+    for split, name in made_before - {(f["split"], f["file"]) for f in manifest["films"]}:
+        if os.path.isfile(os.path.join(out, split, name)):
+            os.remove(os.path.join(out, split, name))
+    return kept
+
+
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("--cohen", required=True, metavar="DIR",
@@ -121,15 +167,12 @@ def main(argv=None):
     if not os.path.isdir(images):
         raise DataError(f"--cohen {a.cohen}: no images/ folder; give the folder of a checkout "
                         "of github.com/ieee8023/covid-chestxray-dataset")
-    out = os.path.abspath(a.out)
-    for d in (a.cohen, a.kermany):
-        if out == os.path.abspath(d) or out.startswith(os.path.abspath(d) + os.sep):
-            raise DataError(f"--out {a.out} is inside the source {d}; the sources are never "
-                            "written to: choose another folder")
-    kermany = covidx.kermany_index(a.kermany)
-    problems = Problems()
     files = ((a.train_split, a.test_split) if a.train_split else
              covidx.find_split_files(a.covid_net) if a.covid_net else None)
+    out = check_out_folder(a.out, [a.cohen, a.kermany],
+                           [os.path.dirname(os.path.abspath(f)) for f in files or ()])
+    kermany = covidx.kermany_index(a.kermany)
+    problems = Problems()
     meta_rows = covidx.read_metadata(a.cohen)  # read (and checked) in both modes
     if files:
         rows, missing = covidx.from_split_files(files, images, kermany, problems)
@@ -163,38 +206,27 @@ def main(argv=None):
             names.setdefault((split, os.path.basename(r[1])), []).append(r[1])
     problems.add("file names that two source films share", [
         f"{s}/{n}: {', '.join(ps)}" for (s, n), ps in names.items() if len(ps) > 1])
+    problems.add("patient ids or file names that are empty or hold spaces (train.txt could not "
+                 "be read back)", [f"{r[0]!r} {os.path.basename(r[1])!r}" for rs in rows.values()
+                                   for r in rs if r[0].endswith("_") or
+                                   len((r[0] + os.path.basename(r[1])).split()) != 1])
     check_rows(rows, covidx.CLASSES, problems, allow_patient_overlap=True)
+    shared = {r[0] for r in rows["train"]} & {r[0] for r in rows["test"]}
+    if shared:  # v1's own split files may have them: said, and left to train.py's check
+        print(f"warning: {len(shared)} patients are in both splits (e.g. {sorted(shared)[0]}); "
+              "train.py will stop unless --allow-patient-overlap")
     problems.add("films cannot be read", unreadable([r[1] for rs in rows.values() for r in rs]),
                  " (download them again)")
     problems.check()  # nothing is written before this line
 
-    manifest = {"made_by": f"make_covidx_v1.py, git commit {git_commit()[:12]}",
-                "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rule": rule,
-                "sources": {"cohen": os.path.abspath(a.cohen),
-                            "metadata.csv sha256": sha256(os.path.join(a.cohen, "metadata.csv")),
-                            "kermany": os.path.abspath(a.kermany),
-                            "split files": {os.path.abspath(f): sha256(f) for f in files or ()}},
-                "missing": missing, "expected": covidx.EXPECTED, "films": []}
-    kept = 0
-    for split, rs in rows.items():
-        os.makedirs(os.path.join(out, split), exist_ok=True)
-        for pid, src, label, source in tqdm(rs, desc=f"writing {split}", unit="img"):
-            dst = os.path.join(out, split, os.path.basename(src))
-            digest = sha256(src)
-            if os.path.isfile(dst) and sha256(dst) == digest:
-                kept += 1  # there from an earlier run, whole
-            else:
-                place(src, dst, a.link)
-            manifest["films"].append({"split": split, "file": os.path.basename(src),
-                                      "patient": pid, "label": label, "source": source,
-                                      "from": os.path.relpath(src, a.cohen if source == "cohen"
-                                                              else a.kermany),
-                                      "sha256": digest})
-        write_atomic(os.path.join(out, f"{split}.txt"), "".join(
-            f"{pid} {os.path.basename(src)} {label} {source}\n" for pid, src, label, source in rs))
-    manifest["counts"] = {s: {c: sum(r[2] == c for r in rs) for c in covidx.CLASSES}
-                          for s, rs in rows.items()}
-    write_atomic(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1))
+    kept = write_covidx(out, rows, a.link, {
+        "made_by": f"make_covidx_v1.py, git commit {git_commit()[:12]}",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rule": rule,
+        "sources": {"cohen": os.path.abspath(a.cohen),
+                    "metadata.csv sha256": sha256(os.path.join(a.cohen, "metadata.csv")),
+                    "kermany": os.path.abspath(a.kermany),
+                    "split files": {os.path.abspath(f): sha256(f) for f in files or ()}},
+        "missing": missing, "expected": covidx.EXPECTED}, a.cohen, a.kermany)
     print(f"wrote {out}: {sum(map(len, rows.values()))} films ({kept} already there), train.txt, "
           f"test.txt, manifest.json\nnext: python audit.py --data {a.out}; python train.py "
           f"--data {a.out}")

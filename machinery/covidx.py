@@ -24,6 +24,7 @@ search can tell; the names cannot.
 """
 import csv
 import os
+import random
 import re
 
 from machinery.datasets import DataError
@@ -127,7 +128,6 @@ def split_cohen(rows, frac=0.1, seed=0):
 
     v1 drew them with random.sample on the notebook's own state; its test patients (8, 31;
     19, 20, 36, 42, 86) are in its split files, which only --covid-net reproduces."""
-    import random
     rng = random.Random(seed)
     test = set()
     for c in CLASSES:

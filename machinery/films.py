@@ -19,7 +19,7 @@ import sys
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from itertools import repeat
 
@@ -174,7 +174,10 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
     if dims is not None:
         dims = np.array(dims)
         # memory-mapped: read from disk (or the page cache) only where a stage reads it
-        out = {s: a for s in sizes for a in [read_cached(cached[s], len(items))] if a is not None}
+        for s in sizes:
+            a = read_cached(cached[s], len(items))
+            if a is not None:
+                out[s] = a
     todo = [8] if check_only else [s for s in sizes if s not in out]
     if todo:
         aspect = 1.0 if mode == "squish" or check_only else film_aspect(items.paths)
@@ -235,14 +238,14 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
 def crc32(path):
     crc = 0
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
+        while block := f.read(1 << 24):
             crc = zlib.crc32(block, crc)
     return crc
 
 
 def write_checksum(tmp, path):
     """path.crc32: the CRC-32 of the cache file (being written as tmp), checked at each read."""
-    with open(f"{path}.crc32.tmp", "w") as f:
+    with open(f"{path}.crc32.{os.getpid()}.tmp", "w") as f:  # runs may share a cache
         f.write(str(crc32(tmp)))
     os.replace(f.name, f"{path}.crc32")
 
@@ -266,7 +269,7 @@ def read_cached(path, rows):
         why = f"{type(e).__name__}: {e}"
     print(f"warning: film cache {path} is damaged ({why}); decoding the films again")
     for f in (path, f"{path}.crc32"):
-        if os.path.exists(f):
+        with suppress(FileNotFoundError):  # another run sharing the cache removed it first
             os.remove(f)
     return None
 

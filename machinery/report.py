@@ -61,14 +61,15 @@ def leak_lines(path):
     """What the check at the start (audit.leaks) found: test films duplicated in training."""
     if not os.path.isfile(path):
         return []
-    leaks = json.load(open(path))
+    with open(path) as f:
+        leaks = json.load(f)
     n = leaks["test_films_with_duplicate_in_train"]
     if not n:
         return ["No test film has an exact or near duplicate in training (audit.py's check at "
                 "the start of the run).", ""]
     return [f"**{n} test films have an exact or near duplicate in training** (trained with "
-            "--allow-duplicates): the accuracy below is inflated by them. Pairs:", ""] + [
-        f"- `{pair}`" for pair in leaks["pairs"][:20]] + [""]
+            "--allow-duplicates): the accuracy below is inflated by them:", ""] + [
+        f"- `{line}`" for line in leaks["films"][:20]] + [""]
 
 
 def write_report(run_dir):

@@ -12,6 +12,7 @@ from PIL import Image
 import audit as audit_cli
 from machinery import audit, datasets, films
 from machinery.config import parse_args
+from machinery.report import leak_lines
 from machinery.run import read_data
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cxr-sample")
@@ -82,32 +83,47 @@ def test_training_refuses_a_test_film_copied_from_training(tmp_path):
         read_data(parse_args(flags), [64])
     *_, leaks = read_data(parse_args(flags + ["--allow-duplicates"]), [64])
     assert leaks["test_films_with_duplicate_in_train"] == 1 and leaks["allowed"]
+    with open(tmp_path / "leaks.json", "w") as f:  # what the run's report.md then says
+        json.dump(leaks, f)
+    said = "\n".join(leak_lines(str(tmp_path / "leaks.json")))
+    assert "**1 test films have an exact or near duplicate in training**" in said
+    assert "copy.png ~ " in said and first[1] in said
     clean = small_covidx(tmp_path / "clean")
     *_, leaks = read_data(parse_args(["--data", str(clean)] + flags[2:]), [64])
-    assert leaks["test_films_with_duplicate_in_train"] == 0 and leaks["pairs"] == []
+    assert leaks["test_films_with_duplicate_in_train"] == 0 and leaks["films"] == []
 
 
 def test_audit_command_finds_duplicates_patients_sources(tmp_path):
     first = [r for r in sample_rows() if r[2] == "normal"][0]
     root = small_covidx(tmp_path)
-    # the same file under a second name and patient, in train
+    test_film = open(root / "test.txt").readline().split()
+    # in train: the same file under a second name and patient, and a test film made smaller
     shutil.copy(root / "train" / first[1], root / "train" / "again.jpg")
+    img = Image.open(root / "test" / test_film[1])
+    img.resize((img.width // 2, img.height // 2)).save(root / "train" / "smaller.png")
     with open(root / "train.txt", "a") as f:
-        f.write(f"other again.jpg normal {first[3]}\n")
+        f.write(f"other again.jpg normal {first[3]}\nother2 smaller.png {test_film[2]} x\n")
     out = tmp_path / "audit"
+    (out).mkdir()
+    (out / "duplicates.png").write_bytes(b"an earlier audit's")
     a = audit_cli.main(["--data", str(root), "--out", str(out), "--cache-dir", ""])
-    pairs = a["duplicates"]["train~train"]
-    assert [(os.path.basename(p["a"]), os.path.basename(p["b"]), p["identical"])
-            for p in pairs] == [(first[1], "again.jpg", True)]
-    assert [p["patient_b"] for p in a["same_picture_two_patients"]] == ["other"]
+    pairs = {k: [(os.path.basename(p["a"]), os.path.basename(p["b"]), p["identical"],
+                  p["same_bytes"]) for p in v] for k, v in a["duplicates"].items()}
+    assert pairs == {"train~train": [(first[1], "again.jpg", True, True)], "test~test": [],
+                     "test~train": [(test_film[1], "smaller.png", False, False)]}
+    assert [p["patient_b"] for p in a["same_picture_two_patients"]] == ["other", "other2"]
     assert a["patients_in_both_splits"] == []
-    assert sum(a["sources"]["actualmed"].values()) + sum(
-        sum(r.values()) for s, r in a["sources"].items() if s != "actualmed") == 19
+    want = {}
+    for split in ("train", "test"):
+        for pid, name, label, source in (line.split() for line in open(root / f"{split}.txt")):
+            want.setdefault(source, dict.fromkeys(a["classes"], 0))[label] += 1
+    assert a["sources"] == want
     assert 0 < a["shortcut"]["chance"] < 1 and "source=kermany" in a["shortcut"]["features"]
     for f in ("audit.md", "audit.json", "duplicates.png"):
         assert (out / f).is_file()
-    assert json.load(open(out / "audit.json"))["films"] == {"train": 13, "test": 6}
+    assert json.load(open(out / "audit.json"))["films"] == {"train": 14, "test": 6}
     assert "again.jpg" in (out / "audit.md").read_text()
+    assert (out / "duplicates.png").read_bytes()[:4] == b"\x89PNG"  # this audit's
 
 
 def test_shortcut_baseline_sees_labels_that_follow_the_source():
@@ -134,3 +150,15 @@ def test_a_class_from_one_source_is_warned_of():
     table, warnings = audit.source_table(["COVID-19", "normal"], items)
     assert table["x"] == {"COVID-19": 5, "normal": 1}
     assert [w.split(":")[0] for w in warnings] == ["COVID-19", "normal"]
+
+
+def test_edge_cases_give_answers_not_noise():
+    assert audit.near_duplicates(torch.zeros(0, 64, 64), torch.rand(3, 64, 64)) == []
+    assert audit.near_duplicates(torch.rand(3, 64, 64), torch.zeros(0, 64, 64)) == []
+    x = torch.randn(6, len(audit.FEATURES))
+    with pytest.raises(ValueError, match="2 patients or more"):
+        audit.logistic_cv(x, [0, 1] * 3, ["p"] * 6)
+    acc, recall = audit.logistic_cv(x, [0, 1] * 3, ["p", "q"] * 3)  # 2 folds of one patient
+    assert 0 <= acc <= 1 and set(recall) == {0, 1}
+    one = datasets.Items([None] * 3, [0] * 3, list("abc"), ["s"] * 3)
+    assert audit.source_table(["A"], one)[1] == []  # one class: nothing to compare with

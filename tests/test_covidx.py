@@ -139,13 +139,42 @@ def test_later_metadata_layouts_are_read_and_unknown_ones_refused(sources, tmp_p
 def test_bad_sources_are_refused_before_writing(sources, tmp_path):
     cohen, kermany, net = sources
     out = tmp_path / "covidx"
+    os.rename(kermany / "test" / "NORMAL", tmp_path / "moved")
     with pytest.raises(datasets.DataError, match="missing .*test/NORMAL"):
-        os.rename(kermany / "test" / "NORMAL", tmp_path / "moved")
         run(cohen, kermany, out)
     os.rename(tmp_path / "moved", kermany / "test" / "NORMAL")
     (kermany / "test" / "NORMAL" / "IM-0001-0001.jpeg").write_bytes(b"\xff\xd8\xff truncated")
     with pytest.raises(datasets.DataError, match="(?s)1 films cannot be read.*IM-0001-0001"):
         run(cohen, kermany, out, "--covid-net", net)
-    with pytest.raises(datasets.DataError, match="inside the source"):
+    with pytest.raises(datasets.DataError, match="is in the source"):
         run(cohen, kermany, cohen / "out")
+    os.symlink(kermany / "train", tmp_path / "link")  # a link into a source: followed
+    with pytest.raises(datasets.DataError, match="is in the source"):
+        run(cohen, kermany, tmp_path / "link" / "out")
+    with pytest.raises(datasets.DataError, match="the folder of v1's split files"):
+        run(cohen, kermany, net, "--covid-net", net)
+    (tmp_path / "other").mkdir()  # another data set's folder: never written over
+    (tmp_path / "other" / "train.txt").write_text("p a.png normal\n")
+    with pytest.raises(datasets.DataError, match="did not make"):
+        run(cohen, kermany, tmp_path / "other")
     assert not out.exists() and not (cohen / "out").exists()
+    assert os.listdir(tmp_path / "other") == ["train.txt"]
+
+
+def test_a_second_build_replaces_the_first_whole(sources, tmp_path):
+    cohen, kermany, net = sources
+    out = tmp_path / "covidx"
+    run(cohen, kermany, out, "--seed", "1")  # v1's rules: c4.jpeg in train with this seed
+    assert (out / "train" / "c4.jpeg").is_file()
+    (out / "test" / "extra.png").write_bytes(b"mine")  # not the script's: left alone
+    with open(out / "train" / "IM-0115-0001.jpeg", "wb") as f:  # damaged: copied again
+        f.write(b"\xff\xd8")
+    rows, _ = run(cohen, kermany, out, "--covid-net", net)
+    listed = {s: {line.split()[1] for line in open(out / f"{s}.txt")} for s in rows}
+    # c4.jpeg is in test now: the stale copy in train is gone
+    assert set(os.listdir(out / "train")) == listed["train"]
+    assert set(os.listdir(out / "test")) == listed["test"] | {"extra.png"}
+    assert make_covidx_v1.sha256(out / "train" / "IM-0115-0001.jpeg") == make_covidx_v1.sha256(
+        kermany / "train" / "NORMAL" / "IM-0115-0001.jpeg")
+    run(cohen, kermany, tmp_path / "linked", "--covid-net", net, "--link", "hardlink")
+    assert os.path.samefile(tmp_path / "linked" / "test" / "c4.jpeg", cohen / "images" / "c4.jpeg")
