@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from machinery.datasets import Items
+
 THUMB = 64  # px: the films compared (a 64 px film still shows ribs, tubes and markers)
 HASH_MAX = 10  # Hamming distance (of 63 bits) under which a pair is a candidate
 NCC_MIN = 0.8  # detail correlation that confirms a candidate
@@ -156,10 +158,11 @@ def near_duplicates(th_a, th_b=None, chunk=256, batch=2048):
     return out
 
 
-def leaks(th_train, th_test, train, test, allow, problems):
+def leaks(th_train, th_test, train, test, allow, problems, classes):
     """The check at every training start: test films with an exact or near duplicate in the
-    training split (validation included) -> a summary for the run folder; they are a problem
-    unless `allow` (--allow-duplicates). One line per test film, naming its copies."""
+    training split (validation included) -> a summary for the run folder, with the sources by
+    class; the films are a problem unless `allow` (--allow-duplicates). One line per test film,
+    naming its copies."""
     pairs = near_duplicates(th_test, th_train)
     copies = {}
     for p in pairs:
@@ -170,9 +173,12 @@ def leaks(th_train, th_test, train, test, allow, problems):
         problems.add("test films have an exact or near duplicate in training", named,
                      " (test accuracy would be inflated: remove one of each pair, or pass "
                      "--allow-duplicates to go on anyway)")
+    table, warnings = source_table(classes, Items(labels=train.labels + test.labels,
+                                                  sources=train.sources + test.sources))
     return {"test_films_with_duplicate_in_train": len(named), "films": named,
             "pairs": len(pairs), "identical": sum(p.identical for p in pairs),
-            "hamming_max": HASH_MAX, "ncc_min": NCC_MIN, "allowed": bool(allow)}
+            "hamming_max": HASH_MAX, "ncc_min": NCC_MIN, "allowed": bool(allow),
+            "sources": table, "source_warnings": warnings}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,19 +57,25 @@ def stage_table(rows):
     return "\n".join(lines)
 
 
-def leak_lines(path):
-    """What the check at the start (audit.leaks) found: test films duplicated in training."""
+def data_lines(path, classes):
+    """What the audit at the start (audit.leaks) found: test films duplicated in training, and
+    the sources of each class."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
         leaks = json.load(f)
     n = leaks["test_films_with_duplicate_in_train"]
     if not n:
-        return ["No test film has an exact or near duplicate in training (audit.py's check at "
-                "the start of the run).", ""]
-    return [f"**{n} test films have an exact or near duplicate in training** (trained with "
-            "--allow-duplicates): the accuracy below is inflated by them:", ""] + [
-        f"- `{line}`" for line in leaks["films"][:20]] + [""]
+        lines = ["No test film has an exact or near duplicate in training (checked at the start "
+                 "of the run; `python audit.py --data ...` for the whole audit)."]
+    else:
+        lines = [f"**{n} test films have an exact or near duplicate in training** (trained "
+                 "with --allow-duplicates): the test metrics below are inflated by them:", ""]
+        lines += [f"- `{line}`" for line in leaks["films"][:20]]
+    lines += ["", "| source | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    lines += [f"| {src} | " + " | ".join(str(row.get(c, 0)) for c in classes) + " |"
+              for src, row in sorted(leaks["sources"].items())]
+    return lines + [""] + [f"Warning: {w}." for w in leaks["source_warnings"]] + [""]
 
 
 def write_report(run_dir):
@@ -102,8 +108,8 @@ def write_report(run_dir):
             "## LR range tests", "",
             "Each phase's sweep; the red circle marks the learning rate taken.", ""]
     text += [f"![{f[7:-4]}]({f})" for f in lrfinds] or ["(no phase used `auto`)"]
-    text += ["", "## Test split", "", *leak_lines(p("leaks.json")), "```", format_metrics(m),
-             "```", "",
+    text += ["", "## Data", "", *data_lines(p("leaks.json"), m["classes"]),
+             "## Test split", "", "```", format_metrics(m), "```", "",
              "![confusion matrix](confusion_matrix.png) ![ROC curves](roc.png)", "",
              "## Config", "", "```json", json.dumps(cfg, indent=1), "```", ""]
     with open(p("report.md"), "w") as f:

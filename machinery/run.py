@@ -128,7 +128,7 @@ def read_data(cfg, sizes):
             small = min([s for s in sizes if s >= audit.THUMB] or [max(sizes)])
             leaks = audit.leaks(audit.thumbs(full.images[small]), audit.thumbs(
                 test.images[small]), splits["train"], splits["test"], cfg.allow_duplicates,
-                problems)
+                problems, classes)
         problems.check()
     tr, va = datasets.split_patients(splits["train"], cfg.val_frac, cfg.seed)
     items = {"train": splits["train"].subset(tr), "val": splits["train"].subset(va),

@@ -12,7 +12,7 @@ from PIL import Image
 import audit as audit_cli
 from machinery import audit, datasets, films
 from machinery.config import parse_args
-from machinery.report import leak_lines
+from machinery.report import data_lines
 from machinery.run import read_data
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cxr-sample")
@@ -85,9 +85,11 @@ def test_training_refuses_a_test_film_copied_from_training(tmp_path):
     assert leaks["test_films_with_duplicate_in_train"] == 1 and leaks["allowed"]
     with open(tmp_path / "leaks.json", "w") as f:  # what the run's report.md then says
         json.dump(leaks, f)
-    said = "\n".join(leak_lines(str(tmp_path / "leaks.json")))
+    said = "\n".join(data_lines(str(tmp_path / "leaks.json"), ["COVID-19", "normal",
+                                                               "pneumonia"]))
     assert "**1 test films have an exact or near duplicate in training**" in said
     assert "copy.png ~ " in said and first[1] in said
+    assert "| copy | 1 | 0 | 0 |" in said  # the sources by class: the copy's own source
     clean = small_covidx(tmp_path / "clean")
     *_, leaks = read_data(parse_args(["--data", str(clean)] + flags[2:]), [64])
     assert leaks["test_films_with_duplicate_in_train"] == 0 and leaks["films"] == []
