@@ -181,6 +181,18 @@ def leaks(th_train, th_test, train, test, allow, problems, classes):
             "sources": table, "source_warnings": warnings}
 
 
+def val_leaks(th, tr, va, items):
+    """Validation films (rows va of items) with an exact or near duplicate among the training
+    films (rows tr) -> a summary; said as a warning, not a stop: they inflate the validation
+    numbers of each epoch, which the recipe never selects on (it keeps the last weights)."""
+    pairs = near_duplicates(th[va], th[tr]) if len(va) and len(tr) else []
+    named = sorted({items.paths[va[p.i]] for p in pairs})
+    if named:
+        print(f"warning: {len(named)} validation films have an exact or near duplicate in "
+              f"training (e.g. {named[0]}): the validation numbers are inflated by them")
+    return {"val_films_with_duplicate_in_train": len(named), "val_films": named}
+
+
 # ---------------------------------------------------------------------------------------------
 # Sources and shortcuts: what audit.py adds to the duplicates
 

@@ -72,6 +72,10 @@ def data_lines(path, classes):
         lines = [f"**{n} test films have an exact or near duplicate in training** (trained "
                  "with --allow-duplicates): the test metrics below are inflated by them:", ""]
         lines += [f"- `{line}`" for line in leaks["films"][:20]]
+    if leaks.get("val_films_with_duplicate_in_train"):
+        lines += ["", f"{leaks['val_films_with_duplicate_in_train']} validation films have an "
+                  "exact or near duplicate in training: the validation numbers per epoch are "
+                  "inflated by them."]
     lines += ["", "| source | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
     lines += [f"| {src} | " + " | ".join(str(row.get(c, 0)) for c in classes) + " |"
               for src, row in sorted(leaks["sources"].items())]

@@ -106,9 +106,9 @@ def setup(cfg, sizes=None):
 
 def read_data(cfg, sizes):
     """(classes, {split: Items}, {split: Films}, leaks): the data set read and checked, its
-    films decoded once at every size in one pass, test films duplicated in training found
-    (leaks: audit.leaks' summary), and ~cfg.val_frac of the training patients held out for
-    validation. Everything wrong with the data is said in one message, before any training."""
+    films decoded once at every size in one pass, test (and validation) films duplicated in
+    training found (leaks: audit.leaks' summary), and ~cfg.val_frac of the training patients
+    held out for validation. Everything wrong with the data is said in one message, before any training."""
     problems = datasets.Problems()
     classes, splits = datasets.load_dataset(
         cfg.data, cfg.train_split, cfg.test_split, cfg.image_dir, cfg.subtypes, cfg.phantoms,
@@ -120,17 +120,19 @@ def read_data(cfg, sizes):
     with ddp.node_first():  # its first rank decodes into the cache, the others read it
         full = films.load_pixels(splits["train"], sizes, cache, cfg.resize, problems=problems)
         test = films.load_pixels(splits["test"], sizes, cache, cfg.resize, problems=problems)
-        leaks = None
+        leaks = th = None
         # the audit's cheap part: test films also in training (audit.py). Not for phantoms
         # (in memory, or as files of source 'phantom': bench.py's): each is drawn from its own
         # seed, and their smooth shapes, without a radiograph's detail, all look alike to it
         if not problems and set(splits["train"].sources) != {"phantom"}:
             small = min([s for s in sizes if s >= audit.THUMB] or [max(sizes)])
-            leaks = audit.leaks(audit.thumbs(full.images[small]), audit.thumbs(
-                test.images[small]), splits["train"], splits["test"], cfg.allow_duplicates,
-                problems, classes)
+            th = audit.thumbs(full.images[small])
+            leaks = audit.leaks(th, audit.thumbs(test.images[small]), splits["train"],
+                                splits["test"], cfg.allow_duplicates, problems, classes)
         problems.check()
     tr, va = datasets.split_patients(splits["train"], cfg.val_frac, cfg.seed)
+    if th is not None:  # validation films copied in training: a warning (audit.val_leaks)
+        leaks.update(audit.val_leaks(th, tr, va, splits["train"]))
     items = {"train": splits["train"].subset(tr), "val": splits["train"].subset(va),
              "test": splits["test"]}
     for k, it in items.items():

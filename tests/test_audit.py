@@ -90,6 +90,20 @@ def test_training_refuses_a_test_film_copied_from_training(tmp_path):
     assert "**1 test films have an exact or near duplicate in training**" in said
     assert "copy.png ~ " in said and first[1] in said
     assert "| copy | 1 | 0 | 0 |" in said  # the sources by class: the copy's own source
+    # a validation film's copy in training: a warning and a count, not a stop
+    root2 = small_covidx(tmp_path / "val")
+    with open(root2 / "train.txt", "a") as f:
+        f.write(f"copy-patient copy.png {first[2]} x\n")
+    copy.save(root2 / "train" / "copy.png")
+    flags2 = ["--data", str(root2)] + flags[2:6] + ["--val-frac", "0.5"]
+    apart = 0
+    for seed in range(6):  # the patient split falls differently with each seed
+        _, items, _, leaks = read_data(parse_args(flags2 + ["--seed", str(seed)]), [64])
+        where = {os.path.basename(p): k for k in ("train", "val") for p in items[k].paths}
+        split = where["copy.png"] != where[first[1]]
+        assert leaks["val_films_with_duplicate_in_train"] == split
+        apart += split
+    assert 0 < apart < 6
     clean = small_covidx(tmp_path / "clean")
     *_, leaks = read_data(parse_args(["--data", str(clean)] + flags[2:]), [64])
     assert leaks["test_films_with_duplicate_in_train"] == 0 and leaks["films"] == []
