@@ -108,7 +108,8 @@ def read_data(cfg, sizes):
     """(classes, {split: Items}, {split: Films}, leaks): the data set read and checked, its
     films decoded once at every size in one pass, test (and validation) films duplicated in
     training found (leaks: audit.leaks' summary), and ~cfg.val_frac of the training patients
-    held out for validation. Everything wrong with the data is said in one message, before any training."""
+    held out for validation. Everything wrong with the data is said in one message, before any
+    training."""
     problems = datasets.Problems()
     classes, splits = datasets.load_dataset(
         cfg.data, cfg.train_split, cfg.test_split, cfg.image_dir, cfg.subtypes, cfg.phantoms,
