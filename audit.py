@@ -187,15 +187,21 @@ def measure(items, tmp):
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     d = Config()
-    p.add_argument("--data", required=True, help="COVIDx or ImageFolder root")
-    p.add_argument("--train-split", default="", help="train split file, if not found by name")
-    p.add_argument("--test-split", default="", help="test split file, if not found by name")
-    p.add_argument("--image-dir", default="", help="folder holding all images")
-    p.add_argument("--subtypes", default="", help="subtype.csv for 4-class labels")
-    p.add_argument("--cache-dir", default=d.cache_dir,
+    p.add_argument("--data", required=True, metavar="PATH", help="COVIDx or ImageFolder root")
+    p.add_argument("--train-split", default="", metavar="FILE",
+                   help="train split file (default: found in --data, as train.py)")
+    p.add_argument("--test-split", default="", metavar="FILE",
+                   help="test split file (default: found in --data, as train.py)")
+    p.add_argument("--image-dir", default="", metavar="DIR",
+                   help="folder holding all images (default: --data/train and --data/test)")
+    p.add_argument("--subtypes", default="", metavar="CSV",
+                   help="subtype.csv for 4-class labels (default: none, the labels as given)")
+    p.add_argument("--cache-dir", default=d.cache_dir, metavar="DIR",
                    help="where decoded images are cached, as train.py's ('' for none)")
-    p.add_argument("--out", default="", help="output folder (default: runs/audit-<data>/)")
-    p.add_argument("--pairs", type=int, default=24, help="pairs shown in duplicates.png")
+    p.add_argument("--out", default="", metavar="DIR",
+                   help="output folder (default: runs/audit-<data>/)")
+    p.add_argument("--pairs", type=int, default=24, metavar="N",
+                   help="pairs shown in duplicates.png")
     p.add_argument("--measure", action="store_true",
                    help="measure the near-duplicate detector instead, on copies of the train "
                         "split's films (resized, re-encoded, cropped, brighter, 16-bit) and on "
