@@ -13,7 +13,8 @@ COVID-19) and manifest.json (every film's SHA-256, its source file, the sources'
 the counts). Prints the counts against v1's (train 5,310, test 639) and every listed film it
 could not find, by source, with what to do. Checks everything before writing anything; run it
 again to resume an interrupted copy (films already there with the right checksum are kept).
-The sources and the patient ids: machinery/covidx.py. Step by step: docs/data.md#covidx-v1-step-by-step.
+The sources and the patient ids: machinery/covidx.py. Step by step:
+docs/data.md#covidx-v1-step-by-step.
 """
 import argparse
 import json
