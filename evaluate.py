@@ -19,13 +19,13 @@ import torch
 
 from data import Augment, eval_batches
 from machinery import datasets, devices, films
-from machinery.checkpoint import load_checkpoint
 from machinery.config import Config, Help
 from machinery.hostmem import HostImages, on_host
 from machinery.metrics import classification_metrics, format_metrics
 from machinery.plots import confusion_plot
 from machinery.report import roc_plot, write_predictions
 from model import class_logits
+from predict import Classifier
 
 
 def map_classes(data_classes, model_classes, class_map=""):
@@ -41,7 +41,7 @@ def map_classes(data_classes, model_classes, class_map=""):
             missing.append(c)
         out[i] = j
     if missing:
-        raise SystemExit(f"classes {missing} of the data are not among the model's "
+        raise datasets.DataError(f"classes {missing} of the data are not among the model's "
                          f"{model_classes}; map them with --class-map {missing[0]}=NAME,...")
     return out
 
@@ -125,13 +125,11 @@ def main(argv=None):
     if a.batch_size < 1 or a.size < 0 or a.phantoms < 8:
         p.error(f"--batch-size {a.batch_size} --size {a.size} --phantoms {a.phantoms}: give a "
                 "batch of 1 or more, a size of 0 (the model's) or more, 8 phantoms or more")
-    model, ck = load_checkpoint(a.checkpoint)
-    classes, size = ck["classes"], a.size or ck.get("size") or 224
+    clf = Classifier.load(a.checkpoint, a.device, a.precision, a.channels_last, a.size)
+    model, classes, size, dev = clf.model, clf.classes, clf.size, clf.device
+    amp, cl = clf.amp, clf.channels_last
     # resized and augmented as the model was trained (older checkpoints: squished films)
-    cfg = {**dataclasses.asdict(Config()), "resize": "squish", **ck.get("config", {})}
-    dev = devices.pick_device(a.device)
-    amp, cl = devices.precision(dev, a.precision), devices.channels_last(dev, a.channels_last)
-    model = model.to(dev, memory_format=torch.channels_last if cl else torch.preserve_format)
+    cfg = {**dataclasses.asdict(Config()), "resize": "squish", **clf.config}
     problems = datasets.Problems()
     data_classes, splits = datasets.load_dataset(a.data, a.train_split, a.test_split, a.image_dir,
                                              a.subtypes, a.phantoms, a.seed, True, True, problems)

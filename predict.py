@@ -10,6 +10,18 @@ blended over the original radiograph at its original size (with --resize crop th
 and the heat map covers, the film's centre square, as fastai v1 validates). A heat map shows what
 drove the score, not where the disease is: a bright patch on a text marker or the edge of the
 film is a reason to distrust the model.
+
+From Python, the same in a few lines (the API; evaluate.py loads its model with it too):
+
+    from predict import Classifier
+    clf = Classifier.load("runs/NAME")              # a run folder or a .pt checkpoint
+    clf.predict("film.png")                         # {'COVID-19': 0.03, 'bacterial': ...}
+    clf.predict([pil_image, uint16_array, tensor])  # any size and bit depth: a dict each
+    heat, label = clf.gradcam("film.png")           # (h, w) in [0, 1], for the top class
+
+Films are resized and normalised as in training. A film that cannot be read raises a
+FilmError, a bad checkpoint a CheckpointError, each naming the input; the command line turns
+them into a message and exit status 1.
 """
 import argparse
 import csv
@@ -22,10 +34,122 @@ from PIL import Image, ImageOps
 
 from data import eval_batches, normalize, view
 from machinery import devices
-from machinery.checkpoint import load_checkpoint
+from machinery.checkpoint import CheckpointError, load_checkpoint
 from machinery.config import Help
-from machinery.films import decode, film_aspect, stored_size, to_gray
+from machinery.datasets import DataError, run_cli
+from machinery.films import CROP_MARGIN, decode, squares, stored_size, to_gray
 from model import class_logits
+
+__all__ = ["Classifier", "FilmError", "CheckpointError"]  # the API (CheckpointError: a bad file)
+
+
+class FilmError(DataError):
+    """An input that is not a readable film; the message names it and why."""
+
+
+def as_image(film):
+    """A PIL image, or a numpy array or torch tensor of one film: (H, W) of any bit depth,
+    (H, W, 3|4) uint8, or (1|3, H, W) -> a PIL image (squares() makes it one-channel 8-bit:
+    16-bit and float films have their used range stretched, as training decoded them)."""
+    if isinstance(film, Image.Image):
+        return film
+    if isinstance(film, torch.Tensor):
+        film = film.detach().cpu().numpy()
+        if film.ndim == 3 and film.shape[0] in (1, 3, 4):  # CHW -> HWC
+            film = film.transpose(1, 2, 0)
+    a = np.asarray(film)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim == 3 and a.shape[2] in (3, 4) and a.dtype != np.uint8:
+        a = a.mean(2)  # colour in floats or 16 bits: one channel, as to_gray would
+    if a.dtype == bool or a.dtype.kind == "f" or a.dtype.itemsize > 2:
+        a = a.astype(np.float32)
+    if a.ndim not in (2, 3) or min(a.shape[:2]) < 1:
+        raise ValueError(f"an array of shape {a.shape} is not a film (give (H, W), (H, W, 3) "
+                         "or (C, H, W))")
+    return Image.fromarray(a)
+
+
+class Classifier:
+    """A trained model ready to classify films: what predict.py and evaluate.py use.
+
+    classes: the model's class names; size: its input size; crop: --resize crop (the centre
+    square, as fastai v1 validates) or squish; amp and channels_last: the device's settings."""
+
+    def __init__(self, model, classes, size, crop, device, amp=None, channels_last=False):
+        fmt = torch.channels_last if channels_last else torch.preserve_format
+        self.model = model.to(device, memory_format=fmt).eval()
+        self.classes, self.size, self.crop = list(classes), size, crop
+        self.device, self.amp, self.channels_last = device, amp, channels_last
+        self.config = {}
+        # every film stored at the crop margin: its result never depends on the others'
+        self.store = stored_size(size, "crop" if crop else "squish", CROP_MARGIN)
+
+    @classmethod
+    def load(cls, path, device="auto", precision="auto", channels_last="auto", size=0):
+        """A run folder or checkpoint -> Classifier (CheckpointError if it is not one)."""
+        model, ck = load_checkpoint(path)
+        crop = ck.get("config", {}).get("resize", "squish") == "crop"
+        dev = devices.pick_device(device)
+        clf = cls(model, ck["classes"], size or ck.get("size") or 224, crop, dev,
+                  devices.precision(dev, precision), devices.channels_last(dev, channels_last))
+        clf.config = ck.get("config", {})  # how it was trained (evaluate.py's augmentation)
+        return clf
+
+    def prepare(self, film, name=None):
+        """One film (a path, PIL image, array or tensor) -> (uint8 (T, T) film, its height /
+        width), or a FilmError naming it."""
+        name = name or (str(film) if isinstance(film, (str, os.PathLike)) else
+                        f"a {type(film).__name__}")
+        if isinstance(film, (str, os.PathLike)):
+            r = decode(film, [self.store])
+        else:
+            try:
+                r = squares(as_image(film), [self.store])
+            except Exception as e:  # not an image's shape or type
+                r = f"{type(e).__name__}: {e}"
+        if isinstance(r, str):
+            raise FilmError(f"{name}: not a readable film ({r})")
+        (w, h), (pixels,) = r
+        return pixels, h / w
+
+    def probabilities_of(self, pixels, hw, batch_size=64):
+        """Prepared films (lists from prepare) -> class probabilities (N, C) on the CPU."""
+        images = torch.from_numpy(np.stack(pixels))[:, None].to(self.device)  # (N, 1, T, T)
+        hw = torch.tensor(hw, device=self.device) if self.crop else None
+        batches = eval_batches(images, self.size, hw, batch_size,
+                               channels_last=self.channels_last)
+        return class_logits(self.model, self.model, batches, self.amp).softmax(1).cpu()
+
+    def probabilities(self, films, batch_size=64):
+        """Films (paths, PIL images, arrays, tensors) -> class probabilities (N, C)."""
+        prepared = [self.prepare(f) for f in films]
+        return self.probabilities_of([p for p, _ in prepared], [r for _, r in prepared],
+                                     batch_size)
+
+    def predict(self, films, batch_size=64):
+        """{class name: probability} for one film, or a list of them for a list of films."""
+        one = not isinstance(films, (list, tuple))
+        probs = self.probabilities([films] if one else films, batch_size).tolist()
+        out = [dict(zip(self.classes, p)) for p in probs]
+        return out[0] if one else out
+
+    def input_of(self, pixels, hw):
+        """A prepared film -> the body's input (1, 3, size, size), as evaluation sees it."""
+        x = torch.from_numpy(np.array(pixels))[None, None].to(self.device).float() / 255
+        h = torch.tensor([hw], device=self.device) if self.crop else None
+        return normalize(view(x, self.size, h), self.channels_last)
+
+    def gradcam(self, film, target=None):
+        """(heat map (h, w) in [0, 1] over what the model saw, the class it explains): the
+        top class, or `target` (a class name)."""
+        pixels, hw = self.prepare(film)
+        x = self.input_of(pixels, hw)
+        if target is None:  # the class predict() gives it, under the same precision
+            target = self.classes[int(self.probabilities_of([pixels], [hw])[0].argmax())]
+        if target not in self.classes:
+            raise ValueError(f"{target!r} is not one of the model's classes {self.classes}")
+        return gradcam(self.model, x, self.classes.index(target)).cpu(), target
 
 
 def find_files(args):
@@ -101,33 +225,23 @@ def main(argv=None):
     if a.batch_size < 1 or a.size < 0:
         p.error(f"--batch-size {a.batch_size} --size {a.size}: give a batch of 1 or more and "
                 "a size of 0 (the model's) or more")
-
-    model, ck = load_checkpoint(a.checkpoint)
-    classes, size = ck["classes"], a.size or ck.get("size") or 224
-    crop = ck.get("config", {}).get("resize", "squish") == "crop"
-    dev = devices.pick_device(a.device)
-    amp, cl = devices.precision(dev, a.precision), devices.channels_last(dev, a.channels_last)
-    model = model.to(dev, memory_format=torch.channels_last if cl else torch.preserve_format)
-    model.eval()
+    clf = Classifier.load(a.checkpoint, a.device, a.precision, a.channels_last, a.size)
     files, pixels, hw, skipped = [], [], [], []
-    todo = find_files(a.images)
-    store = stored_size(size, "crop" if crop else "squish", film_aspect(todo))
-    for f in todo:
-        r = decode(f, [store])
-        if isinstance(r, str):  # not an image, or unreadable
-            skipped.append((f, r))
-        else:
-            files.append(f)
-            pixels.append(r[1][0])
-            hw.append(r[0][1] / r[0][0])
+    for f in find_files(a.images):
+        try:
+            px, r = clf.prepare(f)
+        except FilmError as e:  # not an image, or unreadable: listed, the rest go on
+            skipped.append((f, str(e).split("not a readable film ")[-1]))
+            continue
+        files.append(f)
+        pixels.append(px)
+        hw.append(r)
     for f, why in skipped:
         print(f"skipped {f}: {why}")
     if not files:
-        raise SystemExit("no readable images among " + ", ".join(a.images))
-    images = torch.from_numpy(np.stack(pixels))[:, None].to(dev)  # (N, 1, T, T) uint8
-    hw = torch.tensor(hw, device=dev) if crop else None
-    batches = eval_batches(images, size, hw, a.batch_size, channels_last=cl)
-    probs = class_logits(model, model, batches, amp).softmax(1).cpu()
+        raise FilmError("no readable images among " + ", ".join(a.images))
+    probs = clf.probabilities_of(pixels, hw, a.batch_size)
+    classes = clf.classes
 
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w", newline="") as f:
@@ -139,14 +253,14 @@ def main(argv=None):
     if a.cam:
         os.makedirs(a.cam, exist_ok=True)
         for k, path in enumerate(files):
-            x = view(images[k:k + 1].float() / 255, size, None if hw is None else hw[k:k + 1])
-            cam = gradcam(model, normalize(x, cl), int(probs[k].argmax())).cpu()
+            x = clf.input_of(pixels[k], hw[k])
+            cam = gradcam(clf.model, x, int(probs[k].argmax())).cpu()
             stem = os.path.splitext(os.path.basename(path))[0]
-            save_cam(os.path.join(a.cam, f"{stem}_cam.png"), path, cam, crop)
+            save_cam(os.path.join(a.cam, f"{stem}_cam.png"), path, cam, clf.crop)
     print(f"{len(files)} images predicted, {len(skipped)} skipped; wrote {a.out}"
           + (f" and heat maps in {a.cam}" if a.cam else ""))
     return files, probs, skipped
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

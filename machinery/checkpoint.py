@@ -22,6 +22,7 @@ import torchvision
 
 from machinery import ddp
 from machinery.config import Config
+from machinery.datasets import DataError
 from model import COVIDResNet, load_weights
 
 
@@ -274,6 +275,11 @@ def restore(run, state):
           f"in stage {state['stage'] + 1}")
 
 
+class CheckpointError(DataError):
+    """A file that is not one of our checkpoints (missing, damaged, another kind): the message
+    names it. A DataError, so that the scripts end with the message alone (run_cli)."""
+
+
 def load_checkpoint(path):
     """One of our checkpoints -> (model, checkpoint dict), with a clear error for anything else.
 
@@ -283,14 +289,14 @@ def load_checkpoint(path):
     if os.path.isdir(path):
         path = os.path.join(path, "model.pt")
     if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such checkpoint (give a run folder or a .pt file)")
+        raise CheckpointError(f"{path}: no such checkpoint (give a run folder or a .pt file)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holding arbitrary objects
-        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}: "
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]}); is the file complete?") from e
     if not (isinstance(ck, dict) and {"model", "classes", "config"} <= set(ck)):
-        raise SystemExit(f"{path}: not a COVID-ResNet checkpoint (it needs model, classes and "
+        raise CheckpointError(f"{path}: not a COVID-ResNet checkpoint (it needs model, classes and "
                          f"config entries; train.py writes them)")
     model = COVIDResNet(getattr(torchvision.models, ck["config"]["arch"])(weights=None),
                         len(ck["classes"]))

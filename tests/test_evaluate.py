@@ -12,7 +12,8 @@ from PIL import Image
 import evaluate
 from data import Augment
 from machinery import phantom
-from machinery.checkpoint import load_checkpoint
+from machinery.checkpoint import CheckpointError, load_checkpoint
+from machinery.datasets import DataError
 from model import build_model
 
 
@@ -54,20 +55,20 @@ def test_class_mapping():
     assert evaluate.map_classes(["normal", "covid-19"], model) == {0: 2, 1: 0}
     assert evaluate.map_classes(["bacteria", "viral"], model, "bacteria=bacterial") == \
         {0: 1, 1: 3}
-    with pytest.raises(SystemExit, match=r"\['pneumonia'\].*--class-map"):
+    with pytest.raises(DataError, match=r"\['pneumonia'\].*--class-map"):
         evaluate.map_classes(["normal", "pneumonia"], model)
 
 
 def test_bad_checkpoints_are_named(tmp_path, checkpoint):
-    with pytest.raises(SystemExit, match="no such checkpoint"):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(str(tmp_path / "missing.pt"))
     cut = tmp_path / "cut.pt"
     cut.write_bytes(checkpoint.read_bytes()[:5000])
-    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(str(cut))
     other = tmp_path / "other.pt"
     torch.save(torchvision.models.resnet18().state_dict(), other)
-    with pytest.raises(SystemExit, match="not a COVID-ResNet checkpoint"):
+    with pytest.raises(CheckpointError, match="not a COVID-ResNet checkpoint"):
         load_checkpoint(str(other))
     model, ck = load_checkpoint(str(checkpoint.parent))  # a run folder means its model.pt
     assert ck["classes"] == phantom.CLASSES and model.head[-1].out_features == 4

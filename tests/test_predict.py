@@ -58,7 +58,7 @@ def test_predict_folder_with_bad_files(checkpoint, tmp_path, capsys):
 
 def test_predict_with_no_readable_image_is_an_error(checkpoint, tmp_path):
     (tmp_path / "a.txt").write_text("x")
-    with pytest.raises(SystemExit, match="no readable images"):
+    with pytest.raises(predict.FilmError, match="no readable images"):
         predict.main([str(checkpoint), str(tmp_path / "a.txt"), "--out",
                       str(tmp_path / "p.csv")])
 
@@ -78,3 +78,42 @@ def test_a_crop_model_sees_and_maps_the_centre_square(tmp_path):
     gray = lambda a: (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
     assert gray(cam[:, :10]) and gray(cam[:, 80:])  # the 10 px each side the model did not see
     assert not gray(cam[:, 10:80])  # the heat map over the 70x70 centre square
+
+
+def test_the_python_api_takes_any_film_and_answers_by_class_name(checkpoint, tmp_path):
+    clf = predict.Classifier.load(str(checkpoint), device="cpu")
+    rng = np.random.default_rng(2)
+    film = phantom.render("viral", rng)  # uint8 (256, 256), its whole range used
+    film[0, 0], film[0, 1] = 0, 255
+    path = tmp_path / "film.png"
+    Image.fromarray(film).save(path)
+    p = clf.predict(str(path))
+    assert list(p) == phantom.CLASSES and abs(sum(p.values()) - 1) < 1e-5
+    same = [Image.fromarray(film), film, film.astype(np.uint16) * 257,
+            torch.from_numpy(film).float() / 255, torch.from_numpy(film)[None].repeat(3, 1, 1),
+            np.stack([film] * 3, -1)]
+    for q in clf.predict(same):  # PIL, 8 and 16 bits, floats, CHW and HWC colour: one film
+        assert all(abs(q[c] - p[c]) < 1e-5 for c in phantom.CLASSES)
+    big = clf.predict(Image.fromarray(film).resize((512, 512)))  # any size, resized as trained
+    assert max(abs(big[c] - p[c]) for c in phantom.CLASSES) < 0.05
+    predict.main([str(checkpoint), str(path), "--out", str(tmp_path / "p.csv")])  # the same
+    row, = csv.DictReader(open(tmp_path / "p.csv"))
+    assert all(abs(float(row[f"p_{c}"]) - p[c]) < 1e-5 for c in phantom.CLASSES)
+    heat, label = clf.gradcam(str(path))
+    assert label == max(p, key=p.get) and heat.shape == (2, 2)
+    assert 0 <= heat.min() <= heat.max() <= 1
+    assert clf.gradcam(film, target="normal")[1] == "normal"
+    with pytest.raises(ValueError, match="'flu' is not one of the model's classes"):
+        clf.gradcam(film, target="flu")
+
+
+def test_the_api_raises_errors_that_name_the_input(checkpoint, tmp_path):
+    clf = predict.Classifier.load(str(checkpoint), device="cpu")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(predict.FilmError, match="bad.png: not a readable film"):
+        clf.predict(str(bad))
+    with pytest.raises(predict.FilmError, match="a ndarray: not a readable film .*shape"):
+        clf.predict(np.zeros((2, 3, 4, 5)))
+    with pytest.raises(predict.CheckpointError, match="no such checkpoint"):
+        predict.Classifier.load(str(tmp_path / "none.pt"))
