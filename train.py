@@ -29,7 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 import data
 from lrfind import suggest_lr
 from machinery import ddp
-from machinery.checkpoint import restore, resume_from, save_checkpoint
+from machinery.checkpoint import drop_last, restore, resume_from, save_checkpoint
 from machinery.config import make_stages, parse_args
 from machinery.datasets import run_cli
 from machinery.epochs import Books, MetricsLog, checkpoint_epoch, rollback_point
@@ -225,7 +225,7 @@ def main(cfg):
                 previous = phase
             print("\n" + stage_table([r for r in run.history if r["stage"] == i]))
             with ddp.fail_together():
-                if ddp.main():
+                if ddp.main() and i + 1 < len(stages):  # the last stage's weights: model.pt
                     save_checkpoint(run, os.path.join(run.dir, f"stage{i + 1}_{st.size}.pt"),
                                     stage=i + 1, size=st.size)
     if plan[-1].size != stages[-1].size:  # a last stage with no epochs: its size all the same
@@ -235,7 +235,7 @@ def main(cfg):
 
 def finish(run, films, size):
     """Save the model; then the test split, touched once: at the last stage's size, no
-    augmentation. Its metrics (with intervals), predictions and report.md."""
+    augmentation. Its metrics (with intervals), predictions and report.md; last.pt goes."""
     with ddp.fail_together():
         if ddp.main():
             save_checkpoint(run, os.path.join(run.dir, "model.pt"), size=size)
@@ -254,6 +254,8 @@ def finish(run, films, size):
     with ddp.fail_together():
         if ddp.main():
             write_outputs(run, m, probs)
+            if not run.cfg.keep_last:  # only --resume reads it, and this run is over
+                drop_last(run.dir)
     print(f"\n== test split ({len(probs)} images, {size} px)\n" + format_metrics(m))
     print(f"\nrun folder: {run.dir} (report.md); seconds: " +
           ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))

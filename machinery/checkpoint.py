@@ -7,11 +7,13 @@
     model, ck = load_checkpoint("runs/NAME")   # a trained model, for evaluate.py and predict.py
     check_writable(run_dir, need_bytes)   # before training, not at the first checkpoint
 """
+import contextlib
 import copy
 import dataclasses
 import math
 import os
 import random
+import re
 import shutil
 import threading
 import time
@@ -239,14 +241,36 @@ class Checkpointer:
         self._reap(wait=True)
 
 
+def drop_last(run_dir):
+    """Remove a finished run's last.pt (weights and Adam's moments: 3x model.pt), which only
+    --resume reads (--keep-last keeps it)."""
+    with contextlib.suppress(FileNotFoundError):  # a run of no epochs never wrote one
+        os.remove(os.path.join(run_dir, "last.pt"))
+
+
 def resume_from(cfg):
     """(config, saved state) to continue the run folder cfg.resume from its last.pt."""
     path = os.path.join(cfg.resume, "last.pt")
     if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(cfg.resume, "test_metrics.json")):
+            raise SystemExit(f"--resume {cfg.resume}: that run finished (its last.pt is removed "
+                             "at the end, unless --keep-last); nothing to resume")
         raise SystemExit(f"--resume {cfg.resume}: no last.pt there (it is written after every "
                          "epoch); nothing to resume")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = Config(**state["config"])
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = Config(**state["config"])
+        if not {"model", "opt", "history"} <= set(state):
+            raise KeyError("no model, opt and history: not a last.pt")
+    except Exception as e:  # truncated, bytes changed, not a last.pt
+        stages = sorted(f for f in os.listdir(cfg.resume) if re.fullmatch(r"stage\d+_\d+\.pt", f))
+        after = (f"; or train the stages after {stages[-1]} from its weights: python train.py "
+                 f"--weights {os.path.join(cfg.resume, stages[-1])} --stages ... with the "
+                 "remaining stages") if stages else ""
+        raise SystemExit(f"--resume {cfg.resume}: {path} is damaged ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'}), so the "
+                         f"run cannot go on from it. Start it again with --overwrite{after}") \
+            from e
     # the same run folder, whatever name it was first given
     saved.runs, saved.name = os.path.split(os.path.normpath(cfg.resume))
     saved.resume = cfg.resume

@@ -138,6 +138,8 @@ class Config:
     name: str = knob("", "run name (default: date-time and data set)")
     resume: str = knob("", "run folder to continue from its last complete epoch (last.pt); "
                        "takes no other flag (default: none, a new run)", metavar="RUN")
+    keep_last: bool = knob(False, "keep last.pt (weights and Adam's moments, 3x model.pt) "
+                           "after the run finishes; only --resume reads it")
     overwrite: bool = knob(False, "replace the run in --runs/--name if there is one (without "
                            "it, an existing run folder is never written over)")
     save_every: float = knob(0.0, "write last.pt (in the background) at most every this many "
@@ -165,7 +167,8 @@ GROUPS = {
                                          "class_weights"],
     "device and speed": ["device", "precision", "channels_last", "compile", "compile_backend",
                          "data_on", "data_gpu_gib", "sync_bn", "dist_timeout"],
-    "run folder": ["demo", "seed", "runs", "name", "resume", "overwrite", "save_every"],
+    "run folder": ["demo", "seed", "runs", "name", "resume", "overwrite", "save_every",
+                   "keep_last"],
 }
 
 # The recipe families (--recipe): each sets these knobs; the rest keep their defaults.

@@ -87,12 +87,16 @@ def test_a_run_folder_that_holds_a_run_is_never_written_over(tmp_path, capsys):
     run()
     model = tmp_path / "same" / "model.pt"
     first = model.read_bytes()
+    assert not (tmp_path / "same" / "last.pt").exists()  # a finished run keeps no last.pt
+    with pytest.raises(SystemExit, match="that run finished .*--keep-last"):
+        train.main(parse_args(["--resume", str(tmp_path / "same")]))
     with pytest.raises(SystemExit, match="already holds a run") as e:
         run("--seed", "1")
     assert "--resume" in str(e.value) and "--overwrite" in str(e.value)
     assert model.read_bytes() == first  # untouched
-    run("--seed", "1", "--overwrite")
+    run("--seed", "1", "--overwrite", "--keep-last")
     assert model.read_bytes() != first  # replaced, as asked
+    assert (tmp_path / "same" / "last.pt").exists()  # kept, as asked
     train.main(parse_args(["--resume", str(tmp_path / "same")]))  # into its own folder
 
 

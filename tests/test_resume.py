@@ -84,3 +84,19 @@ def test_a_checkpoint_write_that_dies_leaves_the_previous_one_whole(tmp_path, mo
     assert os.listdir(tmp_path) == ["last.pt"]
     saved = torch.load(path, weights_only=True)  # the previous checkpoint, intact
     assert saved["epoch"] == 1 and not torch.equal(saved["model"]["weight"], run.model.weight)
+
+
+def test_a_damaged_last_pt_says_what_to_do(tmp_path):
+    from machinery.checkpoint import resume_from
+    from machinery.config import parse_args
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"PK\x03\x04 cut short")
+    (run / "stage1_32.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"last.pt is damaged \(.*\), so the run cannot go on "
+                       r"from it\. Start it again with --overwrite; or train the stages after "
+                       r"stage1_32.pt from its weights: python train.py --weights .*stage1_32"):
+        resume_from(parse_args(["--resume", str(run)]))
+    torch.save({"model": {}}, run / "last.pt")  # a torch file, but not a last.pt
+    with pytest.raises(SystemExit, match="last.pt is damaged"):
+        resume_from(parse_args(["--resume", str(run)]))

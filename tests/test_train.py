@@ -32,7 +32,10 @@ TINY = ["--arch", "resnet18", "--weights", "none", "--device", "cpu", "--stages"
 def check_run_folder(run_dir, classes, n_epochs):
     files = set(os.listdir(run_dir))
     assert {"config.json", "classes.json", "metrics.jsonl", "test_metrics.json",
-            "model.pt", "stage1_32.pt", "stage2_40.pt", "stage3_48.pt"} <= files
+            "model.pt", "stage1_32.pt", "stage2_40.pt"} <= files
+    # the last stage's weights are model.pt alone; last.pt (for --resume) goes at the end
+    assert not {"stage3_48.pt", "last.pt"} & files
+    assert torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)["size"] == 48
     # an LR finder curve for each 'auto' phase: s1 frozen, s1 and s2 unfrozen
     for tag in ("s1_32_frozen", "s1_32_unfrozen", "s2_40_unfrozen"):
         assert {f"lrfind_{tag}.csv", f"lrfind_{tag}.png"} <= files
