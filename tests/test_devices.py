@@ -245,7 +245,7 @@ def test_resume_on_the_cpu_of_a_run_saved_on_a_gpu(tmp_path, capsys):
     train.main(parse_args([
         "--data", "phantom", "--phantoms", "64", "--arch", "resnet18", "--weights", "none",
         "--device", "cpu", "--stages", "32", "--frozen-epochs", "0", "--unfrozen-epochs", "2",
-        "--batch-size", "16", "--lr-find-steps", "4", "--cache-dir", "", "--runs",
+        "--batch-size", "16", "--lr-find-steps", "4", "--cache-dir", "", "--keep-last", "--runs",
         str(tmp_path), "--name", "r"]))
     last = tmp_path / "r" / "last.pt"
     state = torch.load(last, weights_only=True)
