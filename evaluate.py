@@ -109,10 +109,14 @@ def make_parser():
                         "(auto: the device when they fit in half its free memory)")
     p.add_argument("--cache-dir", default=Config().cache_dir,
                    help="where decoded images are cached, as train.py's ('' for none)")
-    p.add_argument("--phantoms", type=int, default=2000, help="with --data phantom")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the phantom films (train.py's --phantom-seed) and of TTA's draws")
-    p.add_argument("--out", default="", help="output folder (default: RUN/eval_<data>_<split>/)")
+    p.add_argument("--phantoms", type=int, default=0,
+                   help="with --data phantom: its number of training films (default: the run's "
+                        "--phantoms, so that the test split is the one the run was tested on)")
+    p.add_argument("--phantom-seed", type=int, default=None,
+                   help="with --data phantom: the seed of its films (default: the run's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of TTA's random draws")
+    p.add_argument("--out", default="", help="output folder (default: RUN/eval_<data>_<split>/, "
+                   "or RUN/eval_<data>_<split>_tta-<TTA>/ with --tta)")
     return p
 
 
@@ -122,7 +126,7 @@ def main(argv=None):
 
     if a.tta != "v1" and not a.tta.isdigit():
         p.error(f"--tta {a.tta}: give v1 or a number of passes")
-    if a.batch_size < 1 or a.size < 0 or a.phantoms < 8:
+    if a.batch_size < 1 or a.size < 0 or 0 < a.phantoms < 8:
         p.error(f"--batch-size {a.batch_size} --size {a.size} --phantoms {a.phantoms}: give a "
                 "batch of 1 or more, a size of 0 (the model's) or more, 8 phantoms or more")
     clf = Classifier.load(a.checkpoint, a.device, a.precision, a.channels_last, a.size)
@@ -130,9 +134,13 @@ def main(argv=None):
     amp, cl = clf.amp, clf.channels_last
     # resized and augmented as the model was trained (older checkpoints: squished films)
     cfg = {**dataclasses.asdict(Config()), "resize": "squish", **clf.config}
+    # a demo run's phantoms, as it drew them, unless told otherwise
+    phantoms = a.phantoms or clf.config.get("phantoms", 2000)
+    phantom_seed = clf.config.get("phantom_seed", 0) if a.phantom_seed is None else a.phantom_seed
     problems = datasets.Problems()
     data_classes, splits = datasets.load_dataset(a.data, a.train_split, a.test_split, a.image_dir,
-                                             a.subtypes, a.phantoms, a.seed, True, True, problems)
+                                                 a.subtypes, phantoms, phantom_seed, True, True,
+                                                 problems)
     to_model = map_classes(data_classes, classes, a.class_map)
     items = splits[a.split]
     labels = [to_model[y] for y in items.labels]
@@ -152,7 +160,8 @@ def main(argv=None):
 
     run_dir = a.checkpoint if os.path.isdir(a.checkpoint) else os.path.dirname(a.checkpoint)
     name = os.path.basename(os.path.normpath(a.data))
-    out = a.out or os.path.join(run_dir or ".", f"eval_{name}_{a.split}")
+    made_by = "" if a.tta == "0" else f"_tta-{a.tta}"  # a TTA run never overwrites the plain
+    out = a.out or os.path.join(run_dir or ".", f"eval_{name}_{a.split}{made_by}")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(m, f, indent=1)

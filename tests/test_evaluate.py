@@ -11,7 +11,7 @@ from PIL import Image
 
 import evaluate
 from data import Augment
-from machinery import phantom
+from machinery import datasets, phantom
 from machinery.checkpoint import CheckpointError, load_checkpoint
 from machinery.datasets import DataError
 from model import build_model
@@ -113,3 +113,22 @@ def test_tta_k_passes_average_equally():
     film = torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8)
     out = evaluate.tta_probs(model, film, 32, None, Augment(), "3", batch_size=2)
     assert torch.allclose(out, probs.mean(0).expand(2, -1)) and len(model.inputs) == 4
+
+
+def test_a_demo_runs_phantoms_come_from_its_config_and_tta_has_its_own_folder(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "run" / "model.pt"
+    os.makedirs(path.parent)
+    torch.save({"model": build_model(4, "none", "resnet18").state_dict(),
+                "classes": phantom.CLASSES, "size": 32,
+                "config": {"arch": "resnet18", "phantoms": 300, "phantom_seed": 3}}, path)
+    base = [str(path.parent), "--data", "phantom", "--cache-dir", "", "--batch-size", "32"]
+    m = evaluate.main(base)
+    assert m["n"] == 60  # the run's 300 phantoms: its test split of 300 // 5
+    _, splits = datasets.phantom_dataset(300, 3)
+    rows = list(csv.DictReader(open(path.parent / "eval_phantom_test" / "predictions.csv")))
+    assert [r["patient"] for r in rows] == splits["test"].patients  # the run's own films
+    assert evaluate.main(base + ["--phantoms", "200", "--phantom-seed", "1"])["n"] == 40
+    evaluate.main(base + ["--tta", "1"])
+    assert sorted(os.listdir(path.parent)) == ["eval_phantom_test", "eval_phantom_test_tta-1",
+                                               "model.pt"]
