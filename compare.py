@@ -284,6 +284,8 @@ def make_parser():
     p.add_argument("--out", default=".", help="folder for compare.md, .csv and .png")
     p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a folder that is not a finished run (default: skip it, noted)")
     return p
 
 
@@ -291,7 +293,18 @@ def main(argv=None):
     p = make_parser()
     a = p.parse_args(argv)
     try:
-        runs = [load_run(r) for r in a.runs]
+        runs, skipped = [], []
+        for r in a.runs:  # `runs/*/` also matches running, killed and LR-finder folders
+            try:
+                runs.append(load_run(r))
+            except CompareError as e:
+                if a.strict:
+                    raise
+                skipped.append(str(e))
+        for why in skipped:
+            print(f"skipped {why}")
+        if not runs:
+            raise CompareError("no finished run among " + ", ".join(a.runs))
         groups = group_runs(runs, [k for k in a.group_by.split(",") if k])
         return report(groups, a.out, a.ref or None, a.boot, a.seed)
     except CompareError as e:

@@ -206,7 +206,8 @@ def make_parser():
                                 formatter_class=Help)
     p.add_argument("checkpoint", help="a run folder or a .pt checkpoint")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--out", default="predictions.csv", help="CSV to write")
+    p.add_argument("--out", default="predictions.csv",
+                   help="CSV to write (in the current folder unless a path is given)")
     p.add_argument("--cam", default="", help="folder for Grad-CAM overlays (default: none)")
     p.add_argument("--size", type=int, default=0, help="image size (default: the model's)")
     p.add_argument("--batch-size", type=int, default=64, help="films per batch")
@@ -257,8 +258,11 @@ def main(argv=None):
             cam = gradcam(clf.model, x, int(probs[k].argmax())).cpu()
             stem = os.path.splitext(os.path.basename(path))[0]
             save_cam(os.path.join(a.cam, f"{stem}_cam.png"), path, cam, clf.crop)
-    print(f"{len(files)} images predicted, {len(skipped)} skipped; wrote {a.out}"
-          + (f" and heat maps in {a.cam}" if a.cam else ""))
+    for path, pr in list(zip(files, probs.tolist()))[:5]:  # a first look, the rest in the CSV
+        top = max(range(len(pr)), key=pr.__getitem__)
+        print(f"  {classes[top]:>12} {100 * pr[top]:5.1f}%  {path}")
+    print(f"{len(files)} images predicted, {len(skipped)} skipped; wrote "
+          f"{os.path.abspath(a.out)}" + (f" and heat maps in {a.cam}" if a.cam else ""))
     return files, probs, skipped
 
 

@@ -12,6 +12,7 @@ bar), the divergence guard, the log and the checkpoint.
 Under torchrun the losses are means over ranks, img/s counts every rank's images, and a bad
 loss on any rank rolls every rank back.
 """
+import csv
 import json
 import os
 import time
@@ -102,25 +103,39 @@ class Books:
 
 
 class MetricsLog:
-    """metrics.jsonl (rank 0; the other ranks write nothing) and run.history: one line per
-    epoch, flushed as it is written. A resumed run's log starts with what it had logged."""
+    """metrics.jsonl and metrics.csv (rank 0; the other ranks write nothing) and run.history:
+    one line per epoch, flushed as it is written (the CSV for spreadsheets and pandas, its
+    columns those of the first epoch). A resumed run's log starts with what it had logged."""
 
     def __init__(self, run):
         self.run = run
-        self.f = open(os.path.join(run.dir, "metrics.jsonl") if run.dir else os.devnull, "w")
+        path = {n: os.path.join(run.dir, n) if run.dir else os.devnull
+                for n in ("metrics.jsonl", "metrics.csv")}
+        self.f = open(path["metrics.jsonl"], "w")
+        self.c = open(path["metrics.csv"], "w", newline="")
+        self.csv = None
         for row in run.history:
-            self.f.write(json.dumps(row) + "\n")
+            self.log(row)
+
+    def log(self, row):
+        self.f.write(json.dumps(row) + "\n")
+        if self.csv is None:
+            self.csv = csv.DictWriter(self.c, list(row), extrasaction="ignore")
+            self.csv.writeheader()
+        self.csv.writerow(row)
 
     def write(self, row):
         self.run.history.append(row)
-        self.f.write(json.dumps(row) + "\n")
+        self.log(row)
         self.f.flush()
+        self.c.flush()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.f.close()
+        self.c.close()
 
 
 def rollback_point(run):

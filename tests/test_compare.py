@@ -95,7 +95,18 @@ def test_refuses_other_test_sets_and_class_lists(tmp_path):
         with pytest.raises(compare.CompareError, match=said):
             compare.compare({"a": [base], "b": [other]})
     with pytest.raises(SystemExit, match="not a finished run"):
-        compare.main([base, str(tmp_path)])
+        compare.main([base, str(tmp_path), "--strict"])
+    with pytest.raises(SystemExit, match="no finished run among"):
+        compare.main([str(tmp_path)])
+
+
+def test_unfinished_folders_are_skipped_with_a_note(tmp_path, capsys):
+    runs = runs_of(tmp_path, "a", [150, 160], 0.01) + runs_of(tmp_path, "b", [120, 130], 0.0)
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "config.json").write_text("{}")
+    rows = compare.main([*runs, str(tmp_path / "killed"), "--out", str(tmp_path / "cmp")])
+    assert len(rows) == 2  # the two groups, as without the killed folder
+    assert f"skipped {tmp_path / 'killed'}: not a finished run" in capsys.readouterr().out
 
 
 def test_the_command_line_writes_table_csv_and_plot(tmp_path, capsys):

@@ -47,7 +47,9 @@ def test_predict_folder_with_bad_files(checkpoint, tmp_path, capsys):
                                           "--cam", str(tmp_path / "cams")])
     assert [os.path.basename(f) for f in files] == ["normal.png", "viral.png"]
     assert sorted(os.path.basename(f) for f, _ in skipped) == ["corrupt.png", "notes.txt"]
-    assert "skipped" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "skipped" in said and str(out) in said  # where it wrote, the full path
+    assert "% " in said and "normal.png" in said  # a first look at the predictions
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 2 and rows[0]["predicted"] in phantom.CLASSES
     assert abs(sum(float(rows[0][f"p_{c}"]) for c in phantom.CLASSES) - 1) < 1e-4

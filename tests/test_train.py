@@ -45,6 +45,9 @@ def check_run_folder(run_dir, classes, n_epochs):
     assert json.load(open(os.path.join(run_dir, "classes.json"))) == classes
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert len(rows) == n_epochs
+    table = list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))  # the same
+    assert [(r["phase"], float(r["train_loss"])) for r in table] == [
+        (r["phase"], r["train_loss"]) for r in rows]
     assert rows[-1]["phase"] == "s3_48_unfrozen" and rows[-1]["lr"] == pytest.approx(1e-2)
     # the run's one-page report and its plots
     for png, size in [("loss.png", (800, 500)), ("accuracy.png", (800, 500)),
