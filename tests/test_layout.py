@@ -7,7 +7,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIAL = {"train", "lrfind", "model", "data", "schedule"}
 SCRIPTS = {"train", "lrfind", "evaluate", "predict", "ablate", "compare", "bench", "report",
-           "audit", "make_covidx_v1"}
+           "audit", "make_covidx_v1", "export"}
 
 
 def modules():
@@ -69,7 +69,7 @@ def test_imports_run_one_way():
     assert users["train"] <= {"bench"} and users["lrfind"] == {"train"}
     assert users["compare"] == {"ablate"} and users["predict"] == {"evaluate"} and all(
         not users[s] for s in ("evaluate", "ablate", "bench", "report", "audit",
-                               "make_covidx_v1"))
+                               "make_covidx_v1", "export"))
 
 
 def test_every_file_says_what_it_teaches_or_holds():
