@@ -30,7 +30,7 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from data import eval_batches, normalize, view
 from machinery import devices
@@ -185,9 +185,10 @@ def jet(t):
     return (np.stack(rgb, -1) * 255).astype(np.uint8)
 
 
-def save_cam(path, image_path, cam, crop, alpha=0.45):
+def save_cam(path, image_path, cam, crop, caption="", alpha=0.45):
     """Blend the heat map over the original radiograph, at the radiograph's own size: over
-    the whole film, or with crop over the centre square that the model saw."""
+    the whole film, or with crop over the centre square that the model saw. Below it, a strip
+    with the caption (the class explained, its probability) and the colour bar."""
     with Image.open(image_path) as img:
         gray = to_gray(ImageOps.exif_transpose(img))
     W, H = gray.size
@@ -198,7 +199,27 @@ def save_cam(path, image_path, cam, crop, alpha=0.45):
     out = np.asarray(gray.convert("RGB"), dtype=np.float32).copy()
     win = out[top:top + h, left:left + w]
     win[:] = (1 - alpha) * win + alpha * jet(heat).astype(np.float32)
-    Image.fromarray(out.round().astype(np.uint8)).save(path)
+    film = Image.fromarray(out.round().astype(np.uint8))
+    text = max(10, W // 40)  # the caption's size follows the film's
+    sheet = Image.new("RGB", (W, H + 3 * text), "white")
+    sheet.paste(film, (0, 0))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=text)
+    draw.text((4, H + text // 4), caption, fill="black", font=font)
+    bar = jet(np.tile(np.linspace(0, 1, max(1, W // 3)), (text, 1)))  # low ... high
+    x0 = W - bar.shape[1] - 4
+    sheet.paste(Image.fromarray(bar), (x0, H + text // 4))
+    draw.text((x0, H + text * 5 // 4), "low", fill="black", font=font)
+    draw.text((W - 4, H + text * 5 // 4), "high", fill="black", font=font, anchor="ra")
+    sheet.save(path)
+
+
+def cam_names(files, folder):
+    """A heat map's path for each file: its path below the files' common folder, so that
+    a/x.png and b/x.png do not overwrite each other (a/x_cam.png, b/x_cam.png)."""
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+    return [os.path.join(folder, os.path.splitext(os.path.relpath(os.path.abspath(f), root))[0]
+                         + "_cam.png") for f in files]
 
 
 def make_parser():
@@ -209,6 +230,8 @@ def make_parser():
     p.add_argument("--out", default="predictions.csv",
                    help="CSV to write (in the current folder unless a path is given)")
     p.add_argument("--cam", default="", help="folder for Grad-CAM overlays (default: none)")
+    p.add_argument("--cam-class", default="", metavar="CLASS",
+                   help="the class the heat maps explain (default: each film's top class)")
     p.add_argument("--size", type=int, default=0, help="image size (default: the model's)")
     p.add_argument("--batch-size", type=int, default=64, help="films per batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -227,6 +250,8 @@ def main(argv=None):
         p.error(f"--batch-size {a.batch_size} --size {a.size}: give a batch of 1 or more and "
                 "a size of 0 (the model's) or more")
     clf = Classifier.load(a.checkpoint, a.device, a.precision, a.channels_last, a.size)
+    if a.cam_class and a.cam_class not in clf.classes:
+        p.error(f"--cam-class {a.cam_class}: not one of the model's classes {clf.classes}")
     files, pixels, hw, skipped = [], [], [], []
     for f in find_files(a.images):
         try:
@@ -252,12 +277,12 @@ def main(argv=None):
             w.writerow([path, classes[max(range(len(pr)), key=pr.__getitem__)]] +
                        [f"{v:.6f}" for v in pr])
     if a.cam:
-        os.makedirs(a.cam, exist_ok=True)
-        for k, path in enumerate(files):
-            x = clf.input_of(pixels[k], hw[k])
-            cam = gradcam(clf.model, x, int(probs[k].argmax())).cpu()
-            stem = os.path.splitext(os.path.basename(path))[0]
-            save_cam(os.path.join(a.cam, f"{stem}_cam.png"), path, cam, clf.crop)
+        for k, (path, dst) in enumerate(zip(files, cam_names(files, a.cam))):
+            c = classes.index(a.cam_class) if a.cam_class else int(probs[k].argmax())
+            cam = gradcam(clf.model, clf.input_of(pixels[k], hw[k]), c).cpu()
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            save_cam(dst, path, cam, clf.crop,
+                     f"Grad-CAM of {classes[c]}: p = {100 * float(probs[k, c]):.1f}%")
     for path, pr in list(zip(files, probs.tolist()))[:5]:  # a first look, the rest in the CSV
         top = max(range(len(pr)), key=pr.__getitem__)
         print(f"  {classes[top]:>12} {100 * pr[top]:5.1f}%  {path}")

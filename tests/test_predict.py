@@ -54,8 +54,12 @@ def test_predict_folder_with_bad_files(checkpoint, tmp_path, capsys):
     assert len(rows) == 2 and rows[0]["predicted"] in phantom.CLASSES
     assert abs(sum(float(rows[0][f"p_{c}"]) for c in phantom.CLASSES) - 1) < 1e-4
     cam = Image.open(tmp_path / "cams" / "normal_cam.png")
-    assert cam.size == (90, 70) and cam.mode == "RGB"  # the radiograph's own size
-    assert len(np.unique(np.asarray(cam.convert("L")))) > 10
+    # the radiograph's own size, and a strip below it for the caption and the colour bar
+    assert cam.size == (90, 70 + 30) and cam.mode == "RGB"
+    assert len(np.unique(np.asarray(cam.convert("L"))[:70])) > 10
+    strip = np.asarray(cam)[70:].astype(int)
+    assert (strip[..., 0] - strip[..., 2] > 100).any() and (strip[..., 2] - strip[..., 0] > 100
+                                                             ).any()  # the bar: red and blue
 
 
 def test_predict_with_no_readable_image_is_an_error(checkpoint, tmp_path):
@@ -75,7 +79,7 @@ def test_a_crop_model_sees_and_maps_the_centre_square(tmp_path):
     Image.fromarray(phantom.render("viral", np.random.default_rng(1))).resize((90, 70)).save(img)
     files, probs, _ = predict.main([str(ck), str(img), "--out", str(tmp_path / "p.csv"),
                                     "--cam", str(tmp_path / "cams")])
-    cam = np.asarray(Image.open(tmp_path / "cams" / "wide_cam.png")).astype(int)
+    cam = np.asarray(Image.open(tmp_path / "cams" / "wide_cam.png")).astype(int)[:70]
     assert cam.shape == (70, 90, 3)
     gray = lambda a: (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
     assert gray(cam[:, :10]) and gray(cam[:, 80:])  # the 10 px each side the model did not see
@@ -119,3 +123,19 @@ def test_the_api_raises_errors_that_name_the_input(checkpoint, tmp_path):
         clf.predict(np.zeros((2, 3, 4, 5)))
     with pytest.raises(predict.CheckpointError, match="no such checkpoint"):
         predict.Classifier.load(str(tmp_path / "none.pt"))
+
+
+def test_heat_maps_of_same_named_files_and_of_a_chosen_class(checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    for sub in ("a", "b"):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        Image.fromarray(phantom.render("normal", rng)).save(tmp_path / "in" / sub / "x.png")
+    cams = tmp_path / "cams"
+    predict.main([str(checkpoint), str(tmp_path / "in"), "--out", str(tmp_path / "p.csv"),
+                  "--cam", str(cams), "--cam-class", "viral"])
+    assert sorted(os.path.relpath(os.path.join(d, f), cams) for d, _, fs in os.walk(cams)
+                  for f in fs) == ["a/x_cam.png", "b/x_cam.png"]  # neither overwrites the other
+    with pytest.raises(SystemExit):
+        predict.main([str(checkpoint), str(tmp_path / "in"), "--out", str(tmp_path / "q.csv"),
+                      "--cam", str(cams), "--cam-class", "flu"])
+    assert not (tmp_path / "q.csv").exists()  # refused before any work
