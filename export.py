@@ -1,6 +1,6 @@
 """Export a trained model: one self-contained file that classifies a film tensor of any size.
 
-    python export.py runs/NAME                  # -> runs/NAME/export/model.ts, body.pth
+    python export.py runs/NAME       # -> runs/NAME/export/: model.ts, body.pth, MODEL_CARD.md
     python export.py runs/NAME/model.pt --out deploy/
 
 model.ts is TorchScript: `torch.jit.load("model.ts")(film)` needs torch alone, not this code
@@ -30,6 +30,7 @@ from data import MEAN, STD
 from machinery.checkpoint import load_checkpoint
 from machinery.config import Help
 from machinery.datasets import run_cli
+from machinery.modelcard import model_card, write_model_card
 
 # body.N of our model -> the torchvision ResNet's attribute (model.COVIDResNet's Sequential)
 BODY_NAMES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
@@ -79,7 +80,8 @@ def body_state_dict(model):
 
 
 def export(checkpoint, out):
-    """Write out/model.ts, out/classes.json and out/body.pth; return their paths."""
+    """Write out/model.ts, out/classes.json, out/body.pth and out/MODEL_CARD.md; return their
+    paths."""
     model, ck = load_checkpoint(checkpoint)
     crop = ck.get("config", {}).get("resize", "squish") == "crop"
     size = ck.get("size") or 224
@@ -91,6 +93,13 @@ def export(checkpoint, out):
         json.dump({"classes": ck["classes"], "size": size, "resize": "crop" if crop else
                    "squish", "arch": ck["config"]["arch"]}, f, indent=1)
     torch.save(body_state_dict(model), paths[2])
+    run_dir = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
+    if os.path.isfile(os.path.join(run_dir, "config.json")):  # the run's card, metrics and all
+        paths.append(write_model_card(run_dir, out))
+    else:  # a checkpoint alone: what it knows
+        paths.append(os.path.join(out, "MODEL_CARD.md"))
+        with open(paths[-1], "w") as f:
+            f.write(model_card(ck["config"], ck["classes"], size))
     return paths
 
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 from machinery import audit, datasets, ddp, devices, films
 from machinery.checkpoint import Checkpointer, check_writable
 from machinery.config import Config, make_stages
+from machinery.modelcard import git_dirty
 from model import build_model, make_optimizer
 
 
@@ -174,7 +175,7 @@ def write_run_folder(cfg, run_dir, classes, dev, need_bytes, leaks=None):
         shutil.rmtree(run_dir)  # a run folder (config.json), and only now
         os.makedirs(run_dir)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump({**dataclasses.asdict(cfg), "git_commit": git_commit(),
+        json.dump({**dataclasses.asdict(cfg), "git_commit": git_commit(), "git_dirty": git_dirty(),
                    "torch": torch.__version__, "device": str(dev),
                    **({"ranks": ddp.world()} if ddp.world() > 1 else {})}, f, indent=1)
     with open(os.path.join(run_dir, "classes.json"), "w") as f:

@@ -46,7 +46,9 @@ def reference(model, film, size, crop):
 @pytest.mark.parametrize("resize", ["crop", "squish"])
 def test_the_export_matches_the_checkpoint_and_takes_any_size(tmp_path, resize):
     path = write_checkpoint(tmp_path / "run", resize)
-    ts_path, classes_path, body_path = export.main([str(path.parent)])
+    ts_path, classes_path, body_path, card_path = export.main([str(path.parent)])
+    card = open(card_path).read()  # a checkpoint alone: its card has no test metrics
+    assert "Not a medical device" in card and "None with this card" in card
     with open(classes_path) as f:
         assert json.load(f) == {"classes": phantom.CLASSES, "size": 32, "resize": resize,
                                 "arch": "resnet18"}

@@ -33,6 +33,10 @@ def check_run_folder(run_dir, classes, n_epochs):
     files = set(os.listdir(run_dir))
     assert {"config.json", "classes.json", "metrics.jsonl", "test_metrics.json",
             "model.pt", "stage1_32.pt", "stage2_40.pt"} <= files
+    card = open(os.path.join(run_dir, "MODEL_CARD.md")).read()  # what it is and is not for
+    assert "Not a medical device" in card and "## Test metrics" in card and "accuracy" in card
+    assert "`arch` 'resnet18' (paper 'resnet50')" in card and "Classes, in output order: " + \
+        ", ".join(classes) in card
     # the last stage's weights are model.pt alone; last.pt (for --resume) goes at the end
     assert not {"stage3_48.pt", "last.pt"} & files
     assert torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)["size"] == 48
@@ -42,6 +46,7 @@ def check_run_folder(run_dir, classes, n_epochs):
     assert "lrfind_s3_48_unfrozen.csv" not in files  # stage 3 had explicit LRs
     cfg = json.load(open(os.path.join(run_dir, "config.json")))
     assert cfg["stages"] == "32,40,48" and "git_commit" in cfg
+    assert cfg["git_dirty"] in (True, False, None)  # None: not a git checkout
     assert json.load(open(os.path.join(run_dir, "classes.json"))) == classes
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert len(rows) == n_epochs

@@ -1,0 +1,125 @@
+"""The model card: what a trained model is, what it was trained and tested on, and what it is
+not for, written as MODEL_CARD.md with every finished run (report.write_outputs) and every
+export (export.py).
+
+    text = model_card(config, classes, size, metrics, leaks)   # dicts as the run folder holds
+
+After Mitchell et al., "Model Cards for Model Reporting" (FAT* 2019), and Hugging Face's
+model cards: intended use, data, metrics with their intervals, limits. A COVID-19 classifier
+made from public research data is not a medical device; the card says so first.
+"""
+import json
+import os
+import subprocess
+
+from machinery.config import Config
+from machinery.metrics import format_metrics
+
+# Knobs that say where and how a run was kept, not what was trained: no deviation
+BOOKKEEPING = {"seed", "name", "runs", "resume", "overwrite", "cache_dir", "save_every",
+               "keep_last", "device", "demo", "data_on", "data_gpu_gib", "dist_timeout",
+               "data", "train_split", "test_split", "image_dir", "subtypes", "git_commit",
+               "git_dirty", "torch", "ranks", "allow_patient_overlap", "allow_missing_class",
+               "allow_duplicates", "phantoms", "phantom_seed"}
+
+PRECISION = {"auto": "auto (bf16 autocast on CUDA, fp32 on the CPU)"}
+INTENDED_USE = """\
+**For research and teaching only. Not a medical device; not for diagnosis, triage or any
+decision about a patient.** It was trained on public research images whose labels, sources and
+patients' ages differ by class (see Data): it may have learned where a film came from rather
+than what it shows. Its test metrics hold for its test split alone."""
+
+
+def git_dirty():
+    """Whether the code that ran differs from its git commit (uncommitted changes), or None
+    when it is not a git checkout."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except OSError:
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def deviations(config):
+    """{knob: (the paper's default, this run's)} for every knob that changes the training."""
+    paper = Config().__dict__
+    return {k: (paper[k], v) for k, v in config.items()
+            if k in paper and k not in BOOKKEEPING and paper[k] != v}
+
+
+def model_card(config, classes, size, metrics=None, leaks=None):
+    """MODEL_CARD.md's text from a run's config.json, classes, input size, test_metrics.json
+    and leaks.json (the last two may be None: an export of a bare checkpoint)."""
+    commit = config.get("git_commit") or "unknown"
+    dirty = {True: " with uncommitted changes (dirty)", False: " (clean)"}.get(
+        config.get("git_dirty"), "")
+    crop = config.get("resize", "squish") == "crop"
+    lines = [f"# Model card: COVID-ResNet, {config.get('arch', '?')}", "", "## Intended use",
+             "", INTENDED_USE, "", "## The model", "",
+             f"- Classes, in output order: {', '.join(classes)}.",
+             f"- Input: one grayscale film, resized to {size} x {size} px "
+             + ("(its shorter side to the size, the centre square: fastai v1's validation "
+                "crop)" if crop else "(the whole film squished to the square)")
+             + ", 8-bit (16-bit and float films stretched over their used range), repeated to "
+             "3 channels and normalised with ImageNet's mean (0.485, 0.456, 0.406) and standard "
+             "deviation (0.229, 0.224, 0.225).",
+             f"- Network: torchvision's {config.get('arch', '?')} body, weights "
+             f"`{config.get('weights', '?')}` before training, and fastai v1's head.",
+             f"- Trained by this code at git commit `{commit[:12]}`{dirty}, torch "
+             f"{config.get('torch', '?')}, on {config.get('device', '?')}, precision "
+             f"{PRECISION.get(config.get('precision'), config.get('precision', '?'))}.",
+             "", "## Recipe", "",
+             f"Stages {config.get('stages')} px, epochs head-only {config.get('frozen_epochs')} "
+             f"and all layers {config.get('unfrozen_epochs')}, recipe `{config.get('recipe')}` "
+             "(FIDELITY.md sets each element against fastai v1's source)."]
+    dev = deviations(config)
+    lines += ["Knobs set otherwise than the paper's defaults: " + (", ".join(
+        f"`{k}` {v!r} (paper {p!r})" for k, (p, v) in sorted(dev.items())) or "none") + "."]
+    lines += ["", "## Data", "", f"Data set `{config.get('data', '?')}`"
+              + (f" with subtypes `{config['subtypes']}`" if config.get("subtypes") else "")
+              + f"; validation: {config.get('val_frac')} of the training patients."]
+    if leaks:
+        classes_of = sorted({c for row in leaks["sources"].values() for c in row})
+        lines += ["", "| source | " + " | ".join(classes_of) + " |",
+                  "|---" * (len(classes_of) + 1) + "|"]
+        lines += [f"| {s} | " + " | ".join(str(row.get(c, 0)) for c in classes_of) + " |"
+                  for s, row in sorted(leaks["sources"].items())]
+        lines += [""] + [f"- Warning: {w}." for w in leaks["source_warnings"]]
+        lines += [f"- Test films with an exact or near duplicate in training: "
+                  f"{leaks['test_films_with_duplicate_in_train']}"
+                  + (" (trained with --allow-duplicates: the test metrics are inflated)"
+                     if leaks["test_films_with_duplicate_in_train"] else "") + "."]
+    lines += ["", "## Test metrics", ""]
+    if metrics:
+        lines += [f"On the test split ({metrics['n']} films), each with its 95% interval:", "",
+                  "```", format_metrics(metrics), "```"]
+    else:
+        lines += ["None with this card: evaluate the model with evaluate.py."]
+    lines += ["", "## Limits", "",
+              "- Chest films of public research collections, not of a clinical population; "
+              "prevalence in the test split is not a clinic's, so PPV and NPV do not carry "
+              "over.",
+              "- Per-source metrics (above, when the split files name sources) show how far "
+              "the model depends on where a film came from.",
+              "- Grad-CAM maps (predict.py --cam) show what raised a score, not where disease "
+              "is.", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(run_dir, out=None):
+    """MODEL_CARD.md from a run folder's files, into `out` (default: the run folder)."""
+    def read(name):
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+    config, metrics = read("config.json"), read("test_metrics.json")
+    classes = read("classes.json") or (metrics or {}).get("classes", [])
+    size = (metrics or {}).get("size") or int(str(config["stages"]).split(",")[-1])
+    path = os.path.join(out or run_dir, "MODEL_CARD.md")
+    with open(path, "w") as f:
+        f.write(model_card(config, classes, size, metrics, read("leaks.json")))
+    return path
