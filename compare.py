@@ -26,7 +26,8 @@ from machinery.plots import dot_plot
 
 # not what sets a group apart: bookkeeping, the machine (device: as resolved, e.g. cuda:0),
 # shortcuts that only set other keys (demo); code versions are warned about instead
-IGNORED = {"seed", "name", "runs", "resume", "overwrite", "cache_dir", "save_every", "keep_last",
+IGNORED = {"seed", "name", "runs", "resume", "config", "overwrite", "cache_dir", "save_every",
+           "keep_last",
            "device", "demo", "git_commit", "git_dirty", "torch", "data_on", "data_gpu_gib",
            "dist_timeout"}
 DEFAULTS = dataclasses.asdict(Config())  # for keys that older runs' config.json lack

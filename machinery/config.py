@@ -9,6 +9,7 @@ knobs of that whole family at once (RECIPES); a flag given explicitly still wins
 lists every element of the recipe against fastai v1's source.
 """
 import argparse
+import json
 import math
 import os
 import re
@@ -138,6 +139,9 @@ class Config:
     name: str = knob("", "run name (default: date-time and data set)")
     resume: str = knob("", "run folder to continue from its last complete epoch (last.pt); "
                        "takes no other flag (default: none, a new run)", metavar="RUN")
+    config: str = knob("", "a run's config.json: its knobs become the defaults, the flags given "
+                       "still win; a new run (its name, resume, overwrite and device are not "
+                       "taken) (default: none)", metavar="FILE")
     keep_last: bool = knob(False, "keep last.pt (weights and Adam's moments, 3x model.pt) "
                            "after the run finishes; only --resume reads it")
     overwrite: bool = knob(False, "replace the run in --runs/--name if there is one (without "
@@ -167,8 +171,8 @@ GROUPS = {
                                          "class_weights"],
     "device and speed": ["device", "precision", "channels_last", "compile", "compile_backend",
                          "data_on", "data_gpu_gib", "sync_bn", "dist_timeout"],
-    "run folder": ["demo", "seed", "runs", "name", "resume", "overwrite", "save_every",
-                   "keep_last"],
+    "run folder": ["demo", "seed", "runs", "name", "resume", "config", "overwrite",
+                   "save_every", "keep_last"],
 }
 
 # The recipe families (--recipe): each sets these knobs; the rest keep their defaults.
@@ -264,6 +268,20 @@ def make_parser(doc=__doc__, only=None, extra=None):
     return p
 
 
+def saved_config(parser, args):
+    """--config FILE: the knobs of a run's config.json, less those that would make it that run
+    again (its name, resume, overwrite) or tie it to its machine (device), and the config."""
+    if not getattr(args, "config", ""):
+        return {}
+    try:
+        with open(args.config) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        parser.error(f"--config {args.config}: not a readable config.json ({e})")
+    names = {f.name for f in fields(Config)} - {"name", "resume", "overwrite", "device", "config"}
+    return {k: v for k, v in saved.items() if k in names}
+
+
 def parse_args(argv=None, extra=None, doc=__doc__, only=None):
     """Config from the command line (sys.argv without argv); every field is a flag.
 
@@ -272,8 +290,9 @@ def parse_args(argv=None, extra=None, doc=__doc__, only=None):
     """
     p = make_parser(doc, only, extra)
     args = p.parse_args(argv)
-    # the recipe's and the demo's values become the defaults; flags given explicitly still win
-    preset = {**RECIPES[args.recipe], **(DEMO if args.demo else {})}
+    # the recipe's and the demo's values (or a run's, --config) become the defaults; flags
+    # given explicitly still win
+    preset = {**RECIPES[args.recipe], **(DEMO if args.demo else {}), **saved_config(p, args)}
     p.set_defaults(**preset)
     args = p.parse_args(argv)
     values = {f.name: preset.get(f.name, f.default) for f in fields(Config)}

@@ -1,5 +1,7 @@
 """Flags checked before any work (one message per flag, no traceback), and run folders that are
 never written over."""
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -131,3 +133,18 @@ def test_help_says_each_default_once_and_never_an_empty_one():
         assert flat.count("(default:") >= 10 and "--seed" in flat
     assert "random seed (default: 0)" in " ".join(make_parser().format_help().split())
     assert "--no-demo" not in make_parser().format_help()  # a twin that means nothing, hidden
+
+
+def test_a_run_relaunched_from_its_config_with_one_change(tmp_path):
+    saved = dataclasses.asdict(parse_args(BASE + ["--stages", "64,96", "--wd", "0.05",
+                                                  "--name", "first", "--device", "cpu"]))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**saved, "git_commit": "abc", "torch": "2.14"}))
+    cfg = parse_args(["--config", str(path), "--seed", "7"])
+    again = dataclasses.asdict(cfg)
+    assert cfg.seed == 7 and cfg.wd == 0.05 and cfg.stages == "64,96"  # the change, the rest
+    assert cfg.name == "" and cfg.device == "auto"  # a new run, on this machine
+    assert {k for k in saved if saved[k] != again[k]} == {"seed", "name", "device", "config"}
+    assert parse_args(["--config", str(path), "--wd", "0"]).wd == 0  # flags given still win
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(tmp_path / "none.json")])
