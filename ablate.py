@@ -139,7 +139,9 @@ def parse(argv=None):
 
 def state(run_dir):
     """done (test metrics and predictions written), killed (last.pt, not done), started (a
-    run folder without a checkpoint), or new."""
+    run folder without a checkpoint), lrfind (lrfind.py's folder), or new."""
+    if os.path.isfile(os.path.join(run_dir, "lrfind.json")):
+        return "lrfind"
     if all(os.path.isfile(os.path.join(run_dir, f))
            for f in ("test_metrics.json", "test_predictions.csv")):
         return "done"
@@ -164,6 +166,8 @@ def run_one(r, log_dir):
     st = state(r["dir"])
     if st == "done":
         return "skipped (done before)", 0.0, None
+    if st == "lrfind":  # someone's LR range test: never written over
+        return f"failed ({r['dir']} holds an LR finder's folder: move it)", 0.0, None
     train = os.path.join(ROOT, "train.py")
     cmd = [sys.executable, train, "--resume", r["dir"]] if st == "killed" else \
         [sys.executable, train, *r["args"], *(["--overwrite"] if st == "started" else [])]

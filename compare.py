@@ -102,6 +102,8 @@ def welch(a, b):
 
 def load_run(path):
     """One finished run folder: its config, test metrics and per-image predictions."""
+    if os.path.isfile(os.path.join(path, "lrfind.json")):
+        raise CompareError(f"{path}: an LR finder's folder (lrfind.py), not a training run")
     need = ["config.json", "test_metrics.json", "test_predictions.csv"]
     missing = [f for f in need if not os.path.isfile(os.path.join(path, f))]
     if missing:

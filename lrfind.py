@@ -17,6 +17,7 @@ optimizer's, as in fastai.
 """
 import copy
 import csv
+import json
 import math
 import os
 
@@ -211,6 +212,10 @@ def main(argv=None):
     tag = f"{size}_{phase}"
     lr = suggest_lr(run, films["train"], size, int(cfg.batch_size.split(",")[0]), tag)
     print(f"suggested LR ({cfg.suggest}): {lr:.2e}; curve in {run.dir}/lrfind_{tag}.png")
+    if ddp.main():  # the folder's kind: compare.py and ablate.py know it is not a training run
+        with open(os.path.join(run.dir, "lrfind.json"), "w") as f:
+            json.dump({"kind": "lrfind", "size": size, "phase": phase, "suggest": cfg.suggest,
+                       "lr": lr}, f, indent=1)
     ddp.close()
     return lr
 

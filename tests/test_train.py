@@ -111,6 +111,16 @@ def test_lrfind_runs_on_its_own(tmp_path):
                       "--cache-dir", ""])
     assert 1e-7 <= lr <= 10
     assert {"lrfind_32_frozen.csv", "lrfind_32_frozen.png"} <= set(os.listdir(tmp_path / "f"))
+    kind = json.load(open(tmp_path / "f" / "lrfind.json"))
+    assert kind["kind"] == "lrfind" and kind["lr"] == lr and kind["phase"] == "frozen"
+    # its own kind: compare.py skips it with a word, ablate.py never writes over it
+    import ablate
+    import compare
+    with pytest.raises(compare.CompareError, match="an LR finder's folder"):
+        compare.load_run(str(tmp_path / "f"))
+    assert ablate.state(str(tmp_path / "f")) == "lrfind"
+    status, _, _ = ablate.run_one({"dir": str(tmp_path / "f"), "args": []}, str(tmp_path))
+    assert status.startswith("failed") and "LR finder" in status
 
 
 def test_stages_are_data_from_the_command_line(capsys):
