@@ -142,6 +142,8 @@ class Config:
     config: str = knob("", "a run's config.json: its knobs become the defaults, the flags given "
                        "still win; a new run (its name, resume, overwrite and device are not "
                        "taken) (default: none)", metavar="FILE")
+    save_best: bool = knob(False, "also keep best.pt: the weights of the epoch with the lowest "
+                           "validation loss (at its stage's size; the paper keeps the last)")
     keep_last: bool = knob(False, "keep last.pt (weights and Adam's moments, 3x model.pt) "
                            "after the run finishes; only --resume reads it")
     overwrite: bool = knob(False, "replace the run in --runs/--name if there is one (without "
@@ -172,7 +174,7 @@ GROUPS = {
     "device and speed": ["device", "precision", "channels_last", "compile", "compile_backend",
                          "data_on", "data_gpu_gib", "sync_bn", "dist_timeout"],
     "run folder": ["demo", "seed", "runs", "name", "resume", "config", "overwrite",
-                   "save_every", "keep_last"],
+                   "save_every", "keep_last", "save_best"],
 }
 
 # The recipe families (--recipe): each sets these knobs; the rest keep their defaults.

@@ -20,7 +20,7 @@ import time
 import torch
 
 from machinery import ddp, devices
-from machinery.checkpoint import rng_state
+from machinery.checkpoint import rng_state, save_checkpoint
 from machinery.run import add_time
 
 
@@ -158,4 +158,10 @@ def checkpoint_epoch(run, phase, epoch, lrs):
     with ddp.fail_together():
         run.ckpt.take(**extra)
         run.ckpt.write()
+        # --save-best: the weights of the lowest validation loss so far (resumes included)
+        if ddp.main() and run.cfg.save_best and run.history[-1]["val_loss"] <= min(
+                r["val_loss"] for r in run.history):
+            save_checkpoint(run, os.path.join(run.dir, "best.pt"), size=phase.size,
+                            stage=phase.stage + 1, epoch=len(run.history),
+                            val_loss=run.history[-1]["val_loss"])
     add_time(run, "checkpoint", time.time() - t0)

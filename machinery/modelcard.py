@@ -16,9 +16,10 @@ from machinery.config import Config
 from machinery.metrics import format_metrics
 
 # Knobs that say where and how a run was kept, not what was trained: no deviation
-BOOKKEEPING = {"seed", "name", "runs", "resume", "config", "overwrite", "cache_dir", "save_every",
-               "keep_last", "device", "demo", "data_on", "data_gpu_gib", "dist_timeout",
-               "data", "train_split", "test_split", "image_dir", "subtypes", "git_commit",
+BOOKKEEPING = {"seed", "name", "runs", "resume", "config", "overwrite", "cache_dir",
+               "save_every", "keep_last", "save_best", "device", "demo", "data_on",
+               "data_gpu_gib", "dist_timeout", "data", "train_split", "test_split", "image_dir",
+               "subtypes", "git_commit",
                "git_dirty", "torch", "ranks", "allow_patient_overlap", "allow_missing_class",
                "allow_duplicates", "phantoms", "phantom_seed"}
 

@@ -391,3 +391,17 @@ def test_a_last_stage_without_epochs_still_sets_the_test_size(tmp_path, capsys, 
     assert sizes == [32, 40]  # the test split's films at 40 px, not 32 px ones resampled
     assert "== test split (40 images, 40 px)" in capsys.readouterr().out
     assert torch.load(tmp_path / "z" / "model.pt", weights_only=True)["size"] == 40
+
+
+def test_save_best_keeps_the_epoch_of_the_lowest_validation_loss(tmp_path):
+    train.main(parse_args(["--data", "phantom", "--phantoms", "96", "--arch", "resnet18",
+                           "--weights", "none", "--device", "cpu", "--stages", "32,40",
+                           "--frozen-epochs", "0", "--unfrozen-epochs", "2", "--batch-size",
+                           "16", "--lr-unfrozen", "1e-3", "--cache-dir", "", "--save-best",
+                           "--runs", str(tmp_path), "--name", "b"]))
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    best = torch.load(tmp_path / "b" / "best.pt", weights_only=True)
+    k = min(range(len(rows)), key=lambda i: rows[i]["val_loss"])
+    assert best["val_loss"] == rows[k]["val_loss"] and best["epoch"] == k + 1
+    assert best["size"] == (32 if k < 2 else 40) and set(best["model"]) == set(
+        torch.load(tmp_path / "b" / "model.pt", weights_only=True)["model"])
