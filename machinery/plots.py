@@ -32,10 +32,15 @@ def _fmt(v, logx):
 
 
 def line_plot(path, series, xlabel, ylabel, title="", logx=False, marks=(), size=(800, 500),
-              colours=COLOURS, legend_at="top"):
+              colours=COLOURS, legend_at="top", logy=False, bands=()):
     """Draw series [(xs, ys, label), ...] into a PNG at path; marks [(x, y, label)] as dots.
 
-    colours: one per series, in order; legend_at: "top" or "bottom" (right-hand corner)."""
+    colours: one per series, in order; legend_at: "top" or "bottom" (right-hand corner);
+    logy: a log axis for y (one spike no longer flattens the rest); bands [(x from, x to,
+    label)]: spans shaded in turn and labelled at the top (a run's stages and phases)."""
+    if logy:  # drawn as log10(y), ticks put back in y's units below
+        series = [(xs, [math.log10(y) if y > 0 else math.nan for y in ys], label)
+                  for xs, ys, label in series]
     W, H = size
     left, right, top, bottom = 80, 20, 40, 60
     img = Image.new("RGB", size, "white")
@@ -54,6 +59,11 @@ def line_plot(path, series, xlabel, ylabel, title="", logx=False, marks=(), size
     px = lambda v: left + (fx(v) - x0) / (x1 - x0) * (W - left - right)
     py = lambda v: H - bottom - (v - y0) / (y1 - y0) * (H - top - bottom)
 
+    for k, (b0, b1, label) in enumerate(bands):  # inside the frame, labelled at its foot
+        a, b = max(px(b0), left), min(px(b1), W - right)
+        if k % 2 == 0:
+            d.rectangle([a, top, b, H - bottom], fill=(240, 240, 248))
+        d.text(((a + b) / 2, H - bottom - 4), label, fill=GREY, font=_font(12), anchor="mb")
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     for t in _ticks(10 ** x0 if logx else x0, 10 ** x1 if logx else x1, logx):
         x = px(t)
@@ -64,7 +74,8 @@ def line_plot(path, series, xlabel, ylabel, title="", logx=False, marks=(), size
         y = py(t)
         d.line([left - 5, y, left, y], fill="black")
         d.line([left, y, W - right, y], fill=(230, 230, 230))
-        d.text((left - 8, y), _fmt(t, False), fill="black", font=small, anchor="rm")
+        d.text((left - 8, y), f"{10 ** t:.3g}" if logy else _fmt(t, False), fill="black",
+               font=small, anchor="rm")
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     d.text(((left + W - right) / 2, H - 18), xlabel, fill="black", font=font, anchor="mm")
     d.text((10, top - 25), ylabel, fill="black", font=font)

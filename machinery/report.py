@@ -58,6 +58,28 @@ def stage_table(rows):
     return "\n".join(lines)
 
 
+def phase_bands(rows):
+    """[(first epoch - 0.5, last epoch + 0.5, 's1 head')]: each run of epochs of one phase."""
+    bands = []
+    for n, r in enumerate(rows, 1):
+        name = f"s{r['stage'] + 1} " + ("head" if r.get("phase_name") == "frozen" else "all")
+        if bands and bands[-1][2] == name:
+            bands[-1] = (bands[-1][0], n + 0.5, name)
+        else:
+            bands.append((n - 0.5, n + 0.5, name))
+    return bands
+
+
+def most_confused(cm, classes, top=5):
+    """fastai's most_confused: the largest off-diagonal cells, as lines for report.md."""
+    pairs = sorted(((cm[i][j], classes[i], classes[j], sum(cm[i])) for i in range(len(cm))
+                    for j in range(len(cm)) if i != j and cm[i][j]), reverse=True)[:top]
+    if not pairs:
+        return ["No test film was confused with another class.", ""]
+    return ["Most confused (true -> predicted: films, share of the true class):", ""] + [
+        f"- {a} -> {b}: {n} ({100 * n / total:.0f}%)" for n, a, b, total in pairs] + [""]
+
+
 def data_lines(path, classes):
     """What the audit at the start (audit.leaks) found: test films duplicated in training, and
     the sources of each class."""
@@ -90,11 +112,14 @@ def write_report(run_dir):
     rows = [json.loads(line) for line in open(p("metrics.jsonl")) if line.strip()]
     m = json.load(open(p("test_metrics.json")))
     epochs = list(range(1, len(rows) + 1))
+    bands = phase_bands(rows)
     line_plot(p("loss.png"), [(epochs, [r["train_loss"] for r in rows], "train loss"),
                               (epochs, [r["val_loss"] for r in rows], "validation loss")],
-              "epoch (all phases in order)", "cross-entropy loss", title="loss per epoch")
-    line_plot(p("accuracy.png"), [(epochs, [r["val_acc"] for r in rows], "validation")],
-              "epoch (all phases in order)", "accuracy", title="validation accuracy per epoch")
+              "epoch (all phases in order)", "cross-entropy loss (log axis)",
+              title="loss per epoch", logy=True, bands=bands)
+    line_plot(p("accuracy.png"), [(epochs, [100 * r["val_acc"] for r in rows], "validation")],
+              "epoch (all phases in order)", "accuracy %", title="validation accuracy per epoch",
+              bands=bands)
     confusion_plot(p("confusion_matrix.png"), m["confusion_matrix"], m["classes"],
                    f"test split, {m['n']} images")
     with open(p("test_predictions.csv"), newline="") as f:
@@ -115,6 +140,7 @@ def write_report(run_dir):
     text += [f"![{f[7:-4]}]({f})" for f in lrfinds] or ["(no phase used `auto`)"]
     text += ["", "## Data", "", *data_lines(p("leaks.json"), m["classes"]),
              "## Test split", "", "```", format_metrics(m), "```", "",
+             *most_confused(m["confusion_matrix"], m["classes"]),
              "![confusion matrix](confusion_matrix.png) ![ROC curves](roc.png)", "",
              "## Config", "", "```json", json.dumps(cfg, indent=1), "```", ""]
     with open(p("report.md"), "w") as f:

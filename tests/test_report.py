@@ -1,0 +1,38 @@
+"""report.md's pieces: the bands of stages and phases, the most-confused pairs, a log axis."""
+import numpy as np
+from PIL import Image
+
+from machinery.plots import line_plot
+from machinery.report import most_confused, phase_bands
+
+
+def test_phase_bands_follow_the_epochs_of_each_phase():
+    rows = [{"stage": 0, "phase_name": "frozen"}] + [{"stage": 0, "phase_name": "unfrozen"}] * 2 \
+        + [{"stage": 1, "phase_name": "unfrozen"}] * 3
+    assert phase_bands(rows) == [(0.5, 1.5, "s1 head"), (1.5, 3.5, "s1 all"),
+                                 (3.5, 6.5, "s2 all")]
+
+
+def test_most_confused_lists_the_largest_mistakes_first():
+    cm = [[5, 2, 0], [7, 10, 1], [0, 0, 4]]
+    assert most_confused(cm, ["a", "b", "c"], top=2) == [
+        "Most confused (true -> predicted: films, share of the true class):", "",
+        "- b -> a: 7 (39%)", "- a -> b: 2 (29%)", ""]
+    assert most_confused([[3, 0], [0, 2]], ["a", "b"])[0].startswith("No test film")
+
+
+def test_a_log_axis_keeps_a_spike_from_flattening_the_rest(tmp_path):
+    ys = [2.0, 80.0, 1.0, 0.9, 0.5, 0.4]
+    line_plot(tmp_path / "lin.png", [(range(1, 7), ys, "loss")], "epoch", "loss")
+    line_plot(tmp_path / "log.png", [(range(1, 7), ys, "loss")], "epoch", "loss", logy=True,
+              bands=[(0.5, 3.5, "s1"), (3.5, 6.5, "s2")])
+
+    def height_of_the_tail(name):  # rows the line spans over its last three epochs
+        a = np.asarray(Image.open(tmp_path / name).convert("RGB")).astype(int)
+        blue = (abs(a[..., 0] - 31) < 30) & (abs(a[..., 2] - 180) < 30)
+        cols = blue[75:440, 80 + (800 - 100) * 3 // 5:780]  # below the legend, in the frame
+        rows = np.nonzero(cols.any(1))[0]
+        return rows.max() - rows.min()
+    assert height_of_the_tail("log.png") > 3 * height_of_the_tail("lin.png")
+    shaded = np.asarray(Image.open(tmp_path / "log.png").convert("RGB"))[300, 100]
+    assert tuple(shaded) == (240, 240, 248)  # the first band, shaded
