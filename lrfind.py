@@ -139,6 +139,21 @@ def minimum(lrs, losses, num_it=None):
 SUGGESTIONS = {"valley": valley, "min_grad": min_grad, "steep": steep, "minimum": minimum}
 
 
+def title_of(name):
+    """lrfind_s2_224_unfrozen -> 'LR range test: stage 2, 224 px, all layers' (lrfind.py's own
+    lrfind_224_frozen: no stage)."""
+    words = []
+    for part in name.removeprefix("lrfind_").split("_"):
+        if part.startswith("s") and part[1:].isdigit():
+            words.append(f"stage {part[1:]}")
+        elif part.isdigit():
+            words.append(f"{part} px")
+        else:
+            words.append({"frozen": "head only (body frozen)", "unfrozen": "all layers"}.get(
+                part, part))
+    return "LR range test: " + ", ".join(words)
+
+
 def save_lr_find(prefix, lrs, raw, smooth, method="valley", num_it=None):
     """Write prefix.csv (lr, loss, smoothed) and prefix.png; return the suggested LR."""
     lr = SUGGESTIONS[method](lrs, smooth, num_it)
@@ -151,7 +166,7 @@ def save_lr_find(prefix, lrs, raw, smooth, method="valley", num_it=None):
     y_at = smooth[lrs.index(lr)] if lr in lrs else min(smooth[:keep])
     line_plot(prefix + ".png", [(lrs[:keep], raw[:keep], "raw loss"),
                                 (lrs[:keep], smooth[:keep], "smoothed loss")],
-              "learning rate (log scale)", "loss", title=os.path.basename(prefix),
+              "learning rate (log scale)", "loss", title=title_of(os.path.basename(prefix)),
               logx=True, marks=[(lr, y_at, f"{method} {lr:.1e}")], colours=[LIGHT, COLOURS[0]])
     return lr
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lrfind import lr_find, min_grad, minimum, save_lr_find, steep, valley
+from lrfind import lr_find, min_grad, minimum, save_lr_find, steep, title_of, valley
 from schedule import lr_sweep
 
 LRS = [lr_sweep(i, 80, 1e-7, 1e1) for i in range(81)]  # ten points per decade, 1e-7..1e1
@@ -202,3 +202,8 @@ def test_lr_find_smooths_with_fastais_debiased_average():
         expect.append(avg / (1 - 0.98 ** n))
     assert raw == losses and smooth == pytest.approx(expect, rel=1e-12)
     assert smooth[1] == pytest.approx((0.98 * 0.02 * 2 + 0.02 * 1) / (1 - 0.98 ** 2))
+
+
+def test_lr_finder_plots_are_titled_in_words():
+    assert title_of("lrfind_s2_224_unfrozen") == "LR range test: stage 2, 224 px, all layers"
+    assert title_of("lrfind_32_frozen") == "LR range test: 32 px, head only (body frozen)"
