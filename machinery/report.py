@@ -14,6 +14,7 @@ import os
 from machinery.metrics import format_metrics, roc_curve
 from machinery.modelcard import write_model_card
 from machinery.plots import COLOURS, GREY, confusion_plot, line_plot
+from schedule import ONE_CYCLE
 
 
 def write_predictions(path, items, labels, probs, classes):
@@ -56,6 +57,39 @@ def stage_table(rows):
                      f"{last['val_loss']:.4f} | {100 * last['val_acc']:.1f}% | "
                      f"{sum(r['time'] for r in rs):.1f} |")
     return "\n".join(lines)
+
+
+def schedule_plots(run_dir, rows, cfg, bands, points=50):
+    """lr_schedule.png and momentum.png: each layer group's LR and beta1 across the run, as
+    fit() set them (fastai's plot_lr), from schedule.py with each phase's max LRs in
+    metrics.jsonl; `points` per epoch."""
+    one_cycle = ONE_CYCLE[cfg.get("one_cycle", "v1")]
+    phases = []  # (first epoch, epochs, max LRs) of each run of rows of one phase
+    for n, r in enumerate(rows):
+        if phases and rows[n - 1]["phase"] == r["phase"]:
+            phases[-1][1] += 1
+        else:
+            phases.append([n, 1, r["max_lrs"]])
+    n_groups = max(len(m) for _, _, m in phases)
+    xs, lrs, moms = [], [[] for _ in range(n_groups)], []
+    for first, epochs, max_lrs in phases:
+        total = epochs * points
+        for k in range(total):
+            xs.append(first + 0.5 + k / points)
+            for g, lr_max in enumerate(max_lrs):
+                lr, beta1 = one_cycle(k, total, lr_max, cfg["pct_start"], cfg["div"],
+                                      cfg["div_final"])
+                lrs[g].append(lr)
+            moms.append(beta1)
+    # groups with the same LRs (fastai's slice(lr): every body group lr/10) draw one line
+    series = [(xs, ys, f"group {g + 1}" + "".join(f" = {h + 1}" for h in range(g + 1, n_groups)
+                                                if lrs[h] == ys)) for g, ys in enumerate(lrs)]
+    line_plot(os.path.join(run_dir, "lr_schedule.png"), series, "epoch (all phases in order)",
+              "learning rate (log axis)", title="LR of each layer group (one-cycle per phase)",
+              logy=True, bands=bands, legend_at="bottom")
+    line_plot(os.path.join(run_dir, "momentum.png"), [(xs, moms, "beta1")],
+              "epoch (all phases in order)", "Adam's beta1", title="momentum (one-cycle)",
+              bands=bands)
 
 
 def phase_bands(rows):
@@ -120,6 +154,8 @@ def write_report(run_dir):
     line_plot(p("accuracy.png"), [(epochs, [100 * r["val_acc"] for r in rows], "validation")],
               "epoch (all phases in order)", "accuracy %", title="validation accuracy per epoch",
               bands=bands)
+    if rows and all("max_lrs" in r for r in rows):
+        schedule_plots(run_dir, rows, cfg, bands)
     confusion_plot(p("confusion_matrix.png"), m["confusion_matrix"], m["classes"],
                    f"test split, {m['n']} images")
     with open(p("test_predictions.csv"), newline="") as f:
@@ -135,6 +171,7 @@ def write_report(run_dir):
             f"git commit `{cfg.get('git_commit', '?')[:12]}`, seed {cfg['seed']}.", "",
             "## Stages", "", stage_table(rows), "",
             "![loss per epoch](loss.png) ![accuracy per epoch](accuracy.png)", "",
+            "![LR of each layer group](lr_schedule.png) ![momentum](momentum.png)", "",
             "## LR range tests", "",
             "Each phase's sweep; the red circle marks the learning rate taken.", ""]
     text += [f"![{f[7:-4]}]({f})" for f in lrfinds] or ["(no phase used `auto`)"]

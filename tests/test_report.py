@@ -36,3 +36,16 @@ def test_a_log_axis_keeps_a_spike_from_flattening_the_rest(tmp_path):
     assert height_of_the_tail("log.png") > 3 * height_of_the_tail("lin.png")
     shaded = np.asarray(Image.open(tmp_path / "log.png").convert("RGB"))[300, 100]
     assert tuple(shaded) == (240, 240, 248)  # the first band, shaded
+
+
+def test_the_schedule_plots_draw_each_phase_from_its_max_lrs(tmp_path):
+    from machinery.report import schedule_plots
+    rows = [{"phase": "s1_32_frozen", "max_lrs": [1e-3, 1e-3, 1e-2]},
+            {"phase": "s1_32_unfrozen", "max_lrs": [1e-4, 1e-4, 1e-3]},
+            {"phase": "s1_32_unfrozen", "max_lrs": [1e-4, 1e-4, 1e-3]}]
+    cfg = {"one_cycle": "v1", "pct_start": 0.3, "div": 25.0, "div_final": 2.5e5}
+    schedule_plots(str(tmp_path), rows, cfg, phase_bands([{"stage": 0, "phase_name": "frozen"},
+                   {"stage": 0, "phase_name": "unfrozen"}, {"stage": 0, "phase_name": "unfrozen"}]))
+    for name in ("lr_schedule.png", "momentum.png"):
+        img = np.asarray(Image.open(tmp_path / name).convert("RGB")).astype(int)
+        assert img.shape == (500, 800, 3) and (img.std(2) > 40).sum() > 500  # coloured lines
