@@ -164,7 +164,7 @@ def fit(run, phase, lrs, films, log):
             books.roll_back(bad_lr, total)
         val_loss, val_acc, _ = evaluate(run, films["val"], phase.size)
         row = books.row(phase, epoch, lrs, val_loss, val_acc)
-        log.write(row)
+        log.write(row, books.step_losses.tolist())
         checkpoint_epoch(run, phase, epoch, lrs)
         print(f"{phase.tag} epoch {epoch + 1}/{phase.epochs}: train loss "
               f"{row['train_loss']:.4f}, val loss {val_loss:.4f}, val acc "

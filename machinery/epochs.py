@@ -38,12 +38,14 @@ class Books:
 
     def progress(self, batches):
         self.batch_size, self.n_batches = batches.bs, len(batches)
+        self.step_losses = torch.zeros(len(batches), device=self.run.device)  # steps.csv
         self.bar = ddp.progress(batches, self.desc)
         return self.bar
 
     def add(self, loss, k):
         """After step k of the phase: no host sync, the loss stays on the device."""
         self.loss_sum += loss
+        self.step_losses[self.steps] = loss.detach()
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), k,
                                      self.first_bad)
         if k == 0:  # the phase's first step: autotuning, and compilation where on
@@ -105,14 +107,19 @@ class Books:
 class MetricsLog:
     """metrics.jsonl and metrics.csv (rank 0; the other ranks write nothing) and run.history:
     one line per epoch, flushed as it is written (the CSV for spreadsheets and pandas, its
-    columns those of the first epoch). A resumed run's log starts with what it had logged."""
+    columns those of the first epoch); steps.csv: every training step's loss (rank 0's, as
+    its device computed it). A resumed run's logs start with what they had logged."""
 
     def __init__(self, run):
         self.run = run
         path = {n: os.path.join(run.dir, n) if run.dir else os.devnull
-                for n in ("metrics.jsonl", "metrics.csv")}
+                for n in ("metrics.jsonl", "metrics.csv", "steps.csv")}
         self.f = open(path["metrics.jsonl"], "w")
         self.c = open(path["metrics.csv"], "w", newline="")
+        resumed = run.history and os.path.isfile(path["steps.csv"])
+        self.s = open(path["steps.csv"], "a" if resumed else "w", newline="")
+        if not resumed:
+            self.s.write("epoch,step,loss\n")  # epoch: the row's number in metrics.jsonl
         self.csv = None
         for row in run.history:
             self.log(row)
@@ -124,18 +131,20 @@ class MetricsLog:
             self.csv.writeheader()
         self.csv.writerow(row)
 
-    def write(self, row):
+    def write(self, row, step_losses=()):
         self.run.history.append(row)
         self.log(row)
-        self.f.flush()
-        self.c.flush()
+        n = len(self.run.history)
+        self.s.writelines(f"{n},{k + 1},{loss!r}\n" for k, loss in enumerate(step_losses))
+        for f in (self.f, self.c, self.s):
+            f.flush()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.f.close()
-        self.c.close()
+        for f in (self.f, self.c, self.s):
+            f.close()
 
 
 def rollback_point(run):

@@ -13,7 +13,7 @@ import os
 
 from machinery.metrics import format_metrics, roc_curve
 from machinery.modelcard import write_model_card
-from machinery.plots import COLOURS, GREY, confusion_plot, line_plot
+from machinery.plots import COLOURS, GREY, LIGHT, confusion_plot, line_plot
 from schedule import ONE_CYCLE
 
 
@@ -92,6 +92,20 @@ def schedule_plots(run_dir, rows, cfg, bands, points=50):
               bands=bands)
 
 
+def step_series(path):
+    """steps.csv -> [(x, losses, label)]: each step at its place within its epoch (epoch n
+    spans n - 0.5 .. n + 0.5), or [] when the run kept none."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        steps = [(int(r["epoch"]), int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+    per_epoch = {}
+    for n, k, _ in steps:
+        per_epoch[n] = max(per_epoch.get(n, 0), k)
+    xs = [n - 0.5 + (k - 0.5) / per_epoch[n] for n, k, _ in steps]
+    return [(xs, [loss for *_, loss in steps], "train loss per step")] if steps else []
+
+
 def phase_bands(rows):
     """[(first epoch - 0.5, last epoch + 0.5, 's1 head')]: each run of epochs of one phase."""
     bands = []
@@ -147,10 +161,12 @@ def write_report(run_dir):
     m = json.load(open(p("test_metrics.json")))
     epochs = list(range(1, len(rows) + 1))
     bands = phase_bands(rows)
-    line_plot(p("loss.png"), [(epochs, [r["train_loss"] for r in rows], "train loss"),
+    steps = step_series(p("steps.csv"))
+    line_plot(p("loss.png"), [*steps, (epochs, [r["train_loss"] for r in rows], "train loss"),
                               (epochs, [r["val_loss"] for r in rows], "validation loss")],
               "epoch (all phases in order)", "cross-entropy loss (log axis)",
-              title="loss per epoch", logy=True, bands=bands)
+              title="loss per epoch" + (" and per training step" if steps else ""),
+              logy=True, bands=bands, colours=[LIGHT, *COLOURS] if steps else COLOURS)
     line_plot(p("accuracy.png"), [(epochs, [100 * r["val_acc"] for r in rows], "validation")],
               "epoch (all phases in order)", "accuracy %", title="validation accuracy per epoch",
               bands=bands)

@@ -56,6 +56,8 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path):
     whole_rows = [json.loads(line) for line in open(tmp_path / "whole" / "metrics.jsonl")]
     assert [(r["phase"], r["epoch"], r["train_loss"]) for r in rows] == \
         [(r["phase"], r["epoch"], r["train_loss"]) for r in whole_rows]
+    steps = [(tmp_path / k / "steps.csv").read_text() for k in ("whole", "killed")]
+    assert steps[0] == steps[1]  # every step's loss, once, the killed epoch's from its rerun
     ma = json.load(open(tmp_path / "whole" / "test_metrics.json"))
     mb = json.load(open(tmp_path / "killed" / "test_metrics.json"))
     assert ma["confusion_matrix"] == mb["confusion_matrix"]

@@ -50,6 +50,10 @@ def check_run_folder(run_dir, classes, n_epochs):
     assert json.load(open(os.path.join(run_dir, "classes.json"))) == classes
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert len(rows) == n_epochs
+    steps = list(csv.DictReader(open(os.path.join(run_dir, "steps.csv"))))  # every step's loss
+    for n, row in enumerate(rows, 1):
+        losses = [float(s["loss"]) for s in steps if int(s["epoch"]) == n]
+        assert losses and sum(losses) / len(losses) == pytest.approx(row["train_loss"], rel=1e-5)
     table = list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))  # the same
     assert [(r["phase"], float(r["train_loss"])) for r in table] == [
         (r["phase"], r["train_loss"]) for r in rows]
