@@ -154,8 +154,9 @@ def title_of(name):
     return "LR range test: " + ", ".join(words)
 
 
-def save_lr_find(prefix, lrs, raw, smooth, method="valley", num_it=None):
-    """Write prefix.csv (lr, loss, smoothed) and prefix.png; return the suggested LR."""
+def save_lr_find(prefix, lrs, raw, smooth, method="valley", num_it=None, body_div=None):
+    """Write prefix.csv (lr, loss, smoothed) and prefix.png; return the suggested LR. body_div:
+    the body's groups train at LR / body_div (fastai's slice(lr): 10), marked too."""
     lr = SUGGESTIONS[method](lrs, smooth, num_it)
     with open(prefix + ".csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -164,10 +165,14 @@ def save_lr_find(prefix, lrs, raw, smooth, method="valley", num_it=None):
     # Plot what the suggestion saw: the smoothed curve without its diverging tail
     keep = min(len(smooth), max(2, len(smooth) - 5))
     y_at = smooth[lrs.index(lr)] if lr in lrs else min(smooth[:keep])
+    marks = [(lr, y_at, f"{method} {lr:.1e}")]
+    if body_div:  # where the body's groups sit on the same curve
+        near = min(range(keep), key=lambda i: abs(math.log(lrs[i] * body_div / lr)))
+        marks.append((lr / body_div, smooth[near], f"body {lr / body_div:.1e}"))
     line_plot(prefix + ".png", [(lrs[:keep], raw[:keep], "raw loss"),
                                 (lrs[:keep], smooth[:keep], "smoothed loss")],
               "learning rate (log scale)", "loss", title=title_of(os.path.basename(prefix)),
-              logx=True, marks=[(lr, y_at, f"{method} {lr:.1e}")], colours=[LIGHT, COLOURS[0]])
+              logx=True, marks=marks, colours=[LIGHT, COLOURS[0]])
     return lr
 
 
@@ -191,8 +196,9 @@ def suggest_lr(run, films, size, batch_size, tag):
     lr = None
     with ddp.fail_together():
         if ddp.main():
+            body = 10 if tag.endswith("unfrozen") and c.discriminative else None  # slice(lr)
             lr = save_lr_find(os.path.join(run.dir, "lrfind_" + tag), lrs, raw, smooth,
-                              c.suggest, c.lr_find_steps)
+                              c.suggest, c.lr_find_steps, body)
     return ddp.broadcast(lr)  # rank 0's
 
 

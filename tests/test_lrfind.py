@@ -163,6 +163,11 @@ def test_save_lr_find_writes_csv_and_png(tmp_path):
     img = Image.open(prefix + ".png")
     assert img.size == (800, 500)
     assert len(np.unique(np.asarray(img.convert("L")))) > 10  # something was drawn
+    # an unfrozen phase's sweep also marks the body's LR (lr / 10): a second red circle
+    save_lr_find(prefix + "_body", LRS, losses, losses, "minimum", body_div=10)
+    red = lambda p: (np.abs(np.asarray(Image.open(p).convert("RGB")).astype(int) -
+                            (214, 39, 40)).sum(2) < 60).sum()
+    assert red(prefix + "_body.png") > 1.5 * red(prefix + ".png")
 
 
 def fastai_v2_valley_index(losses):
