@@ -224,3 +224,19 @@ def class_logits(model, forward, batches, amp=None):
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(
         0, model.head[-1].out_features, device=next(model.parameters()).device)
+
+
+def gradcam(model, x, target):
+    """Grad-CAM of class `target` for one normalised image x (1, 3, H, W) -> (h, w) in [0, 1].
+
+    The body's output (layer4) is weighted per channel by the mean gradient of the target
+    logit, summed, and rectified: the regions whose features raise that class's score.
+    """
+    model.eval()
+    with torch.enable_grad():
+        feats = model.body(x).detach().requires_grad_(True)  # (1, C, h, w)
+        # autograd.grad, not backward: no gradient is left on the model's weights
+        grad, = torch.autograd.grad(model.head(feats)[0, target], feats)
+    weights = grad.mean(dim=(2, 3), keepdim=True)  # (1, C, 1, 1)
+    cam = F.relu((weights * feats).sum(1))[0].detach()  # (h, w)
+    return cam / cam.max() if cam.max() > 0 else cam

@@ -38,7 +38,8 @@ from machinery.checkpoint import CheckpointError, load_checkpoint
 from machinery.config import Help
 from machinery.datasets import DataError, run_cli
 from machinery.films import CROP_MARGIN, decode, squares, stored_size, to_gray
-from model import class_logits
+from machinery.plots import jet
+from model import class_logits, gradcam
 
 __all__ = ["Classifier", "FilmError", "CheckpointError"]  # the API (CheckpointError: a bad file)
 
@@ -161,28 +162,6 @@ def find_files(args):
         else:
             files.append(a)
     return files
-
-
-def gradcam(model, x, target):
-    """Grad-CAM of class `target` for one normalised image x (1, 3, H, W) -> (h, w) in [0, 1].
-
-    The body's output (layer4) is weighted per channel by the mean gradient of the target
-    logit, summed, and rectified: the regions whose features raise that class's score.
-    """
-    model.eval()
-    with torch.enable_grad():
-        feats = model.body(x).detach().requires_grad_(True)  # (1, C, h, w)
-        # autograd.grad, not backward: no gradient is left on the model's weights
-        grad, = torch.autograd.grad(model.head(feats)[0, target], feats)
-    weights = grad.mean(dim=(2, 3), keepdim=True)  # (1, C, 1, 1)
-    cam = F.relu((weights * feats).sum(1))[0].detach()  # (h, w)
-    return cam / cam.max() if cam.max() > 0 else cam
-
-
-def jet(t):
-    """Colour map for values in [0, 1]: blue, cyan, yellow, red. (H, W) -> (H, W, 3) uint8."""
-    rgb = [np.clip(1.5 - np.abs(4 * t - k), 0, 1) for k in (3, 2, 1)]
-    return (np.stack(rgb, -1) * 255).astype(np.uint8)
 
 
 def save_cam(path, image_path, cam, crop, caption="", alpha=0.45):

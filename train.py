@@ -35,9 +35,10 @@ from machinery.datasets import run_cli
 from machinery.epochs import Books, MetricsLog, checkpoint_epoch, rollback_point
 from machinery.hostmem import rows
 from machinery.metrics import classification_metrics, format_metrics
+from machinery.plots import top_losses_plot
 from machinery.report import stage_table, write_outputs
 from machinery.run import add_time, compile_stage, forwards, setup, timed
-from model import class_logits, make_optimizer, set_body_frozen, train_step
+from model import class_logits, gradcam, make_optimizer, set_body_frozen, train_step
 from schedule import ONE_CYCLE, discriminative_lrs
 
 
@@ -253,6 +254,7 @@ def finish(run, films, size):
         m["ranks"] = {"n": ddp.world(), "same_model": same}
     with ddp.fail_together():
         if ddp.main():
+            top_losses(run, films["test"], size, probs)  # before report.md, which shows it
             write_outputs(run, m, probs)
             if not run.cfg.keep_last:  # only --resume reads it, and this run is over
                 drop_last(run.dir)
@@ -261,6 +263,23 @@ def finish(run, films, size):
           ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
     ddp.close()
     return m
+
+
+def top_losses(run, films, size, probs, k=9):
+    """top_losses.png: the k test films the model was most wrong about (fastai's
+    plot_top_losses(heatmap=True)), each as the model saw it with the Grad-CAM of the class
+    it predicted; captions: true / predicted / the true class's probability."""
+    images, labels, hw = films
+    p_true = probs[range(len(probs)), labels.cpu()]
+    tiles = []
+    for i in p_true.argsort()[:k].tolist():  # the largest losses: the lowest p(true)
+        x = data.view(rows(images, i, i + 1).float() / 255, size, None if hw is None else
+                      hw[i:i + 1])
+        pred = int(probs[i].argmax())
+        cam = gradcam(run.model, data.normalize(x, run.channels_last), pred)
+        tiles.append((x[0, 0].cpu(), cam.cpu(), f"{run.classes[int(labels[i])]} / "
+                      f"{run.classes[pred]} / {float(p_true[i]):.2f}"))
+    top_losses_plot(os.path.join(run.dir, "top_losses.png"), tiles)
 
 
 if __name__ == "__main__":  # record: under torchrun, a failing rank's error is reported whole

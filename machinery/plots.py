@@ -5,6 +5,7 @@
 """
 import math
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
@@ -159,3 +160,29 @@ def dot_plot(path, rows, title="", percent=False, size_w=900):
     d.text(((left + W - right) / 2, H - 16), "dots: runs; black bar: mean; grey: 95% interval "
            "of the mean", fill="black", font=small, anchor="mm")
     img.save(path)
+
+
+def jet(t):
+    """Colour map for values in [0, 1]: blue, cyan, yellow, red. (H, W) -> (H, W, 3) uint8."""
+    rgb = [np.clip(1.5 - np.abs(4 * t - k), 0, 1) for k in (3, 2, 1)]
+    return (np.stack(rgb, -1) * 255).astype(np.uint8)
+
+
+def top_losses_plot(path, tiles, tile=224, cols=3):
+    """fastai's plot_top_losses(heatmap=True): tiles [(film (S, S) in [0, 1], Grad-CAM (h, w)
+    in [0, 1], caption)], each film as the model saw it with its heat map, captioned."""
+    rows = math.ceil(len(tiles) / cols)
+    sheet = Image.new("RGB", (cols * tile, rows * (tile + 22) + 30), "white")
+    d = ImageDraw.Draw(sheet)
+    d.text((cols * tile / 2, 8), "top losses: true / predicted / p(true), Grad-CAM of the "
+           "predicted class", fill="black", font=_font(14), anchor="mt")
+    for k, (film, cam, caption) in enumerate(tiles):
+        x, y = (k % cols) * tile, 30 + (k // cols) * (tile + 22)
+        gray = np.asarray(Image.fromarray((film.numpy() * 255).clip(0, 255).astype(np.uint8))
+                          .resize((tile, tile), Image.Resampling.BILINEAR), np.float32)
+        heat = np.asarray(Image.fromarray((cam.numpy() * 255).astype(np.uint8))
+                          .resize((tile, tile), Image.Resampling.BILINEAR), np.float32) / 255
+        blend = 0.55 * gray[..., None] + 0.45 * jet(heat).astype(np.float32)
+        sheet.paste(Image.fromarray(blend.round().astype(np.uint8)), (x, y))
+        d.text((x + tile / 2, y + tile + 3), caption, fill="black", font=_font(13), anchor="mt")
+    sheet.save(path)

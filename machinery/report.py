@@ -195,6 +195,8 @@ def write_report(run_dir):
              "## Test split", "", "```", format_metrics(m), "```", "",
              *most_confused(m["confusion_matrix"], m["classes"]),
              "![confusion matrix](confusion_matrix.png) ![ROC curves](roc.png)", "",
+             *(["![top losses](top_losses.png)", ""] if os.path.isfile(p("top_losses.png"))
+               else []),
              "## Config", "", "```json", json.dumps(cfg, indent=1), "```", ""]
     with open(p("report.md"), "w") as f:
         f.write("\n".join(text))

@@ -33,6 +33,9 @@ def check_run_folder(run_dir, classes, n_epochs):
     files = set(os.listdir(run_dir))
     assert {"config.json", "classes.json", "metrics.jsonl", "test_metrics.json",
             "model.pt", "stage1_32.pt", "stage2_40.pt"} <= files
+    gallery = Image.open(os.path.join(run_dir, "top_losses.png"))  # the 9 worst test films
+    assert gallery.size == (3 * 224, 3 * (224 + 22) + 30)
+    assert "![top losses](top_losses.png)" in open(os.path.join(run_dir, "report.md")).read()
     card = open(os.path.join(run_dir, "MODEL_CARD.md")).read()  # what it is and is not for
     assert "Not a medical device" in card and "## Test metrics" in card and "accuracy" in card
     assert "`arch` 'resnet18' (paper 'resnet50')" in card and "Classes, in output order: " + \
