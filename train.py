@@ -273,8 +273,7 @@ def top_losses(run, films, size, probs, k=9):
     p_true = probs[range(len(probs)), labels.cpu()]
     tiles = []
     for i in p_true.argsort()[:k].tolist():  # the largest losses: the lowest p(true)
-        x = data.view(rows(images, i, i + 1).float() / 255, size, None if hw is None else
-                      hw[i:i + 1])
+        x = data.view(images[i:i + 1].float() / 255, size, None if hw is None else hw[i:i + 1])
         pred = int(probs[i].argmax())
         cam = gradcam(run.model, data.normalize(x, run.channels_last), pred)
         tiles.append((x[0, 0].cpu(), cam.cpu(), f"{run.classes[int(labels[i])]} / "
