@@ -25,13 +25,12 @@ from machinery.run import add_time
 
 
 class Books:
-    """One training epoch's accounts, kept on the device while it runs: the summed loss, the
+    """One training epoch's accounts, kept on the device while it runs: each step's loss, the
     step of the first NaN or infinite loss; its time and peak memory; a progress bar."""
 
     def __init__(self, run, desc):
         self.run, self.desc, self.t0 = run, desc, time.time()
         dev = run.device
-        self.loss_sum = torch.zeros((), device=dev)
         self.first_bad = torch.full((), -1, device=dev)  # step of the first bad loss
         self.steps, self.shown, self.bar, self.bad = 0, None, None, None
         devices.reset_peak(dev)
@@ -44,8 +43,7 @@ class Books:
 
     def add(self, loss, k):
         """After step k of the phase: no host sync, the loss stays on the device."""
-        self.loss_sum += loss
-        self.step_losses[self.steps] = loss.detach()
+        self.step_losses[self.steps] = loss.detach()  # summed once, at the epoch's end
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), k,
                                      self.first_bad)
         if k == 0:  # the phase's first step: autotuning, and compilation where on
@@ -70,7 +68,7 @@ class Books:
         self.train_time = time.time() - self.t0
         never = torch.iinfo(self.first_bad.dtype).max
         bad = int(ddp.all_min(torch.where(self.first_bad < 0, never, self.first_bad)).item())
-        self.loss_sum = ddp.all_mean(self.loss_sum)
+        self.loss_sum = ddp.all_mean(self.step_losses[:self.steps].sum())
         ddp.broadcast_buffers(self.run.model)
         self.bad = None if bad == never else bad
         return self.bad
