@@ -114,10 +114,14 @@ class MetricsLog:
                 for n in ("metrics.jsonl", "metrics.csv", "steps.csv")}
         self.f = open(path["metrics.jsonl"], "w")
         self.c = open(path["metrics.csv"], "w", newline="")
-        resumed = run.history and os.path.isfile(path["steps.csv"])
-        self.s = open(path["steps.csv"], "a" if resumed else "w", newline="")
-        if not resumed:
-            self.s.write("epoch,step,loss\n")  # epoch: the row's number in metrics.jsonl
+        kept = []
+        if run.history and os.path.isfile(path["steps.csv"]):  # resumed: keep the steps of the
+            with open(path["steps.csv"]) as f:  # epochs its checkpoint holds, not those after
+                kept = [line for line in f.readlines()[1:]
+                        if line.endswith("\n") and int(line.split(",")[0]) <= len(run.history)]
+        self.s = open(path["steps.csv"], "w", newline="")
+        self.s.write("epoch,step,loss\n")  # epoch: the row's number in metrics.jsonl
+        self.s.writelines(kept)
         self.csv = None
         for row in run.history:
             self.log(row)

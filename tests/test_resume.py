@@ -102,3 +102,16 @@ def test_a_damaged_last_pt_says_what_to_do(tmp_path):
     torch.save({"model": {}}, run / "last.pt")  # a torch file, but not a last.pt
     with pytest.raises(SystemExit, match="last.pt is damaged"):
         resume_from(parse_args(["--resume", str(run)]))
+
+
+def test_a_resumed_log_keeps_the_steps_of_the_epochs_its_checkpoint_holds(tmp_path):
+    # an epoch logged after the last checkpoint the run could write (its writer was busy, or
+    # the kill came between) is trained again on resume: its steps must not be there twice
+    from machinery.epochs import MetricsLog
+    (tmp_path / "steps.csv").write_text("epoch,step,loss\n1,1,2.5\n1,2,2.0\n2,1,1.5\n2,2,1.")
+    run = type("R", (), {"dir": str(tmp_path), "history": [{"epoch": 1, "val_loss": 1.0}]})
+    with MetricsLog(run) as log:
+        log.write({"epoch": 2, "val_loss": 0.9}, [1.25, 1.0])
+    assert (tmp_path / "steps.csv").read_text() == \
+        "epoch,step,loss\n1,1,2.5\n1,2,2.0\n2,1,1.25\n2,2,1.0\n"
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
