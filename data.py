@@ -6,10 +6,11 @@ fastai v1 augments, cropped and normalised, one batch at a time.
     for x, n in eval_batches(images, 128, hw): ...    # evaluation: the centre crop
 
 What it teaches: the airbench way of feeding a GPU. Each film was decoded once, to one-channel
-uint8 at every stage size (machinery/films.py); a stage's films move to the device once; every
-batch is then a handful of batched torch ops there: a device randperm, one grid_sample for all
-of fastai v1's geometry *and* the crop, fastai's lighting in logit space, ImageNet
-normalisation. No DataLoader, no worker processes. Augment pins each law to fastai v1's
+uint8 at every stage size (machinery/films.py); a stage's films move to the device once; each
+epoch draws its order (a device randperm) and all its augmentation at once (one torch.rand,
+each film's geometry as one 3x3 matrix); a batch is then a handful of batched torch ops there:
+a gather, one grid_sample for all of fastai v1's geometry *and* the crop, fastai's lighting in
+logit space, ImageNet normalisation (about 14 kernels). No DataLoader, no worker processes. Augment pins each law to fastai v1's
 get_transforms() (FIDELITY.md).
 
 Where the rest lives: reading and checking COVIDx split files and ImageFolder trees, and the
@@ -48,18 +49,29 @@ class Augment:
     p_lighting: float = 0.75
     flip: bool = True  # left-right, p 0.5 (fastai v1's do_flip); --no-flip keeps the heart left
 
-    def draw(self, n, gen, device, rows=slice(None)):
-        """One batch's random parameters: a dict of (n, ...) tensors, or of their `rows`.
+    UNIFORMS = 18  # uniform numbers draw() takes per image
+
+    def draw(self, n, gen, device, rows=slice(None), steps=1):
+        """`steps` batches' random parameters: a dict of (steps * n, ...) tensors, batch after
+        batch, or of each batch's `rows`.
 
         Every transform's parameters are drawn for every image (those whose coin says no get
-        the identity), so the generator advances the same amount whatever the coins say.
-        Under torchrun each rank draws for the global batch of n films, so that every rank
-        draws the same, and keeps the rows of its own films.
+        the identity), so the generator advances the same amount whatever the coins say. All
+        come from one torch.rand call (one kernel for a whole epoch), batch after batch, each
+        batch's taken in the order the transforms use them: on the CPU the very numbers that
+        one torch.rand call per transform and batch would give. Under torchrun each rank
+        draws for the global batch of n films, so that every rank draws the same, and keeps
+        the rows of its own films.
         """
-        u = lambda *shape: torch.rand(n, *shape, device=device, generator=gen)
+        U, used = torch.rand(steps, self.UNIFORMS * n, device=device, generator=gen), 0
+
+        def u(*shape):  # the next uniforms: (steps, n, *shape)
+            nonlocal used
+            used += n * math.prod(shape)
+            return U[:, used - n * math.prod(shape):used].view(steps, n, *shape)
         coin = lambda p: u() < p
         flip = coin(0.5) & self.flip
-        warp = (u(4) * 2 - 1) * self.warp * coin(self.p_affine)[:, None]
+        warp = (u(4) * 2 - 1) * self.warp * coin(self.p_affine)[..., None]
         angle = (u() * 2 - 1) * self.rotate * coin(self.p_affine)
         zoom = torch.where(coin(self.p_affine), 1 + u() * (self.zoom - 1), 1.0)
         zoom_at, crop_at = u(2), u(2)  # (x, y) in [0, 1]: fastai's (col_pct, row_pct)
@@ -67,9 +79,10 @@ class Augment:
         brightness = torch.where(coin(self.p_lighting),
                                  0.5 + (u() * 2 - 1) * self.lighting / 2, 0.5)
         contrast = torch.where(coin(self.p_lighting), torch.exp(lo - 2 * lo * u()), 1.0)
+        assert used == U.shape[1]
         p = dict(flip=flip, warp=warp, angle=angle, zoom=zoom, zoom_at=zoom_at,
                  crop_at=crop_at, brightness=brightness, contrast=contrast)
-        return {k: v[rows] for k, v in p.items()}
+        return {k: v[:, rows].reshape(-1, *v.shape[2:]) for k, v in p.items()}
 
     def __call__(self, x, gen, size=None, hw=None, p=None):
         """x: (B, 1, T, T) float in [0, 1] -> (B, 1, size, size), transformed per image.
@@ -162,13 +175,20 @@ def film_matrix(p, hw):
     return M @ W @ Fl @ C
 
 
+def pixel_centres(size, device):
+    """(1, size * size, 3): each output pixel's centre (x, y, 1) in [-1, 1], made once."""
+    if (device, "centres", size) not in _CONST:
+        ax = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, device=device)
+        ys, xs = torch.meshgrid(ax, ax, indexing="ij")
+        _CONST[device, "centres", size] = torch.stack([xs, ys, torch.ones_like(xs)],
+                                                      -1).view(1, size * size, 3)
+    return _CONST[device, "centres", size]
+
+
 def sample(x, H, size):
     """Read (B, 1, T, T) films at H(u) for each output pixel centre u: (B, 1, size, size)."""
     B = len(x)
-    ax = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, device=x.device)
-    ys, xs = torch.meshgrid(ax, ax, indexing="ij")
-    base = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, size * size, 3)
-    g = base @ H.transpose(1, 2)  # (B, size*size, 3)
+    g = pixel_centres(size, x.device) @ H.transpose(1, 2)  # (B, size*size, 3)
     grid = (g[..., :2] / g[..., 2:]).view(B, size, size, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
                          align_corners=False)
@@ -247,21 +267,25 @@ class Batches:
         return torch.randperm(len(self.labels), device=self.labels.device, generator=self.gen)
 
     def __iter__(self):
-        idx = self.order()
+        idx, n, B = self.order(), len(self), self.bs
         films = batch_source(self.images, idx)  # at -> the films idx[at], on the device
         G = self.bs * self.world  # the global batch: one step's films on all ranks
-        mine = slice(self.rank * self.bs, (self.rank + 1) * self.bs)  # this rank's part of it
-        for i in range(len(self)):
-            at = slice(i * G + mine.start, i * G + mine.stop)
-            x = films(at).float().div_(255)  # (B, 1, T, T) in [0, 1]
-            j = idx[at]
-            hw = None if self.hw is None else self.hw[j]
-            if self.aug:
-                p = self.aug.draw(G, self.gen, self.labels.device, rows=mine)
-                x = self.aug(x, self.gen, self.size, hw, p)
+        mine = slice(self.rank * B, (self.rank + 1) * B)  # this rank's part of it
+        j = idx[:n * G].view(n, G)[:, mine].reshape(-1)  # this rank's films, batch by batch
+        labels, hw = self.labels[j], None if self.hw is None else self.hw[j]
+        if self.aug:  # the epoch's draws, batch by batch, then its geometry in one go
+            p = self.aug.draw(G, self.gen, self.labels.device, rows=mine, steps=n)
+            H = film_matrix(p, hw)  # (n * B, 3, 3)
+        for i in range(n):
+            x = films(slice(i * G + mine.start, i * G + mine.stop)).float().div_(255)
+            b = slice(i * B, (i + 1) * B)  # (B, 1, T, T) in [0, 1], this batch's rows
+            if self.aug:  # one grid_sample: fastai v1's geometry and the crop; its lighting
+                x = sample(x, H[b], self.size)
+                if self.aug.lighting > 0:
+                    x = lighting(x, p["brightness"][b], p["contrast"][b])
             else:
-                x = view(x, self.size, hw)
-            yield normalize(x, self.cl), self.labels[j]
+                x = view(x, self.size, None if hw is None else hw[b])
+            yield normalize(x, self.cl), labels[b]
 
 
 def train_batches(run, films, size, batch_size, tag):

@@ -201,3 +201,47 @@ def test_batches_crop_films_without_augmentation_in_the_centre():
     assert x.shape == (4, 3, 16, 16)
     raw = x[:, 0] * B.STD[0] + B.MEAN[0]
     assert torch.allclose(raw, B.view(film.float() / 255, 16, hw)[:, 0], atol=1e-6)
+
+
+def test_an_epochs_draws_are_the_batch_by_batch_draws_on_the_cpu():
+    # one torch.rand call for the epoch gives, on the CPU, the numbers one call per transform
+    # and batch gave: the same augmentation, bit for bit, as before the epoch was vectorised
+    aug, gen = B.Augment(), torch.Generator()
+    gen.manual_seed(3)
+    epoch = aug.draw(8, gen, "cpu", rows=slice(2, 6), steps=3)
+    gen.manual_seed(3)
+    one_by_one = [aug.draw(8, gen, "cpu", rows=slice(2, 6)) for _ in range(3)]
+    gen.manual_seed(3)
+    u = lambda *shape: torch.rand(8, *shape, generator=gen)  # the former draw(), transform
+    for d in one_by_one:                                      # by transform
+        flip = u() < 0.5
+        warp = (u(4) * 2 - 1) * aug.warp * (u() < aug.p_affine)[:, None]
+        assert torch.equal(d["flip"], flip[2:6]) and torch.equal(d["warp"], warp[2:6])
+        u(), u(), u(), u(), u(2), u(2), u(), u(), u(), u()  # the rest: 18 numbers an image
+    for k, v in epoch.items():
+        assert v.shape == (12, *one_by_one[0][k].shape[1:])
+        assert torch.equal(v, torch.cat([d[k] for d in one_by_one])), k
+
+
+class AtenCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten operators called (on a GPU, most launch a kernel each)."""
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_augmented_batch_is_a_few_dozen_aten_calls():
+    # the epoch's draws and geometry are made once; a batch is a gather, one grid_sample,
+    # the lighting and the normalisation (253 aten calls a batch before, 2026-11-28)
+    imgs = torch.randint(0, 256, (64, 1, 40, 40), dtype=torch.uint8)
+    hw = torch.rand(64) + 0.5
+    calls = {}
+    for n in (4, 8):
+        train = B.Batches(imgs, torch.arange(64) % 4, 64 // n, 32, aug=B.Augment(), hw=hw)
+        with AtenCalls() as c:
+            assert len(list(train)) == n
+        calls[n] = c.n
+    per_batch = (calls[8] - calls[4]) / 4
+    assert per_batch <= 40 and calls[4] - 4 * per_batch <= 300, calls  # setup: once an epoch
