@@ -10,8 +10,8 @@ uint8 at every stage size (machinery/films.py); a stage's films move to the devi
 epoch draws its order (a device randperm) and all its augmentation at once (one torch.rand,
 each film's geometry as one 3x3 matrix); a batch is then a handful of batched torch ops there:
 a gather, one grid_sample for all of fastai v1's geometry *and* the crop, fastai's lighting in
-logit space, ImageNet normalisation (about 14 kernels). No DataLoader, no worker processes. Augment pins each law to fastai v1's
-get_transforms() (FIDELITY.md).
+logit space, ImageNet normalisation (about 14 kernels). No DataLoader, no worker processes.
+Augment pins each law to fastai v1's get_transforms() (FIDELITY.md).
 
 Where the rest lives: reading and checking COVIDx split files and ImageFolder trees, and the
 patient-level validation split, in machinery/datasets.py; decoding and the cache in
