@@ -87,9 +87,15 @@ def _imagenet_state_dict(arch):
 def _load_state_dict(path):
     if not os.path.isfile(path):
         raise SystemExit(f"--weights {path}: no such file. Use 'imagenet', 'none' or a .pth path.")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, another format, a pickle of code
+        raise SystemExit(f"--weights {path}: not a state dict torch.load can read "
+                         f"({type(e).__name__}: {str(e)[:200]})") from e
     if isinstance(sd, dict) and "model" in sd:  # one of our own checkpoints
         sd = sd["model"]
+    if not isinstance(sd, dict):
+        raise SystemExit(f"--weights {path}: holds a {type(sd).__name__}, not a state dict")
     return sd
 
 
@@ -111,18 +117,28 @@ def load_weights(module, sd, weights, arch):
     module.load_state_dict(sd)
 
 
-def build_model(n_classes, weights="imagenet", arch="resnet50", ps=0.5):
-    """COVID-ResNet with `weights` = 'imagenet' | 'none' | a path to a state dict.
+def fetch_weights(weights="imagenet", arch="resnet50"):
+    """The state dict `weights` names ('imagenet': downloaded once, then torch's cache; a
+    path), or None for 'none'. train.py fetches them before it decodes any film: a run that
+    cannot get its weights stops at once, not after minutes of decoding."""
+    if arch not in ARCHS:
+        raise SystemExit(f"--arch {arch}: choose one of {', '.join(ARCHS)}")
+    if weights == "none":
+        return None
+    return _imagenet_state_dict(arch) if weights == "imagenet" else _load_state_dict(weights)
+
+
+def build_model(n_classes, weights="imagenet", arch="resnet50", ps=0.5, sd=None):
+    """COVID-ResNet with `weights` = 'imagenet' | 'none' | a path to a state dict (sd: that
+    state dict, if fetch_weights() fetched it already).
 
     A path may hold a torchvision ResNet state dict (its fc layer is ignored) or one of our
     checkpoints (then the head is loaded too, if its class count matches).
     """
-    if arch not in ARCHS:
-        raise SystemExit(f"--arch {arch}: choose one of {', '.join(ARCHS)}")
+    sd = fetch_weights(weights, arch) if sd is None else sd
     model = COVIDResNet(getattr(torchvision.models, arch)(weights=None), n_classes, ps)
-    if weights == "none":
+    if sd is None:  # --weights none
         return model
-    sd = _imagenet_state_dict(arch) if weights == "imagenet" else _load_state_dict(weights)
     if any(k.startswith("body.") for k in sd):  # one of ours
         head = {k: v for k, v in sd.items() if k.startswith("head.")}
         if head and head["head.7.weight"].shape[0] == n_classes:

@@ -25,7 +25,7 @@ from machinery import audit, datasets, ddp, devices, films
 from machinery.checkpoint import Checkpointer, check_writable
 from machinery.config import Config, make_stages
 from machinery.modelcard import git_dirty
-from model import build_model, make_optimizer
+from model import build_model, fetch_weights, make_optimizer
 
 
 @dataclass
@@ -66,10 +66,12 @@ def setup(cfg, sizes=None):
     dev = devices.pick_device(dev_name)
     amp, cl = devices.precision(dev, cfg.precision), devices.channels_last(dev, cfg.channels_last)
     print("config: " + json.dumps(dataclasses.asdict(cfg)))
+    sd = fetch_weights(cfg.weights, cfg.arch)  # before any decoding: no weights, no wait
     classes, items, split_films, leaks = read_data(cfg, sizes or [s.size for s in
                                                                   make_stages(cfg)])
 
-    model = build_model(len(classes), cfg.weights, cfg.arch, cfg.ps).to(dev)
+    model = build_model(len(classes), cfg.weights, cfg.arch, cfg.ps, sd).to(dev)
+    del sd
     ddp.seed_rank(cfg.seed)  # the same weights everywhere, each rank its own dropout
     if cfg.sync_bn:
         model = ddp.sync_batchnorm(model, dev)

@@ -412,3 +412,14 @@ def test_save_best_keeps_the_epoch_of_the_lowest_validation_loss(tmp_path):
     assert best["val_loss"] == rows[k]["val_loss"] and best["epoch"] == k + 1
     assert best["size"] == (32 if k < 2 else 40) and set(best["model"]) == set(
         torch.load(tmp_path / "b" / "model.pt", weights_only=True)["model"])
+
+
+def test_weights_that_cannot_be_had_stop_the_run_before_any_decoding(tmp_path, monkeypatch):
+    from machinery import run as run_module
+    decoded = []
+    monkeypatch.setattr(run_module, "read_data", lambda *a: decoded.append(a))
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 a download cut short")
+    args = [a if a != "none" else str(tmp_path / "cut.pth") for a in TINY]
+    with pytest.raises(SystemExit, match="not a state dict torch.load can read"):
+        setup(parse_args(["--data", SAMPLE, "--runs", str(tmp_path / "runs")] + args))
+    assert not decoded and not os.path.exists(tmp_path / "runs")  # nothing read, no run
