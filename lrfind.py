@@ -237,9 +237,9 @@ def main(argv=None):
         with open(os.path.join(run.dir, "lrfind.json"), "w") as f:
             json.dump({"kind": "lrfind", "size": size, "phase": phase, "suggest": cfg.suggest,
                        "lr": lr}, f, indent=1)
-    ddp.close()
     return lr
 
 
 if __name__ == "__main__":
-    record(run_cli)(main)  # torchrun: a failing rank's error, reported as its own
+    with ddp.closing():  # torchrun: the process group is left on every exit, errors included
+        record(run_cli)(main)  # torchrun: a failing rank's error, reported as its own

@@ -261,7 +261,6 @@ def finish(run, films, size):
     print(f"\n== test split ({len(probs)} images, {size} px)\n" + format_metrics(m))
     print(f"\nrun folder: {run.dir} (report.md); seconds: " +
           ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
-    ddp.close()
     return m
 
 
@@ -282,4 +281,5 @@ def top_losses(run, films, size, probs, k=9):
 
 
 if __name__ == "__main__":  # record: under torchrun, a failing rank's error is reported whole
-    record(run_cli)(main, parse_args(doc=__doc__))
+    with ddp.closing():  # torchrun: the process group is left on every exit, errors included
+        record(run_cli)(main, parse_args(doc=__doc__))

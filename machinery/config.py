@@ -129,8 +129,11 @@ class Config:
                                "CPU)")
     sync_bn: bool = knob(False, "under torchrun: BatchNorm statistics over the global batch "
                          "(SyncBatchNorm) rather than each GPU's own (torchvision's default)")
-    dist_timeout: float = knob(1800.0, "under torchrun: seconds a collective (a barrier "
-                               "while rank 0 decodes included) may wait before the job fails")
+    dist_timeout: float = knob(600.0, "under torchrun: seconds a collective may wait for "
+                               "the other ranks before the job fails (a dead or hung rank "
+                               "ends it then: NCCL's watchdog ends the waiting process); "
+                               "the wait while a node's first rank decodes the films into "
+                               "the cache has 6 times as long")
     # run: folder, seed, checkpoints
     demo: bool = knob(False, "quick demo: phantoms, random init, CPU, small sizes (what it "
                       "sets: below)")

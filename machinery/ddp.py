@@ -9,12 +9,14 @@ their slice (data.py), DistributedDataParallel averages the gradients, and the o
 stay in step. What is reported is computed from all ranks' results (all_mean, gather_rows)
 and written by rank 0 alone (main()). A rank that fails ends the job: torchrun stops the
 node's other ranks, what rank 0 alone does (its files) is checked by every rank
-(fail_together()), and every collective has a timeout (--dist-timeout), so none waits
-forever. docs/torchrun-and-memory.md says how to launch it and what it changes.
+(fail_together()), every collective has a timeout (--dist-timeout), so none waits forever,
+and the process group is left however train.py ends (closing()).
+docs/torchrun-and-memory.md says how to launch it and what it changes.
 """
 import builtins
 import datetime
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 
@@ -22,6 +24,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
+
+# The collectives' timeout (init() sets --dist-timeout's). A node's first rank decoding the
+# films while the others wait may take longer than any other wait: node_first() gives it
+# NODE_FIRST_WAIT times as long (an hour at the default 600 s).
+TIMEOUT = datetime.timedelta(seconds=600)
+NODE_FIRST_WAIT = 6
 
 
 def launched():
@@ -47,12 +55,18 @@ def local_main():
     return not dist.is_initialized() or int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
-def init(device, timeout_s=1800):
+def init(device, timeout_s=600.0):
     """Join torchrun's process group when it launched several processes, and return the
     device name this rank trains on: cuda:LOCAL_RANK (NCCL) or the CPU (gloo). A no-op (the
-    name as given) in a plain `python train.py`."""
+    name as given) in a plain `python train.py`.
+
+    A collective that waits timeout_s for a rank fails: with gloo it raises; with NCCL the
+    watchdog ends the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, 3 by default), and torchrun
+    then stops the node's other ranks."""
+    global TIMEOUT
     if not launched() or dist.is_initialized():
         return device
+    TIMEOUT = datetime.timedelta(seconds=timeout_s)
     local = int(os.environ["LOCAL_RANK"])
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
@@ -66,8 +80,7 @@ def init(device, timeout_s=1800):
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     # device_id: NCCL binds this rank to its GPU now (a barrier need not guess it)
-    dist.init_process_group("nccl" if cuda else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout_s),
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT,
                             device_id=torch.device(device) if cuda else None)
     print_on_main()  # one log, rank 0's (as torchvision's references do)
     return device
@@ -91,17 +104,23 @@ def progress(iterable, desc, **kw):
 @contextmanager
 def node_first():
     """The block runs on a node's first rank first, then on the node's other ranks: the first
-    decodes the films into the cache, the others then read it. A no-op in one process."""
+    decodes the films into the cache, the others then read it. A no-op in one process.
+
+    Its waits take NODE_FIRST_WAIT times --dist-timeout: decoding a large data set is the
+    longest wait of a run (~5 minutes for 224,000 1024-px PNGs on 16 cores), and the others'
+    turn (the cache read, the audit) the next longest. A process group of its own carries
+    that timeout (a barrier takes its group's), made by every rank before the block."""
+    if world() == 1:
+        yield
+        return
+    slow = dist.new_group(timeout=TIMEOUT * NODE_FIRST_WAIT)
     if not local_main():
-        barrier()
+        dist.barrier(group=slow)
     yield
     if local_main():
-        barrier()
-
-
-def barrier():
-    if world() > 1:
-        dist.barrier()
+        dist.barrier(group=slow)
+    dist.barrier(group=slow)  # the others' turn: the first ranks wait for it as long
+    dist.destroy_process_group(slow)
 
 
 def broadcast(obj):
@@ -309,9 +328,34 @@ def node_cache_dir():
     return os.path.join(tempfile.gettempdir(), f"covid-resnet-ddp-cache-{os.getuid()}")
 
 
+@contextmanager
+def closing():
+    """The process group that init() joins in the block is left however the block ends: all
+    ranks together when it returns (close()); at once when it raises (leave()), as the other
+    ranks may be gone, and a barrier would wait for them until --dist-timeout."""
+    try:
+        yield
+    except BaseException:  # SystemExit and Ctrl-C too
+        leave()
+        raise
+    close()
+
+
 def close():
     """Leave the process group, all ranks together: a rank that tears its connections down
     while another still uses them can abort that one at exit."""
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            leave()
+
+
+def leave():
+    """Leave the process group now, waiting for no other rank. A failure to leave is said,
+    not raised: the program is already ending, with the error that matters."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:
+            sys.stderr.write(f"leaving the process group: {type(e).__name__}: {e}\n")

@@ -10,12 +10,13 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 import evaluate
 import train
 from data import Augment, Batches
-from machinery import films
-from machinery.config import parse_args
+from machinery import ddp, films
+from machinery.config import Config, parse_args
 from machinery.datasets import load_dataset
 from machinery.hostmem import HostImages
 
@@ -94,9 +95,17 @@ COLLECTIVES = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import torch
+import time
+import torch.distributed as dist
 from machinery import ddp
-ddp.init("cpu")
+ddp.init("cpu", 3.0)  # seconds: node_first's waits may be longer
 r = ddp.rank()
+with ddp.node_first():  # the first rank "decodes" for longer than --dist-timeout
+    if ddp.local_main():
+        time.sleep(4)
+    done = time.time()
+first, other = ddp.all_objects(done)
+assert other >= first  # rank 1's turn came after rank 0's 4 s
 for n in (1, 3, 8):  # fewer rows than ranks: rank 1 has none, and gathers all the same
     lo, hi = ddp.shard(n)
     mine = torch.arange(n * 2.0).view(n, 2)[lo:hi]
@@ -112,13 +121,18 @@ try:
             raise SystemExit("the run folder is full")
 except SystemExit as e:
     print(f"rank {r} stopped: {e}", force=True)
-ddp.close()
+try:
+    with ddp.closing():  # both ranks fail: the group is left at once, no barrier
+        raise SystemExit("the end")
+except SystemExit:
+    assert not dist.is_initialized()
 """
 
 
 def test_collectives_for_uneven_shards_and_a_failure_of_rank_0_alone(tmp_path):
     """gather_rows when a rank has no rows; fail_together(): what fails on rank 0 alone stops every
-    rank with rank 0's message (rather than leaving rank 1 at its next collective)."""
+    rank with rank 0's message (rather than leaving rank 1 at its next collective); node_first():
+    the other ranks wait for the first longer than --dist-timeout (3 s here)."""
     script = tmp_path / "collectives.py"
     script.write_text(COLLECTIVES)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -127,6 +141,41 @@ def test_collectives_for_uneven_shards_and_a_failure_of_rank_0_alone(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     for r in (0, 1):
         assert f"rank {r} stopped: rank 0: the run folder is full" in p.stdout
+
+
+@pytest.fixture
+def group(tmp_path):
+    """A process group of one gloo process, this one (init_process_group as torchrun's ranks
+    call it, with a file for the rendezvous); left if the test did not leave it."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a rank failed"), SystemExit("data error")])
+def test_the_process_group_is_left_when_training_fails_without_waiting_for_the_others(
+        group, monkeypatch, error):
+    """train.py's `with ddp.closing()`: an error leaves the group at once, with no barrier
+    (the other ranks may be dead: a barrier would wait --dist-timeout for them)."""
+    def no_barrier(*a, **k):
+        raise AssertionError("a barrier on the way out of an error")
+    monkeypatch.setattr(dist, "barrier", no_barrier)
+    with pytest.raises(type(error), match=str(error)):
+        with ddp.closing():
+            raise error
+    assert not dist.is_initialized()
+
+
+def test_the_process_group_is_left_after_a_barrier_when_training_ends(group, monkeypatch):
+    barriers = []
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: barriers.append(dist.is_initialized()))
+    with ddp.closing():
+        pass
+    assert barriers == [True] and not dist.is_initialized()  # all ranks together, then left
+    # a node that dies leaves the others waiting this long, at most, not half an hour
+    assert Config().dist_timeout <= 600
 
 
 def worker(local_rank, parent):
