@@ -38,7 +38,7 @@ import data
 import train
 from machinery import devices
 from machinery.config import Help, add_flags
-from machinery.gpucheck import gpu_check
+from machinery.gpucheck import cuda_seen, gpu_check
 from machinery.measure import (PARTS, QUICK, BenchConfig, Recipe, Results, cache_rate,
                                checkpoint_cost, ddp_scaling, end_to_end, measure_steps,
                                remove_scratch, scratch, step_run, write_phantom_covidx)
@@ -94,6 +94,17 @@ def main(argv=None):
     if bc.ddp and (bc.ddp < 2 or bc.ddp_steps < 1 or bc.gpu_check):
         p.error(f"--ddp {bc.ddp} --ddp-steps {bc.ddp_steps}: give 2 ranks or more, 1 step or "
                 "more, and not with --gpu-check (one call each)")
+    if bc.gpu_check and not bc.quick:  # a check on the CPU would spend the GPU's lease
+        seen = cuda_seen()
+        if not seen["cuda_available"] or bc.device == "cpu":
+            print(json.dumps(seen))
+            raise SystemExit(f"--gpu-check: no CUDA device in this process (--device "
+                             f"{bc.device}; torch {seen['torch']}, built for CUDA "
+                             f"{seen['torch_cuda']}; {seen['device_count']} device(s); "
+                             f"CUDA_VISIBLE_DEVICES={seen['CUDA_VISIBLE_DEVICES']}; nvidia-smi: "
+                             f"{seen['nvidia_smi'][:300]}). It checks the CUDA path and "
+                             "refuses to spend its budget on the CPU (--quick: the CPU, in "
+                             "seconds)")
     dev = devices.pick_device(bc.device)
     out = bc.out or ("gpu_check.json" if bc.gpu_check else "bench.json")
     env = {"device": devices.describe(dev), "torch": torch.__version__,
@@ -108,7 +119,7 @@ def main(argv=None):
             log = os.path.splitext(out)[0] + ".log"  # every script's output, one by one
             open(log, "w").close()
         if bc.gpu_check:
-            gpu_check(bc, dev, res, log, RECIPE)
+            gpu_check(bc, dev, res, log)
         elif bc.ddp:
             if dev.type == "cuda" and torch.cuda.device_count() < bc.ddp:
                 raise SystemExit(f"--ddp {bc.ddp}: this machine has "
@@ -161,6 +172,16 @@ def report(r):
             lines.append(f"| {n} | {d['size']} | {d['batch_per_rank']} | {d['img_s_1']:,.0f} | "
                          f"{d[f'img_s_{n}']:,.0f} | {d['img_s_per_rank']:,.0f} | "
                          f"{d['efficiency']:.2f} |")
+        as_run = [d for d in r["ddp"] if d.get("as_run")]  # rows measured before have none
+        if as_run:  # the n ranks as a user runs them: validation and last.pt every epoch
+            lines += ["", "as run (validation, last.pt every epoch), seconds per epoch:", "",
+                      "| ranks | size | epoch s | steps s | validation s | checkpoint s | "
+                      "img/s, steps | img/s, epoch |", "|---" * 8 + "|"]
+            for d in as_run:
+                e = d["as_run"]
+                lines.append(f"| {d['ranks']} | {d['size']} | {e['epoch_s']:.2f} | "
+                             f"{e['train_s']:.2f} | {e['val_s']:.2f} | {e['checkpoint_s']:.2f} "
+                             f"| {e['img_s_steps']:,.0f} | {e['img_s']:,.0f} |")
     if r.get("cache_rate"):
         c = r["cache_rate"]
         lines += ["", f"cache build: {c['images_s']:.0f} images/s on {r['env']['cpus']} cores "

@@ -8,8 +8,10 @@
     end_to_end(bc, dev, root, cache, recipe); cache_rate(bc)
 """
 import atexit
+import collections
 import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -90,8 +92,11 @@ class BenchConfig:
     part: str = knob(",".join(PARTS), "parts to run, comma separated: " + ", ".join(PARTS))
     gpu_check: bool = knob(False, "run the first-GPU check (train, resume, evaluate, predict, "
                            "ratios, memory, checkpoint cost) instead of the parts")
-    budget: float = knob(480.0, "--gpu-check: seconds it may take; a step that would not fit "
-                         "in what is left is skipped (its time limit is what is left)")
+    budget: float = knob(240.0, "--gpu-check: seconds it may take; a step that would not fit "
+                         "in what is left is skipped (its time limit is what is left). 240: "
+                         "two calls and a machine's start fit in 15 minutes")
+    only: str = knob("", "--gpu-check: only these steps, comma separated (a second call for "
+                     "what the first skipped or failed) (default: every step)", metavar="STEPS")
     sizes: str = knob("128,224,229", "stage sizes")
     batch_size: int = knob(64, "batch size, as training uses it")
     arch: str = knob("resnet50", "ResNet body")
@@ -115,7 +120,8 @@ class BenchConfig:
 
 
 QUICK = dict(device="cpu", sizes="32,40", batch_size=8, arch="resnet18", steps=2, warmup=1,
-             modes="eager", e2e_sets="32:16", png_size=96, cache_images=16, ddp_steps=4)
+             modes="eager", e2e_sets="32:16", png_size=96, cache_images=16, ddp_steps=4,
+             budget=1800)  # --gpu-check --quick: every step, however slow the CPU
 
 
 class Results:
@@ -226,6 +232,7 @@ def measure_steps(bc, dev, res, part, recipe, sizes=None, modes=None):
                     row["real"] = real_loop(run, bc, size, recipe)
                     row["ratio"] = row["real"] / row["ceiling"]
                 row["peak_gib"] = devices.peak_gib(dev)
+                row["peak_reserved_gib"] = devices.peak_gib(dev, reserved=True)
                 row["wall_s"] = time.time() - t0  # includes autotuning and compilation
                 print(f"  {part} {size} px {phase:>8} {mode:>8}: ceiling {row['ceiling']:,.0f}"
                       + (f", real {row['real']:,.0f} img/s, (b)/(a) {row['ratio']:.3f}"
@@ -290,36 +297,79 @@ def ddp_scaling(bc, dev, n, log):
     """Images/s of train.py on 1 process and under torchrun on n, at the first stage size:
     phantoms held on the device, fixed LRs (no finder), 3 epochs of which the last 2 count.
     Every rank has bc.batch_size per step (the global batch is n times larger) and the same
-    films per step either way; efficiency = n-rank images/s / (n x 1-process images/s)."""
+    films per step either way; efficiency = n-rank images/s / (n x 1-process images/s).
+
+    Those are the steps alone: no validation (--val-frac 0) and no last.pt written after the
+    first (--save-every 3600). "as_run" is the n ranks again as a user runs them, validation
+    and a last.pt every epoch (the defaults) on about as many training films, and where
+    its epochs' time goes (epoch_split)."""
     size = int(bc.sizes.split(",")[0])
-    args = ["--data", "phantom", "--phantoms", str(bc.batch_size * n * bc.ddp_steps),
-            "--val-frac", "0", "--arch", bc.arch, "--weights", "none", "--stages", str(size),
+    films = bc.batch_size * n * bc.ddp_steps  # training films: ddp_steps steps of n ranks
+    args = ["--data", "phantom", "--arch", bc.arch, "--weights", "none", "--stages", str(size),
             "--frozen-epochs", "0", "--unfrozen-epochs", "3", "--lr-unfrozen", "1e-3",
             "--batch-size", str(bc.batch_size), "--device", dev.type, "--precision",
             bc.precision, "--channels-last", bc.channels_last,
-            "--compile", "off", "--data-on", "gpu", "--save-every", "3600",
-            "--runs", scratch()]
+            "--compile", "off", "--data-on", "gpu", "--runs", scratch()]
+    steps_only = ["--phantoms", str(films), "--val-frac", "0", "--save-every", "3600"]
     out = {"size": size, "batch_per_rank": bc.batch_size, "ranks": n}
-    for k, launcher in ((1, []), (n, ["-m", "torch.distributed.run", "--standalone",
-                                      f"--nproc_per_node={n}"])):
-        cmd = [sys.executable, *launcher, os.path.join(ROOT, "train.py"), *args, "--name",
-               f"ranks{k}"]
-        with open(log, "a") as f:
-            f.write(f"\n===== {k} rank(s): {' '.join(cmd)}\n")
-            f.flush()
-            threads = os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // k)))
-            p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                               env={**os.environ, "OMP_NUM_THREADS": threads,
-                                    "TMPDIR": scratch()})  # torchrun's logs in the scratch
-        if p.returncode:
-            raise RuntimeError(f"train.py on {k} rank(s) failed (exit {p.returncode}); see {log}")
-        rows = [json.loads(line) for line in open(os.path.join(args[-1], f"ranks{k}",
-                                                               "metrics.jsonl"))][1:]
-        out[f"img_s_{k}"] = sum(r["img_s"] for r in rows) / len(rows)  # every rank's images
+    for k in (1, n):
+        rows = metrics_rows(train_py(k, [*args, *steps_only, "--name", f"ranks{k}"], log))
+        out[f"img_s_{k}"] = sum(r["img_s"] for r in rows[1:]) / len(rows[1:])  # all ranks'
     out["img_s_per_rank"] = out[f"img_s_{n}"] / n
     out["efficiency"] = out["img_s_per_rank"] / out["img_s_1"]
     print(f"  {n} ranks: {out[f'img_s_{n}']:,.0f} img/s ({out['img_s_per_rank']:,.0f} per rank)"
           f" vs 1: {out['img_s_1']:,.0f} img/s; scaling efficiency {out['efficiency']:.2f}")
+    held_out = Config().val_frac  # of the patients (one or two films): ~as many to train
+    as_run = ["--phantoms", str(math.ceil(films / (1 - held_out))), "--name", f"as_run{n}"]
+    e = out["as_run"] = epoch_split(train_py(n, [*args, *as_run], log), bc.batch_size, n)
+    print(f"  {n} ranks as run: {e['epoch_s']:.2f} s an epoch: steps {e['train_s']:.2f}, "
+          f"validation {e['val_s']:.2f}, checkpoint {e['checkpoint_s']:.2f}; "
+          f"{e['img_s']:,.0f} img/s (steps alone {e['img_s_steps']:,.0f})")
+    return out
+
+
+def train_py(k, args, log):
+    """Run train.py with args on k processes (k > 1: under torchrun), its output appended to
+    log; its run folder."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}"]
+    cmd = [sys.executable, *(launcher if k > 1 else []), os.path.join(ROOT, "train.py"), *args]
+    with open(log, "a") as f:
+        f.write(f"\n===== {k} rank(s): {' '.join(cmd)}\n")
+        f.flush()
+        threads = os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // k)))
+        p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                           env={**os.environ, "OMP_NUM_THREADS": threads,
+                                "TMPDIR": scratch()})  # torchrun's logs in the scratch
+    if p.returncode:
+        raise RuntimeError(f"train.py on {k} rank(s) failed (exit {p.returncode}); see {log}")
+    return os.path.join(args[args.index("--runs") + 1], args[args.index("--name") + 1])
+
+
+def metrics_rows(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def epoch_split(run_dir, batch, ranks):
+    """Where a finished run's epochs went, in seconds per epoch (the first aside: it warms
+    up), from what train.py wrote: metrics.jsonl's time (the steps and validation) and img_s
+    (the steps), steps.csv's steps per epoch, and test_metrics.json's timings_s, whose
+    checkpoint (the snapshot, last.pt's write started, every rank's generators gathered) is
+    the sum over all epochs. img_s: the epoch's films per second of all three."""
+    every = metrics_rows(run_dir)
+    rows = every[1:]
+    with open(os.path.join(run_dir, "steps.csv")) as f:  # epoch,step,loss; epoch: row number
+        steps = collections.Counter(int(line.split(",")[0]) for line in f.readlines()[1:])
+    t = json.load(open(os.path.join(run_dir, "test_metrics.json")))["timings_s"]
+    films = [steps[i] * batch * ranks for i in range(2, len(every) + 1)]  # each epoch's
+    train = [f / r["img_s"] for f, r in zip(films, rows)]  # img_s: films / the steps' time
+    out = {"train_s": sum(train) / len(rows),
+           "val_s": sum(r["time"] - s for r, s in zip(rows, train)) / len(rows),
+           "checkpoint_s": t["checkpoint"] / len(every)}
+    out["epoch_s"] = sum(out.values())
+    out["films"] = sum(films) / len(rows)
+    out["img_s"] = out["films"] / out["epoch_s"]
+    out["img_s_steps"] = sum(r["img_s"] for r in rows) / len(rows)
+    out["timings_s"] = t  # the whole run's: setup, first steps, test evaluation, ...
     return out
 
 

@@ -4,9 +4,12 @@ import json
 import os
 import tempfile
 
+import pytest
+
 import bench
 from machinery import devices
 from machinery import gpucheck
+from machinery import measure
 
 
 def test_bench_quick_measures_every_part(tmp_path, capsys):
@@ -44,10 +47,34 @@ def test_ddp_scaling_runs_train_py_under_torchrun_against_one_process(tmp_path, 
     r = bench.main(["--quick", "--ddp", "2", "--out", str(tmp_path / "d.json")])["ddp"]
     assert len(r) == 1 and r[0]["ranks"] == 2 and r[0]["img_s_1"] > 0
     assert r[0]["efficiency"] == r[0]["img_s_2"] / 2 / r[0]["img_s_1"]
+    # the 2 ranks again as a user runs them: validation and last.pt every epoch (defaults)
+    e = r[0]["as_run"]
+    assert e["epoch_s"] == e["train_s"] + e["val_s"] + e["checkpoint_s"]
+    assert e["train_s"] > 0 and e["val_s"] > 0 and e["checkpoint_s"] > 0
+    assert e["img_s"] == e["films"] / e["epoch_s"] < e["img_s_steps"]
+    assert e["films"] % 16 == 0 and e["timings_s"]["checkpoint_writes"] > 0
     log = open(tmp_path / "d.log").read()
     assert "torch.distributed.run --standalone --nproc_per_node=2" in log
     assert "2 ranks (gloo)" in log  # the 2-rank run was data-parallel
-    assert "| 2 | 32 | 8 |" in capsys.readouterr().out
+    as_run = log.split("--name as_run2")[0].rsplit("=====", 1)[1]
+    assert "--val-frac" not in as_run and "--save-every" not in as_run
+    out = capsys.readouterr().out
+    assert "| 2 | 32 | 8 |" in out and "| ranks | size | epoch s | steps s |" in out
+
+
+def test_epoch_split_says_where_an_epochs_time_went(tmp_path):
+    """From what train.py writes: 2 ranks x batch 4, 3 epochs (the first not counted) of 5
+    steps (40 films), each 2 s of steps (20 img/s) and 0.5 s of validation; 0.3 s of
+    checkpoint in all."""
+    rows = [{"epoch": i, "time": 2.5, "img_s": 20.0} for i in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "steps.csv").write_text("epoch,step,loss\n" + "".join(
+        f"{e},{k},0.5\n" for e in (1, 2, 3) for k in range(1, 6)))
+    (tmp_path / "test_metrics.json").write_text(json.dumps({"timings_s": {"checkpoint": 0.3}}))
+    e = measure.epoch_split(str(tmp_path), batch=4, ranks=2)
+    assert e["films"] == 40 and e["train_s"] == 2.0 and e["val_s"] == 0.5
+    assert e["checkpoint_s"] == pytest.approx(0.1) and e["epoch_s"] == pytest.approx(2.6)
+    assert e["img_s"] == pytest.approx(40 / 2.6) and e["img_s_steps"] == 20.0
 
 
 def test_gpu_check_runs_whole_on_the_cpu_with_bf16_channels_last_and_compile(tmp_path,
@@ -60,8 +87,8 @@ def test_gpu_check_runs_whole_on_the_cpu_with_bf16_channels_last_and_compile(tmp
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # where its scratch folders go
     status = bench.main(["--gpu-check", "--quick", "--precision", "bf16", "--channels-last",
                          "on", "--compile-backend", "aot_eager", "--out", str(out)])["gpu_check"]
-    assert list(status) == ["demo", "evaluate", "real_run", "demo_compiled", "predict",
-                            "demo_host", "steps", "checkpoint"]
+    assert list(status) == ["demo", "steps", "checkpoint", "real_run", "evaluate", "predict",
+                            "demo_host", "demo_compiled"]  # in order of value
     assert status["demo_host"]["same_as_demo"]  # on the CPU, bit for bit
     assert all(s["status"] == "ok" for s in status.values()), \
         {k: s for k, s in status.items() if s["status"] != "ok"}
@@ -77,6 +104,8 @@ def test_gpu_check_runs_whole_on_the_cpu_with_bf16_channels_last_and_compile(tmp
         assert "bf16 autocast, channels_last, fused AdamW" in section
     assert "compiled: yes" in log.split("===== demo_compiled:")[1]
     assert "===== real run, killed" in log and "===== real run, resumed" in log
+    assert "===== steps, eager: python bench.py --part loop" in log  # a process of its own
+    assert len(json.load(open(out))["loop"]) == 4  # its rows, in the check's JSON
     # its runs and PNGs are removed (~700 MB a call, which once filled the disk)
     assert [f for f in os.listdir(tmp) if not f.startswith(("pymp-", "torchinductor"))] == []
 
@@ -86,18 +115,31 @@ def test_gpu_check_skips_what_the_budget_cannot_hold_and_goes_on_after_a_failure
     status = bench.main(["--gpu-check", "--quick", "--budget", "0", "--out",
                          str(tmp_path / "a.json")])["gpu_check"]
     assert {s["status"] for s in status.values()} == {"skipped"} and "demo" in status
-    monkeypatch.setattr(gpucheck, "script", lambda name, *a, **k: (1, 0.1, f"{name}: boom"))
+    seen = []
+
+    def script(name, args, log, timeout, *a, **k):
+        seen.append(json.load(open(tmp_path / "b.json"))["gpu_check"])  # as it starts
+        return (1, 0.1, f"{name}: boom") if name == "train.py" else (0, 0.1, "")
+    monkeypatch.setattr(gpucheck, "script", script)
 
     def dies(*a, **k):
         raise RuntimeError("the GPU fell off")
     monkeypatch.setattr(gpucheck, "killed_and_resumed", dies)
-    status = bench.main(["--gpu-check", "--quick", "--out", str(tmp_path / "b.json")])
-    status = status["gpu_check"]
+    status = bench.main(["--gpu-check", "--quick", "--only", "evaluate,real_run,steps",
+                         "--out", str(tmp_path / "b.json")])["gpu_check"]
+    assert list(status) == ["demo", "steps", "real_run"]  # the demo: evaluate needs it
+    assert seen[0] == {"demo": {"status": "running", "started_at_s": seen[0]["demo"][
+        "started_at_s"]}}  # written before it ran: a call killed from outside says where
     assert status["demo"]["status"] == "failed" and "boom" in status["demo"]["log_tail"]
-    assert "evaluate" not in status and "predict" not in status  # nothing to evaluate
     assert status["real_run"] == {"status": "failed", "why": "RuntimeError: the GPU fell off",
                                   "step_s": status["real_run"]["step_s"]}
-    assert status["steps"]["status"] == status["checkpoint"]["status"] == "ok"  # went on
+    assert status["steps"]["status"] == "ok"  # it went on after the failures
+
+
+def test_gpu_check_refuses_to_run_without_cuda(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no CUDA device in this process.*refuses"):
+        bench.main(["--gpu-check", "--device", "cpu", "--out", str(tmp_path / "c.json")])
+    assert '"cuda_available"' in capsys.readouterr().out  # what it saw, for the log
 
 
 def test_compile_rule_from_the_measured_numbers():
