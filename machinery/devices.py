@@ -82,9 +82,14 @@ def reset_peak(dev):
         torch.cuda.reset_peak_memory_stats(dev)
 
 
-def peak_gib(dev):
-    """Peak memory allocated by tensors on `dev` since reset_peak (CUDA only; None else)."""
-    return torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
+def peak_gib(dev, reserved=False):
+    """Peak memory allocated by tensors on `dev` since reset_peak, or with reserved=True held
+    by torch's caching allocator (tensors, cuDNN's workspaces, free blocks kept for reuse: what
+    another process cannot have). CUDA only; None else."""
+    if dev.type != "cuda":
+        return None
+    return (torch.cuda.max_memory_reserved(dev) if reserved else
+            torch.cuda.max_memory_allocated(dev)) / 2 ** 30
 
 
 def describe(dev):

@@ -94,8 +94,9 @@ class Books:
                "time": time.time() - self.t0}
         if world > 1:
             row.update(ranks=world, img_s_per_rank=row["img_s"] / world)
-        if devices.peak_gib(run.device) is not None:
+        if devices.peak_gib(run.device) is not None:  # tensors; and what torch holds
             row["peak_gib"] = devices.peak_gib(run.device)
+            row["peak_reserved_gib"] = devices.peak_gib(run.device, reserved=True)
         if self.bad is not None:
             row.update(train_loss=float("nan"), diverged_at_step=self.bad + 1,
                        diverged_lr=self.bad_lr)

@@ -9,24 +9,22 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
-
 import torch
 
-from machinery.measure import (BenchConfig, checkpoint_cost, measure_steps, scratch, step_run,
-                               write_phantom_covidx)
+from machinery.measure import scratch, write_phantom_covidx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project
 
 
-def start(name, args, log, title):
+def start(name, args, log, title, env=None):
     """Start one of the project's scripts as a user would, its output appended to `log`
     under a heading; (process, offset where its output begins)."""
     with open(log, "a") as f:
         f.write(f"\n===== {title}: python {name} {' '.join(map(str, args))}\n")
         offset = f.tell()
         p = subprocess.Popen([sys.executable, os.path.join(ROOT, name), *map(str, args)],
-                             cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+                             cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                             env=None if env is None else {**os.environ, **env})
     return p, offset
 
 
@@ -36,11 +34,11 @@ def output(log, offset):
         return f.read()
 
 
-def script(name, args, log, timeout, title=None):
+def script(name, args, log, timeout, title=None, env=None):
     """Run a script to its end, or kill it at `timeout` seconds.
     (exit code or 'timeout', seconds, what it printed)."""
     t0 = time.time()
-    p, offset = start(name, args, log, title or name)
+    p, offset = start(name, args, log, title or name, env)
     try:
         rc = p.wait(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
@@ -83,37 +81,72 @@ def killed_and_resumed(args, runs, log, timeout, kill_after):
     out.update(accuracy=m["accuracy"]["value"], timings=m["timings_s"],
                epochs=len(rows), each_epoch_once=len(set(phases)) == len(phases),
                resumed="resuming" in text,
-               per_phase=[{k: r.get(k) for k in ("phase", "img_s", "time", "peak_gib")}
-                          for r in rows])
+               per_phase=[{k: r.get(k) for k in ("phase", "img_s", "time", "peak_gib",
+                                                 "peak_reserved_gib")} for r in rows])
     good = out["resumed"] and out["each_epoch_once"] and was_running
     return {"status": "ok" if good else "failed", **out}
 
 
-def gpu_check(bc, dev, res, log, recipe):
-    """The first run on a new GPU, in one call, within bc.budget seconds, in order of value
-    (recipe: what the step measurements time of the tutorial files, measure.Recipe):
+def cuda_seen():
+    """What this process sees of CUDA: why a GPU check found none."""
+    seen = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "cuda_available": torch.cuda.is_available(),
+            "device_count": torch.cuda.device_count(),
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "python": sys.executable}
+    try:
+        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        seen["nvidia_smi"] = (smi.stdout + smi.stderr).strip()[-1000:]
+    except (OSError, subprocess.TimeoutExpired) as e:
+        seen["nvidia_smi"] = f"{type(e).__name__}: {e}"
+    return seen
+
+
+# The steps in order of value: what is cheap and tells most first, compilation last. Each
+# with the seconds of budget it needs to start (a guess for one H100 or H200: each script
+# starts Python, torch and CUDA; autotuning; the work itself); the compiled steps start with
+# less, since what they measure before the budget's end is kept.
+STEPS = {"demo": 45, "steps": 45, "checkpoint": 20, "real_run": 90, "evaluate": 25,
+         "predict": 15, "demo_host": 30, "demo_compiled": 60, "steps_compiled": 60}
+NEEDS_DEMO = ("evaluate", "predict", "demo_host")  # they read the demo's run or result
+
+
+def gpu_check(bc, dev, res, log, recipe=None):
+    """The first run on a new GPU, in one call, within bc.budget seconds, in order of value;
+    every step a script run as a user runs it, killed at the budget's end:
 
     demo          the demo on the device, eager, as a user runs it (train.py --demo);
-    evaluate      evaluate.py on that run: plain (it must reproduce train.py's test accuracy),
-                  then fastai v1's TTA;
+    steps         ceiling vs real loop per stage and phase, eager, with peak memory
+                  (bench.py --part loop);
+    checkpoint    the cost of one epoch's snapshot and last.pt write for ResNet-50 with Adam
+                  (bench.py --part checkpoint);
     real_run      ResNet-50 at 128/224/229 px on a few hundred phantom PNGs (decoding, cache),
                   one epoch per phase, killed with SIGKILL after two epochs and --resume'd;
-    demo_compiled one stage of the demo with --compile on (frozen, unfrozen and evaluation
-                  graphs: every kind of graph training compiles);
-    predict       predict.py with Grad-CAM on the real run's test PNGs;
+    evaluate      evaluate.py on the demo's run: plain (it must reproduce train.py's test
+                  accuracy), then fastai v1's TTA;
+    predict       predict.py with Grad-CAM on phantom test PNGs;
     demo_host     the demo with --data-on cpu: films in host memory, each batch gathered into
                   pinned memory and copied without waiting (the path for data larger than
                   the GPU);
-    steps         ceiling vs real loop per stage and phase, eager, with peak memory;
-    checkpoint    the cost of one epoch's snapshot and last.pt write for ResNet-50 with Adam;
+    demo_compiled one stage of the demo with --compile on (frozen, unfrozen and evaluation
+                  graphs: every kind of graph training compiles);
     steps_compiled  ceiling vs real loop compiled, at the first size.
-    A step is skipped when less of the budget is left than it needs; its scripts are killed
-    at the budget's end. Each result is written as soon as its step ends, and one that fails
-    (or raises) does not stop the rest. Returns {step: result}; result["status"] is one of
-    ok, failed, timeout, skipped.
+    bc.only: the steps to run (a second call for what a first one skipped), the demo added
+    when a step needs it. A step is skipped when less of the budget is left than it needs.
+    Each step is written to the JSON as "running" before it starts and with its result when it
+    ends, and one that fails does not stop the rest. Returns {step: result};
+    result["status"] is one of ok, failed, timeout, skipped.
     """
     t_end = time.time() + bc.budget
     left = lambda: t_end - time.time()
+    only = [s for s in bc.only.split(",") if s] or list(STEPS)
+    unknown = [s for s in only if s not in STEPS]
+    if unknown:
+        raise SystemExit(f"--only {','.join(unknown)}: the steps are {', '.join(STEPS)}")
+    if any(s in NEEDS_DEMO for s in only):
+        only.append("demo")
+    if bc.quick:
+        only = [s for s in only if s != "steps_compiled"]  # minutes of compiling on a CPU
     flags = ["--device", str(dev), "--precision", bc.precision, "--channels-last",
              bc.channels_last]  # evaluate.py and predict.py take these three
     train_flags = [*flags, "--compile-backend", bc.compile_backend]
@@ -136,12 +169,16 @@ def gpu_check(bc, dev, res, log, recipe):
     pngs = os.path.join(runs, "pngs")
     status = {}
 
-    def step(name, estimate, fn):
+    def step(name, fn):
         """Run fn() -> result dict as step `name`, within the budget; record and print it."""
-        if left() < estimate:
+        if name not in only:
+            return None
+        if left() < STEPS[name]:
             out = {"status": "skipped", "why": f"{left():.0f} s of the budget left, it needs "
-                                                f"about {estimate:.0f} s"}
+                                                f"about {STEPS[name]:.0f} s"}
         else:
+            status[name] = {"status": "running", "started_at_s": bc.budget - left()}
+            res.set("gpu_check", status)  # a call killed from outside shows where it was
             t0 = time.time()
             try:
                 out = fn()
@@ -169,8 +206,51 @@ def gpu_check(bc, dev, res, log, recipe):
             m = json.load(open(os.path.join(folder, "test_metrics.json")))
             rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
             out.update(accuracy=m["accuracy"]["value"], timings=m["timings_s"],
-                       peak_gib=max((r.get("peak_gib") or 0 for r in rows), default=0))
+                       peak_gib=max((r.get("peak_gib") or 0 for r in rows), default=0),
+                       peak_reserved_gib=max((r.get("peak_reserved_gib") or 0 for r in rows),
+                                             default=0))
         return out
+
+    def measured(part, mode, sizes, title):
+        """bench.py --part `part` in its own process (killed at the budget's end, what it
+        measured by then kept): (result, its JSON)."""
+        sub = os.path.join(runs, f"{part}_{mode}.json")
+        rc, secs, text = script("bench.py", [
+            "--part", part, "--modes", mode, "--sizes", sizes, "--out", sub, "--arch", bc.arch,
+            "--batch-size", bc.batch_size, "--steps", bc.steps, "--warmup", bc.warmup,
+            "--compile-backend", bc.compile_backend, *flags], log, left(), title,
+            env={"TMPDIR": runs})  # its scratch inside ours: removed, killed or not
+        return ran(rc, text, wall_s=secs), json.load(open(sub)) if os.path.isfile(sub) else {}
+
+    def steps(mode, sizes):
+        out, got = measured("loop", mode, sizes, f"steps, {mode}")
+        for row in got.get("loop", []):
+            res.add_row("loop", row)
+        if got.get("loop"):
+            out.update(rows=len(got["loop"]),
+                       min_ratio=min(r["ratio"] for r in got["loop"]),
+                       peak_gib=max(r["peak_gib"] or 0 for r in got["loop"]),
+                       peak_reserved_gib=max(r.get("peak_reserved_gib") or 0
+                                             for r in got["loop"]))
+        return out
+
+    def checkpoint():
+        out, got = measured("checkpoint", "eager", bc.sizes, "checkpoint")
+        if got.get("checkpoint"):
+            res.set("checkpoint", got["checkpoint"])
+            out.update(got["checkpoint"])
+        return out
+
+    def write_pngs():
+        if not os.path.isdir(os.path.join(pngs, "test")):
+            write_phantom_covidx(pngs, n_real, n_real // 6, png)
+
+    def real_run():
+        t0 = time.time()
+        write_pngs()
+        write_s = time.time() - t0
+        args = ["--data", pngs, "--cache-dir", os.path.join(runs, "cache"), *real]
+        return {**killed_and_resumed(args, runs, log, left(), 2), "write_pngs_s": write_s}
 
     def evaluate(train_acc):
         ev = [os.path.join(runs, "demo"), "--data", "phantom", "--phantoms", n_eval, *flags]
@@ -189,14 +269,8 @@ def gpu_check(bc, dev, res, log, recipe):
                     runs, "tta", "metrics.json")))["accuracy"]["value"]
         return out
 
-    def real_run():
-        t0 = time.time()
-        write_phantom_covidx(pngs, n_real, n_real // 6, png)
-        write_s = time.time() - t0
-        args = ["--data", pngs, "--cache-dir", os.path.join(runs, "cache"), *real]
-        return {**killed_and_resumed(args, runs, log, left(), 2), "write_pngs_s": write_s}
-
     def predict():
+        write_pngs()
         rc, secs, text = script("predict.py", [
             os.path.join(runs, "demo"), os.path.join(pngs, "test"), "--out",
             os.path.join(runs, "pred.csv"), "--cam", os.path.join(runs, "cams"), *flags],
@@ -211,28 +285,17 @@ def gpu_check(bc, dev, res, log, recipe):
             out["same_as_demo"] = out["accuracy"] == ref["accuracy"]
         return out
 
-    def steps(b, sizes=None, modes=None):
-        rows = measure_steps(b, dev, res, "loop", recipe, sizes, modes)
-        return {"status": "ok", "min_ratio": min(r["ratio"] for r in rows),
-                "peak_gib": max(r["peak_gib"] or 0 for r in rows)}
-
-    eager = BenchConfig(**{**asdict(bc), "modes": "eager"})
-    d = step("demo", 60, lambda: train_run("demo", demo))
-    if d["status"] == "ok":
-        step("evaluate", 40, lambda: evaluate(d["accuracy"]))
-    step("real_run", 150, real_run)
-    step("demo_compiled", 60 if bc.quick else 150, lambda: train_run("demo_compiled", compiled))
-    if d["status"] == "ok" and os.path.isdir(os.path.join(pngs, "test")):
-        step("predict", 30, predict)
-    if d["status"] == "ok":  # pinned host batches, copied without waiting: as the demo
-        step("demo_host", 60, lambda: same_as(d, train_run("demo_host", [
-            *demo, "--data-on", "cpu"])))
-    step("steps", 60, lambda: steps(eager))
-    step("checkpoint", 20, lambda: {"status": "ok",
-                                    **checkpoint_cost(step_run(eager, dev, 64))})
-    if not bc.quick:
-        step("steps_compiled", 150, lambda: steps(bc, [int(bc.sizes.split(",")[0])],
-                                                  ["compiled"]))
+    d = step("demo", lambda: train_run("demo", demo)) or {"status": "not run"}
+    step("steps", lambda: steps("eager", bc.sizes))
+    step("checkpoint", checkpoint)
+    step("real_run", real_run)
+    if d["status"] == "ok":  # these read the demo's run folder or its result
+        step("evaluate", lambda: evaluate(d["accuracy"]))
+        step("predict", predict)
+        step("demo_host", lambda: same_as(d, train_run("demo_host", [*demo, "--data-on",
+                                                                     "cpu"])))
+    step("demo_compiled", lambda: train_run("demo_compiled", compiled))
+    step("steps_compiled", lambda: steps("compiled", bc.sizes.split(",")[0]))
     counts = {k: sum(v["status"] == k for v in status.values())
               for k in ("ok", "failed", "timeout", "skipped")}
     bad = [k for k, v in status.items() if v["status"] in ("failed", "timeout")]
