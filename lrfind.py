@@ -15,6 +15,7 @@ losses), and one phase's test (suggest_lr: the sweep on the phase's own model, o
 and batches). The plot is machinery/plots.py's; the weight decay of the sweep is the
 optimizer's, as in fastai.
 """
+import collections
 import copy
 import csv
 import json
@@ -25,7 +26,7 @@ import numpy as np
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from data import stage_films, train_batches
-from machinery import config, ddp
+from machinery import config, ddp, devices
 from machinery.datasets import run_cli
 from machinery.plots import COLOURS, LIGHT, line_plot
 from machinery.run import forwards, setup
@@ -34,18 +35,37 @@ from schedule import lr_sweep
 
 
 def lr_find(step, model, opt, batches, n_steps=100, lr_start=1e-7, lr_end=10.0, beta=0.98,
-            stop_div=4.0):
+            stop_div=4.0, lag=3):
     """Sweep the LR; return (lrs, raw losses, smoothed losses), one entry per step taken.
 
     step(x, y) runs forward, backward and the optimizer step and returns the loss tensor.
     Stops once the smoothed loss exceeds stop_div times its best or is not finite. The model
     and optimizer state are restored afterwards, bit for bit, also when the sweep is interrupted.
+
+    Each loss is read `lag` steps late, so that the device never waits for the host: the
+    sweep may run past the step where it stops by that many steps, which change nothing
+    (the curve ends at that step; model, optimizer and dropout's generator go back).
     """
     saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     lrs, raw, smooth = [], [], []
     avg, best = 0.0, math.inf
+    queued = collections.deque()  # steps taken, not read yet: (lr, loss, generator after)
+
+    def read(lr, loss, _):  # the oldest step's loss into the curve; False: stop here
+        nonlocal avg, best
+        loss = loss.value()
+        # Exponential moving average, debiased for the first steps (as Adam's moments)
+        avg = beta * avg + (1 - beta) * loss
+        s = avg / (1 - beta ** (len(raw) + 1))
+        lrs.append(lr)
+        raw.append(loss)
+        smooth.append(s)
+        if not math.isfinite(s) or s > stop_div * best:
+            return False
+        best = min(best, s)
+        return True
     try:
-        it = iter(batches)
+        it, going = iter(batches), True
         for i in ddp.progress(range(n_steps), "lr_find"):  # a bar on rank 0
             lr = lr_sweep(i, n_steps, lr_start, lr_end)
             for g in opt.param_groups:  # one LR for every layer group during the sweep
@@ -55,19 +75,21 @@ def lr_find(step, model, opt, batches, n_steps=100, lr_start=1e-7, lr_end=10.0, 
             except StopIteration:  # small data sets: start another pass
                 it = iter(batches)
                 x, y = next(it)
-            loss = step(x, y).item()
-            # Exponential moving average, debiased for the first steps (as Adam's moments)
-            avg = beta * avg + (1 - beta) * loss
-            s = avg / (1 - beta ** (i + 1))
-            lrs.append(lr)
-            raw.append(loss)
-            smooth.append(s)
-            if not math.isfinite(s) or s > stop_div * best:
-                break
-            best = min(best, s)
+            loss = step(x, y)
+            queued.append((lr, devices.HostCopy(loss), devices.generator_state(loss.device)))
+            if len(queued) > lag:
+                last = queued.popleft()
+                going = read(*last)
+                if not going:
+                    break
+        while going and queued:
+            last = queued.popleft()
+            going = read(*last)
     finally:
         model.load_state_dict(saved[0])
         opt.load_state_dict(saved[1])
+    if raw:  # dropout's generator as the last step read left it, not the ones after
+        devices.set_generator_state(loss.device, last[2])
     return lrs, raw, smooth
 
 

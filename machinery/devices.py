@@ -7,6 +7,7 @@ calls that depend on the device, in one place for train.py, evaluate.py, predict
     cl = channels_last(dev, "auto")            # NHWC on CUDA
     compile_pays(images, size)                 # whether torch.compile repays itself
     sync(dev); peak_gib(dev)                   # that device's, not the current one's
+    HostCopy(loss).value()                     # a loss read without waiting for later steps
 
 The device only decides the defaults: --precision bf16 and --channels-last on run on the CPU
 too, so every branch the GPU takes has run on a CPU before (the kernels aside).
@@ -75,6 +76,44 @@ def sync(dev):
     """Wait for `dev`, so that a wall-clock time means its work is done."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+class HostCopy:
+    """A device scalar on its way to the host without a wait: copied behind the work queued
+    so far (on CUDA into pinned memory, an event recorded after the copy). ready() says
+    whether it has arrived; value() waits for that copy only, never for the work queued
+    after it (.item() would wait for all of it: the device would run dry)."""
+
+    def __init__(self, t):
+        t = t.detach().float()
+        self.event = None
+        if t.is_cuda:
+            self.host = torch.empty(t.shape, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:  # the CPU computed it already
+            self.host = t
+
+    def ready(self):
+        return self.event is None or self.event.query()
+
+    def value(self):
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy().item()  # host memory: read without an operator
+
+
+def generator_state(dev):
+    """The state of the generator dropout draws from on `dev` (kept on the host: no wait)."""
+    return torch.cuda.get_rng_state(dev) if dev.type == "cuda" else torch.get_rng_state()
+
+
+def set_generator_state(dev, state):
+    if dev.type == "cuda":
+        torch.cuda.set_rng_state(state, dev)
+    else:
+        torch.set_rng_state(state)
 
 
 def reset_peak(dev):

@@ -49,14 +49,15 @@ class Books:
         if k == 0:  # the phase's first step: autotuning, and compilation where on
             devices.sync(self.run.device)
             add_time(self.run, "first_steps", time.time() - self.t0)
-        if self.steps % 10 == 0:  # show the loss of 10 steps ago: reading it waits for that
-            # step only, while the device keeps working on the ones queued since
+        # every 10 steps, the bar shows the last loss copied to the host that has arrived
+        # (a copy queued without waiting; reading it never stalls the device)
+        if self.steps % 10 == 0 and (self.shown is None or self.shown.ready()):
             if self.shown is not None:
                 self.bar.set_postfix(
-                    loss=f"{self.shown.item():.3f}",
+                    loss=f"{self.shown.value():.3f}",
                     lr=f"{self.run.opt.param_groups[-1]['lr']:.1e}",
                     img_s=f"{(self.steps + 1) * self.batch_size / (time.time() - self.t0):.0f}")
-            self.shown = loss
+            self.shown = devices.HostCopy(loss)
         self.steps += 1
 
     def end_training(self):

@@ -212,3 +212,28 @@ def test_lr_find_smooths_with_fastais_debiased_average():
 def test_lr_finder_plots_are_titled_in_words():
     assert title_of("lrfind_s2_224_unfrozen") == "LR range test: stage 2, 224 px, all layers"
     assert title_of("lrfind_32_frozen") == "LR range test: 32 px, head only (body frozen)"
+
+
+def test_reading_each_loss_late_changes_nothing(monkeypatch):
+    # the sweep reads each loss a few steps late (the device never waits): the curve, where it
+    # stops, the state restored and dropout's generator after it are those of reading at once
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    data = [(torch.randn(16, 4), torch.randint(0, 2, (16,))) for _ in range(5)]
+
+    def step(x, y):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+    out = {}
+    for lag in (0, 3):
+        torch.manual_seed(1)
+        curve = lr_find(step, model, opt, data, n_steps=60, lr_start=1e-3, lr_end=1e4, lag=lag)
+        out[lag] = curve, torch.get_rng_state(), model.state_dict()
+    assert len(out[0][0][0]) < 60  # it diverged and stopped early
+    assert out[0][0] == out[3][0] and torch.equal(out[0][1], out[3][1])
+    assert all(torch.equal(v, out[3][2][k]) for k, v in out[0][2].items())

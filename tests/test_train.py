@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import lrfind
 import train
-from machinery import checkpoint
+from machinery import checkpoint, devices
 from machinery.config import make_stages, parse_args
 from machinery.epochs import MetricsLog
 from machinery.run import setup
@@ -423,3 +424,54 @@ def test_weights_that_cannot_be_had_stop_the_run_before_any_decoding(tmp_path, m
     with pytest.raises(SystemExit, match="not a state dict torch.load can read"):
         setup(parse_args(["--data", SAMPLE, "--runs", str(tmp_path / "runs")] + args))
     assert not decoded and not os.path.exists(tmp_path / "runs")  # nothing read, no run
+
+
+def count_host_reads(monkeypatch):
+    """(reads, mode): every read of a tensor's value outside devices.HostCopy, while `mode` is
+    entered. On a GPU each such read waits for everything queued: the device runs dry."""
+    reads, inside = [], [0]
+    for name in ("tolist", "cpu", "numpy"):
+        def counted(self, *a, _real=getattr(torch.Tensor, name), _name=name, **k):
+            if not inside[0]:
+                reads.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real_value = devices.HostCopy.value
+
+    def value(self):  # a copy made without waiting, its own event waited for: no stall
+        inside[0] += 1
+        try:
+            return real_value(self)
+        finally:
+            inside[0] -= 1
+    monkeypatch.setattr(devices.HostCopy, "value", value)
+
+    class Items(TorchDispatchMode):  # .item(), float(), int(), bool(), if tensor: ...
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default and not inside[0]:
+                reads.append("item")
+            return func(*args, **(kwargs or {}))
+    return reads, Items
+
+
+def test_an_epoch_and_an_lr_sweep_read_the_device_a_fixed_few_times(tmp_path, monkeypatch):
+    # per epoch: the divergence check, the loss, validation and steps.csv; never per step (the
+    # progress bar reads copies made without waiting); the LR finder reads its losses so too
+    run = setup(parse_args(["--data", "phantom", "--phantoms", "96", "--cache-dir", "",
+                            "--runs", str(tmp_path)] + TINY))
+    films = data.stage_films(run, 32)
+    reads, Items = count_host_reads(monkeypatch)
+    per_epoch, per_sweep = [], []
+    for bs in (2, 4):  # twice the steps
+        phase = Phase(0, "unfrozen", 32, bs, 1, "1e-3", False)
+        train.start_phase(run, phase, None)
+        reads.clear()
+        with MetricsLog(run) as log, Items():
+            train.fit(run, phase, [1e-3] * 3, films, log)
+        per_epoch.append(len(reads))
+        run.cfg.lr_find_steps = 24 // bs
+        reads.clear()
+        with Items():
+            lrfind.suggest_lr(run, films["train"], 32, bs, phase.tag)
+        per_sweep.append(len(reads))
+    assert per_epoch[0] == per_epoch[1] <= 6 and per_sweep == [0, 0], (per_epoch, per_sweep)
