@@ -230,8 +230,8 @@ FLAGS = ["data", "train_split", "test_split", "image_dir", "subtypes", "phantoms
          "cache_dir", "resize", "arch", "weights", "ps", "recipe", "batch_size", "wd",
          "lr_find_steps", "lr_find_start", "lr_find_end", "lr_find_beta", "suggest", "aug",
          "rotate", "zoom", "warp", "lighting", "p_affine", "p_lighting", "flip", "balance",
-         "class_weights", "device", "precision", "channels_last", "data_on", "data_gpu_gib",
-         "sync_bn", "dist_timeout", "demo", "seed", "runs", "name", "overwrite"]
+         "class_weights", "device", "precision", "channels_last", "cudnn_benchmark", "data_on",
+         "data_gpu_gib", "sync_bn", "dist_timeout", "demo", "seed", "runs", "name", "overwrite"]
 
 
 EXTRA = {"size": (int, 128, "image size in pixels"),

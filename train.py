@@ -163,7 +163,7 @@ def fit(run, phase, lrs, films, log):
         if bad is not None:
             bad_lr = one_cycle(bad, total, lrs[-1], c.pct_start, c.div, c.div_final)[0]
             books.roll_back(bad_lr, total)
-        val_loss, val_acc, _ = evaluate(run, films["val"], phase.size)
+        val_loss, val_acc, _ = evaluate(run, films["val"], phase.size, phase.batch_size)
         row = books.row(phase, epoch, lrs, val_loss, val_acc)
         log.write(row, books.step_losses.tolist())
         checkpoint_epoch(run, phase, epoch, lrs)
@@ -174,16 +174,19 @@ def fit(run, phase, lrs, films, log):
             break
 
 
-def evaluate(run, films, size):
+def evaluate(run, films, size, batch_size):
     """(mean loss, accuracy, class probabilities (N, C) on the CPU) of one split, unaugmented:
     the centre crop, as fastai v1 validates. Under torchrun each rank predicts its shard and
-    every rank gets all the logits. No films (--val-frac 0): NaN."""
+    every rank gets all the logits. No films (--val-frac 0): NaN.
+
+    Batches of the training's size, the last one padded: the stage's one shape, which
+    cuDNN has tuned its algorithms for already (and a compiled model has its graph for)."""
     images, labels, hw = films
     if len(labels) == 0:
         return float("nan"), float("nan"), None
     lo, hi = ddp.shard(len(labels))  # this rank's rows (all of them in one process)
     batches = data.eval_batches(rows(images, lo, hi), size, None if hw is None else hw[lo:hi],
-                                pad=run.infer is not run.model, channels_last=run.channels_last)
+                                batch_size, pad=True, channels_last=run.channels_last)
     logits = class_logits(run.model, run.infer, batches, run.amp_dtype)
     logits = ddp.gather_rows(logits, len(labels))
     loss = F.cross_entropy(logits, labels, weight=run.loss_weight, reduction="sum")
@@ -231,10 +234,10 @@ def main(cfg):
                                     stage=i + 1, size=st.size)
     if plan[-1].size != stages[-1].size:  # a last stage with no epochs: its size all the same
         films = data.stage_films(run, stages[-1].size)
-    return finish(run, films, stages[-1].size)
+    return finish(run, films, stages[-1].size, stages[-1].batch_size)
 
 
-def finish(run, films, size):
+def finish(run, films, size, batch_size):
     """Save the model; then the test split, touched once: at the last stage's size, no
     augmentation. Its metrics (with intervals), predictions and report.md; last.pt goes."""
     with ddp.fail_together():
@@ -244,7 +247,7 @@ def finish(run, films, size):
     run.timings["checkpoint_writes"] = run.ckpt.stats["write_s"]  # in the background
     same = ddp.check_same_model(run.model)  # torchrun: every rank must hold rank 0's model
     with timed(run, "eval"):
-        _, _, probs = evaluate(run, films["test"], size)
+        _, _, probs = evaluate(run, films["test"], size, batch_size)
     items = run.items["test"]
     m = classification_metrics(items.labels, probs.argmax(1).tolist(), run.classes,
                                items.sources, probs.tolist())

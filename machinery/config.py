@@ -114,6 +114,10 @@ class Config:
                           "every reported number run in fp32", ["auto", "bf16", "fp32"])
     channels_last: str = knob("auto", "NHWC memory layout: auto (on CUDA only) | on | off",
                               ["auto", "on", "off"])
+    cudnn_benchmark: str = knob("on", "cuDNN autotuning on CUDA: on (each convolution shape "
+                                "tries cuDNN's algorithms once and keeps the fastest) | off "
+                                "(cuDNN's heuristics) | N (on, at most N algorithms a shape)",
+                                metavar="on|off|N")
     compile: str = knob("auto", "torch.compile: auto (per stage, on CUDA, where it pays) | on "
                         "| off", ["auto", "on", "off"])
     compile_backend: str = knob("inductor", "torch.compile backend: inductor (generated "
@@ -174,8 +178,9 @@ GROUPS = {
     "augmentation and class imbalance": ["aug", "rotate", "zoom", "warp", "lighting",
                                          "p_affine", "p_lighting", "flip", "balance",
                                          "class_weights"],
-    "device and speed": ["device", "precision", "channels_last", "compile", "compile_backend",
-                         "data_on", "data_gpu_gib", "sync_bn", "dist_timeout"],
+    "device and speed": ["device", "precision", "channels_last", "cudnn_benchmark", "compile",
+                         "compile_backend", "data_on", "data_gpu_gib", "sync_bn",
+                         "dist_timeout"],
     "run folder": ["demo", "seed", "runs", "name", "resume", "config", "overwrite",
                    "save_every", "keep_last", "save_best"],
 }
@@ -379,6 +384,8 @@ RANGES = {  # flag: (test, what it accepts)
     "save_every": (lambda v: v >= 0, "seconds, 0 or more"),
     "data_gpu_gib": (lambda v: v >= 0, "GiB, 0 or more"),
     "dist_timeout": (lambda v: v > 0, "seconds, more than 0"),
+    "cudnn_benchmark": (lambda v: v in ("on", "off") or v.isdigit() and int(v) > 0,
+                        "on, off or a number of algorithms (1 or more)"),
 }
 FILES = ("train_split", "test_split", "subtypes")  # files that must exist when given
 
@@ -399,7 +406,7 @@ def validate(cfg):
                             f"({cfg.stages}): give one per stage, or one for all")
     for name, (ok, what) in RANGES.items():
         v = getattr(cfg, name)
-        if not (math.isfinite(v) and ok(v)):
+        if not ((isinstance(v, str) or math.isfinite(v)) and ok(v)):
             problems.append(f"{flag(name)} {v}: give {what}")
     if not any(int(e) for name in ("frozen_epochs", "unfrozen_epochs")
                for e in getattr(cfg, name).split(",") if e.strip().lstrip("-").isdigit()):

@@ -72,6 +72,16 @@ def compile_pays(images, size):
     return COMPILE_GAIN * eager_s > 3 * COMPILE_S
 
 
+def cudnn_autotune(dev, setting="on"):
+    """--cudnn-benchmark: on, cuDNN times its algorithms for each new convolution shape and
+    keeps the fastest (seconds per shape, once; the project keeps one shape per stage); off,
+    its heuristics choose; N, on with at most N algorithms tried a shape."""
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = setting != "off"
+        if setting.isdigit():
+            torch.backends.cudnn.benchmark_limit = int(setting)
+
+
 def sync(dev):
     """Wait for `dev`, so that a wall-clock time means its work is done."""
     if dev.type == "cuda":

@@ -107,7 +107,8 @@ def cuda_seen():
 # starts Python, torch and CUDA; autotuning; the work itself); the compiled steps start with
 # less, since what they measure before the budget's end is kept.
 STEPS = {"demo": 45, "steps": 45, "checkpoint": 20, "real_run": 90, "evaluate": 25,
-         "predict": 15, "demo_host": 30, "demo_compiled": 60, "steps_compiled": 60}
+         "predict": 15, "demo_host": 30, "autotune": 60, "demo_compiled": 60,
+         "steps_compiled": 60}
 NEEDS_DEMO = ("evaluate", "predict", "demo_host")  # they read the demo's run or result
 
 
@@ -128,6 +129,8 @@ def gpu_check(bc, dev, res, log, recipe=None):
     demo_host     the demo with --data-on cpu: films in host memory, each batch gathered into
                   pinned memory and copied without waiting (the path for data larger than
                   the GPU);
+    autotune      the steps again with cuDNN's autotuning off, then limited to one
+                  algorithm a shape: what tuning costs (wall_s) against what it gains (img/s);
     demo_compiled one stage of the demo with --compile on (frozen, unfrozen and evaluation
                   graphs: every kind of graph training compiles);
     steps_compiled  ceiling vs real loop compiled, at the first size.
@@ -189,7 +192,7 @@ def gpu_check(bc, dev, res, log, recipe=None):
         res.set("gpu_check", status)
         print(f"[{out['status']}] {name}: " + ", ".join(
             f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()
-            if k not in ("status", "log_tail", "timings", "per_phase")), flush=True)
+            if k not in ("status", "log_tail", "timings", "per_phase", "off", "1")), flush=True)
         return out
 
     def ran(rc, text, **more):
@@ -211,15 +214,15 @@ def gpu_check(bc, dev, res, log, recipe=None):
                                              default=0))
         return out
 
-    def measured(part, mode, sizes, title):
+    def measured(part, mode, sizes, title, tuning="on"):
         """bench.py --part `part` in its own process (killed at the budget's end, what it
         measured by then kept): (result, its JSON)."""
-        sub = os.path.join(runs, f"{part}_{mode}.json")
+        sub = os.path.join(runs, f"{part}_{mode}_{tuning}.json")
         rc, secs, text = script("bench.py", [
             "--part", part, "--modes", mode, "--sizes", sizes, "--out", sub, "--arch", bc.arch,
             "--batch-size", bc.batch_size, "--steps", bc.steps, "--warmup", bc.warmup,
-            "--compile-backend", bc.compile_backend, *flags], log, left(), title,
-            env={"TMPDIR": runs})  # its scratch inside ours: removed, killed or not
+            "--compile-backend", bc.compile_backend, "--cudnn-benchmark", tuning, *flags],
+            log, left(), title, env={"TMPDIR": runs})  # its scratch in ours: removed anyway
         return ran(rc, text, wall_s=secs), json.load(open(sub)) if os.path.isfile(sub) else {}
 
     def steps(mode, sizes):
@@ -232,6 +235,20 @@ def gpu_check(bc, dev, res, log, recipe=None):
                        peak_gib=max(r["peak_gib"] or 0 for r in got["loop"]),
                        peak_reserved_gib=max(r.get("peak_reserved_gib") or 0
                                              for r in got["loop"]))
+        return out
+
+    def autotune():
+        """The eager steps with other --cudnn-benchmark settings, beside `steps` (on)."""
+        out = {"status": "ok"}
+        for tuning in ("off",) if bc.quick else ("off", "1"):
+            got_out, got = measured("loop", "eager", bc.sizes, f"steps, cudnn {tuning}", tuning)
+            rows = got.get("loop", [])
+            out[tuning] = {"status": got_out["status"], "wall_s": sum(r["wall_s"] for r in rows),
+                           "rows": [{k: r[k] for k in ("size", "phase", "ceiling", "real",
+                                                       "wall_s")} for r in rows]}
+            if got_out["status"] != "ok":
+                out.update(status=got_out["status"], log_tail=got_out.get("log_tail"))
+                break
         return out
 
     def checkpoint():
@@ -294,6 +311,7 @@ def gpu_check(bc, dev, res, log, recipe=None):
         step("predict", predict)
         step("demo_host", lambda: same_as(d, train_run("demo_host", [*demo, "--data-on",
                                                                      "cpu"])))
+    step("autotune", autotune)
     step("demo_compiled", lambda: train_run("demo_compiled", compiled))
     step("steps_compiled", lambda: steps("compiled", bc.sizes.split(",")[0]))
     counts = {k: sum(v["status"] == k for v in status.values())

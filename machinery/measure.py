@@ -102,6 +102,8 @@ class BenchConfig:
     arch: str = knob("resnet50", "ResNet body")
     precision: str = knob("auto", "auto | bf16 | fp32 (as train.py)")
     channels_last: str = knob("auto", "auto | on | off (as train.py)")
+    cudnn_benchmark: str = knob("on", "on | off | N: cuDNN autotuning (as train.py)",
+                                metavar="on|off|N")
     modes: str = knob("eager,compiled", "ceiling and loop: eager, compiled, or both")
     compile_backend: str = knob("inductor", "torch.compile backend (as train.py)")
     steps: int = knob(25, "timed steps per measurement")
@@ -176,7 +178,7 @@ def step_run(bc, dev, n_train=None):
                  device=str(dev), stages=bc.sizes, frozen_epochs="0", unfrozen_epochs="1",
                  batch_size=str(bc.batch_size), runs=scratch(), cache_dir="",
                  compile="off", precision=bc.precision, channels_last=bc.channels_last,
-                 compile_backend=bc.compile_backend)
+                 compile_backend=bc.compile_backend, cudnn_benchmark=bc.cudnn_benchmark)
     return setup(cfg)
 
 

@@ -85,8 +85,7 @@ def setup(cfg, sizes=None):
 
     if cl:  # NHWC lets the tensor cores run convolutions without transposes
         model = model.to(memory_format=torch.channels_last)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # shapes are static within a stage
+    devices.cudnn_autotune(dev, cfg.cudnn_benchmark)  # one shape a stage: tuned once
     if cfg.compile != "off":  # one static graph per stage size x (frozen, unfrozen, eval)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     weight = None

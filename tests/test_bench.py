@@ -88,7 +88,8 @@ def test_gpu_check_runs_whole_on_the_cpu_with_bf16_channels_last_and_compile(tmp
     status = bench.main(["--gpu-check", "--quick", "--precision", "bf16", "--channels-last",
                          "on", "--compile-backend", "aot_eager", "--out", str(out)])["gpu_check"]
     assert list(status) == ["demo", "steps", "checkpoint", "real_run", "evaluate", "predict",
-                            "demo_host", "demo_compiled"]  # in order of value
+                            "demo_host", "autotune", "demo_compiled"]  # in order of value
+    assert status["autotune"]["off"]["rows"]  # the steps again, cuDNN's autotuning off
     assert status["demo_host"]["same_as_demo"]  # on the CPU, bit for bit
     assert all(s["status"] == "ok" for s in status.values()), \
         {k: s for k, s in status.items() if s["status"] != "ok"}

@@ -36,6 +36,7 @@ def errors(capsys, *flags):
     (["--lr-find-end", "1e-8"], "--lr-find-end 1e-08 must be above --lr-find-start 1e-07"),
     (["--p-affine", "1.5"], "--p-affine 1.5: give a probability in [0, 1]"),
     (["--seed", "-1"], "--seed -1: give an integer in [0, 2**32)"),
+    (["--cudnn-benchmark", "0"], "--cudnn-benchmark 0: give on, off or a number of algorithms"),
     (["--data", "/no/such/folder"], "--data /no/such/folder: no such folder"),
     (["--train-split", "/no/such.txt"], "--train-split /no/such.txt: no such file"),
     (["--weights", "/no/such.pth"], "--weights /no/such.pth: give imagenet, none or a state"),

@@ -475,3 +475,18 @@ def test_an_epoch_and_an_lr_sweep_read_the_device_a_fixed_few_times(tmp_path, mo
             lrfind.suggest_lr(run, films["train"], 32, bs, phase.tag)
         per_sweep.append(len(reads))
     assert per_epoch[0] == per_epoch[1] <= 6 and per_sweep == [0, 0], (per_epoch, per_sweep)
+
+
+def test_evaluation_takes_the_training_batch_shape_padded(tmp_path, monkeypatch):
+    # one shape a stage: cuDNN tunes (and a compiled model compiles) for it once
+    run = setup(parse_args(["--data", "phantom", "--phantoms", "64", "--cache-dir", "",
+                            "--runs", str(tmp_path)] + TINY))
+    films = data.stage_films(run, 32)
+    shapes, forward = [], run.infer
+    run.infer = lambda x: shapes.append(tuple(x.shape)) or forward(x)
+    loss, acc, probs = train.evaluate(run, films["test"], 32, 6)
+    n = len(films["test"][1])
+    assert n % 6 and shapes == [(6, 3, 32, 32)] * -(-n // 6)  # the last batch padded too
+    run.infer = forward  # the same numbers as unpadded batches of another size
+    loss_b, acc_b, probs_b = train.evaluate(run, films["test"], 32, 256)
+    assert acc == acc_b and abs(loss - loss_b) < 1e-5 and torch.allclose(probs, probs_b, atol=1e-5)
