@@ -1,11 +1,11 @@
 """Benchmark: how close training runs to the raw ResNet-50 step ceiling, what the paper's
 41-epoch schedule costs end to end, and, first of all on a new GPU, whether the CUDA path works.
 
-    python bench.py --gpu-check        # the first command on a new GPU: ~8 minutes on one H100
+    python3 bench.py --gpu-check       # the first command on a new GPU: at most 4 minutes
     python bench.py --part loop        # one part per call (each under 10 minutes on one H100)
     python bench.py                    # every part, one after another (~20 minutes on one H100)
     python bench.py --quick            # tiny sizes on the CPU in seconds: checks the script
-    python bench.py --ddp 8            # data-parallel scaling: torchrun on 8 GPUs against 1
+    python bench.py --ddp 8            # data-parallel: torchrun on 8 GPUs against 1, and as run
 
 Parts (--part, comma separated; results merged into --out across calls, written after each
 measurement, so a killed call keeps what it measured):

@@ -112,7 +112,9 @@ class BenchConfig:
     png_size: int = knob(1024, "size of the phantom PNGs written for e2e and cache")
     cache_images: int = knob(512, "PNGs decoded for the cache build rate")
     ddp: int = knob(0, "instead of the parts: data-parallel scaling, train.py under torchrun on "
-                    "N GPUs (gloo processes on the CPU) against 1, images/s per rank")
+                    "N GPUs (gloo processes on the CPU) against 1, images/s per rank; then "
+                    "the N ranks as a user runs them (validation, last.pt every epoch) and "
+                    "where an epoch's time goes")
     ddp_steps: int = knob(20, "--ddp: steps per epoch of the N-rank run (3 epochs, the first "
                           "not timed)")
     out: str = knob("", "JSON results, merged across calls (default: bench.json, or "

@@ -457,9 +457,9 @@ def count_host_reads(monkeypatch):
 def test_an_epoch_and_an_lr_sweep_read_the_device_a_fixed_few_times(tmp_path, monkeypatch):
     # per epoch: the divergence check, the loss, validation and steps.csv; never per step (the
     # progress bar reads copies made without waiting); the LR finder reads its losses so too
-    run = setup(parse_args(["--data", "phantom", "--phantoms", "96", "--cache-dir", "",
+    run = setup(parse_args(["--data", "phantom", "--phantoms", "64", "--cache-dir", "",
                             "--runs", str(tmp_path)] + TINY))
-    films = data.stage_films(run, 32)
+    films = data.stage_films(run, 32)  # 25 steps of 2 films, then 12 of 4
     reads, Items = count_host_reads(monkeypatch)
     per_epoch, per_sweep = [], []
     for bs in (2, 4):  # twice the steps
