@@ -112,9 +112,9 @@ class BenchConfig:
     png_size: int = knob(1024, "size of the phantom PNGs written for e2e and cache")
     cache_images: int = knob(512, "PNGs decoded for the cache build rate")
     ddp: int = knob(0, "instead of the parts: data-parallel scaling, train.py under torchrun on "
-                    "N GPUs (gloo processes on the CPU) against 1, images/s per rank; then "
-                    "the N ranks as a user runs them (validation, last.pt every epoch) and "
-                    "where an epoch's time goes")
+                    "N GPUs (gloo processes on the CPU) against 1, as a user runs it "
+                    "(validation, last.pt every epoch): images/s per rank, and where the N "
+                    "ranks' epochs went")
     ddp_steps: int = knob(20, "--ddp: steps per epoch of the N-rank run (3 epochs, the first "
                           "not timed)")
     out: str = knob("", "JSON results, merged across calls (default: bench.json, or "
@@ -298,34 +298,32 @@ def end_to_end(bc, dev, root, cache, recipe):
 
 
 def ddp_scaling(bc, dev, n, log):
-    """Images/s of train.py on 1 process and under torchrun on n, at the first stage size:
-    phantoms held on the device, fixed LRs (no finder), 3 epochs of which the last 2 count.
-    Every rank has bc.batch_size per step (the global batch is n times larger) and the same
-    films per step either way; efficiency = n-rank images/s / (n x 1-process images/s).
+    """train.py on 1 process and under torchrun on n, as a user runs it (validation and a
+    last.pt every epoch, the defaults), at the first stage size: phantoms held on the device,
+    fixed LRs (no finder), 3 epochs of which the last 2 count. Every rank has bc.batch_size
+    per step (the global batch is n times larger) and the same films per step either way.
 
-    Those are the steps alone: no validation (--val-frac 0) and no last.pt written after the
-    first (--save-every 3600). "as_run" is the n ranks again as a user runs them, validation
-    and a last.pt every epoch (the defaults) on about as many training films, and where
-    its epochs' time goes (epoch_split)."""
+    Images/s are the steps' (train.py's img_s: validation and the checkpoint come after an
+    epoch's steps); efficiency = n-rank images/s / (n x 1-process images/s). "as_run": where
+    the n ranks' epochs went, steps, validation and checkpoint (epoch_split)."""
     size = int(bc.sizes.split(",")[0])
     films = bc.batch_size * n * bc.ddp_steps  # training films: ddp_steps steps of n ranks
-    args = ["--data", "phantom", "--arch", bc.arch, "--weights", "none", "--stages", str(size),
+    held_out = Config().val_frac  # of the patients (one or two films): ~as many to train
+    args = ["--data", "phantom", "--phantoms", str(math.ceil(films / (1 - held_out))),
+            "--arch", bc.arch, "--weights", "none", "--stages", str(size),
             "--frozen-epochs", "0", "--unfrozen-epochs", "3", "--lr-unfrozen", "1e-3",
             "--batch-size", str(bc.batch_size), "--device", dev.type, "--precision",
             bc.precision, "--channels-last", bc.channels_last,
             "--compile", "off", "--data-on", "gpu", "--runs", scratch()]
-    steps_only = ["--phantoms", str(films), "--val-frac", "0", "--save-every", "3600"]
     out = {"size": size, "batch_per_rank": bc.batch_size, "ranks": n}
     for k in (1, n):
-        rows = metrics_rows(train_py(k, [*args, *steps_only, "--name", f"ranks{k}"], log))
-        out[f"img_s_{k}"] = sum(r["img_s"] for r in rows[1:]) / len(rows[1:])  # all ranks'
+        e = epoch_split(train_py(k, [*args, "--name", f"ranks{k}"], log), bc.batch_size, k)
+        out[f"img_s_{k}"] = e["img_s_steps"]  # all ranks' images
     out["img_s_per_rank"] = out[f"img_s_{n}"] / n
     out["efficiency"] = out["img_s_per_rank"] / out["img_s_1"]
     print(f"  {n} ranks: {out[f'img_s_{n}']:,.0f} img/s ({out['img_s_per_rank']:,.0f} per rank)"
           f" vs 1: {out['img_s_1']:,.0f} img/s; scaling efficiency {out['efficiency']:.2f}")
-    held_out = Config().val_frac  # of the patients (one or two films): ~as many to train
-    as_run = ["--phantoms", str(math.ceil(films / (1 - held_out))), "--name", f"as_run{n}"]
-    e = out["as_run"] = epoch_split(train_py(n, [*args, *as_run], log), bc.batch_size, n)
+    out["as_run"] = e
     print(f"  {n} ranks as run: {e['epoch_s']:.2f} s an epoch: steps {e['train_s']:.2f}, "
           f"validation {e['val_s']:.2f}, checkpoint {e['checkpoint_s']:.2f}; "
           f"{e['img_s']:,.0f} img/s (steps alone {e['img_s_steps']:,.0f})")
