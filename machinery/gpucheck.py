@@ -148,8 +148,8 @@ def gpu_check(bc, dev, res, log, recipe=None):
         raise SystemExit(f"--only {','.join(unknown)}: the steps are {', '.join(STEPS)}")
     if any(s in NEEDS_DEMO for s in only):
         only.append("demo")
-    if bc.quick:  # minutes of compiling on a CPU; cuDNN's tuning: none on a CPU
-        only = [s for s in only if s not in ("steps_compiled", "autotune")]
+    if bc.quick:  # minutes of compiling on a CPU; no cuDNN; checkpoint: `steps`' way again
+        only = [s for s in only if s not in ("steps_compiled", "autotune", "checkpoint")]
     flags = ["--device", str(dev), "--precision", bc.precision, "--channels-last",
              bc.channels_last]  # evaluate.py and predict.py take these three
     train_flags = [*flags, "--compile-backend", bc.compile_backend]

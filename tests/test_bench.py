@@ -86,12 +86,12 @@ def test_gpu_check_runs_whole_on_the_cpu_with_bf16_channels_last_and_compile(tmp
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # where its scratch folders go
     status = bench.main(["--gpu-check", "--quick", "--precision", "bf16", "--channels-last",
                          "on", "--compile-backend", "aot_eager", "--out", str(out)])["gpu_check"]
-    assert list(status) == ["demo", "steps", "checkpoint", "real_run", "evaluate", "predict",
-                            "demo_host", "demo_compiled"]  # in order of value
+    assert list(status) == ["demo", "steps", "real_run", "evaluate", "predict", "demo_host",
+                            "demo_compiled"]  # in order of value; --quick: no checkpoint
     assert status["demo_host"]["same_as_demo"]  # on the CPU, bit for bit
     assert all(s["status"] == "ok" for s in status.values()), \
         {k: s for k, s in status.items() if s["status"] != "ok"}
-    assert json.load(open(out))["gpu_check"]["checkpoint"]["status"] == "ok"  # as it went
+    assert json.load(open(out))["gpu_check"]["steps"]["status"] == "ok"  # as it went
     assert status["evaluate"]["same_as_train"]  # evaluate.py sees what train.py saw
     real = status["real_run"]
     assert real["killed_mid_run"] and real["resumed"] and real["each_epoch_once"]
@@ -118,8 +118,12 @@ def test_gpu_check_skips_what_the_budget_cannot_hold_and_goes_on_after_a_failure
 
     def script(name, args, log, timeout, *a, **k):
         seen.append(json.load(open(tmp_path / "b.json"))["gpu_check"])  # as it starts
-        if "--cudnn-benchmark" in args:
+        if name == "bench.py":  # a measurement: its JSON, as bench.py --part writes it
             tunings.append(args[args.index("--cudnn-benchmark") + 1])
+            row = {"size": 32, "phase": "frozen", "mode": "eager", "ratio": 0.9, "real": 9,
+                   "ceiling": 10, "peak_gib": None, "wall_s": 1.0}
+            json.dump({"loop": [row], "checkpoint": {"mib": 42.0}},
+                      open(args[args.index("--out") + 1], "w"))
         return (1, 0.1, f"{name}: boom") if name == "train.py" else (0, 0.1, "")
     tunings = []
     monkeypatch.setattr(gpucheck, "script", script)
@@ -128,11 +132,13 @@ def test_gpu_check_skips_what_the_budget_cannot_hold_and_goes_on_after_a_failure
         raise RuntimeError("the GPU fell off")
     monkeypatch.setattr(gpucheck, "killed_and_resumed", dies)
     bc = measure.BenchConfig(**{**measure.QUICK, "gpu_check": True, "out": str(tmp_path / "b.json"),
-                                "only": "evaluate,real_run,steps,autotune"})
+                                "only": "evaluate,real_run,steps,checkpoint,autotune"})
     res = measure.Results(bc.out, {"config": {}})
     status = gpucheck.gpu_check(bc, devices.pick_device("cpu"), res, str(tmp_path / "b.log"))
-    assert list(status) == ["demo", "steps", "real_run", "autotune"]  # demo: evaluate needs it
-    assert tunings == ["on", "off", "1"]  # autotune: the steps with cuDNN's tuning off, then 1
+    assert list(status) == ["demo", "steps", "checkpoint", "real_run", "autotune"]  # +demo
+    assert tunings == ["on", "on", "off", "1"]  # autotune: the steps with cuDNN's off, then 1
+    assert status["steps"]["min_ratio"] == 0.9 and status["checkpoint"]["mib"] == 42.0
+    assert status["autotune"]["1"]["rows"][0]["real"] == 9
     assert seen[0] == {"demo": {"status": "running", "started_at_s": seen[0]["demo"][
         "started_at_s"]}}  # written before it ran: a call killed from outside says where
     assert status["demo"]["status"] == "failed" and "boom" in status["demo"]["log_tail"]
