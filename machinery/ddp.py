@@ -109,18 +109,24 @@ def node_first():
     Its waits take NODE_FIRST_WAIT times --dist-timeout: decoding a large data set is the
     longest wait of a run (~5 minutes for 224,000 1024-px PNGs on 16 cores), and the others'
     turn (the cache read, the audit) the next longest. A process group of its own carries
-    that timeout (a barrier takes its group's), made by every rank before the block."""
+    that timeout (a barrier takes its group's), made by every rank the first time, kept
+    until the run leaves them all (gloo can fail a rank that tears a group down right after
+    a barrier: pytorch/gloo#155, so the run does that once, at its end)."""
     if world() == 1:
         yield
         return
-    slow = dist.new_group(timeout=TIMEOUT * NODE_FIRST_WAIT)
+    if "slow" not in _GROUPS:
+        _GROUPS["slow"] = dist.new_group(timeout=TIMEOUT * NODE_FIRST_WAIT)
+    slow = _GROUPS["slow"]
     if not local_main():
         dist.barrier(group=slow)
     yield
     if local_main():
         dist.barrier(group=slow)
     dist.barrier(group=slow)  # the others' turn: the first ranks wait for it as long
-    dist.destroy_process_group(slow)
+
+
+_GROUPS = {}  # process groups made once a run (node_first's); leave() forgets them
 
 
 def broadcast(obj):
@@ -354,8 +360,9 @@ def close():
 def leave():
     """Leave the process group now, waiting for no other rank. A failure to leave is said,
     not raised: the program is already ending, with the error that matters."""
+    _GROUPS.clear()
     if dist.is_initialized():
         try:
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # every group: the default one and node_first's
         except Exception as e:
             sys.stderr.write(f"leaving the process group: {type(e).__name__}: {e}\n")
