@@ -38,7 +38,7 @@ import data
 import train
 from machinery import devices
 from machinery.config import Help, add_flags
-from machinery.gpucheck import cuda_seen, gpu_check
+from machinery.gpucheck import gpu_check, require_cuda
 from machinery.measure import (PARTS, QUICK, BenchConfig, Recipe, Results, cache_rate,
                                checkpoint_cost, ddp_scaling, end_to_end, measure_steps,
                                remove_scratch, scratch, step_run, write_phantom_covidx)
@@ -94,17 +94,8 @@ def main(argv=None):
     if bc.ddp and (bc.ddp < 2 or bc.ddp_steps < 1 or bc.gpu_check):
         p.error(f"--ddp {bc.ddp} --ddp-steps {bc.ddp_steps}: give 2 ranks or more, 1 step or "
                 "more, and not with --gpu-check (one call each)")
-    if bc.gpu_check and not bc.quick:  # a check on the CPU would spend the GPU's lease
-        seen = cuda_seen()
-        if not seen["cuda_available"] or bc.device == "cpu":
-            print(json.dumps(seen))
-            raise SystemExit(f"--gpu-check: no CUDA device in this process (--device "
-                             f"{bc.device}; torch {seen['torch']}, built for CUDA "
-                             f"{seen['torch_cuda']}; {seen['device_count']} device(s); "
-                             f"CUDA_VISIBLE_DEVICES={seen['CUDA_VISIBLE_DEVICES']}; nvidia-smi: "
-                             f"{seen['nvidia_smi'][:300]}). It checks the CUDA path and "
-                             "refuses to spend its budget on the CPU (--quick: the CPU, in "
-                             "seconds)")
+    if bc.gpu_check:
+        require_cuda(bc)  # a check on the CPU would spend the GPU's lease
     dev = devices.pick_device(bc.device)
     out = bc.out or ("gpu_check.json" if bc.gpu_check else "bench.json")
     env = {"device": devices.describe(dev), "torch": torch.__version__,

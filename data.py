@@ -67,8 +67,8 @@ class Augment:
 
         def u(*shape):  # the next uniforms: (steps, n, *shape)
             nonlocal used
-            used += n * math.prod(shape)
-            return U[:, used - n * math.prod(shape):used].view(steps, n, *shape)
+            used, start = used + n * math.prod(shape), used
+            return U[:, start:used].view(steps, n, *shape)
         coin = lambda p: u() < p
         flip = coin(0.5) & self.flip
         warp = (u(4) * 2 - 1) * self.warp * coin(self.p_affine)[..., None]

@@ -51,7 +51,7 @@ def lr_find(step, model, opt, batches, n_steps=100, lr_start=1e-7, lr_end=10.0, 
     avg, best = 0.0, math.inf
     queued = collections.deque()  # steps taken, not read yet: (lr, loss, generator after)
 
-    def read(lr, loss, _):  # the oldest step's loss into the curve; False: stop here
+    def read(lr, loss):  # a step's loss into the curve; False: stop here
         nonlocal avg, best
         loss = loss.value()
         # Exponential moving average, debiased for the first steps (as Adam's moments)
@@ -79,12 +79,12 @@ def lr_find(step, model, opt, batches, n_steps=100, lr_start=1e-7, lr_end=10.0, 
             queued.append((lr, devices.HostCopy(loss), devices.generator_state(loss.device)))
             if len(queued) > lag:
                 last = queued.popleft()
-                going = read(*last)
+                going = read(*last[:2])
                 if not going:
                     break
         while going and queued:
             last = queued.popleft()
-            going = read(*last)
+            going = read(*last[:2])
     finally:
         model.load_state_dict(saved[0])
         opt.load_state_dict(saved[1])

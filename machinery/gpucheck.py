@@ -112,7 +112,23 @@ STEPS = {"demo": 45, "steps": 45, "checkpoint": 20, "real_run": 90, "evaluate": 
 NEEDS_DEMO = ("evaluate", "predict", "demo_host")  # they read the demo's run or result
 
 
-def gpu_check(bc, dev, res, log, recipe=None):
+def require_cuda(bc):
+    """Stop at once, saying what this process sees of CUDA, when the check would run on the
+    CPU: it would spend the GPU's lease there (--quick is the CPU check, seconds)."""
+    if bc.quick:
+        return
+    seen = cuda_seen()
+    if not seen["cuda_available"] or bc.device == "cpu":
+        print(json.dumps(seen))
+        raise SystemExit(f"--gpu-check: no CUDA device in this process (--device {bc.device}; "
+                         f"torch {seen['torch']}, built for CUDA {seen['torch_cuda']}; "
+                         f"{seen['device_count']} device(s); CUDA_VISIBLE_DEVICES="
+                         f"{seen['CUDA_VISIBLE_DEVICES']}; nvidia-smi: "
+                         f"{seen['nvidia_smi'][:300]}). It checks the CUDA path and refuses "
+                         "to spend its budget on the CPU (--quick: the CPU, in seconds)")
+
+
+def gpu_check(bc, dev, res, log):
     """The first run on a new GPU, in one call, within bc.budget seconds, in order of value;
     every step a script run as a user runs it, killed at the budget's end:
 

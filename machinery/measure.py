@@ -316,14 +316,15 @@ def ddp_scaling(bc, dev, n, log):
             bc.precision, "--channels-last", bc.channels_last,
             "--compile", "off", "--data-on", "gpu", "--runs", scratch()]
     out = {"size": size, "batch_per_rank": bc.batch_size, "ranks": n}
-    for k in (1, n):
-        e = epoch_split(train_py(k, [*args, "--name", f"ranks{k}"], log), bc.batch_size, k)
+    split = {k: epoch_split(train_py(k, [*args, "--name", f"ranks{k}"], log), bc.batch_size, k)
+             for k in (1, n)}
+    for k, e in split.items():
         out[f"img_s_{k}"] = e["img_s_steps"]  # all ranks' images
     out["img_s_per_rank"] = out[f"img_s_{n}"] / n
     out["efficiency"] = out["img_s_per_rank"] / out["img_s_1"]
     print(f"  {n} ranks: {out[f'img_s_{n}']:,.0f} img/s ({out['img_s_per_rank']:,.0f} per rank)"
           f" vs 1: {out['img_s_1']:,.0f} img/s; scaling efficiency {out['efficiency']:.2f}")
-    out["as_run"] = e
+    e = out["as_run"] = split[n]
     print(f"  {n} ranks as run: {e['epoch_s']:.2f} s an epoch: steps {e['train_s']:.2f}, "
           f"validation {e['val_s']:.2f}, checkpoint {e['checkpoint_s']:.2f}; "
           f"{e['img_s']:,.0f} img/s (steps alone {e['img_s_steps']:,.0f})")
