@@ -65,8 +65,7 @@ def run_audit(classes, splits, th, near, exact):
                 "identical": p.identical, "same_bytes": False})
             row["same_bytes"] = (p.i, p.j) in same
         out["duplicates"][f"{sa}~{sb}"] = list(rows.values())
-    unique = out["duplicates"]
-    rows = [r for rs in unique.values() for r in rs]
+    rows = [r for rs in out["duplicates"].values() for r in rs]
     out["same_picture_two_patients"] = [r for r in rows if r["patient_a"] != r["patient_b"]]
     shared = set(splits["train"].patients) & set(splits["test"].patients)
     out["patients_in_both_splits"] = sorted(shared)
@@ -114,9 +113,7 @@ def how(r):
 def write_md(path, a, sheet):
     classes = a["classes"]
     text = ["# Data audit", "", *[f"- {s}" for s in summary(a)], "", "## Sources by class", "",
-            "| source | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
-    text += [f"| {s} | " + " | ".join(str(row[c]) for c in classes) + " |"
-             for s, row in sorted(a["sources"].items())]
+            *audit.sources_md(a["sources"], classes)]
     text += ["", "## Duplicate pairs", ""]
     for key, rows in a["duplicates"].items():
         cut = " (the first 200 here; all in audit.json)" if len(rows) > 200 else ""

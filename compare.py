@@ -21,14 +21,11 @@ import math
 import os
 import random
 
+from machinery import config
 from machinery.config import Config, Help
 from machinery.plots import dot_plot
 
-# not what sets a group apart: bookkeeping, the machine (device: as resolved, e.g. cuda:0),
-# shortcuts that only set other keys (demo); code versions are warned about instead
-IGNORED = {"seed", "name", "runs", "resume", "config", "overwrite", "cache_dir", "save_every",
-           "keep_last", "save_best", "device", "demo", "git_commit", "git_dirty", "torch",
-           "data_on", "data_gpu_gib", "dist_timeout"}
+IGNORED = config.BOOKKEEPING  # not what sets a group apart
 DEFAULTS = dataclasses.asdict(Config())  # for keys that older runs' config.json lack
 # Student's t, 97.5th percentile, for 1..30 degrees of freedom (then a series in 1/df)
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,

@@ -19,6 +19,7 @@ import torch
 
 from data import Augment, eval_batches
 from machinery import datasets, devices, films
+from machinery.checkpoint import run_dir_of
 from machinery.config import Config, Help
 from machinery.hostmem import HostImages, on_host
 from machinery.metrics import classification_metrics, format_metrics
@@ -158,7 +159,7 @@ def main(argv=None):
     m = classification_metrics(labels, preds, classes, items.sources, probs.tolist())
     m.update(checkpoint=a.checkpoint, data=a.data, split=a.split, size=size, tta=a.tta)
 
-    run_dir = a.checkpoint if os.path.isdir(a.checkpoint) else os.path.dirname(a.checkpoint)
+    run_dir = run_dir_of(a.checkpoint)
     name = os.path.basename(os.path.normpath(a.data))
     made_by = "" if a.tta == "0" else f"_tta-{a.tta}"  # a TTA run never overwrites the plain
     out = a.out or os.path.join(run_dir or ".", f"eval_{name}_{a.split}{made_by}")

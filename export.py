@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import MEAN, STD
-from machinery.checkpoint import load_checkpoint
+from machinery.checkpoint import load_checkpoint, run_dir_of
 from machinery.config import Help
 from machinery.datasets import run_cli
 from machinery.modelcard import model_card, write_model_card
@@ -93,7 +93,7 @@ def export(checkpoint, out):
         json.dump({"classes": ck["classes"], "size": size, "resize": "crop" if crop else
                    "squish", "arch": ck["config"]["arch"]}, f, indent=1)
     torch.save(body_state_dict(model), paths[2])
-    run_dir = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
+    run_dir = run_dir_of(checkpoint)
     if os.path.isfile(os.path.join(run_dir, "config.json")):  # the run's card, metrics and all
         paths.append(write_model_card(run_dir, out))
     else:  # a checkpoint alone: what it knows
@@ -113,8 +113,7 @@ def make_parser():
 
 def main(argv=None):
     a = make_parser().parse_args(argv)
-    run_dir = a.checkpoint if os.path.isdir(a.checkpoint) else os.path.dirname(a.checkpoint)
-    paths = export(a.checkpoint, a.out or os.path.join(run_dir or ".", "export"))
+    paths = export(a.checkpoint, a.out or os.path.join(run_dir_of(a.checkpoint) or ".", "export"))
     print("wrote " + ", ".join(paths) + "\nuse: probs = torch.jit.load(model.ts)(film), "
           "film a grayscale tensor (H, W) of any size")
     return paths

@@ -45,7 +45,11 @@ __all__ = ["Classifier", "FilmError", "CheckpointError"]  # the API (CheckpointE
 
 
 class FilmError(DataError):
-    """An input that is not a readable film; the message names it and why."""
+    """An input that is not a readable film; the message names it and why, `why` says why."""
+
+    def __init__(self, message, why=""):
+        super().__init__(message)
+        self.why = why or message
 
 
 def as_image(film):
@@ -110,7 +114,7 @@ class Classifier:
             except Exception as e:  # not an image's shape or type
                 r = f"{type(e).__name__}: {e}"
         if isinstance(r, str):
-            raise FilmError(f"{name}: not a readable film ({r})")
+            raise FilmError(f"{name}: not a readable film ({r})", why=f"({r})")
         (w, h), (pixels,) = r
         return pixels, h / w
 
@@ -236,7 +240,7 @@ def main(argv=None):
         try:
             px, r = clf.prepare(f)
         except FilmError as e:  # not an image, or unreadable: listed, the rest go on
-            skipped.append((f, str(e).split("not a readable film ")[-1]))
+            skipped.append((f, e.why))
             continue
         files.append(f)
         pixels.append(px)
@@ -246,25 +250,23 @@ def main(argv=None):
     if not files:
         raise FilmError("no readable images among " + ", ".join(a.images))
     probs = clf.probabilities_of(pixels, hw, a.batch_size)
-    classes = clf.classes
+    classes, top = clf.classes, probs.argmax(1).tolist()
 
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "predicted"] + [f"p_{c}" for c in classes])
-        for path, pr in zip(files, probs.tolist()):
-            w.writerow([path, classes[max(range(len(pr)), key=pr.__getitem__)]] +
-                       [f"{v:.6f}" for v in pr])
+        for path, t, pr in zip(files, top, probs.tolist()):
+            w.writerow([path, classes[t]] + [f"{v:.6f}" for v in pr])
     if a.cam:
         for k, (path, dst) in enumerate(zip(files, cam_names(files, a.cam))):
-            c = classes.index(a.cam_class) if a.cam_class else int(probs[k].argmax())
+            c = classes.index(a.cam_class) if a.cam_class else top[k]
             cam = gradcam(clf.model, clf.input_of(pixels[k], hw[k]), c).cpu()
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             save_cam(dst, path, cam, clf.crop,
                      f"Grad-CAM of {classes[c]}: p = {100 * float(probs[k, c]):.1f}%")
-    for path, pr in list(zip(files, probs.tolist()))[:5]:  # a first look, the rest in the CSV
-        top = max(range(len(pr)), key=pr.__getitem__)
-        print(f"  {classes[top]:>12} {100 * pr[top]:5.1f}%  {path}")
+    for path, t, pr in list(zip(files, top, probs.tolist()))[:5]:  # a first look; the CSV
+        print(f"  {classes[t]:>12} {100 * pr[t]:5.1f}%  {path}")
     print(f"{len(files)} images predicted, {len(skipped)} skipped; wrote "
           f"{os.path.abspath(a.out)}" + (f" and heat maps in {a.cam}" if a.cam else ""))
     return files, probs, skipped

@@ -196,6 +196,13 @@ def val_leaks(th, tr, va, items):
 # ---------------------------------------------------------------------------------------------
 # Sources and shortcuts: what audit.py adds to the duplicates
 
+def sources_md(sources, classes):
+    """source_table's counts as markdown table lines (audit.md, report.md, the model card)."""
+    return (["| source | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"] +
+            [f"| {s} | " + " | ".join(str(row.get(c, 0)) for c in classes) + " |"
+             for s, row in sorted(sources.items())])
+
+
 def source_table(classes, items, most=0.75, rest=0.25):
     """({source: {class: count}}, warnings): a warning for each class that comes mostly (>=
     `most`) from one source which gives little (< `rest`) of the other classes' films: a model

@@ -304,6 +304,11 @@ class CheckpointError(DataError):
     names it. A DataError, so that the scripts end with the message alone (run_cli)."""
 
 
+def run_dir_of(path):
+    """The run folder of a run folder or of a checkpoint file in one ('' for a bare name)."""
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
 def load_checkpoint(path):
     """One of our checkpoints -> (model, checkpoint dict), with a clear error for anything else.
 

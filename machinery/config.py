@@ -388,6 +388,13 @@ RANGES = {  # flag: (test, what it accepts)
                         "on, off or a number of algorithms (1 or more)"),
 }
 FILES = ("train_split", "test_split", "subtypes")  # files that must exist when given
+# Keys of config.json that say where and how a run was kept, not what it trained: bookkeeping,
+# the machine (device: as resolved, e.g. cuda:0), shortcuts that only set other keys (demo),
+# code versions (warned about instead). compare.py groups runs without them; the model card
+# does not count them as deviations from the paper.
+BOOKKEEPING = {"seed", "name", "runs", "resume", "config", "overwrite", "cache_dir",
+               "save_every", "keep_last", "save_best", "device", "demo", "git_commit",
+               "git_dirty", "torch", "data_on", "data_gpu_gib", "dist_timeout"}
 
 
 def validate(cfg):

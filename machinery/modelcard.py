@@ -10,18 +10,15 @@ made from public research data is not a medical device; the card says so first.
 """
 import json
 import os
-import subprocess
 
-from machinery.config import Config
+from machinery.audit import sources_md
+from machinery.config import BOOKKEEPING as KEPT, Config
 from machinery.metrics import format_metrics
 
-# Knobs that say where and how a run was kept, not what was trained: no deviation
-BOOKKEEPING = {"seed", "name", "runs", "resume", "config", "overwrite", "cache_dir",
-               "save_every", "keep_last", "save_best", "device", "demo", "data_on",
-               "data_gpu_gib", "dist_timeout", "data", "train_split", "test_split", "image_dir",
-               "subtypes", "git_commit",
-               "git_dirty", "torch", "ranks", "allow_patient_overlap", "allow_missing_class",
-               "allow_duplicates", "phantoms", "phantom_seed"}
+# Knobs that say where and how a run was kept, and which data: no deviation from the paper
+BOOKKEEPING = KEPT | {"data", "train_split", "test_split", "image_dir", "subtypes", "ranks",
+                     "allow_patient_overlap", "allow_missing_class", "allow_duplicates",
+                     "phantoms", "phantom_seed"}
 
 PRECISION = {"auto": "auto (bf16 autocast on CUDA, fp32 on the CPU)"}
 INTENDED_USE = """\
@@ -29,18 +26,6 @@ INTENDED_USE = """\
 decision about a patient.** It was trained on public research images whose labels, sources and
 patients' ages differ by class (see Data): it may have learned where a film came from rather
 than what it shows. Its test metrics hold for its test split alone."""
-
-
-def git_dirty():
-    """Whether the code that ran differs from its git commit (uncommitted changes), or None
-    when it is not a git checkout."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                             capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-    except OSError:
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 def deviations(config):
@@ -82,11 +67,7 @@ def model_card(config, classes, size, metrics=None, leaks=None):
               + (f" with subtypes `{config['subtypes']}`" if config.get("subtypes") else "")
               + f"; validation: {config.get('val_frac')} of the training patients."]
     if leaks:
-        classes_of = sorted({c for row in leaks["sources"].values() for c in row})
-        lines += ["", "| source | " + " | ".join(classes_of) + " |",
-                  "|---" * (len(classes_of) + 1) + "|"]
-        lines += [f"| {s} | " + " | ".join(str(row.get(c, 0)) for c in classes_of) + " |"
-                  for s, row in sorted(leaks["sources"].items())]
+        lines += ["", *sources_md(leaks["sources"], classes)]
         lines += [""] + [f"- Warning: {w}." for w in leaks["source_warnings"]]
         lines += [f"- Test films with an exact or near duplicate in training: "
                   f"{leaks['test_films_with_duplicate_in_train']}"

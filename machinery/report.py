@@ -11,6 +11,7 @@ import csv
 import json
 import os
 
+from machinery.audit import sources_md
 from machinery.metrics import format_metrics, roc_curve
 from machinery.modelcard import write_model_card
 from machinery.plots import COLOURS, GREY, LIGHT, confusion_plot, line_plot
@@ -83,7 +84,8 @@ def schedule_plots(run_dir, rows, cfg, bands, points=50):
             moms.append(beta1)
     # groups with the same LRs (fastai's slice(lr): every body group lr/10) draw one line
     series = [(xs, ys, f"group {g + 1}" + "".join(f" = {h + 1}" for h in range(g + 1, n_groups)
-                                                if lrs[h] == ys)) for g, ys in enumerate(lrs)]
+                                                if lrs[h] == ys))
+              for g, ys in enumerate(lrs) if ys not in lrs[:g]]  # drawn with the first
     line_plot(os.path.join(run_dir, "lr_schedule.png"), series, "epoch (all phases in order)",
               "learning rate (log axis)", title="LR of each layer group (one-cycle per phase)",
               logy=True, bands=bands, legend_at="bottom")
@@ -147,9 +149,7 @@ def data_lines(path, classes):
         lines += ["", f"{leaks['val_films_with_duplicate_in_train']} validation films have an "
                   "exact or near duplicate in training: the validation numbers per epoch are "
                   "inflated by them."]
-    lines += ["", "| source | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
-    lines += [f"| {src} | " + " | ".join(str(row.get(c, 0)) for c in classes) + " |"
-              for src, row in sorted(leaks["sources"].items())]
+    lines += ["", *sources_md(leaks["sources"], classes)]
     return lines + [""] + [f"Warning: {w}." for w in leaks["source_warnings"]] + [""]
 
 

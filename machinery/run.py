@@ -24,7 +24,6 @@ import torch.nn as nn
 from machinery import audit, datasets, ddp, devices, films
 from machinery.checkpoint import Checkpointer, check_writable
 from machinery.config import Config, make_stages
-from machinery.modelcard import git_dirty
 from model import build_model, fetch_weights, make_optimizer
 
 
@@ -205,6 +204,18 @@ def git_commit():
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         return "unknown"
+
+
+def git_dirty():
+    """Whether the code that ran differs from its git commit (uncommitted changes), or None
+    when it is not a git checkout."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except OSError:
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 def add_time(run, kind, seconds):
