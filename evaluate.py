@@ -61,8 +61,8 @@ def tta_probs(model, images, size, hw, aug, tta, batch_size=128, seed=0, amp=Non
     channels_last: NHWC batches (data.eval_batches).
     """
     def probs(transform=None):
-        batches = eval_batches(images, size, hw, batch_size, transform=transform,
-                               channels_last=channels_last)
+        batches = eval_batches(images, size, hw, batch_size, pad=True, transform=transform,
+                               channels_last=channels_last)  # one shape, as train.py's
         return class_logits(model, model, batches, amp).softmax(1)
     plain = probs()
     gen = torch.Generator(device=images.device).manual_seed(seed)
@@ -99,7 +99,10 @@ def make_parser():
     p.add_argument("--tta", default="0", help="test-time augmentation: v1 (fastai v1's TTA: "
                    "0.4 plain + 0.6 mean of 8 corner views), or k: the mean of the plain pass "
                    "and k augmented ones (default: 0, none)")
-    p.add_argument("--batch-size", type=int, default=128, help="films per evaluation batch")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="films per evaluation batch, the last one padded (default: 0, the run's "
+                        "last stage's, as train.py evaluated: the same shapes, so the same cuDNN "
+                        "algorithms and bf16 roundings; 128 for a checkpoint without a config)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", choices=devices.PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU; logits are fp32 either way")
@@ -127,14 +130,16 @@ def main(argv=None):
 
     if a.tta != "v1" and not a.tta.isdigit():
         p.error(f"--tta {a.tta}: give v1 or a number of passes")
-    if a.batch_size < 1 or a.size < 0 or 0 < a.phantoms < 8:
+    if a.batch_size < 0 or a.size < 0 or 0 < a.phantoms < 8:
         p.error(f"--batch-size {a.batch_size} --size {a.size} --phantoms {a.phantoms}: give a "
-                "batch of 1 or more, a size of 0 (the model's) or more, 8 phantoms or more")
+                "batch of 0 (the run's) or more, a size of 0 (the model's) or more, 8 phantoms "
+                "or more")
     clf = Classifier.load(a.checkpoint, a.device, a.precision, a.channels_last, a.size)
     model, classes, size, dev = clf.model, clf.classes, clf.size, clf.device
     amp, cl = clf.amp, clf.channels_last
     # resized and augmented as the model was trained (older checkpoints: squished films)
     cfg = {**dataclasses.asdict(Config()), "resize": "squish", **clf.config}
+    batch_size = a.batch_size or int(str(clf.config.get("batch_size", 128)).split(",")[-1])
     # a demo run's phantoms, as it drew them, unless told otherwise
     phantoms = a.phantoms or clf.config.get("phantoms", 2000)
     phantom_seed = clf.config.get("phantom_seed", 0) if a.phantom_seed is None else a.phantom_seed
@@ -153,7 +158,7 @@ def main(argv=None):
         else decoded.to(size, dev)
     hw = decoded.hw.to(dev) if cfg["resize"] == "crop" else None
     aug = Augment(*(cfg[f.name] for f in dataclasses.fields(Augment)))
-    probs = tta_probs(model, images, size, hw, aug, a.tta, a.batch_size, a.seed, amp,
+    probs = tta_probs(model, images, size, hw, aug, a.tta, batch_size, a.seed, amp,
                       cl).cpu()
     preds = probs.argmax(1).tolist()
     m = classification_metrics(labels, preds, classes, items.sources, probs.tolist())

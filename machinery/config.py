@@ -16,6 +16,7 @@ import re
 import sys
 from dataclasses import dataclass, field, fields
 
+from machinery.devices import PRECISIONS
 from model import ARCHS
 
 
@@ -110,8 +111,9 @@ class Config:
     # device and speed
     device: str = knob("auto", "auto | cpu | cuda | cuda:N", metavar="DEV")
     precision: str = knob("auto", "auto (bf16 on CUDA, fp32 on the CPU; fp32 with --recipe "
-                          "fastai-v1) | bf16 (autocast, either device) | fp32; the head and "
-                          "every reported number run in fp32", ["auto", "bf16", "fp32"])
+                          "fastai-v1) | bf16 (autocast, either device) | fp32 (TF32 off, as in "
+                          "2020) | tf32 (fp32, TF32 convolutions and matmuls on CUDA); the head "
+                          "and every reported number run in fp32", list(PRECISIONS))
     channels_last: str = knob("auto", "NHWC memory layout: auto (on CUDA only) | on | off",
                               ["auto", "on", "off"])
     cudnn_benchmark: str = knob("on", "cuDNN autotuning on CUDA: on (each convolution shape "
@@ -280,7 +282,9 @@ def make_parser(doc=__doc__, only=None, extra=None):
 
 def saved_config(parser, args):
     """--config FILE: the knobs of a run's config.json, less those that would make it that run
-    again (its name, resume, overwrite) or tie it to its machine (device), and the config."""
+    again (its name, resume, overwrite) or tie it to its machine (device), and the config; a
+    div_final that was div x 1e4 (the default, which config.json saves resolved) is left to
+    follow --div."""
     if not getattr(args, "config", ""):
         return {}
     try:
@@ -289,7 +293,10 @@ def saved_config(parser, args):
     except (OSError, ValueError) as e:
         parser.error(f"--config {args.config}: not a readable config.json ({e})")
     names = {f.name for f in fields(Config)} - {"name", "resume", "overwrite", "device", "config"}
-    return {k: v for k, v in saved.items() if k in names}
+    kept = {k: v for k, v in saved.items() if k in names}
+    if kept.get("div_final") == kept.get("div", 25.0) * 1e4:  # derived from div, not chosen:
+        del kept["div_final"]  # derived again, so that --div moves the final LR as it would
+    return kept
 
 
 def parse_args(argv=None, extra=None, doc=__doc__, only=None):
@@ -394,7 +401,8 @@ FILES = ("train_split", "test_split", "subtypes")  # files that must exist when 
 # does not count them as deviations from the paper.
 BOOKKEEPING = {"seed", "name", "runs", "resume", "config", "overwrite", "cache_dir",
                "save_every", "keep_last", "save_best", "device", "demo", "git_commit",
-               "git_dirty", "torch", "data_on", "data_gpu_gib", "dist_timeout"}
+               "git_dirty", "torch", "arithmetic", "data_on", "data_gpu_gib",
+               "dist_timeout"}
 
 
 def validate(cfg):

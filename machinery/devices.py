@@ -3,6 +3,7 @@ calls that depend on the device, in one place for train.py, evaluate.py, predict
 
     dev = pick_device("auto")                  # the GPU where there is one, else the CPU
     amp = precision(dev, "auto")               # torch.bfloat16 on CUDA, None (fp32) on the CPU
+    arithmetic(dev, amp)                       # what ran: "bf16 autocast", "fp32 (TF32 off)"
     with model.autocast(dev, amp): logits = net(x)
     cl = channels_last(dev, "auto")            # NHWC on CUDA
     compile_pays(images, size)                 # whether torch.compile repays itself
@@ -14,7 +15,7 @@ too, so every branch the GPU takes has run on a CPU before (the kernels aside).
 """
 import torch
 
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32", "tf32")
 SWITCHES = ("auto", "on", "off")
 
 
@@ -38,8 +39,16 @@ def pick_device(name):
 
 
 def precision(dev, name="auto"):
-    """The autocast dtype for --precision: bf16 (on either device; no GradScaler needed, as
-    bf16 has fp32's range) or None for plain fp32. auto: bf16 on CUDA, fp32 on the CPU."""
+    """The autocast dtype for --precision, torch.bfloat16 or None, and whether fp32 math on
+    CUDA may round to TF32 (10 bits of mantissa, not fp32's 23), set here for the process:
+
+    bf16  the body under bf16 autocast (no GradScaler needed: bf16 has fp32's range), on
+          either device; what stays fp32 (the head) is fp32, TF32 off;
+    fp32  fp32 throughout, TF32 off, as a 2020 run computed (before Ampere, no TF32 existed;
+          since then PyTorch lets cuDNN's convolutions use it by default);
+    tf32  fp32 tensors, with cuDNN's convolutions and matmuls on TF32 tensor cores (PyTorch's
+          default for convolutions); on the CPU, which has no TF32, fp32;
+    auto  bf16 on CUDA, fp32 on the CPU."""
     if name not in PRECISIONS:
         raise SystemExit(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
     if name == "auto":
@@ -47,7 +56,22 @@ def precision(dev, name="auto"):
     if name == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SystemExit(f"--precision bf16: {torch.cuda.get_device_name(dev)} has no bf16 "
                          "support; use --precision fp32")
+    torch.backends.cudnn.allow_tf32 = name == "tf32"  # flags of the CUDA backends: harmless
+    torch.backends.cuda.matmul.allow_tf32 = name == "tf32"  # on a machine without one
     return torch.bfloat16 if name == "bf16" else None
+
+
+def arithmetic(dev, amp):
+    """The body's arithmetic as torch is set now, in words (for the log, config.json and the
+    GPU check): bf16 autocast | fp32 (TF32 off) | fp32 with TF32 convolutions and matmuls |
+    fp32 (on the CPU)."""
+    if amp is not None:
+        return "bf16 autocast"
+    if dev.type != "cuda":
+        return "fp32"
+    tf32 = [what for what, on in (("convolutions", torch.backends.cudnn.allow_tf32),
+                                  ("matmuls", torch.backends.cuda.matmul.allow_tf32)) if on]
+    return f"fp32 with TF32 {' and '.join(tf32)}" if tf32 else "fp32 (TF32 off)"
 
 
 def channels_last(dev, name="auto"):

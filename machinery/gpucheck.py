@@ -9,9 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+
 import torch
 
+from machinery import phantom
+from machinery.config import DEMO
 from machinery.measure import scratch, write_phantom_covidx
+from model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project
 
@@ -103,13 +107,22 @@ def cuda_seen():
 
 
 # The steps in order of value: what is cheap and tells most first, compilation last. Each
-# with the seconds of budget it needs to start (a guess for one H100 or H200: each script
-# starts Python, torch and CUDA; autotuning; the work itself); the compiled steps start with
-# less, since what they measure before the budget's end is kept.
-STEPS = {"demo": 45, "steps": 45, "checkpoint": 20, "real_run": 90, "evaluate": 25,
-         "predict": 15, "demo_host": 30, "autotune": 60, "demo_compiled": 60,
-         "steps_compiled": 60}
+# with the seconds of budget it needs to start: a little over the top of what it is expected
+# to take on one H100 (estimated by reading, no GPU has run them yet: demo 18-28 s, steps
+# 28-38, checkpoint 10-15, real_run 40-55, evaluate 16-22, predict 8-12, demo_host 18-28,
+# autotune 45-60, demo_compiled 60-120, steps_compiled 100-160: 343-538 s in all). Each
+# script starts Python, torch and CUDA, then autotunes; the compiled steps compile.
+STEPS = {"demo": 45, "steps": 45, "checkpoint": 20, "real_run": 90, "evaluate": 30,
+         "predict": 15, "demo_host": 30, "autotune": 90, "demo_compiled": 120,
+         "steps_compiled": 150}
 NEEDS_DEMO = ("evaluate", "predict", "demo_host")  # they read the demo's run or result
+
+
+def body_moved(a, b):
+    """(how many of the body's convolution weights differ between state dicts a and b, how
+    many there are): a frozen phase must move none of them, an unfrozen one all."""
+    convs = [k for k in a if k.startswith("body.") and k.endswith(".weight") and a[k].dim() == 4]
+    return sum(not torch.equal(a[k], b[k]) for k in convs), len(convs)
 
 
 def require_cuda(bc):
@@ -147,9 +160,12 @@ def gpu_check(bc, dev, res, log):
                   the GPU);
     autotune      the steps again with cuDNN's autotuning off, then limited to one
                   algorithm a shape: what tuning costs (wall_s) against what it gains (img/s);
-    demo_compiled one stage of the demo with --compile on (frozen, unfrozen and evaluation
-                  graphs: every kind of graph training compiles);
-    steps_compiled  ceiling vs real loop compiled, at the first size.
+    demo_compiled the demo's model with --compile on, frozen then unfrozen at one size (two
+                  stages of 64 px, 1 + 0 and 0 + 2 epochs: the frozen, unfrozen and
+                  evaluation graphs, every kind training compiles); the body's convolutions
+                  must stay put in the first stage and all move in the second;
+    steps_compiled  ceiling vs real loop compiled, at the first size, frozen then unfrozen;
+                  the body trained in the unfrozen row alone, as in `steps`.
     bc.only: the steps to run (a second call for what a first one skipped), the demo added
     when a step needs it. A step is skipped when less of the budget is left than it needs.
     Each step is written to the JSON as "running" before it starts and with its result when it
@@ -170,8 +186,9 @@ def gpu_check(bc, dev, res, log):
              bc.channels_last]  # evaluate.py and predict.py take these three
     train_flags = [*flags, "--compile-backend", bc.compile_backend]
     demo = ["--demo", *train_flags]
-    compiled = [*demo, "--stages", "64", "--frozen-epochs", "1", "--unfrozen-epochs", "2",
-                "--compile", "on"]
+    size = 32 if bc.quick else 64  # frozen, then unfrozen, at one size: one stage each
+    compiled = [*demo, "--stages", f"{size},{size}", "--frozen-epochs", "1,0",
+                "--unfrozen-epochs", "0,2", "--compile", "on"]
     real = ["--arch", bc.arch, "--weights", "none", "--stages", bc.sizes,
             "--frozen-epochs", "1,1,0", "--unfrozen-epochs", "1,1,1", "--batch-size",
             str(bc.batch_size), "--lr-find-steps", "20", "--save-every", "0", *train_flags]
@@ -179,7 +196,7 @@ def gpu_check(bc, dev, res, log):
     if bc.quick:  # seconds on a CPU: every step, nothing measured
         tiny = ["--phantoms", "96", "--stages", "32", "--frozen-epochs", "0",
                 "--unfrozen-epochs", "2", "--lr-find-steps", "6", "--batch-size", "16"]
-        demo, compiled = demo + tiny, compiled + tiny[:4] + tiny[6:]
+        demo, compiled = demo + tiny, compiled + tiny[:2] + tiny[8:]
         real[real.index("--frozen-epochs") + 1] = "1,0"
         real[real.index("--unfrozen-epochs") + 1] = "1,2"
         real[real.index("--lr-find-steps") + 1] = "6"
@@ -225,9 +242,32 @@ def gpu_check(bc, dev, res, log):
             m = json.load(open(os.path.join(folder, "test_metrics.json")))
             rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
             out.update(accuracy=m["accuracy"]["value"], timings=m["timings_s"],
+                       arithmetic=json.load(open(os.path.join(folder, "config.json"))).get(
+                           "arithmetic"),  # what ran: bf16 autocast, fp32 (TF32 off), ...
                        peak_gib=max((r.get("peak_gib") or 0 for r in rows), default=0),
                        peak_reserved_gib=max((r.get("peak_reserved_gib") or 0 for r in rows),
                                              default=0))
+        return out
+
+    def demo_compiled():
+        """The compiled demo from saved initial weights; the body must not move while frozen
+        (stage 1) and must all move once unfrozen (stage 2): torch 2.11 once reused the frozen
+        graph after unfreezing, and the body never trained."""
+        init = os.path.join(runs, "init.pt")
+        torch.manual_seed(0)
+        torch.save(build_model(len(phantom.CLASSES), "none", DEMO["arch"]).state_dict(), init)
+        out = train_run("demo_compiled", [*compiled, "--weights", init])
+        if out["status"] == "ok":
+            folder = os.path.join(runs, "demo_compiled")
+            weights = [torch.load(init, weights_only=True)] + [torch.load(
+                os.path.join(folder, f), map_location="cpu", weights_only=True)["model"]
+                for f in (f"stage1_{size}.pt", "model.pt")]
+            (frozen, n), (unfrozen, _) = [body_moved(a, b) for a, b in zip(weights, weights[1:])]
+            out["body"] = {"convs": n, "moved_frozen": frozen, "moved_unfrozen": unfrozen}
+            if frozen or unfrozen < n:
+                out.update(status="failed", why=f"compiled, the body's convolutions moved: "
+                           f"{frozen} of {n} while frozen (0 expected), {unfrozen} of {n} "
+                           "once unfrozen (all expected)")
         return out
 
     def measured(part, mode, sizes, title, tuning="on"):
@@ -243,14 +283,19 @@ def gpu_check(bc, dev, res, log):
 
     def steps(mode, sizes):
         out, got = measured("loop", mode, sizes, f"steps, {mode}")
-        for row in got.get("loop", []):
+        rows = got.get("loop", [])
+        for row in rows:
             res.add_row("loop", row)
-        if got.get("loop"):
-            out.update(rows=len(got["loop"]),
-                       min_ratio=min(r["ratio"] for r in got["loop"]),
-                       peak_gib=max(r["peak_gib"] or 0 for r in got["loop"]),
-                       peak_reserved_gib=max(r.get("peak_reserved_gib") or 0
-                                             for r in got["loop"]))
+        if rows:
+            out.update(rows=len(rows), min_ratio=min(r["ratio"] for r in rows),
+                       peak_gib=max(r["peak_gib"] or 0 for r in rows),
+                       peak_reserved_gib=max(r.get("peak_reserved_gib") or 0 for r in rows))
+            # the body's share of convolutions that moved: none frozen, all unfrozen
+            wrong = [f"{r['size']} px {r['phase']}: {r['body_moved']:.2f}" for r in rows
+                     if r["body_moved"] != (r["phase"] == "unfrozen")]
+            if wrong:
+                out.update(status="failed", why=f"{mode}, the body's convolutions that moved "
+                           f"(0 frozen, 1 unfrozen expected): {', '.join(wrong)}")
         return out
 
     def autotune():
@@ -328,7 +373,7 @@ def gpu_check(bc, dev, res, log):
         step("demo_host", lambda: same_as(d, train_run("demo_host", [*demo, "--data-on",
                                                                      "cpu"])))
     step("autotune", autotune)
-    step("demo_compiled", lambda: train_run("demo_compiled", compiled))
+    step("demo_compiled", demo_compiled)
     step("steps_compiled", lambda: steps("compiled", bc.sizes.split(",")[0]))
     counts = {k: sum(v["status"] == k for v in status.values())
               for k in ("ok", "failed", "timeout", "skipped")}

@@ -55,7 +55,8 @@ def model_card(config, classes, size, metrics=None, leaks=None):
              f"`{config.get('weights', '?')}` before training, and fastai v1's head.",
              f"- Trained by this code at git commit `{commit[:12]}`{dirty}, torch "
              f"{config.get('torch', '?')}, on {config.get('device', '?')}, precision "
-             f"{PRECISION.get(config.get('precision'), config.get('precision', '?'))}.",
+             f"{PRECISION.get(config.get('precision'), config.get('precision', '?'))}"
+             + (f": {config['arithmetic']} ran" if config.get("arithmetic") else "") + ".",
              "", "## Recipe", "",
              f"Stages {config.get('stages')} px, epochs head-only {config.get('frozen_epochs')} "
              f"and all layers {config.get('unfrozen_epochs')}, recipe `{config.get('recipe')}` "

@@ -45,6 +45,7 @@ class Run:
     loss_weight: torch.Tensor = None  # --class-weights, else None
     ckpt: Checkpointer = None  # snapshots and last.pt
     compiled: nn.Module = None  # torch.compile(model), made when a phase first asks for it
+    compiled_for: tuple = None  # which parameters trained (requires_grad) when it was made
     started: float = 0.0  # time.time() when the run began, less the time before a resume
     timings: dict = field(default_factory=dict)  # seconds spent per kind of work
     history: list = field(default_factory=list)  # one dict per epoch, as in metrics.jsonl
@@ -80,7 +81,8 @@ def setup(cfg, sizes=None):
     need = (len(make_stages(cfg)) + 4) * 4 * sum(p.numel() for p in model.parameters())
     with ddp.fail_together():
         if ddp.main():
-            write_run_folder(cfg, run_dir, classes, dev, need, leaks)
+            write_run_folder(cfg, run_dir, classes, dev, need, leaks,
+                             devices.arithmetic(dev, amp))
 
     if cl:  # NHWC lets the tensor cores run convolutions without transposes
         model = model.to(memory_format=torch.channels_last)
@@ -94,7 +96,7 @@ def setup(cfg, sizes=None):
     opt = make_optimizer(model, cfg.wd)
     ranks = f", {ddp.world()} ranks ({torch.distributed.get_backend()}" + (
         ", SyncBatchNorm)" if cfg.sync_bn else ")") if ddp.world() > 1 else ""
-    print(f"device {devices.describe(dev)}: {'bf16 autocast' if amp else 'fp32'}, "
+    print(f"device {devices.describe(dev)}: {devices.arithmetic(dev, amp)}, "
           f"{'channels_last' if cl else 'NCHW'}, "
           f"{'fused' if opt.defaults.get('fused') else 'for-each'} AdamW, compile "
           f"{cfg.compile}{ranks}; run folder {run_dir}")
@@ -146,14 +148,24 @@ def read_data(cfg, sizes):
 
 def forwards(run, compiled):
     """(what the training step calls, what evaluation calls) for a phase: the model itself, or
-    torch.compile's version of it (made once, compiled lazily at the first call per shape);
-    the step's in DistributedDataParallel under torchrun. Choose them after freezing or
-    unfreezing: DDP registers the parameters that train when it is made."""
+    torch.compile's version of it (compiled lazily at the first call per shape); the step's
+    in DistributedDataParallel under torchrun. Choose them after freezing or unfreezing: DDP
+    registers the parameters that train when it is made, and so do the compiled graphs.
+
+    torch.compile's caches start anew wherever the parameters that train change (frozen <->
+    unfrozen): torch 2.11's guards do not check requires_grad, so a graph traced with the body
+    frozen was reused after unfreezing and the body never got a gradient, without a word
+    (torch 2.14's guards see it). The cost: nothing more than torch 2.14 compiles anyway; it
+    too recompiles both graphs (training, evaluation) after the change: 4 for a stage's two
+    phases, counted on the CPU, before and after (on torch 2.11, 2 before: the wrong ones)."""
     net = run.model
     if compiled:
-        if run.compiled is None:
+        trains = tuple(p.requires_grad for p in run.model.parameters())
+        if run.compiled is None or run.compiled_for != trains:
+            torch.compiler.reset()  # every graph, guard and cached frame of this process
             run.compiled = torch.compile(run.model, dynamic=False,
                                          backend=run.cfg.compile_backend)
+            run.compiled_for = trains
         net = run.compiled
     return ddp.wrap(net, run.device), net
 
@@ -166,17 +178,17 @@ def compile_stage(cfg, device, stage, n_train):
                                    and devices.compile_pays(images, stage.size))
 
 
-def write_run_folder(cfg, run_dir, classes, dev, need_bytes, leaks=None):
+def write_run_folder(cfg, run_dir, classes, dev, need_bytes, leaks=None, arithmetic=None):
     """Make the run folder (rank 0): check it can take the run, replace an old run there with
-    --overwrite, write config.json, classes.json and leaks.json (test films duplicated in
-    training, audit.leaks)."""
+    --overwrite, write config.json (with the torch, device and arithmetic that ran),
+    classes.json and leaks.json (test films duplicated in training, audit.leaks)."""
     check_writable(run_dir, need_bytes)
     if cfg.overwrite and not cfg.resume and os.path.isfile(os.path.join(run_dir, "config.json")):
         shutil.rmtree(run_dir)  # a run folder (config.json), and only now
         os.makedirs(run_dir)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump({**dataclasses.asdict(cfg), "git_commit": git_commit(), "git_dirty": git_dirty(),
-                   "torch": torch.__version__, "device": str(dev),
+                   "torch": torch.__version__, "device": str(dev), "arithmetic": arithmetic,
                    **({"ranks": ddp.world()} if ddp.world() > 1 else {})}, f, indent=1)
     with open(os.path.join(run_dir, "classes.json"), "w") as f:
         json.dump(classes, f)

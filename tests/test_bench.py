@@ -102,6 +102,11 @@ def test_gpu_check_runs_whole_on_the_cpu_with_bf16_channels_last_and_compile(tmp
         section = log.split(f"===== {name}: python train.py")[1].split("=====")[0]
         assert "bf16 autocast, channels_last, fused AdamW" in section
     assert "compiled: yes" in log.split("===== demo_compiled:")[1]
+    # compiled, the body stayed put while frozen and all of it trained once unfrozen
+    assert status["demo_compiled"]["body"] == {"convs": 20, "moved_frozen": 0,
+                                               "moved_unfrozen": 20}
+    assert status["demo"]["arithmetic"] == "bf16 autocast"  # what ran, from config.json
+    assert [r["body_moved"] for r in json.load(open(out))["loop"]] == [0, 1, 0, 1]
     assert "===== real run, killed" in log and "===== real run, resumed" in log
     assert "===== steps, eager: python bench.py --part loop" in log  # a process of its own
     assert len(json.load(open(out))["loop"]) == 4  # its rows, in the check's JSON
@@ -121,7 +126,7 @@ def test_gpu_check_skips_what_the_budget_cannot_hold_and_goes_on_after_a_failure
         if name == "bench.py":  # a measurement: its JSON, as bench.py --part writes it
             tunings.append(args[args.index("--cudnn-benchmark") + 1])
             row = {"size": 32, "phase": "frozen", "mode": "eager", "ratio": 0.9, "real": 9,
-                   "ceiling": 10, "peak_gib": None, "wall_s": 1.0}
+                   "ceiling": 10, "peak_gib": None, "wall_s": 1.0, "body_moved": 0.0}
             json.dump({"loop": [row], "checkpoint": {"mib": 42.0}},
                       open(args[args.index("--out") + 1], "w"))
         return (1, 0.1, f"{name}: boom") if name == "train.py" else (0, 0.1, "")

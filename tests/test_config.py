@@ -147,5 +147,12 @@ def test_a_run_relaunched_from_its_config_with_one_change(tmp_path):
     assert cfg.name == "" and cfg.device == "auto"  # a new run, on this machine
     assert {k for k in saved if saved[k] != again[k]} == {"seed", "name", "device", "config"}
     assert parse_args(["--config", str(path), "--wd", "0"]).wd == 0  # flags given still win
+    # --div moves the final LR as it does on the command line (config.json saved 2.5e5)...
+    assert saved["div_final"] == 2.5e5 and cfg.div_final == 2.5e5
+    assert parse_args(["--config", str(path), "--div", "10"]).div_final == 1e5
+    chosen = tmp_path / "chosen.json"  # ...but a div_final that was chosen stays
+    chosen.write_text(json.dumps({**saved, "div_final": 1e5}))
+    assert parse_args(["--config", str(chosen), "--div", "10"]).div_final == 1e5
+    assert parse_args(["--config", str(chosen)]).div_final == 1e5
     with pytest.raises(SystemExit):
         parse_args(["--config", str(tmp_path / "none.json")])

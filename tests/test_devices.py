@@ -32,6 +32,35 @@ def test_precision_and_layout_are_knobs_whose_defaults_follow_the_device():
     assert opt.defaults["fused"]  # the CPU has a fused AdamW since torch 2.4
 
 
+@pytest.fixture
+def tf32_flags():
+    """The CUDA backends' TF32 flags, set back after the test (monkeypatch cannot: under torch
+    2.11 they are not attributes it can read and undo)."""
+    was = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = was
+
+
+def test_fp32_means_fp32_and_tf32_is_asked_for(tf32_flags):
+    """PyTorch lets cuDNN's fp32 convolutions round to TF32 by default on Ampere and later:
+    --precision fp32 (and --recipe fastai-v1's) turns that off, as a 2020 run computed;
+    --precision tf32 turns it on for convolutions and matmuls; bf16 keeps its fp32 head exact."""
+    from machinery.config import parse_args
+    cuda = torch.device("cuda", 0)
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+    assert devices.precision(cuda, "fp32") is None
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert devices.arithmetic(cuda, None) == "fp32 (TF32 off)"
+    assert devices.precision(cuda, "tf32") is None
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    assert devices.arithmetic(cuda, None) == "fp32 with TF32 convolutions and matmuls"
+    assert devices.precision(CPU, "bf16") is torch.bfloat16
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert devices.arithmetic(CPU, torch.bfloat16) == "bf16 autocast"
+    assert devices.precision(CPU, "tf32") is None and devices.arithmetic(CPU, None) == "fp32"
+    assert parse_args(["--data", "phantom", "--recipe", "fastai-v1"]).precision == "fp32"
+
+
 def test_logits_are_fp32_under_bf16_autocast():
     torch.manual_seed(0)
     model = build_model(4, "none", "resnet18").eval().to(memory_format=torch.channels_last)
@@ -290,3 +319,50 @@ def test_inductor_compiles_the_model_and_the_step_compiles_in_bf16_and_channels_
     losses = [train_step(run.forward, run.opt, x, y, run.amp_dtype) for _ in range(2)]
     assert all(torch.isfinite(loss) and loss.dtype is torch.float32 for loss in losses)
     assert not torch.equal(run.model.head[-1].weight, before)  # the optimizer stepped
+
+
+def test_a_compiled_run_trains_what_requires_grad_says_as_eager_does(tmp_path):
+    """One stage at one size, head (frozen) then all layers (unfrozen), as train.py runs it
+    (start_phase, fit), eager and compiled (aot_eager): the body's convolutions must stay put
+    while frozen and all move when unfrozen, both ways. On torch 2.11, whose guards ignore
+    requires_grad, the frozen phase's graph was reused after unfreezing: 0 of 20 moved.
+    aot_eager runs torch's own kernels, so compiled and eager agree to 1e-6 (bit for bit with
+    torch 2.11 and 2.14 on this CPU); a body that did not train is ~1e-2 away."""
+    import data
+    import train
+    from machinery.config import make_stages, parse_args
+    from machinery.epochs import MetricsLog
+    from machinery.run import setup
+
+    def convs(model):
+        return [m.weight.detach().clone() for m in model.body.modules()
+                if isinstance(m, torch.nn.Conv2d)]
+
+    def trained(compile):
+        cfg = parse_args([
+            "--data", "phantom", "--phantoms", "64", "--arch", "resnet18", "--weights", "none",
+            "--device", "cpu", "--stages", "32", "--frozen-epochs", "1", "--unfrozen-epochs",
+            "1", "--batch-size", "16", "--lr-frozen", "1e-3", "--lr-unfrozen", "1e-3",
+            "--compile", compile, "--compile-backend", "aot_eager", "--cache-dir", "",
+            "--runs", str(tmp_path), "--name", compile])
+        run = setup(cfg)
+        plan = train.make_plan(cfg, make_stages(cfg), len(run.items["train"]), run.device)
+        assert [(p.name, p.compiled) for p in plan] == [("frozen", compile == "on"),
+                                                        ("unfrozen", compile == "on")]
+        films = data.stage_films(run, 32)
+        weights, previous = [convs(run.model)], None
+        with MetricsLog(run) as log:
+            for phase in plan:
+                train.start_phase(run, phase, previous)
+                train.fit(run, phase, train.max_lrs(run, films, phase), films, log)
+                weights.append(convs(run.model))
+                previous = phase
+        moved = [sum(not torch.equal(a, b) for a, b in zip(w0, w1))
+                 for w0, w1 in zip(weights, weights[1:])]
+        return moved, run.model.state_dict()
+
+    eager_moved, eager = trained("off")
+    compiled_moved, compiled = trained("on")
+    assert eager_moved == compiled_moved == [0, 20]  # ResNet-18's body: 20 convolutions
+    for k in eager:
+        assert torch.allclose(compiled[k].float(), eager[k].float(), rtol=0, atol=1e-6), k

@@ -132,3 +132,25 @@ def test_a_demo_runs_phantoms_come_from_its_config_and_tta_has_its_own_folder(tm
     evaluate.main(base + ["--tta", "1"])
     assert sorted(os.listdir(path.parent)) == ["eval_phantom_test", "eval_phantom_test_tta-1",
                                                "model.pt"]
+
+
+def test_evaluation_batches_are_the_runs_own_last_one_padded(checkpoint, monkeypatch):
+    """By default evaluate.py takes the batch size train.py evaluated at (the run's last
+    stage's), its last batch padded: one shape, so the same cuDNN algorithms and the same
+    bf16 roundings as the run's own test, film for film."""
+    ck = torch.load(checkpoint, weights_only=True)
+    torch.save({**ck, "config": {**ck["config"], "batch_size": "16,12"}}, checkpoint)
+    shapes = []
+    real = evaluate.eval_batches
+
+    def seen(*args, **kwargs):
+        for x, n in real(*args, **kwargs):
+            shapes.append((tuple(x.shape), n))
+            yield x, n
+    monkeypatch.setattr(evaluate, "eval_batches", seen)
+    base = [str(checkpoint.parent), "--data", "phantom", "--phantoms", "40", "--cache-dir", ""]
+    evaluate.main(base)  # 40 test films in batches of 12: 12, 12, 12, 4 padded to 12
+    assert shapes == [((12, 3, 32, 32), 12)] * 3 + [((12, 3, 32, 32), 4)]
+    shapes.clear()
+    evaluate.main(base + ["--batch-size", "32"])  # a batch size given still wins
+    assert shapes == [((32, 3, 32, 32), 32), ((32, 3, 32, 32), 8)]
