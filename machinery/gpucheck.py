@@ -194,9 +194,9 @@ def gpu_check(bc, dev, res, log):
             str(bc.batch_size), "--lr-find-steps", "20", "--save-every", "0", *train_flags]
     n_real, png, n_eval = 384, 512, 640
     if bc.quick:  # seconds on a CPU: every step, nothing measured
-        tiny = ["--phantoms", "96", "--stages", "32", "--frozen-epochs", "0",
-                "--unfrozen-epochs", "2", "--lr-find-steps", "6", "--batch-size", "16"]
-        demo, compiled = demo + tiny, compiled + tiny[:2] + tiny[8:]
+        tiny = ["--phantoms", "96", "--lr-find-steps", "6", "--batch-size", "16"]
+        compiled = compiled + tiny  # its own stages, at 32 px
+        demo = demo + tiny + ["--stages", "32", "--frozen-epochs", "0", "--unfrozen-epochs", "2"]
         real[real.index("--frozen-epochs") + 1] = "1,0"
         real[real.index("--unfrozen-epochs") + 1] = "1,2"
         real[real.index("--lr-find-steps") + 1] = "6"
