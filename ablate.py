@@ -3,12 +3,14 @@
     python ablate.py --data PATH --seeds 0,1,2          # the paper and each technique taken out
     python ablate.py --demo --variants paper,no-lrfind --seeds 0,1,2 --out runs/abl
     python ablate.py --data PATH --variant wd0="--wd 0" --arch resnet18 --stages 64,96
+    python ablate.py --data PATH --preset shortcut --seeds 0,1,2   # how much is the lungs?
 
 Every flag ablate.py does not know goes to train.py, for every run. A variant is a name and
 the train.py flags it changes (VARIANTS below; --variant NAME="--flag value ..." adds one or
-replaces a built-in). Runs go to --out/<variant>-s<seed>/; a run that finished is skipped on a
-rerun, one that was killed is continued (--resume), one that fails is reported and the others
-go on. At the end compare.py's tables (compare.md, .csv, .png) are written to --out.
+replaces a built-in); --preset names a set of them (PRESETS). Runs go to
+--out/<variant>-s<seed>/; a run that finished is skipped on a rerun, one that was killed is
+continued (--resume), one that fails is reported and the others go on. At the end
+compare.py's tables (compare.md, .csv, .png) are written to --out.
 
 Each run is its own `python train.py` process: a crash, an out-of-memory or a hang in one
 cannot take the others down, every run starts from fresh global state (random generators,
@@ -45,8 +47,18 @@ VARIANTS = {
     "no-freeze": "--frozen-epochs 0 --unfrozen-epochs {epochs_unfrozen}",
     "fastai-v1": "--recipe fastai-v1",
     "fastai-v2": "--recipe fastai-v2",
+    # shortcut tests (docs/data.md): the same recipe on films with a box of each blacked out
+    "whole-films": "",
+    "lungs-hidden": "--hide lungs",  # the film's border alone: no lungs
+    "lungs-alone": "--hide outside",  # the central box alone: no border, markers, shoulders
 }
-DEFAULT = "paper,no-progressive,no-lrfind,no-discriminative,no-freeze"
+PRESETS = {  # --preset: the variants it runs
+    # the paper's recipe, and each of its techniques taken out
+    "techniques": "paper,no-progressive,no-lrfind,no-discriminative,no-freeze",
+    # how much of the score comes from the lungs: whole films, and each box blacked out;
+    # compare.md sets them against each other (paired) and against chance
+    "shortcut": "whole-films,lungs-hidden,lungs-alone",
+}
 
 
 def placeholders(cfg):
@@ -68,13 +80,17 @@ def variant_flags(table, name, base):
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # --seed is train's
                                 formatter_class=Help)
-    p.add_argument("--variants", default="", help=f"names from VARIANTS, comma separated "
-                   f"(default: {DEFAULT}, then each --variant)")
+    p.add_argument("--preset", default="techniques", choices=list(PRESETS),
+                   help="a set of variants: " + "; ".join(f"{k}: {v}" for k, v in
+                                                          PRESETS.items()))
+    p.add_argument("--variants", default="", help="names from VARIANTS, comma separated "
+                   "(default: --preset's, then each --variant)")
     p.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
                    help="a variant of your own: its name and train.py flags (repeatable)")
     p.add_argument("--seeds", default="0,1,2", help="seeds, comma separated")
     p.add_argument("--out", default="", help="folder for the runs and the comparison "
-                   "(default: runs/ablation-<data>); a rerun with the same --out goes on")
+                   "(default: runs/ablation-<data>, runs/shortcut-<data>); a rerun with the "
+                   "same --out goes on")
     p.add_argument("--ref", default="", help="reference variant (default: the first)")
     return p
 
@@ -90,7 +106,7 @@ def parse(argv=None):
         name, flags = v.split("=", 1)
         table[name.strip()] = flags
         mine.append(name.strip())
-    names = [n for n in (a.variants or DEFAULT).split(",") if n]
+    names = [n for n in (a.variants or PRESETS[a.preset]).split(",") if n]
     names += [n for n in mine if n not in names]
     if len(set(names)) < len(names):
         p.error(f"--variants {a.variants}: a variant named twice would count its runs twice")
@@ -111,7 +127,8 @@ def parse(argv=None):
         p.error("--seed, --name, --runs and --resume are set by ablate.py for each run "
                 "(use --seeds and --out)")
     base_cfg = parse_args(base)  # every train.py flag checked once, before any run
-    out = a.out or os.path.join(base_cfg.runs, "ablation-" + os.path.basename(
+    kind = "ablation" if a.preset == "techniques" else a.preset  # the folder's name
+    out = a.out or os.path.join(base_cfg.runs, f"{kind}-" + os.path.basename(
         os.path.normpath(base_cfg.data or "data")))
     out = os.path.abspath(out)  # train.py runs in this process's folder, state() looks there
     flags = {}

@@ -110,10 +110,28 @@ def how(r):
     return "identical" if r["identical"] else f"hamming {r['hamming']}, detail {r['ncc']:.2f}"
 
 
-def write_md(path, a, sheet):
+def shortcut_tests(a, data):
+    """audit.md's pointer from the shortcuts the files allow to whether a model takes them:
+    the lungs hidden, a source held out (docs/data.md)."""
+    lost = audit.sources_to_hold_out({s: r for s, r in a["sources"].items() if s != "(none)"})
+    ok = [s for s, classes in lost.items() if not classes]
+    lines = ["Whether a model trained on these films takes such shortcuts is measured by "
+             "training it without the lungs (the border alone) and on the lungs alone, "
+             "seeds paired, against the whole films and chance:", "",
+             f"    python ablate.py --data {data} --preset shortcut --seeds 0,1,2"]
+    if lost:
+        lines += ["", "and by testing on a source that never trained (`train.py --test-sources "
+                  "NAME`): " + ("possible for " + ", ".join(ok) if ok else "possible for none")
+                  + "".join(f"; not for {s} ({', '.join(c)} would have no training film)"
+                            for s, c in lost.items() if c) + "."]
+    return lines
+
+
+def write_md(path, a, sheet, data):
     classes = a["classes"]
     text = ["# Data audit", "", *[f"- {s}" for s in summary(a)], "", "## Sources by class", "",
-            *audit.sources_md(a["sources"], classes)]
+            *audit.sources_md(a["sources"], classes), "", "## Shortcut tests", "",
+            *shortcut_tests(a, data)]
     text += ["", "## Duplicate pairs", ""]
     for key, rows in a["duplicates"].items():
         cut = " (the first 200 here; all in audit.json)" if len(rows) > 200 else ""
@@ -254,7 +272,7 @@ def main(argv=None):
                           [(how(r), r["a"], r["b"]) for r in rows])
     with open(os.path.join(out, "audit.json"), "w") as f:
         json.dump(result, f, indent=1)
-    write_md(os.path.join(out, "audit.md"), result, sheet)
+    write_md(os.path.join(out, "audit.md"), result, sheet, a.data)
     print("\n".join(summary(result)))
     print(f"wrote {out}/audit.md, audit.json" + (", duplicates.png" if sheet else ""))
     return result

@@ -9,7 +9,8 @@ macro-F1 and each class's sensitivity as mean ± sd with the 95% t-interval of t
 (clipped to 0-100%), and the run's own wall time. Against the reference group (--ref,
 default the first): the difference in accuracy with a paired bootstrap 95% interval over test
 images (images resampled, each image's correctness averaged over the group's seeds), and, for
-two single runs, McNemar's exact test.
+two single runs, McNemar's exact test. Chance, for scale: always answering the test set's
+largest class (its share is that accuracy; balanced accuracy 1/k for k classes).
 Runs on different test sets (other files or labels) or class lists are refused.
 Writes compare.md, compare.csv and compare.png to --out (default: the current folder).
 """
@@ -136,6 +137,17 @@ def check_same_test_set(runs):
                                f"sets: {what}. Compare runs on one test set")
 
 
+def chance(truth):
+    """What a model that learned nothing scores on this test set: always its largest class.
+    truth: {image: label}."""
+    counts = {}
+    for label in truth.values():
+        counts[label] = counts.get(label, 0) + 1
+    largest = max(sorted(counts), key=counts.get)
+    return {"always": largest, "accuracy": counts[largest] / len(truth),
+            "balanced_accuracy": 1 / len(counts)}
+
+
 def group_runs(runs, group_by=None):
     """{label: [runs]}, in the order first seen. The label names the config values that set
     the group apart (all of --group-by's keys, or every key that differs among the runs)."""
@@ -183,11 +195,13 @@ def compare(groups, ref=None, n_boot=2000, seed=0):
     def per_image(rs):  # each image's correctness, averaged over the group's runs
         return [sum(r["correct"][k] for r in rs) / len(rs) for k in images]
     ref_correct = per_image(groups[ref])
+    base = chance(runs[0]["truth"])
     rows = []
     for name, rs in groups.items():
         row = {"group": name, "runs": [r["dir"] for r in rs]}
         for metric, get in METRICS:
             row[metric] = summary([get(r["metrics"]) for r in rs])
+        row["chance"] = dict(base, accuracy_above=row["accuracy"]["mean"] - base["accuracy"])
         for c in classes:  # None where a class had no test images (--allow-missing-class)
             row[f"sensitivity_{c}"] = summary([
                 r["metrics"]["per_class"][c]["sensitivity"]["value"] for r in rs])
@@ -229,14 +243,19 @@ def pct(s):
 
 def table(rows, classes):
     """The comparison as a markdown table, and a second one of the differences."""
-    head = ["group", "n", "accuracy %", "balanced acc. %", "macro-F1 %"] + \
+    head = ["group", "n", "accuracy %", "above chance", "balanced acc. %", "macro-F1 %"] + \
         [f"sens. {c} %" for c in classes] + ["wall s"]
     out = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         cells = [r["group"], str(r["accuracy"]["n"]), pct(r["accuracy"]),
+                 f"{100 * r['chance']['accuracy_above']:+.1f}",
                  pct(r["balanced_accuracy"]), pct(r["macro_f1"])] + \
             [pct(r[f"sensitivity_{c}"]) for c in classes] + [f"{r['wall_s']['mean']:.0f}"]
         out.append("| " + " | ".join(cells) + " |")
+    c = rows[0]["chance"]
+    out.append(f"| chance: always {c['always']} | | {100 * c['accuracy']:.1f} | | "
+               f"{100 * c['balanced_accuracy']:.1f} | | " + " | ".join(
+                   "100.0" if k == c["always"] else "0.0" for k in classes) + " | |")
     diffs = [r for r in rows if "vs_ref" in r]
     if diffs:
         ref = diffs[0]["vs_ref"]["ref"]

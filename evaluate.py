@@ -3,12 +3,15 @@
     python evaluate.py runs/NAME --data PATH                  # its test split
     python evaluate.py runs/NAME/model.pt --data OTHER --split train --tta v1
     python evaluate.py runs/NAME --data OTHER --class-map bacteria=bacterial,viral=viral
+    python evaluate.py runs/NAME --data PATH --hide lungs      # the same films, lungs hidden
 
 Accuracy, balanced accuracy, macro-F1; per class sensitivity, specificity, PPV, NPV and F1
 with 95% Wilson intervals, one-vs-rest ROC-AUC; the confusion matrix; and all of it per data
 source where the split file names one. Written to --out (default RUN/eval_<data>_<split>/) as
 metrics.json, metrics.md, predictions.csv, confusion_matrix.png and roc.png. Films are
 resized as the model was trained (--resize crop: the centre crop, as fastai v1 validates).
+--hide lungs on a model trained on whole films tells how much of its score survives without
+the lungs (a shortcut test, docs/data.md).
 """
 import argparse
 import dataclasses
@@ -26,7 +29,7 @@ from machinery.metrics import classification_metrics, format_metrics
 from machinery.plots import confusion_plot
 from machinery.report import roc_plot, write_predictions
 from model import class_logits
-from predict import Classifier
+from predict import add_hide_flags, load_for
 
 
 def map_classes(data_classes, model_classes, class_map=""):
@@ -95,7 +98,11 @@ def make_parser():
     p.add_argument("--image-dir", default="", help="folder holding all images")
     p.add_argument("--subtypes", default="", help="subtype.csv for 4-class labels")
     p.add_argument("--class-map", default="", help="data=model class names, comma separated")
+    p.add_argument("--test-sources", default=None, metavar="NAME,..",
+                   help="the test split: these sources' films, of both split files, as train.py "
+                   "--test-sources (default: the run's, with the run's --data; none otherwise)")
     p.add_argument("--size", type=int, default=0, help="image size (default: the model's)")
+    add_hide_flags(p)
     p.add_argument("--tta", default="0", help="test-time augmentation: v1 (fastai v1's TTA: "
                    "0.4 plain + 0.6 mean of 8 corner views), or k: the mean of the plain pass "
                    "and k augmented ones (default: 0, none)")
@@ -134,7 +141,7 @@ def main(argv=None):
         p.error(f"--batch-size {a.batch_size} --size {a.size} --phantoms {a.phantoms}: give a "
                 "batch of 0 (the run's) or more, a size of 0 (the model's) or more, 8 phantoms "
                 "or more")
-    clf = Classifier.load(a.checkpoint, a.device, a.precision, a.channels_last, a.size)
+    clf = load_for(p, a)
     model, classes, size, dev = clf.model, clf.classes, clf.size, clf.device
     amp, cl = clf.amp, clf.channels_last
     # resized and augmented as the model was trained (older checkpoints: squished films)
@@ -143,15 +150,18 @@ def main(argv=None):
     # a demo run's phantoms, as it drew them, unless told otherwise
     phantoms = a.phantoms or clf.config.get("phantoms", 2000)
     phantom_seed = clf.config.get("phantom_seed", 0) if a.phantom_seed is None else a.phantom_seed
+    same_data = os.path.normpath(a.data) == os.path.normpath(clf.config.get("data", ""))
+    test_sources = clf.config.get("test_sources", "") if a.test_sources is None and \
+        same_data else a.test_sources or ""
     problems = datasets.Problems()
     data_classes, splits = datasets.load_dataset(a.data, a.train_split, a.test_split, a.image_dir,
                                                  a.subtypes, phantoms, phantom_seed, True, True,
-                                                 problems)
+                                                 problems, test_sources)
     to_model = map_classes(data_classes, classes, a.class_map)
     items = splits[a.split]
     labels = [to_model[y] for y in items.labels]
     decoded = films.load_pixels(items, [size], a.cache_dir or None, cfg["resize"],
-                                problems=problems)
+                                problems=problems, hidden=clf.hidden)
     problems.check()
     images = HostImages(decoded, size, dev) if on_host(
         decoded.nbytes(size), dev, a.data_on, what=f"of the {a.split} split at {size} px") \
@@ -162,26 +172,35 @@ def main(argv=None):
                       cl).cpu()
     preds = probs.argmax(1).tolist()
     m = classification_metrics(labels, preds, classes, items.sources, probs.tolist())
-    m.update(checkpoint=a.checkpoint, data=a.data, split=a.split, size=size, tta=a.tta)
+    m.update(checkpoint=a.checkpoint, data=a.data, split=a.split, size=size, tta=a.tta,
+             hide=clf.hidden[0], hide_box=clf.hidden[1], test_sources=test_sources)
 
     run_dir = run_dir_of(a.checkpoint)
     name = os.path.basename(os.path.normpath(a.data))
-    made_by = "" if a.tta == "0" else f"_tta-{a.tta}"  # a TTA run never overwrites the plain
+    # a TTA run, hidden films or held-out sources never overwrite the plain evaluation
+    made_by = "".join(f"_{k}-{v}" for k, v in [("hide", clf.hidden[0]), ("sources", test_sources),
+                                               ("tta", a.tta)] if v not in ("none", "", "0"))
     out = a.out or os.path.join(run_dir or ".", f"eval_{name}_{a.split}{made_by}")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
     table = format_metrics(m)
+    said = "".join(f"{line}\n\n" for line in [
+        f"**Evaluated on {films.shortcut_note(*clf.hidden)}: a shortcut test.**"
+        if clf.hidden[0] != "none" else "",
+        f"Test split: the films of the sources {test_sources} (--test-sources)."
+        if test_sources and a.split == "test" else ""] if line)
     with open(os.path.join(out, "metrics.md"), "w") as f:
         f.write(f"# {a.checkpoint} on {a.data} ({a.split} split, {size} px"
-                f"{f', TTA {a.tta}' if a.tta != '0' else ''})\n\n```\n{table}\n```\n\n"
+                f"{f', TTA {a.tta}' if a.tta != '0' else ''})\n\n{said}```\n{table}\n```\n\n"
                 "![confusion matrix](confusion_matrix.png) ![ROC curves](roc.png)\n")
     write_predictions(os.path.join(out, "predictions.csv"), items, labels, probs.tolist(),
                       classes)
     confusion_plot(os.path.join(out, "confusion_matrix.png"), m["confusion_matrix"], classes,
                    f"{name}, {a.split} split, {m['n']} images")
     roc_plot(os.path.join(out, "roc.png"), probs.tolist(), labels, classes, m["per_class"])
-    print(f"{a.checkpoint} on {a.data}, {a.split} split, {size} px\n{table}\nwritten to {out}")
+    print(f"{a.checkpoint} on {a.data}, {a.split} split, {size} px\n{said}{table}\n"
+          f"written to {out}")
     return m
 
 

@@ -27,9 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import MEAN, STD
-from machinery.checkpoint import load_checkpoint, run_dir_of
+from machinery.checkpoint import CheckpointError, load_checkpoint, run_dir_of
 from machinery.config import Help
 from machinery.datasets import run_cli
+from machinery.films import shortcut_note
 from machinery.modelcard import model_card, write_model_card
 
 # body.N of our model -> the torchvision ResNet's attribute (model.COVIDResNet's Sequential)
@@ -83,7 +84,13 @@ def export(checkpoint, out):
     """Write out/model.ts, out/classes.json, out/body.pth and out/MODEL_CARD.md; return their
     paths."""
     model, ck = load_checkpoint(checkpoint)
-    crop = ck.get("config", {}).get("resize", "squish") == "crop"
+    trained = ck.get("config", {})
+    if trained.get("hide", "none") != "none":  # model.ts would see whole films: other scores
+        films = shortcut_note(trained["hide"], trained["hide_box"])
+        raise CheckpointError(f"{checkpoint} was trained on {films}: a shortcut test, not a "
+                              "classifier, so there is nothing to deploy (evaluate.py "
+                              "measures it)")
+    crop = trained.get("resize", "squish") == "crop"
     size = ck.get("size") or 224
     scripted = torch.jit.script(Exported(model.eval(), size, crop).eval())
     os.makedirs(out, exist_ok=True)

@@ -227,7 +227,8 @@ def suggest_lr(run, films, size, batch_size, tag):
 # The flags lrfind.py offers: what setup() and the sweep use (train.py has all of them)
 FLAGS = ["data", "train_split", "test_split", "image_dir", "subtypes", "phantoms", "phantom_seed",
          "val_frac", "allow_patient_overlap", "allow_missing_class", "allow_duplicates",
-         "cache_dir", "resize", "arch", "weights", "ps", "recipe", "batch_size", "wd",
+         "cache_dir", "resize", "hide", "hide_box", "test_sources", "arch", "weights", "ps",
+         "recipe", "batch_size", "wd",
          "lr_find_steps", "lr_find_start", "lr_find_end", "lr_find_beta", "suggest", "aug",
          "rotate", "zoom", "warp", "lighting", "p_affine", "p_lighting", "flip", "balance",
          "class_weights", "device", "precision", "channels_last", "cudnn_benchmark", "data_on",

@@ -35,9 +35,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from data import eval_batches, normalize, view
 from machinery import devices
 from machinery.checkpoint import CheckpointError, load_checkpoint
-from machinery.config import Help
+from machinery.config import Config, Help
 from machinery.datasets import DataError, run_cli
-from machinery.films import CROP_MARGIN, decode, squares, stored_size, to_gray
+from machinery.films import CROP_MARGIN, HIDE, decode, hide, squares, stored_size, to_gray
 from machinery.plots import jet
 from model import class_logits, gradcam
 
@@ -79,26 +79,41 @@ class Classifier:
     """A trained model ready to classify films: what predict.py and evaluate.py use.
 
     classes: the model's class names; size: its input size; crop: --resize crop (the centre
-    square, as fastai v1 validates) or squish; amp and channels_last: the device's settings."""
+    square, as fastai v1 validates) or squish; amp and channels_last: the device's settings;
+    hidden: (--hide, --hide-box), what of every film is blacked out (a shortcut test)."""
 
-    def __init__(self, model, classes, size, crop, device, amp=None, channels_last=False):
+    def __init__(self, model, classes, size, crop, device, amp=None, channels_last=False,
+                 hidden=("none", 0.0)):
         fmt = torch.channels_last if channels_last else torch.preserve_format
         self.model = model.to(device, memory_format=fmt).eval()
         self.classes, self.size, self.crop = list(classes), size, crop
+        self.hidden = hidden
         self.device, self.amp, self.channels_last = device, amp, channels_last
         self.config = {}
         # every film stored at the crop margin: its result never depends on the others'
         self.store = stored_size(size, "crop" if crop else "squish", CROP_MARGIN)
 
     @classmethod
-    def load(cls, path, device="auto", precision="auto", channels_last="auto", size=0):
-        """A run folder or checkpoint -> Classifier (CheckpointError if it is not one)."""
+    def load(cls, path, device="auto", precision="auto", channels_last="auto", size=0,
+             hide="", hide_box=0.0):
+        """A run folder or checkpoint -> Classifier (CheckpointError if it is not one).
+
+        hide: none | lungs | outside, and hide_box, as train.py's --hide (default: as the
+        model was trained: a shortcut test's films hidden as it hid them). `hide="lungs"` on
+        a model trained on whole films tells what it makes of films without their lungs."""
         model, ck = load_checkpoint(path)
-        crop = ck.get("config", {}).get("resize", "squish") == "crop"
+        trained = ck.get("config", {})  # how it was trained (evaluate.py's augmentation)
+        crop = trained.get("resize", "squish") == "crop"
+        hidden = (hide or trained.get("hide", "none"),
+                  hide_box or trained.get("hide_box", Config.hide_box))
+        if hidden[0] not in HIDE or not 0 < hidden[1] < 1:
+            raise ValueError(f"hide={hidden[0]!r}, hide_box={hidden[1]!r}: give one of "
+                             f"{', '.join(HIDE)} and a share of each side in (0, 1)")
         dev = devices.pick_device(device)
         clf = cls(model, ck["classes"], size or ck.get("size") or 224, crop, dev,
-                  devices.precision(dev, precision), devices.channels_last(dev, channels_last))
-        clf.config = ck.get("config", {})  # how it was trained (evaluate.py's augmentation)
+                  devices.precision(dev, precision), devices.channels_last(dev, channels_last),
+                  hidden)
+        clf.config = trained
         return clf
 
     def prepare(self, film, name=None):
@@ -107,10 +122,10 @@ class Classifier:
         name = name or (str(film) if isinstance(film, (str, os.PathLike)) else
                         f"a {type(film).__name__}")
         if isinstance(film, (str, os.PathLike)):
-            r = decode(film, [self.store])
+            r = decode(film, [self.store], self.hidden)
         else:
             try:
-                r = squares(as_image(film), [self.store])
+                r = squares(as_image(film), [self.store], self.hidden)
             except Exception as e:  # not an image's shape or type
                 r = f"{type(e).__name__}: {e}"
         if isinstance(r, str):
@@ -168,12 +183,14 @@ def find_files(args):
     return files
 
 
-def save_cam(path, image_path, cam, crop, caption="", alpha=0.45):
+def save_cam(path, image_path, cam, crop, caption="", alpha=0.45, hidden=("none", 0.0)):
     """Blend the heat map over the original radiograph, at the radiograph's own size: over
-    the whole film, or with crop over the centre square that the model saw. Below it, a strip
-    with the caption (the class explained, its probability) and the colour bar."""
+    the whole film, or with crop over the centre square that the model saw; hidden: --hide's
+    box blacked out, as the model saw it. Below it, a strip with the caption (the class
+    explained, its probability) and the colour bar."""
     with Image.open(image_path) as img:
-        gray = to_gray(ImageOps.exif_transpose(img))
+        gray = Image.fromarray(hide(np.asarray(to_gray(ImageOps.exif_transpose(img))),
+                                    *hidden))
     W, H = gray.size
     h, w = (min(W, H),) * 2 if crop else (H, W)
     top, left = (H - h) // 2, (W - w) // 2
@@ -205,6 +222,26 @@ def cam_names(files, folder):
                          + "_cam.png") for f in files]
 
 
+def add_hide_flags(p):
+    """--hide and --hide-box of predict.py and evaluate.py: train.py's, the model's own by
+    default."""
+    p.add_argument("--hide", default="", choices=["", *HIDE], metavar="{" + ",".join(HIDE) + "}",
+                   help="a shortcut test: lungs (each film's central box blacked out) | outside "
+                   "(all but it) | none (default: as the model was trained; --hide lungs on a "
+                   "model of whole films: what it makes of films without their lungs)")
+    p.add_argument("--hide-box", type=float, default=0.0, metavar="X",
+                   help="--hide's box: its share of each side (default: the model's, else "
+                   f"{Config.hide_box})")
+
+
+def load_for(p, a):
+    """The Classifier of a script's flags (checkpoint, device, precision, ..., --hide)."""
+    if a.hide_box and not 0 < a.hide_box < 1:
+        p.error(f"--hide-box {a.hide_box}: give a share of each side in (0, 1)")
+    return Classifier.load(a.checkpoint, a.device, a.precision, a.channels_last, a.size,
+                           a.hide, a.hide_box)
+
+
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=Help)
@@ -216,6 +253,7 @@ def make_parser():
     p.add_argument("--cam-class", default="", metavar="CLASS",
                    help="the class the heat maps explain (default: each film's top class)")
     p.add_argument("--size", type=int, default=0, help="image size (default: the model's)")
+    add_hide_flags(p)
     p.add_argument("--batch-size", type=int, default=64, help="films per batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", choices=devices.PRECISIONS,
@@ -232,7 +270,7 @@ def main(argv=None):
     if a.batch_size < 1 or a.size < 0:
         p.error(f"--batch-size {a.batch_size} --size {a.size}: give a batch of 1 or more and "
                 "a size of 0 (the model's) or more")
-    clf = Classifier.load(a.checkpoint, a.device, a.precision, a.channels_last, a.size)
+    clf = load_for(p, a)
     if a.cam_class and a.cam_class not in clf.classes:
         p.error(f"--cam-class {a.cam_class}: not one of the model's classes {clf.classes}")
     files, pixels, hw, skipped = [], [], [], []
@@ -264,7 +302,8 @@ def main(argv=None):
             cam = gradcam(clf.model, clf.input_of(pixels[k], hw[k]), c).cpu()
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             save_cam(dst, path, cam, clf.crop,
-                     f"Grad-CAM of {classes[c]}: p = {100 * float(probs[k, c]):.1f}%")
+                     f"Grad-CAM of {classes[c]}: p = {100 * float(probs[k, c]):.1f}%",
+                     hidden=clf.hidden)
     for path, t, pr in list(zip(files, top, probs.tolist()))[:5]:  # a first look; the CSV
         print(f"  {classes[t]:>12} {100 * pr[t]:5.1f}%  {path}")
     print(f"{len(files)} images predicted, {len(skipped)} skipped; wrote "

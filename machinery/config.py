@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field, fields
 
 from machinery.devices import PRECISIONS
+from machinery.films import HIDE
 from model import ARCHS
 
 
@@ -55,6 +56,15 @@ class Config:
     resize: str = knob("crop", "crop: shorter side to the size, random square in training, "
                        "centre in evaluation (fastai v1) | squish: the whole film",
                        ["crop", "squish"])
+    # shortcut tests: what a model scores without the lungs, or on collections it never saw
+    hide: str = knob("none", "a shortcut test, not a classifier: lungs (each film's central "
+                     "box blacked out, its border alone seen) | outside (the central box "
+                     "alone) | none (docs/data.md)", list(HIDE))
+    hide_box: float = knob(0.75, "--hide: the central box's share of each side of the film")
+    test_sources: str = knob("", "a held-out-source test: the test split is these sources' "
+                             "films (the split files' 4th column, both files), training the "
+                             "other sources' (default: none, the test split as given)",
+                             metavar="NAME,..")
     # model
     arch: str = knob("resnet50", "torchvision ResNet body: " + " | ".join(ARCHS), list(ARCHS),
                      "NAME")
@@ -171,6 +181,7 @@ GROUPS = {
     "data": ["data", "train_split", "test_split", "image_dir", "subtypes", "phantoms",
              "phantom_seed", "val_frac", "allow_patient_overlap", "allow_missing_class",
              "allow_duplicates", "cache_dir", "resize"],
+    "shortcut tests": ["hide", "hide_box", "test_sources"],
     "model": ["arch", "weights", "ps"],
     "recipe and schedule (one value per stage, or one for all)": [
         "recipe", "stages", "frozen_epochs", "unfrozen_epochs", "lr_frozen", "lr_unfrozen",
@@ -370,6 +381,7 @@ LISTS = {  # flag: (conversion, test, what it accepts)
 }
 RANGES = {  # flag: (test, what it accepts)
     "phantoms": (lambda v: v >= 8, "at least 8 films"),
+    "hide_box": (lambda v: 0 < v < 1, "a share of each side in (0, 1)"),
     "val_frac": (lambda v: 0 <= v < 1, "a fraction in [0, 1): what is left must train"),
     "pct_start": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     "div": (lambda v: v > 0, "a positive number"),

@@ -163,6 +163,45 @@ def apply_subtypes(rows, path):
     return out
 
 
+def hold_out_sources(rows, names):
+    """--test-sources: {"train": the other sources' rows, "test": these sources' rows}, taken
+    from both split files: a test on films of collections the model never saw (DeGrave,
+    Janizek & Lee, Nature Machine Intelligence 2021). Where a class would be left with no
+    training film, a DataError says so: such a split cannot measure anything."""
+    pooled = rows["train"] + rows["test"]
+    known = sorted({r[3] for r in pooled if r[3]})
+    flag = f"--test-sources {','.join(names)}"
+    if not known:
+        raise DataError(f"{flag}: the split files name no sources (their 4th column; an "
+                        "ImageFolder tree has none), so none can be held out")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise DataError(f"{flag}: no source {', '.join(unknown)} in the split files (theirs: "
+                        f"{', '.join(known)})")
+    split = {"train": [r for r in pooled if r[3] not in names],
+             "test": [r for r in pooled if r[3] in names]}
+    # a patient with films in a held-out source and another (one case filed twice) trains
+    # with none: the test keeps to patients the model never saw
+    tested = {r[0] for r in split["test"]}
+    both = [r for r in split["train"] if r[0] in tested]
+    if both:
+        split["train"] = [r for r in split["train"] if r[0] not in tested]
+        print(f"{flag}: {len(both)} training film(s) left out, of patients with films in the "
+              f"held-out sources too ({', '.join(sorted({r[0] for r in both})[:5])})")
+    lost = sorted({r[2] for r in pooled} - {r[2] for r in split["train"]})
+    if lost:
+        where = {c: sorted({r[3] or "(none)" for r in pooled if r[2] == c}) for c in lost}
+        raise DataError(f"{flag}: " + "; ".join(
+            f"{c} would have no training film left (all its films come from "
+            f"{', '.join(where[c])})" for c in lost) + ". A model cannot learn a class it "
+            "never sees, so this split would measure nothing. Hold out sources whose classes "
+            "other sources have too. Where a class comes from one source alone (COVIDx v1's "
+            "COVID-19 films, all from one collection), the source and the class cannot be told "
+            "apart at all: no held-out test can say whether a model learned the disease or "
+            "the collection; the lungs-hidden test (--hide lungs) still can")
+    return split
+
+
 def phantom_dataset(n_train=2000, seed=0):
     """(class names, {"train": Items, "test": Items}) of phantoms (phantom.py), the same for
     the same seed: what --data phantom loads."""
@@ -175,16 +214,21 @@ def phantom_dataset(n_train=2000, seed=0):
 
 def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtypes=None,
                  n_phantoms=2000, seed=0, allow_patient_overlap=False, allow_missing_class=False,
-                 problems=None):
+                 problems=None, test_sources=""):
     """Read and check a data set -> (class names, {"train": Items, "test": Items}).
 
     root is a COVIDx folder (split files plus train/ and test/ image folders, or all images in
     `image_dir`), an ImageFolder tree (root/train/<class>/*, root/test/<class>/*), or
-    "phantom" for synthetic radiographs. Class names are sorted. What is wrong with the data
+    "phantom" for synthetic radiographs. test_sources ("name,.."): the test split is those
+    sources' films of both split files, training the rest (hold_out_sources). Class names are
+    sorted. What is wrong with the data
     raises a DataError, or, given a Problems list, is added to it (the images with problems
     left out of the splits) so that decoding can look for more before one message says all.
     """
     if root == "phantom":
+        if test_sources:
+            raise DataError(f"--test-sources {test_sources}: phantoms have one source; give "
+                            "a data set whose split files name their sources")
         return phantom_dataset(n_phantoms, seed)
     if not os.path.isdir(root):
         raise DataError(f"--data {root}: no such folder. Give a COVIDx or ImageFolder root, "
@@ -223,6 +267,8 @@ def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtyp
     if subtypes:
         rows = {s: apply_subtypes(r, subtypes) for s, r in rows.items()}
         named = {c for c in named if c.lower() != "pneumonia"} | {"bacterial", "viral"}
+    if test_sources:
+        rows = hold_out_sources(rows, test_sources.split(","))
     classes = sorted(named | {r[2] for rs in rows.values() for r in rs})
     found = Problems()
     check_rows(rows, classes, found, malformed, named, allow_patient_overlap,

@@ -13,6 +13,7 @@ import os
 
 from machinery.audit import sources_md
 from machinery.config import BOOKKEEPING as KEPT, Config
+from machinery.films import shortcut_note
 from machinery.metrics import format_metrics
 
 # Knobs that say where and how a run was kept, and which data: no deviation from the paper
@@ -42,12 +43,20 @@ def model_card(config, classes, size, metrics=None, leaks=None):
     dirty = {True: " with uncommitted changes (dirty)", False: " (clean)"}.get(
         config.get("git_dirty"), "")
     crop = config.get("resize", "squish") == "crop"
-    lines = [f"# Model card: COVID-ResNet, {config.get('arch', '?')}", "", "## Intended use",
-             "", INTENDED_USE, "", "## The model", "",
+    hide, box = config.get("hide", "none"), config.get("hide_box", Config.hide_box)
+    shortcut = [] if hide == "none" else [
+        f"**Trained on {shortcut_note(hide, box)}: a shortcut test, not a classifier.** Its "
+        "test metrics say how much of a score the films of this data set carry "
+        + ("outside the lungs" if hide == "lungs" else "in the central box alone")
+        + ", not how well a model reads a chest film (ablate.py --preset shortcut).", ""]
+    lines = [f"# Model card: COVID-ResNet, {config.get('arch', '?')}", "", *shortcut,
+             "## Intended use", "", INTENDED_USE, "", "## The model", "",
              f"- Classes, in output order: {', '.join(classes)}.",
              f"- Input: one grayscale film, resized to {size} x {size} px "
              + ("(its shorter side to the size, the centre square: fastai v1's validation "
                 "crop)" if crop else "(the whole film squished to the square)")
+             + ("" if hide == "none" else f", as {shortcut_note(hide, box)} (--hide {hide} "
+                f"--hide-box {box}: the API and evaluate.py hide it too)")
              + ", 8-bit (16-bit and float films stretched over their used range), repeated to "
              "3 channels and normalised with ImageNet's mean (0.485, 0.456, 0.406) and standard "
              "deviation (0.229, 0.224, 0.225).",
@@ -66,7 +75,10 @@ def model_card(config, classes, size, metrics=None, leaks=None):
         f"`{k}` {v!r} (paper {p!r})" for k, (p, v) in sorted(dev.items())) or "none") + "."]
     lines += ["", "## Data", "", f"Data set `{config.get('data', '?')}`"
               + (f" with subtypes `{config['subtypes']}`" if config.get("subtypes") else "")
-              + f"; validation: {config.get('val_frac')} of the training patients."]
+              + f"; validation: {config.get('val_frac')} of the training patients."
+              + (f" Test split: the films of the sources {config['test_sources']}, held out "
+                 "of training (a test on collections the model never saw)."
+                 if config.get("test_sources") else "")]
     if leaks:
         lines += ["", *sources_md(leaks["sources"], classes)]
         lines += [""] + [f"- Warning: {w}." for w in leaks["source_warnings"]]

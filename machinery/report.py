@@ -12,6 +12,7 @@ import json
 import os
 
 from machinery.audit import sources_md
+from machinery.films import shortcut_note
 from machinery.metrics import format_metrics, roc_curve
 from machinery.modelcard import write_model_card
 from machinery.plots import COLOURS, GREY, LIGHT, confusion_plot, line_plot
@@ -153,6 +154,19 @@ def data_lines(path, classes):
     return lines + [""] + [f"Warning: {w}." for w in leaks["source_warnings"]] + [""]
 
 
+def shortcut_lines(cfg):
+    """report.md's warning that a run is a shortcut test (--hide), and what its test split
+    holds out (--test-sources)."""
+    lines = []
+    if cfg.get("hide", "none") != "none":
+        lines += [f"**Trained and tested on {shortcut_note(cfg['hide'], cfg['hide_box'])}: a "
+                  "shortcut test, not a classifier.**", ""]
+    if cfg.get("test_sources"):
+        lines += [f"Test split: the films of the sources {cfg['test_sources']}, none of which "
+                  "trained (--test-sources).", ""]
+    return lines
+
+
 def write_report(run_dir):
     """Write the plots and report.md into run_dir; return the report's path."""
     p = lambda name: os.path.join(run_dir, name)
@@ -185,7 +199,7 @@ def write_report(run_dir):
             f"Data `{cfg['data']}`, {cfg['arch']} with weights `{cfg['weights']}`, stages "
             f"{cfg['stages']} px, device {cfg.get('device', '?')}, torch {cfg.get('torch', '?')}, "
             f"git commit `{cfg.get('git_commit', '?')[:12]}`, seed {cfg['seed']}.", "",
-            "## Stages", "", stage_table(rows), "",
+            *shortcut_lines(cfg), "## Stages", "", stage_table(rows), "",
             "![loss per epoch](loss.png) ![accuracy per epoch](accuracy.png)", "",
             "![LR of each layer group](lr_schedule.png) ![momentum](momentum.png)", "",
             "## LR range tests", "",

@@ -116,22 +116,28 @@ def read_data(cfg, sizes):
     problems = datasets.Problems()
     classes, splits = datasets.load_dataset(
         cfg.data, cfg.train_split, cfg.test_split, cfg.image_dir, cfg.subtypes, cfg.phantoms,
-        cfg.phantom_seed, cfg.allow_patient_overlap, cfg.allow_missing_class, problems)
+        cfg.phantom_seed, cfg.allow_patient_overlap, cfg.allow_missing_class, problems,
+        cfg.test_sources)
     cache = cfg.cache_dir or None
     if cache is None and ddp.world() > 1 and splits["train"].pixels is None:
         cache = ddp.node_cache_dir()  # decoded once per node all the same
         print(f"--cache-dir '': the node's ranks share the films through {cache} (kept)")
+    hidden = (cfg.hide, cfg.hide_box)
     with ddp.node_first():  # its first rank decodes into the cache, the others read it
-        full = films.load_pixels(splits["train"], sizes, cache, cfg.resize, problems=problems)
-        test = films.load_pixels(splits["test"], sizes, cache, cfg.resize, problems=problems)
+        full, test = (films.load_pixels(splits[k], sizes, cache, cfg.resize, problems=problems,
+                                        hidden=hidden) for k in ("train", "test"))
         leaks = th = None
         # the audit's cheap part: test films also in training (audit.py). Not for phantoms
         # (in memory, or as files of source 'phantom': bench.py's): each is drawn from its own
         # seed, and their smooth shapes, without a radiograph's detail, all look alike to it
         if not problems and set(splits["train"].sources) != {"phantom"}:
             small = min([s for s in sizes if s >= audit.THUMB] or [max(sizes)])
-            th = audit.thumbs(full.images[small])
-            leaks = audit.leaks(th, audit.thumbs(test.images[small]), splits["train"],
+            whole = (full, test)
+            if cfg.hide != "none":  # blacked-out films all look alike to it: the whole films
+                whole = [films.load_pixels(splits[k], [small], cache, cfg.resize)
+                         for k in ("train", "test")]
+            th = audit.thumbs(whole[0].images[small])
+            leaks = audit.leaks(th, audit.thumbs(whole[1].images[small]), splits["train"],
                                 splits["test"], cfg.allow_duplicates, problems, classes)
         problems.check()
     tr, va = datasets.split_patients(splits["train"], cfg.val_frac, cfg.seed)
@@ -143,6 +149,12 @@ def read_data(cfg, sizes):
         counts = np.bincount(it.labels, minlength=len(classes))
         print(f"{k:>5}: {len(it):5d} images, " +
               ", ".join(f"{c} {n}" for c, n in zip(classes, counts)))
+    if cfg.test_sources:
+        print(f"test split: the films of {cfg.test_sources} (held out: training has none of "
+              "their films)")
+    if cfg.hide != "none":
+        print(f"SHORTCUT TEST: trained and tested on {films.shortcut_note(cfg.hide, cfg.hide_box)}"
+              ": not a classifier")
     return classes, items, {"train": full.subset(tr), "val": full.subset(va), "test": test}, leaks
 
 

@@ -6,6 +6,7 @@ import pytest
 
 import ablate
 
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cxr-sample")
 TINY = ["--data", "phantom", "--phantoms", "48", "--arch", "resnet18", "--weights", "none",
         "--device", "cpu", "--stages", "32", "--frozen-epochs", "1", "--unfrozen-epochs", "1",
         "--batch-size", "16", "--lr-find-steps", "4", "--lr-find-start", "1e-4",
@@ -85,27 +86,41 @@ def test_finished_runs_are_skipped_killed_ones_resumed_started_ones_redone(tmp_p
     assert ablate.run_one(r, str(tmp_path))[0] == "skipped (done before)" and len(calls) == n
 
 
-def test_a_tiny_ablation_end_to_end(tmp_path, capsys):
-    """2 variants x 2 seeds, and one variant that fails: reported, the rest go on; a rerun
-    trains nothing again."""
+@pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="../shared/data/cxr-sample absent")
+def test_the_shortcut_preset_end_to_end_on_the_sample(tmp_path, capsys):
+    """--preset shortcut (whole films, lungs hidden, lungs alone) x 2 seeds on real films, and
+    one variant that fails: reported, the rest go on, compared paired and against chance; a
+    rerun trains nothing again."""
     out = str(tmp_path / "abl")
-    args = TINY + ["--variants", "paper,no-freeze", "--variant", "huge=--batch-size 4096",
-                   "--seeds", "0,1", "--out", out]
+    args = ["--data", SAMPLE, *TINY[4:-2], "--cache-dir", str(tmp_path / "cache"),
+            "--preset", "shortcut", "--variant", "huge=--batch-size 4096", "--seeds", "0,1",
+            "--out", out]
     with pytest.raises(SystemExit) as e:  # exit status 1: not every run ran
         ablate.main(args)
     assert e.value.code == 1
     said = capsys.readouterr().out
-    assert "[1/6] paper seed 0: done, test accuracy" in said
-    assert "[3/6] huge seed 0: failed (exit 1)" in said and "fewer than one batch" in said
+    assert "[1/8] whole-films seed 0: done, test accuracy" in said
+    assert "[4/8] huge seed 0: failed (exit 1)" in said and "fewer than one batch" in said
     assert "2 run(s) failed: huge-s0, huge-s1" in said
     rows = json.load(open(os.path.join(out, "compare.json")))  # written all the same
-    assert [r["group"] for r in rows] == ["paper", "no-freeze"]  # the failed variant left out
-    assert all(r["accuracy"]["n"] == 2 for r in rows) and "welch_lo" in rows[1]["vs_ref"]
+    groups = ["whole-films", "lungs-hidden", "lungs-alone"]  # the failed variant left out
+    assert [r["group"] for r in rows] == groups
+    assert all(r["accuracy"]["n"] == 2 and r["chance"]["always"] == "normal" for r in rows)
+    assert all("welch_lo" in r["vs_ref"] and r["vs_ref"]["ref"] == "whole-films"
+               for r in rows[1:])
+    assert "| chance: always normal | | 40.4 | | 33.3 |" in open(os.path.join(
+        out, "compare.md")).read()  # 19 of the 47 test films; 3 classes
+    for g, hide in zip(groups, ["none", "lungs", "outside"]):
+        cfg = json.load(open(os.path.join(out, f"{g}-s1", "config.json")))
+        assert cfg["hide"] == hide and cfg["seed"] == 1
+    report = open(os.path.join(out, "lungs-hidden-s0", "report.md")).read()
+    assert "films with the lungs hidden (the central 75% x 75%" in report
+    assert "a shortcut test, not a classifier" in report
     record = json.load(open(os.path.join(out, "ablation.json")))
-    assert record["variants"]["no-freeze"].startswith("--frozen-epochs 0")
+    assert record["variants"]["lungs-alone"] == "--hide outside"
     with pytest.raises(SystemExit):
         ablate.main(args)  # again: the finished runs are skipped
     said = capsys.readouterr().out
-    assert said.count("skipped (done before)") == 4 and "huge seed 1: failed" in said
+    assert said.count("skipped (done before)") == 6 and "huge seed 1: failed" in said
     with pytest.raises(SystemExit, match="holds runs made with other flags"):
         ablate.main(args[:-2] + ["--wd", "0", "--out", out])  # never mixed with other flags
