@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 
 from machinery import audit, datasets, films
 from machinery.config import Config, Help
+from machinery.shortcuts import sources_to_hold_out
 
 
 def contact_sheet(path, pairs, tile=160):
@@ -113,7 +114,7 @@ def how(r):
 def shortcut_tests(a, data):
     """audit.md's pointer from the shortcuts the files allow to whether a model takes them:
     the lungs hidden, a source held out (docs/data.md)."""
-    lost = audit.sources_to_hold_out({s: r for s, r in a["sources"].items() if s != "(none)"})
+    lost = sources_to_hold_out({s: r for s, r in a["sources"].items() if s != "(none)"})
     ok = [s for s, classes in lost.items() if not classes]
     lines = ["Whether a model trained on these films takes such shortcuts is measured by "
              "training it without the lungs (the border alone) and on the lungs alone, "

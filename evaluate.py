@@ -28,6 +28,7 @@ from machinery.hostmem import HostImages, on_host
 from machinery.metrics import classification_metrics, format_metrics
 from machinery.plots import confusion_plot
 from machinery.report import roc_plot, write_predictions
+from machinery.shortcuts import shortcut_note
 from model import class_logits
 from predict import add_hide_flags, load_for
 
@@ -186,7 +187,7 @@ def main(argv=None):
         json.dump(m, f, indent=1)
     table = format_metrics(m)
     said = "".join(f"{line}\n\n" for line in [
-        f"**Evaluated on {films.shortcut_note(*clf.hidden)}: a shortcut test.**"
+        f"**Evaluated on {shortcut_note(*clf.hidden)}: a shortcut test.**"
         if clf.hidden[0] != "none" else "",
         f"Test split: the films of the sources {test_sources} (--test-sources)."
         if test_sources and a.split == "test" else ""] if line)

@@ -30,7 +30,7 @@ from data import MEAN, STD
 from machinery.checkpoint import CheckpointError, load_checkpoint, run_dir_of
 from machinery.config import Help
 from machinery.datasets import run_cli
-from machinery.films import shortcut_note
+from machinery.shortcuts import shortcut_note
 from machinery.modelcard import model_card, write_model_card
 
 # body.N of our model -> the torchvision ResNet's attribute (model.COVIDResNet's Sequential)

@@ -18,6 +18,7 @@ From Python, the same in a few lines (the API; evaluate.py loads its model with 
     clf.predict("film.png")                         # {'COVID-19': 0.03, 'bacterial': ...}
     clf.predict([pil_image, uint16_array, tensor])  # any size and bit depth: a dict each
     heat, label = clf.gradcam("film.png")           # (h, w) in [0, 1], for the top class
+    Classifier.load("runs/NAME", hide="lungs")      # films without their lungs: a shortcut test
 
 Films are resized and normalised as in training. A film that cannot be read raises a
 FilmError, a bad checkpoint a CheckpointError, each naming the input; the command line turns
@@ -37,7 +38,8 @@ from machinery import devices
 from machinery.checkpoint import CheckpointError, load_checkpoint
 from machinery.config import Config, Help
 from machinery.datasets import DataError, run_cli
-from machinery.films import CROP_MARGIN, HIDE, decode, hide, squares, stored_size, to_gray
+from machinery.films import CROP_MARGIN, decode, squares, stored_size, to_gray
+from machinery.shortcuts import HIDE, hide
 from machinery.plots import jet
 from model import class_logits, gradcam
 

@@ -203,17 +203,6 @@ def sources_md(sources, classes):
              for s, row in sorted(sources.items())])
 
 
-def sources_to_hold_out(sources):
-    """{source: the classes that would have no training film left} for each source of
-    source_table's counts, held out alone (train.py --test-sources): [] where every class
-    keeps some, so that the held-out test can be made."""
-    out = {}
-    for s, row in sources.items():
-        out[s] = [c for c, n in row.items()
-                  if n and not any(r[c] for t, r in sources.items() if t != s)]
-    return out
-
-
 def source_table(classes, items, most=0.75, rest=0.25):
     """({source: {class: count}}, warnings): a warning for each class that comes mostly (>=
     `most`) from one source which gives little (< `rest`) of the other classes' films: a model

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field, fields
 
 from machinery.devices import PRECISIONS
-from machinery.films import HIDE
+from machinery.shortcuts import HIDE
 from model import ARCHS
 
 

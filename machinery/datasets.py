@@ -198,7 +198,8 @@ def hold_out_sources(rows, names):
             "other sources have too. Where a class comes from one source alone (COVIDx v1's "
             "COVID-19 films, all from one collection), the source and the class cannot be told "
             "apart at all: no held-out test can say whether a model learned the disease or "
-            "the collection; the lungs-hidden test (--hide lungs) still can")
+            "the collection; --hide lungs can still show how much of a score the film's "
+            "border carries.")
     return split
 
 

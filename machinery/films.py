@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from machinery.datasets import Problems
+from machinery.shortcuts import hide
 
 CROP_MARGIN = 1.5  # --resize crop: films up to 1.5:1 keep full detail (see stored_size)
 CACHE_VERSION = 5  # bump when decoding changes, so old caches are not reused
@@ -47,36 +48,6 @@ def to_gray(img):
         img = img.convert("RGBA")  # transparent pixels become black, not their hidden colour
         img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
     return img.convert("L")
-
-
-HIDE = ("none", "lungs", "outside")  # --hide: what of each film is blacked out
-
-
-def hide(a, what, box):
-    """A shortcut test's film (--hide): `a` (..., H, W) with its central box, `box` of each
-    side, blacked out ('lungs': only a border of (1 - box) / 2 of each side is left, which
-    holds the film's edges, markers and shoulders but in a frontal film not the lungs) or all
-    but that box ('outside': the lungs alone). 'none': `a` itself. A new array otherwise.
-
-    Maguolo & Nanni (2020) trained on films blacked out so: a model that scores well without
-    the lungs scores on where a film came from, not on what it shows."""
-    if what == "none":
-        return a
-    h, w = a.shape[-2:]
-    top, left = round(h * (1 - box) / 2), round(w * (1 - box) / 2)
-    inside = (..., slice(top, h - top), slice(left, w - left))
-    out = np.array(a) if what == "lungs" else np.zeros_like(a)
-    out[inside] = 0 if what == "lungs" else a[inside]
-    return out
-
-
-def shortcut_note(hide, box):
-    """What --hide shows of the films, said in the log, report.md and the model card."""
-    what = {"lungs": f"the lungs hidden (the central {box:.0%} x {box:.0%} of each film "
-                     "blacked out, only its border seen)",
-            "outside": f"the lungs alone (all but the central {box:.0%} x {box:.0%} of each "
-                       "film blacked out)"}[hide]
-    return f"films with {what}"
 
 
 def decode(path, sizes, hidden=("none", 0.0)):

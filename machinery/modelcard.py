@@ -13,7 +13,7 @@ import os
 
 from machinery.audit import sources_md
 from machinery.config import BOOKKEEPING as KEPT, Config
-from machinery.films import shortcut_note
+from machinery.shortcuts import shortcut_note
 from machinery.metrics import format_metrics
 
 # Knobs that say where and how a run was kept, and which data: no deviation from the paper

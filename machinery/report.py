@@ -12,7 +12,7 @@ import json
 import os
 
 from machinery.audit import sources_md
-from machinery.films import shortcut_note
+from machinery.shortcuts import shortcut_note
 from machinery.metrics import format_metrics, roc_curve
 from machinery.modelcard import write_model_card
 from machinery.plots import COLOURS, GREY, LIGHT, confusion_plot, line_plot

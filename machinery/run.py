@@ -24,6 +24,7 @@ import torch.nn as nn
 from machinery import audit, datasets, ddp, devices, films
 from machinery.checkpoint import Checkpointer, check_writable
 from machinery.config import Config, make_stages
+from machinery.shortcuts import shortcut_note
 from model import build_model, fetch_weights, make_optimizer
 
 
@@ -153,7 +154,7 @@ def read_data(cfg, sizes):
         print(f"test split: the films of {cfg.test_sources} (held out: training has none of "
               "their films)")
     if cfg.hide != "none":
-        print(f"SHORTCUT TEST: trained and tested on {films.shortcut_note(cfg.hide, cfg.hide_box)}"
+        print(f"SHORTCUT TEST: trained and tested on {shortcut_note(cfg.hide, cfg.hide_box)}"
               ": not a classifier")
     return classes, items, {"train": full.subset(tr), "val": full.subset(va), "test": test}, leaks
 

@@ -50,7 +50,8 @@ def test_the_top_level_holds_the_tutorial_and_the_scripts_alone():
     assert top == TUTORIAL | SCRIPTS
     assert all(os.path.isfile(os.path.join(ROOT, "machinery", f"{m}.py")) for m in (
         "config", "run", "epochs", "checkpoint", "datasets", "films", "hostmem", "devices",
-        "ddp", "metrics", "plots", "report", "phantom", "measure", "gpucheck", "audit", "covidx"))
+        "ddp", "metrics", "plots", "report", "phantom", "measure", "gpucheck", "audit", "covidx",
+        "shortcuts"))
 
 
 def test_imports_run_one_way():

@@ -10,7 +10,7 @@ import torch
 import compare
 import data
 import evaluate
-from machinery import audit, datasets, films, phantom
+from machinery import audit, datasets, films, phantom, shortcuts
 from machinery.config import parse_args
 from machinery.datasets import DataError
 from machinery.run import read_data
@@ -120,7 +120,7 @@ def test_test_sources_hold_out_whole_sources_or_refuse_saying_why():
 def test_the_audit_says_which_sources_can_be_held_out():
     v1 = {"cohen": {"COVID-19": 76, "bacterial": 5, "viral": 13, "normal": 0},
           "kermany": {"COVID-19": 0, "bacterial": 2781, "viral": 1491, "normal": 1583}}
-    assert audit.sources_to_hold_out(v1) == {"cohen": ["COVID-19"], "kermany": ["normal"]}
+    assert shortcuts.sources_to_hold_out(v1) == {"cohen": ["COVID-19"], "kermany": ["normal"]}
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ def test_the_api_and_evaluate_hide_as_asked_or_as_trained(run_dir):
     plain, lungs = Classifier.load(run_dir), Classifier.load(run_dir, hide="lungs")
     px, _ = lungs.prepare(film)
     assert plain.hidden[0] == "none" and (px[8:-8, 8:-8] == 0).all() and px[:2].mean() > 50
-    hidden_film = films.hide(film, "lungs", BOX)
+    hidden_film = shortcuts.hide(film, "lungs", BOX)
     assert np.array_equal(px, plain.prepare(hidden_film)[0])  # one box, wherever it is drawn
     assert not torch.allclose(lungs.probabilities([film]), plain.probabilities([film]))
     with pytest.raises(ValueError, match="give one of none, lungs, outside"):
