@@ -48,7 +48,7 @@ VARIANTS = {
     "fastai-v1": "--recipe fastai-v1",
     "fastai-v2": "--recipe fastai-v2",
     # shortcut tests (docs/data.md): the same recipe on films with a box of each blacked out
-    "whole-films": "",
+    "whole-films": "--hide none",  # the reference, whatever the base flags hide
     "lungs-hidden": "--hide lungs",  # the film's border alone: no lungs
     "lungs-alone": "--hide outside",  # the central box alone: no border, markers, shoulders
 }
@@ -174,6 +174,7 @@ def changed(r):
     if not os.path.isfile(path):
         return {}
     saved, want = json.load(open(path)), dataclasses.asdict(r["config"])
+    saved = {**compare.DEFAULTS, **saved}  # keys older runs lack: the defaults they ran with
     return {k: (saved.get(k), v) for k, v in want.items()
             if k not in compare.IGNORED and saved.get(k) != v}  # the keys compare.py ignores
 

@@ -114,17 +114,19 @@ def how(r):
 def shortcut_tests(a, data):
     """audit.md's pointer from the shortcuts the files allow to whether a model takes them:
     the lungs hidden, a source held out (docs/data.md)."""
-    lost = sources_to_hold_out({s: r for s, r in a["sources"].items() if s != "(none)"})
-    ok = [s for s, classes in lost.items() if not classes]
+    held = sources_to_hold_out({s: r for s, r in a["sources"].items() if s != "(none)"})
+    ok = [s for s, (lost, untested) in held.items() if not lost and not untested]
+    partly = [f"{s} (with --allow-missing-class: its films test no {', '.join(untested)})"
+              for s, (lost, untested) in held.items() if not lost and untested]
     lines = ["Whether a model trained on these films takes such shortcuts is measured by "
              "training it without the lungs (the border alone) and on the lungs alone, "
              "seeds paired, against the whole films and chance:", "",
              f"    python ablate.py --data {data} --preset shortcut --seeds 0,1,2"]
-    if lost:
+    if held:
         lines += ["", "and by testing on a source that never trained (`train.py --test-sources "
-                  "NAME`): " + ("possible for " + ", ".join(ok) if ok else "possible for none")
-                  + "".join(f"; not for {s} ({', '.join(c)} would have no training film)"
-                            for s, c in lost.items() if c) + "."]
+                  "NAME`): possible for " + (", ".join(ok + partly) or "none") + "".join(
+                      f"; not for {s} ({', '.join(lost)} would have no training film)"
+                      for s, (lost, _) in held.items() if lost) + "."]
     return lines
 
 

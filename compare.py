@@ -283,13 +283,15 @@ def write_csv(path, rows, classes):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["group", "n"] + [f"{c}_{s}" for c in cols for s in ("mean", "sd", "lo", "hi")]
-                   + ["acc_diff_vs_ref", "acc_diff_lo", "acc_diff_hi", "mcnemar_p"])
+                   + ["acc_diff_vs_ref", "acc_diff_lo", "acc_diff_hi", "mcnemar_p",
+                      "chance_accuracy", "accuracy_above_chance"])
         for r in rows:
             v = r.get("vs_ref", {})
             w.writerow([r["group"], r["accuracy"]["n"]] +
                        [f"{r[c][s]:.6g}" for c in cols for s in ("mean", "sd", "lo", "hi")] +
                        [f"{v[k]:.6g}" if k in v else "" for k in ("diff", "lo", "hi")] +
-                       [f"{v['mcnemar']['p']:.6g}" if "mcnemar" in v else ""])
+                       [f"{v['mcnemar']['p']:.6g}" if "mcnemar" in v else ""] +
+                       [f"{r['chance'][k]:.6g}" for k in ("accuracy", "accuracy_above")])
 
 
 def make_parser():

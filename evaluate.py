@@ -28,7 +28,7 @@ from machinery.hostmem import HostImages, on_host
 from machinery.metrics import classification_metrics, format_metrics
 from machinery.plots import confusion_plot
 from machinery.report import roc_plot, write_predictions
-from machinery.shortcuts import shortcut_note
+from machinery.shortcuts import WHOLE
 from model import class_logits
 from predict import add_hide_flags, load_for
 
@@ -128,7 +128,7 @@ def make_parser():
                    help="with --data phantom: the seed of its films (default: the run's)")
     p.add_argument("--seed", type=int, default=0, help="seed of TTA's random draws")
     p.add_argument("--out", default="", help="output folder (default: RUN/eval_<data>_<split>/, "
-                   "or RUN/eval_<data>_<split>_tta-<TTA>/ with --tta)")
+                   "with _hide-<HIDE>, _sources-<NAMES> and _tta-<TTA> added where given)")
     return p
 
 
@@ -151,9 +151,12 @@ def main(argv=None):
     # a demo run's phantoms, as it drew them, unless told otherwise
     phantoms = a.phantoms or clf.config.get("phantoms", 2000)
     phantom_seed = clf.config.get("phantom_seed", 0) if a.phantom_seed is None else a.phantom_seed
-    same_data = os.path.normpath(a.data) == os.path.normpath(clf.config.get("data", ""))
-    test_sources = clf.config.get("test_sources", "") if a.test_sources is None and \
-        same_data else a.test_sources or ""
+    held_out = clf.config.get("test_sources", "")
+    same_data = os.path.realpath(a.data) == os.path.realpath(clf.config.get("data", ""))
+    test_sources = held_out if a.test_sources is None and same_data else a.test_sources or ""
+    if held_out and not test_sources and a.split == "test":
+        print(f"warning: the model was trained with --test-sources {held_out}: this test split "
+              "holds films of the sources it trained on (--test-sources to hold them out)")
     problems = datasets.Problems()
     data_classes, splits = datasets.load_dataset(a.data, a.train_split, a.test_split, a.image_dir,
                                                  a.subtypes, phantoms, phantom_seed, True, True,
@@ -174,12 +177,13 @@ def main(argv=None):
     preds = probs.argmax(1).tolist()
     m = classification_metrics(labels, preds, classes, items.sources, probs.tolist())
     m.update(checkpoint=a.checkpoint, data=a.data, split=a.split, size=size, tta=a.tta,
-             hide=clf.hidden[0], hide_box=clf.hidden[1], test_sources=test_sources)
+             hide=clf.hidden.what, hide_box=clf.hidden.box, test_sources=test_sources)
 
     run_dir = run_dir_of(a.checkpoint)
     name = os.path.basename(os.path.normpath(a.data))
     # a TTA run, hidden films or held-out sources never overwrite the plain evaluation
-    made_by = "".join(f"_{k}-{v}" for k, v in [("hide", clf.hidden[0]), ("sources", test_sources),
+    hidden = clf.hidden.what + ("" if clf.hidden.box == WHOLE.box else f"-{clf.hidden.box}")
+    made_by = "".join(f"_{k}-{v}" for k, v in [("hide", hidden), ("sources", test_sources),
                                                ("tta", a.tta)] if v not in ("none", "", "0"))
     out = a.out or os.path.join(run_dir or ".", f"eval_{name}_{a.split}{made_by}")
     os.makedirs(out, exist_ok=True)
@@ -187,8 +191,7 @@ def main(argv=None):
         json.dump(m, f, indent=1)
     table = format_metrics(m)
     said = "".join(f"{line}\n\n" for line in [
-        f"**Evaluated on {shortcut_note(*clf.hidden)}: a shortcut test.**"
-        if clf.hidden[0] != "none" else "",
+        f"**Evaluated on {clf.hidden.note()}: a shortcut test.**" if clf.hidden else "",
         f"Test split: the films of the sources {test_sources} (--test-sources)."
         if test_sources and a.split == "test" else ""] if line)
     with open(os.path.join(out, "metrics.md"), "w") as f:

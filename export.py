@@ -30,8 +30,8 @@ from data import MEAN, STD
 from machinery.checkpoint import CheckpointError, load_checkpoint, run_dir_of
 from machinery.config import Help
 from machinery.datasets import run_cli
-from machinery.shortcuts import shortcut_note
 from machinery.modelcard import model_card, write_model_card
+from machinery.shortcuts import NOT_A_CLASSIFIER, Hidden
 
 # body.N of our model -> the torchvision ResNet's attribute (model.COVIDResNet's Sequential)
 BODY_NAMES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
@@ -85,11 +85,10 @@ def export(checkpoint, out):
     paths."""
     model, ck = load_checkpoint(checkpoint)
     trained = ck.get("config", {})
-    if trained.get("hide", "none") != "none":  # model.ts would see whole films: other scores
-        films = shortcut_note(trained["hide"], trained["hide_box"])
-        raise CheckpointError(f"{checkpoint} was trained on {films}: a shortcut test, not a "
-                              "classifier, so there is nothing to deploy (evaluate.py "
-                              "measures it)")
+    if Hidden.of(trained):  # model.ts would see whole films: other scores
+        raise CheckpointError(f"{checkpoint} was trained on {Hidden.of(trained).note()}: "
+                              f"{NOT_A_CLASSIFIER}, so there is nothing to deploy "
+                              "(evaluate.py measures it)")
     crop = trained.get("resize", "squish") == "crop"
     size = ck.get("size") or 224
     scripted = torch.jit.script(Exported(model.eval(), size, crop).eval())

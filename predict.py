@@ -27,6 +27,7 @@ them into a message and exit status 1.
 import argparse
 import csv
 import os
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -36,11 +37,11 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from data import eval_batches, normalize, view
 from machinery import devices
 from machinery.checkpoint import CheckpointError, load_checkpoint
-from machinery.config import Config, Help
+from machinery.config import Help
 from machinery.datasets import DataError, run_cli
 from machinery.films import CROP_MARGIN, decode, squares, stored_size, to_gray
-from machinery.shortcuts import HIDE, hide
 from machinery.plots import jet
+from machinery.shortcuts import HIDE, WHOLE, Hidden
 from model import class_logits, gradcam
 
 __all__ = ["Classifier", "FilmError", "CheckpointError"]  # the API (CheckpointError: a bad file)
@@ -82,10 +83,10 @@ class Classifier:
 
     classes: the model's class names; size: its input size; crop: --resize crop (the centre
     square, as fastai v1 validates) or squish; amp and channels_last: the device's settings;
-    hidden: (--hide, --hide-box), what of every film is blacked out (a shortcut test)."""
+    hidden: what of every film is blacked out (--hide: a shortcut test's shortcuts.Hidden)."""
 
     def __init__(self, model, classes, size, crop, device, amp=None, channels_last=False,
-                 hidden=("none", 0.0)):
+                 hidden=WHOLE):
         fmt = torch.channels_last if channels_last else torch.preserve_format
         self.model = model.to(device, memory_format=fmt).eval()
         self.classes, self.size, self.crop = list(classes), size, crop
@@ -106,11 +107,11 @@ class Classifier:
         model, ck = load_checkpoint(path)
         trained = ck.get("config", {})  # how it was trained (evaluate.py's augmentation)
         crop = trained.get("resize", "squish") == "crop"
-        hidden = (hide or trained.get("hide", "none"),
-                  hide_box or trained.get("hide_box", Config.hide_box))
-        if hidden[0] not in HIDE or not 0 < hidden[1] < 1:
-            raise ValueError(f"hide={hidden[0]!r}, hide_box={hidden[1]!r}: give one of "
-                             f"{', '.join(HIDE)} and a share of each side in (0, 1)")
+        hidden = Hidden.of(trained)  # a ValueError for a hide or box it does not know:
+        hidden = replace(hidden, what=hide or hidden.what, box=hide_box or hidden.box)
+        if hide_box and not hidden:
+            raise ValueError(f"hide_box {hide_box}: a box of what? Give hide='lungs' or "
+                             "'outside' with it")
         dev = devices.pick_device(device)
         clf = cls(model, ck["classes"], size or ck.get("size") or 224, crop, dev,
                   devices.precision(dev, precision), devices.channels_last(dev, channels_last),
@@ -185,14 +186,13 @@ def find_files(args):
     return files
 
 
-def save_cam(path, image_path, cam, crop, caption="", alpha=0.45, hidden=("none", 0.0)):
+def save_cam(path, image_path, cam, crop, caption="", alpha=0.45, hidden=WHOLE):
     """Blend the heat map over the original radiograph, at the radiograph's own size: over
     the whole film, or with crop over the centre square that the model saw; hidden: --hide's
     box blacked out, as the model saw it. Below it, a strip with the caption (the class
     explained, its probability) and the colour bar."""
     with Image.open(image_path) as img:
-        gray = Image.fromarray(hide(np.asarray(to_gray(ImageOps.exif_transpose(img))),
-                                    *hidden))
+        gray = Image.fromarray(hidden.apply(np.asarray(to_gray(ImageOps.exif_transpose(img)))))
     W, H = gray.size
     h, w = (min(W, H),) * 2 if crop else (H, W)
     top, left = (H - h) // 2, (W - w) // 2
@@ -232,16 +232,20 @@ def add_hide_flags(p):
                    "(all but it) | none (default: as the model was trained; --hide lungs on a "
                    "model of whole films: what it makes of films without their lungs)")
     p.add_argument("--hide-box", type=float, default=0.0, metavar="X",
-                   help="--hide's box: its share of each side (default: the model's, else "
-                   f"{Config.hide_box})")
+                   help="--hide's box: its share of each side of the square the model sees "
+                   f"(default: the model's, else {WHOLE.box})")
 
 
 def load_for(p, a):
     """The Classifier of a script's flags (checkpoint, device, precision, ..., --hide)."""
-    if a.hide_box and not 0 < a.hide_box < 1:
-        p.error(f"--hide-box {a.hide_box}: give a share of each side in (0, 1)")
-    return Classifier.load(a.checkpoint, a.device, a.precision, a.channels_last, a.size,
-                           a.hide, a.hide_box)
+    try:
+        return Classifier.load(a.checkpoint, a.device, a.precision, a.channels_last, a.size,
+                               a.hide, a.hide_box)
+    except DataError:  # a bad checkpoint: said by run_cli
+        raise
+    except ValueError as e:  # --hide and --hide-box that do not go together
+        p.error(f"--hide {a.hide or 'as trained'} --hide-box {a.hide_box or 'as trained'}: "
+                f"{e}")
 
 
 def make_parser():

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field, fields
 
 from machinery.devices import PRECISIONS
-from machinery.shortcuts import HIDE
+from machinery.shortcuts import BOX, HIDE, WHOLE
 from model import ARCHS
 
 
@@ -60,7 +60,9 @@ class Config:
     hide: str = knob("none", "a shortcut test, not a classifier: lungs (each film's central "
                      "box blacked out, its border alone seen) | outside (the central box "
                      "alone) | none (docs/data.md)", list(HIDE))
-    hide_box: float = knob(0.75, "--hide: the central box's share of each side of the film")
+    hide_box: float = knob(WHOLE.box, "--hide: the central box's share of each side of the "
+                           "square the model sees (the whole film, or with --resize crop its "
+                           "centre square)")
     test_sources: str = knob("", "a held-out-source test: the test split is these sources' "
                              "films (the split files' 4th column, both files), training the "
                              "other sources' (default: none, the test split as given)",
@@ -381,7 +383,8 @@ LISTS = {  # flag: (conversion, test, what it accepts)
 }
 RANGES = {  # flag: (test, what it accepts)
     "phantoms": (lambda v: v >= 8, "at least 8 films"),
-    "hide_box": (lambda v: 0 < v < 1, "a share of each side in (0, 1)"),
+    "hide_box": (lambda v: BOX[0] <= v <= BOX[1], f"a share of each side of {BOX[0]} to "
+                 f"{BOX[1]}"),
     "val_frac": (lambda v: 0 <= v < 1, "a fraction in [0, 1): what is left must train"),
     "pct_start": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     "div": (lambda v: v > 0, "a positive number"),
@@ -448,6 +451,9 @@ def validate(cfg):
         if path and not (os.path.isdir if name == "image_dir" else os.path.isfile)(path):
             what = "folder" if name == "image_dir" else "file"
             problems.append(f"{flag(name)} {path}: no such {what}")
+    if cfg.hide == "none" and cfg.hide_box != WHOLE.box:
+        problems.append(f"--hide-box {cfg.hide_box}: a box of what? Give --hide lungs or "
+                        "--hide outside with it")
     if cfg.weights not in ("imagenet", "none") and not os.path.isfile(cfg.weights):
         problems.append(f"--weights {cfg.weights}: give imagenet, none or a state dict file")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):

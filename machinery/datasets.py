@@ -222,9 +222,9 @@ def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtyp
     `image_dir`), an ImageFolder tree (root/train/<class>/*, root/test/<class>/*), or
     "phantom" for synthetic radiographs. test_sources ("name,.."): the test split is those
     sources' films of both split files, training the rest (hold_out_sources). Class names are
-    sorted. What is wrong with the data
-    raises a DataError, or, given a Problems list, is added to it (the images with problems
-    left out of the splits) so that decoding can look for more before one message says all.
+    sorted. What is wrong with the data raises a DataError, or, given a Problems list, is added
+    to it (the images with problems left out of the splits) so that decoding can look for more
+    before one message says all.
     """
     if root == "phantom":
         if test_sources:

@@ -30,7 +30,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from machinery.datasets import Problems
-from machinery.shortcuts import hide
+from machinery.shortcuts import WHOLE
 
 CROP_MARGIN = 1.5  # --resize crop: films up to 1.5:1 keep full detail (see stored_size)
 CACHE_VERSION = 5  # bump when decoding changes, so old caches are not reused
@@ -50,9 +50,9 @@ def to_gray(img):
     return img.convert("L")
 
 
-def decode(path, sizes, hidden=("none", 0.0)):
+def decode(path, sizes, hidden=WHOLE):
     """One file -> ((width, height), [uint8 array (size, size) for each size]): the whole film
-    squished to each square, or the error as a string. hidden: (--hide, --hide-box)."""
+    squished to each square, or the error as a string. hidden: --hide's shortcuts.Hidden."""
     try:
         with Image.open(path) as img:
             img.draft("L", (max(sizes), max(sizes)))  # JPEG: decode at a reduced scale
@@ -61,14 +61,14 @@ def decode(path, sizes, hidden=("none", 0.0)):
         return f"{type(e).__name__}: {e}"
 
 
-def squares(img, sizes, hidden=("none", 0.0)):
+def squares(img, sizes, hidden=WHOLE):
     """A PIL image -> ((width, height), [uint8 array (size, size) for each size]).
 
-    hidden: (--hide, --hide-box): its box is blacked out on the film as decoded, before any
-    resize, crop or augmentation, so that every size and view of it has the same box hidden."""
+    hidden (--hide): its box is blacked out on the film as decoded, before any resize, crop or
+    augmentation, so that every size and view of it has the same box hidden."""
     img = to_gray(ImageOps.exif_transpose(img))
-    if hidden[0] != "none":
-        img = Image.fromarray(hide(np.asarray(img), *hidden))
+    if hidden:
+        img = Image.fromarray(hidden.apply(np.asarray(img)))
     dims = img.size  # a draft shrinks only films 2x the size: small ones stay true
     # Box-average down to within 2x of the largest size first: an exact anti-aliased shrink
     # that makes the three resizes of a 1024 px film 5x cheaper (6 -> 1.2 ms)
@@ -103,15 +103,15 @@ def stored_size(size, mode, aspect):
     return size if mode == "squish" else math.ceil(size * min(aspect, CROP_MARGIN))
 
 
-def fingerprint(paths, mode, hidden=("none", 0.0)):
+def fingerprint(paths, mode, hidden=WHOLE):
     """Cache key of a list of files: each one's path, byte size and modification time, and
     what was hidden of them (--hide: cached apart from the whole films).
 
     A cheap stand-in for hashing every byte: any rewrite of a file changes its mtime.
     """
     h = hashlib.sha1(f"v{CACHE_VERSION} {mode}".encode())
-    if hidden[0] != "none":  # whole films keep the key they always had
-        h.update(f" hide {hidden[0]} {hidden[1]!r}".encode())
+    if hidden:  # whole films keep the key they always had
+        h.update(f" hide {hidden.what} {hidden.box!r} {hidden.crop}".encode())
     for p in paths:
         st = os.stat(p) if os.path.exists(p) else os.stat_result((0,) * 10)
         h.update(f"{os.path.abspath(p)} {st.st_size} {st.st_mtime_ns}\n".encode())
@@ -164,9 +164,9 @@ class Films:
 
 
 def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, problems=None,
-                hidden=("none", 0.0)):
+                hidden=WHOLE):
     """Films of `items` at every stage size, each file decoded once (mode: --resize; hidden:
-    (--hide, --hide-box), the box blacked out as each film is decoded).
+    --hide's shortcuts.Hidden, its box blacked out as each film is decoded).
 
     Cached in cache_dir (never next to the data, which may be read-only), keyed by the files,
     the mode and the size: a second run reads the cache and decodes nothing. Unreadable images
@@ -176,7 +176,7 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
     """
     sizes = sorted(set(sizes))
     if items.pixels is not None:  # phantoms: square films, resized on the CPU
-        x = torch.from_numpy(hide(items.pixels, *hidden)).unsqueeze(1).float()
+        x = torch.from_numpy(hidden.apply(items.pixels)).unsqueeze(1).float()
         return Films({s: F.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
                       .round().clamp(0, 255).to(torch.uint8).numpy() for s in sizes},
                      torch.ones(len(items)))
@@ -294,7 +294,7 @@ POOL_START_S = 3.0
 
 
 @contextmanager
-def decode_all(paths, store, workers, hidden=("none", 0.0), first=32):
+def decode_all(paths, store, workers, hidden=WHOLE, first=32):
     """decode() of every path (hidden: --hide), in order. The first ones are decoded here and
     timed; the rest go to a process pool on all cores when they would take longer than
     starting one, else they are decoded here too: a few hundred small films decode in less

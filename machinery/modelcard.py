@@ -13,8 +13,8 @@ import os
 
 from machinery.audit import sources_md
 from machinery.config import BOOKKEEPING as KEPT, Config
-from machinery.shortcuts import shortcut_note
 from machinery.metrics import format_metrics
+from machinery.shortcuts import NOT_A_CLASSIFIER, Hidden
 
 # Knobs that say where and how a run was kept, and which data: no deviation from the paper
 BOOKKEEPING = KEPT | {"data", "train_split", "test_split", "image_dir", "subtypes", "ranks",
@@ -43,11 +43,11 @@ def model_card(config, classes, size, metrics=None, leaks=None):
     dirty = {True: " with uncommitted changes (dirty)", False: " (clean)"}.get(
         config.get("git_dirty"), "")
     crop = config.get("resize", "squish") == "crop"
-    hide, box = config.get("hide", "none"), config.get("hide_box", Config.hide_box)
-    shortcut = [] if hide == "none" else [
-        f"**Trained on {shortcut_note(hide, box)}: a shortcut test, not a classifier.** Its "
-        "test metrics say how much of a score the films of this data set carry "
-        + ("outside the lungs" if hide == "lungs" else "in the central box alone")
+    hidden = Hidden.of(config)
+    shortcut = [] if not hidden else [
+        f"**Trained on {hidden.note()}: {NOT_A_CLASSIFIER}.** Its test metrics say how much of "
+        "a score the films of this data set carry " + ("outside the lungs" if hidden.what ==
+                                                      "lungs" else "in the central box alone")
         + ", not how well a model reads a chest film (ablate.py --preset shortcut).", ""]
     lines = [f"# Model card: COVID-ResNet, {config.get('arch', '?')}", "", *shortcut,
              "## Intended use", "", INTENDED_USE, "", "## The model", "",
@@ -55,8 +55,8 @@ def model_card(config, classes, size, metrics=None, leaks=None):
              f"- Input: one grayscale film, resized to {size} x {size} px "
              + ("(its shorter side to the size, the centre square: fastai v1's validation "
                 "crop)" if crop else "(the whole film squished to the square)")
-             + ("" if hide == "none" else f", as {shortcut_note(hide, box)} (--hide {hide} "
-                f"--hide-box {box}: the API and evaluate.py hide it too)")
+             + (f", as {hidden.note()} (--hide {hidden.what} --hide-box {hidden.box}: the "
+                "API and evaluate.py hide it too)" if hidden else "")
              + ", 8-bit (16-bit and float films stretched over their used range), repeated to "
              "3 channels and normalised with ImageNet's mean (0.485, 0.456, 0.406) and standard "
              "deviation (0.229, 0.224, 0.225).",

@@ -12,10 +12,10 @@ import json
 import os
 
 from machinery.audit import sources_md
-from machinery.shortcuts import shortcut_note
 from machinery.metrics import format_metrics, roc_curve
 from machinery.modelcard import write_model_card
 from machinery.plots import COLOURS, GREY, LIGHT, confusion_plot, line_plot
+from machinery.shortcuts import NOT_A_CLASSIFIER, Hidden
 from schedule import ONE_CYCLE
 
 
@@ -157,10 +157,9 @@ def data_lines(path, classes):
 def shortcut_lines(cfg):
     """report.md's warning that a run is a shortcut test (--hide), and what its test split
     holds out (--test-sources)."""
-    lines = []
-    if cfg.get("hide", "none") != "none":
-        lines += [f"**Trained and tested on {shortcut_note(cfg['hide'], cfg['hide_box'])}: a "
-                  "shortcut test, not a classifier.**", ""]
+    lines, hidden = [], Hidden.of(cfg)
+    if hidden:
+        lines += [f"**Trained and tested on {hidden.note()}: {NOT_A_CLASSIFIER}.**", ""]
     if cfg.get("test_sources"):
         lines += [f"Test split: the films of the sources {cfg['test_sources']}, none of which "
                   "trained (--test-sources).", ""]

@@ -24,7 +24,7 @@ import torch.nn as nn
 from machinery import audit, datasets, ddp, devices, films
 from machinery.checkpoint import Checkpointer, check_writable
 from machinery.config import Config, make_stages
-from machinery.shortcuts import shortcut_note
+from machinery.shortcuts import NOT_A_CLASSIFIER, Hidden
 from model import build_model, fetch_weights, make_optimizer
 
 
@@ -123,7 +123,7 @@ def read_data(cfg, sizes):
     if cache is None and ddp.world() > 1 and splits["train"].pixels is None:
         cache = ddp.node_cache_dir()  # decoded once per node all the same
         print(f"--cache-dir '': the node's ranks share the films through {cache} (kept)")
-    hidden = (cfg.hide, cfg.hide_box)
+    hidden = Hidden(cfg.hide, cfg.hide_box, cfg.resize == "crop")
     with ddp.node_first():  # its first rank decodes into the cache, the others read it
         full, test = (films.load_pixels(splits[k], sizes, cache, cfg.resize, problems=problems,
                                         hidden=hidden) for k in ("train", "test"))
@@ -134,7 +134,7 @@ def read_data(cfg, sizes):
         if not problems and set(splits["train"].sources) != {"phantom"}:
             small = min([s for s in sizes if s >= audit.THUMB] or [max(sizes)])
             whole = (full, test)
-            if cfg.hide != "none":  # blacked-out films all look alike to it: the whole films
+            if hidden:  # blacked-out films all look alike to it: the whole films
                 whole = [films.load_pixels(splits[k], [small], cache, cfg.resize)
                          for k in ("train", "test")]
             th = audit.thumbs(whole[0].images[small])
@@ -153,9 +153,8 @@ def read_data(cfg, sizes):
     if cfg.test_sources:
         print(f"test split: the films of {cfg.test_sources} (held out: training has none of "
               "their films)")
-    if cfg.hide != "none":
-        print(f"SHORTCUT TEST: trained and tested on {shortcut_note(cfg.hide, cfg.hide_box)}"
-              ": not a classifier")
+    if hidden:
+        print(f"SHORTCUT TEST: trained and tested on {hidden.note()}: {NOT_A_CLASSIFIER}")
     return classes, items, {"train": full.subset(tr), "val": full.subset(va), "test": test}, leaks
 
 

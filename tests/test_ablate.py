@@ -7,10 +7,9 @@ import pytest
 import ablate
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cxr-sample")
-TINY = ["--data", "phantom", "--phantoms", "48", "--arch", "resnet18", "--weights", "none",
-        "--device", "cpu", "--stages", "32", "--frozen-epochs", "1", "--unfrozen-epochs", "1",
-        "--batch-size", "16", "--lr-find-steps", "4", "--lr-find-start", "1e-4",
-        "--lr-find-end", "1", "--cache-dir", ""]
+SMALL = ["--arch", "resnet18", "--weights", "none", "--device", "cpu", "--stages", "32",
+         "--frozen-epochs", "1", "--unfrozen-epochs", "1", "--batch-size", "16",
+         "--lr-find-steps", "4", "--lr-find-start", "1e-4", "--lr-find-end", "1"]
 
 
 def test_variants_are_flags_with_placeholders_from_the_base_run(tmp_path):
@@ -92,7 +91,7 @@ def test_the_shortcut_preset_end_to_end_on_the_sample(tmp_path, capsys):
     one variant that fails: reported, the rest go on, compared paired and against chance; a
     rerun trains nothing again."""
     out = str(tmp_path / "abl")
-    args = ["--data", SAMPLE, *TINY[4:-2], "--cache-dir", str(tmp_path / "cache"),
+    args = ["--data", SAMPLE, *SMALL, "--cache-dir", str(tmp_path / "cache"),
             "--preset", "shortcut", "--variant", "huge=--batch-size 4096", "--seeds", "0,1",
             "--out", out]
     with pytest.raises(SystemExit) as e:  # exit status 1: not every run ran
