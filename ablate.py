@@ -3,7 +3,7 @@
     python ablate.py --data PATH --seeds 0,1,2          # the paper and each technique taken out
     python ablate.py --demo --variants paper,no-lrfind --seeds 0,1,2 --out runs/abl
     python ablate.py --data PATH --variant wd0="--wd 0" --arch resnet18 --stages 64,96
-    python ablate.py --data PATH --preset shortcut --seeds 0,1,2   # how much is the lungs?
+    python ablate.py --data PATH --preset shortcut --seeds 0,1,2   # what comes from the lungs?
 
 Every flag ablate.py does not know goes to train.py, for every run. A variant is a name and
 the train.py flags it changes (VARIANTS below; --variant NAME="--flag value ..." adds one or
@@ -80,11 +80,11 @@ def variant_flags(table, name, base):
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # --seed is train's
                                 formatter_class=Help)
-    p.add_argument("--preset", default="techniques", choices=list(PRESETS),
-                   help="a set of variants: " + "; ".join(f"{k}: {v}" for k, v in
-                                                          PRESETS.items()))
-    p.add_argument("--variants", default="", help="names from VARIANTS, comma separated "
-                   "(default: --preset's, then each --variant)")
+    p.add_argument("--preset", default="", choices=["", *PRESETS], metavar="{" + ",".join(
+        PRESETS) + "}", help="a set of variants: " + "; ".join(
+            f"{k}: {v}" for k, v in PRESETS.items()) + " (default: techniques)")
+    p.add_argument("--variants", default="", help="names from VARIANTS, comma separated, "
+                   "instead of a preset's (then each --variant)")
     p.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
                    help="a variant of your own: its name and train.py flags (repeatable)")
     p.add_argument("--seeds", default="0,1,2", help="seeds, comma separated")
@@ -106,7 +106,10 @@ def parse(argv=None):
         name, flags = v.split("=", 1)
         table[name.strip()] = flags
         mine.append(name.strip())
-    names = [n for n in (a.variants or PRESETS[a.preset]).split(",") if n]
+    if a.preset and a.variants:
+        p.error(f"--preset {a.preset} --variants {a.variants}: give one (and --variant for "
+                "more)")
+    names = [n for n in (a.variants or PRESETS[a.preset or "techniques"]).split(",") if n]
     names += [n for n in mine if n not in names]
     if len(set(names)) < len(names):
         p.error(f"--variants {a.variants}: a variant named twice would count its runs twice")
@@ -127,7 +130,7 @@ def parse(argv=None):
         p.error("--seed, --name, --runs and --resume are set by ablate.py for each run "
                 "(use --seeds and --out)")
     base_cfg = parse_args(base)  # every train.py flag checked once, before any run
-    kind = "ablation" if a.preset == "techniques" else a.preset  # the folder's name
+    kind = "shortcut" if a.preset == "shortcut" else "ablation"  # the folder's name
     out = a.out or os.path.join(base_cfg.runs, f"{kind}-" + os.path.basename(
         os.path.normpath(base_cfg.data or "data")))
     out = os.path.abspath(out)  # train.py runs in this process's folder, state() looks there

@@ -43,6 +43,8 @@ def test_variants_are_flags_with_placeholders_from_the_base_run(tmp_path):
     (["--variants", "paper,paper"], "a variant named twice"),
     (["--seeds", "0,0"], "a seed given twice"),
     (["--ref", "nope"], "--ref nope: not among the variants"),
+    (["--preset", "shortcut", "--variants", "paper"], "--preset shortcut --variants paper: "
+                                                      "give one"),
     (["--variant", "big=--batch-size 0"], "--batch-size 0 in '0': give batch sizes"),
     (["--variant", "x=--stages {nope}"], "has an unknown placeholder"),
 ])

@@ -16,6 +16,8 @@ from machinery import audit, datasets, films, phantom, shortcuts
 from machinery.checkpoint import CheckpointError
 from machinery.config import parse_args
 from machinery.datasets import DataError
+from machinery.modelcard import model_card
+from machinery.report import shortcut_lines
 from machinery.run import read_data
 from machinery.shortcuts import Hidden
 from model import build_model
@@ -198,3 +200,32 @@ def test_compare_sets_each_group_against_chance():
     truth = {f"f{i}": c for i, c in enumerate(["COVID-19"] * 5 + ["normal"] * 3 + ["viral"] * 2)}
     assert compare.chance(truth) == {"always": "COVID-19", "accuracy": 0.5,
                                      "balanced_accuracy": pytest.approx(1 / 3)}
+
+
+@needs_sample
+def test_evaluate_holds_out_the_runs_sources_unless_told(tmp_path, capsys):
+    torch.manual_seed(0)
+    os.makedirs(tmp_path / "run")
+    torch.save({"model": build_model(3, "none", "resnet18").state_dict(), "size": 32,
+                "classes": ["COVID-19", "normal", "pneumonia"],
+                "config": {"arch": "resnet18", "resize": "squish", "data": SAMPLE,
+                           "test_sources": "figure1"}}, tmp_path / "run" / "model.pt")
+    m = evaluate.main([str(tmp_path / "run"), "--data", SAMPLE + os.sep, "--cache-dir", ""])
+    assert m["n"] == 39 and m["test_sources"] == "figure1" and set(m["per_source"]) == {
+        "figure1"}
+    assert os.path.isdir(tmp_path / "run" / "eval_cxr-sample_test_sources-figure1")
+    m = evaluate.main([str(tmp_path / "run"), "--data", SAMPLE, "--test-sources", "",
+                       "--cache-dir", ""])
+    assert m["n"] == 47 and "this test split holds films of the sources it trained on" in \
+        capsys.readouterr().out
+
+
+def test_the_report_and_the_card_say_what_a_shortcut_run_is():
+    cfg = {"hide": "outside", "hide_box": 0.5, "resize": "crop", "test_sources": "nih"}
+    said = "\n".join(shortcut_lines(cfg))
+    assert "**Trained and tested on films with the lungs alone (all but the central 50% x 50% " \
+        "of each film's centre square blacked out): a shortcut test, not a classifier.**" in said
+    assert "Test split: the films of the sources nih, none of which trained" in said
+    card = model_card(cfg, ["a", "b"], 32)
+    assert card.index("a shortcut test, not a classifier") < card.index("## Intended use")
+    assert "`hide` 'outside' (paper 'none')" in card and "the sources nih, held out" in card
