@@ -9,6 +9,7 @@ knobs of that whole family at once (RECIPES); a flag given explicitly still wins
 lists every element of the recipe against fastai v1's source.
 """
 import argparse
+import difflib
 import json
 import math
 import os
@@ -293,11 +294,20 @@ def make_parser(doc=__doc__, only=None, extra=None):
     return p
 
 
+# Keys config.json holds beside the knobs: what ran (run.write_run_folder), never read back
+RAN = {"git_commit", "git_dirty", "torch", "arithmetic", "ranks"}
+
+
 def saved_config(parser, args):
-    """--config FILE: the knobs of a run's config.json, less those that would make it that run
-    again (its name, resume, overwrite) or tie it to its machine (device), and the config; a
-    div_final that was div x 1e4 (the default, which config.json saves resolved) is left to
-    follow --div."""
+    """--config FILE: the knobs of a run's config.json (or of a file written by hand), less
+    those that would make it that run again (its name, resume, overwrite) or tie it to its
+    machine (device), and the config; a div_final that was div x 1e4 (the default, which
+    config.json saves resolved) is left to follow --div.
+
+    Checked as the command line is: a knob that takes a number or a comma list takes a JSON
+    number or list too (written as the command line's text would be), a yes/no knob true or
+    false; an unknown key is named with the closest knob. Every problem is said at once, and
+    parse_args then validates the values as it does the flags'."""
     if not getattr(args, "config", ""):
         return {}
     try:
@@ -305,11 +315,52 @@ def saved_config(parser, args):
             saved = json.load(f)
     except (OSError, ValueError) as e:
         parser.error(f"--config {args.config}: not a readable config.json ({e})")
-    names = {f.name for f in fields(Config)} - {"name", "resume", "overwrite", "device", "config"}
-    kept = {k: v for k, v in saved.items() if k in names}
+    if not isinstance(saved, dict):
+        parser.error(f"--config {args.config}: a JSON {type(saved).__name__}, not an object "
+                     "of knobs ({\"stages\": \"128,224\", ...}, as a run's config.json holds)")
+    knobs = {f.name: f.default for f in fields(Config)}
+    kept, problems = {}, []
+    for k, v in saved.items():
+        if k not in knobs:
+            if k not in RAN:
+                near = difflib.get_close_matches(k, knobs, 1)
+                problems.append(f"{k!r}: not a knob" + (f" (did you mean {near[0]!r}?)"
+                                                        if near else ""))
+            continue
+        if k in ("name", "resume", "overwrite", "device", "config"):
+            continue
+        value, why = as_flag(v, knobs[k])
+        if why:
+            problems.append(f"{k!r}: {v!r} {why}")
+        else:
+            kept[k] = value
+    if problems:
+        parser.error("\n  ".join([f"--config {args.config}: {len(problems)} value(s) to fix:"]
+                                 + problems))
     if kept.get("div_final") == kept.get("div", 25.0) * 1e4:  # derived from div, not chosen:
         del kept["div_final"]  # derived again, so that --div moves the final LR as it would
     return kept
+
+
+def as_flag(v, default):
+    """A JSON value as the knob whose default is `default` takes it: (value, None), or (None,
+    what is wrong). Text is the command line's: 16 -> "16", [128, 224] -> "128,224"."""
+    if isinstance(default, bool):
+        return (v, None) if isinstance(v, bool) else (None, "is not true or false")
+    if isinstance(default, str):
+        if isinstance(v, list) and v and all(isinstance(x, (str, int, float)) and not
+                                             isinstance(x, bool) for x in v):
+            return ",".join(str(x) for x in v), None
+        if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+            return str(v), None
+        return None, "is not text, a number or a list of them"
+    try:  # a number knob: a number, or its text; never a fraction cut to an integer
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)) or (
+                isinstance(default, int) and isinstance(v, float) and not v.is_integer()):
+            raise ValueError
+        return type(default)(v), None
+    except ValueError:
+        return None, f"is not {'an integer' if isinstance(default, int) else 'a number'}"
 
 
 def parse_args(argv=None, extra=None, doc=__doc__, only=None):

@@ -156,3 +156,34 @@ def test_a_run_relaunched_from_its_config_with_one_change(tmp_path):
     assert parse_args(["--config", str(chosen)]).div_final == 1e5
     with pytest.raises(SystemExit):
         parse_args(["--config", str(tmp_path / "none.json")])
+
+
+def test_a_config_written_by_hand_is_checked_like_the_flags(tmp_path, capsys):
+    """JSON numbers and lists where the flag takes text; every wrong key or value named at
+    once, with the closest knob; exit status 2, before anything is made."""
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"batch_size": 16, "stages": [64, 96], "wd": 0.05, "seed": 3,
+                                "lr_unfrozen": ["auto", "1e-6:1e-4"], "flip": False,
+                                "git_commit": "abc"}))  # what a run's config.json adds
+    cfg = parse_args(BASE + ["--config", str(path)])
+    assert (cfg.batch_size, cfg.stages, cfg.lr_unfrozen) == ("16", "64,96", "auto,1e-6:1e-4")
+    assert (cfg.wd, cfg.seed, cfg.flip) == (0.05, 3, False)
+    path.write_text(json.dumps({"unfrozen_epoch": "3", "wd": "abc", "flip": "no", "seed": 1.5,
+                                "stages": {"a": 1}}))
+    with pytest.raises(SystemExit) as e:
+        parse_args(BASE + ["--config", str(path), "--runs", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "5 value(s) to fix" in err
+    for said in ("'unfrozen_epoch': not a knob (did you mean 'unfrozen_epochs'?)",
+                 "'wd': 'abc' is not a number", "'flip': 'no' is not true or false",
+                 "'seed': 1.5 is not an integer", "'stages': {'a': 1} is not text, a number"):
+        assert said in err
+    path.write_text(json.dumps({"batch_size": 0}))  # then the flags' own checks
+    with pytest.raises(SystemExit):
+        parse_args(BASE + ["--config", str(path)])
+    assert "--batch-size 0 in '0': give batch sizes" in capsys.readouterr().err
+    path.write_text("[16, 32]")
+    with pytest.raises(SystemExit):
+        parse_args(BASE + ["--config", str(path)])
+    assert "a JSON list, not an object of knobs" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "runs")
