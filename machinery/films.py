@@ -33,14 +33,18 @@ from machinery.datasets import Problems
 from machinery.shortcuts import WHOLE
 
 CROP_MARGIN = 1.5  # --resize crop: films up to 1.5:1 keep full detail (see stored_size)
-CACHE_VERSION = 5  # bump when decoding changes, so old caches are not reused
+CACHE_VERSION = 6  # bump when decoding changes, so old caches are not reused (6: NaN refused)
 
 
 def to_gray(img):
-    """Any PIL image -> 8-bit grayscale ('L'). Radiographs carry one channel of information."""
+    """Any PIL image -> 8-bit grayscale ('L'). Radiographs carry one channel of information.
+    A ValueError for NaN or infinite pixels (decode() and the API say it as the film's error)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit (often 12 bits used) or float: stretch the used range onto 0..255
         a = np.asarray(img, dtype=np.float32)
+        bad = int(np.count_nonzero(~np.isfinite(a)))
+        if bad:  # NaN would blank the stretch: a black film, and a confident answer for it
+            raise ValueError(f"{bad} of its {a.size} pixels are NaN or infinite: not a film")
         lo, hi = float(a.min()), float(a.max())
         a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
         return Image.fromarray(a.round().astype(np.uint8))

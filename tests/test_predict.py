@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from machinery import phantom
+from machinery import films, phantom
 import predict
 from model import build_model
 
@@ -139,3 +139,27 @@ def test_heat_maps_of_same_named_files_and_of_a_chosen_class(checkpoint, tmp_pat
         predict.main([str(checkpoint), str(tmp_path / "in"), "--out", str(tmp_path / "q.csv"),
                       "--cam", str(cams), "--cam-class", "flu"])
     assert not (tmp_path / "q.csv").exists()  # refused before any work
+
+
+def test_films_with_nan_or_infinite_pixels_are_no_films(checkpoint, tmp_path, capsys):
+    """A NaN blanked the range stretch: a black film, and confident probabilities for it. Now
+    the API raises a FilmError, predict.py skips the file by name, and training's data check
+    (decode) lists it, as it lists an unreadable file."""
+    clf = predict.Classifier.load(str(checkpoint), device="cpu")
+    one = np.random.default_rng(0).random((60, 50)).astype(np.float32)
+    one[3, 4] = np.nan
+    for film, n in [(one, 1), (np.full((60, 50), np.nan), 3000),
+                    (torch.full((1, 60, 50), float("inf")), 3000)]:
+        with pytest.raises(predict.FilmError, match=f"{n} of its 3000 pixels are NaN or "
+                                                     "infinite"):
+            clf.predict(film)
+    assert clf.predict(np.nan_to_num(one)).keys() == set(phantom.CLASSES)  # the rest is a film
+    Image.fromarray(one).save(tmp_path / "nan.tif")  # a float TIFF
+    Image.fromarray((np.nan_to_num(one) * 255).astype(np.uint8)).save(tmp_path / "ok.png")
+    files, _, skipped = predict.main([str(checkpoint), str(tmp_path / "nan.tif"),
+                                      str(tmp_path / "ok.png"), "--out", str(tmp_path / "p.csv")])
+    assert [os.path.basename(f) for f in files] == ["ok.png"]
+    assert [(os.path.basename(f), "NaN or infinite" in why) for f, why in skipped] == [
+        ("nan.tif", True)]
+    assert "skipped" in capsys.readouterr().out
+    assert "1 of its 3000 pixels are NaN" in films.decode(str(tmp_path / "nan.tif"), [32])

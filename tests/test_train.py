@@ -202,6 +202,9 @@ def test_bad_data_stops_before_training_with_one_message(tmp_path):
     from test_datasets import make_covidx
     make_covidx(tmp_path / "d")
     (tmp_path / "d" / "test" / "test2.png").write_bytes(b"not a png")  # found by decoding
+    nan = np.ones((40, 40), np.float32)
+    nan[0, 0] = np.nan  # a float film with a NaN pixel: found by decoding, named as why
+    Image.fromarray(nan).save(tmp_path / "d" / "test" / "test3.png", format="TIFF")
     os.remove(tmp_path / "d" / "train" / "train4.png")  # found by reading the split file
     with open(tmp_path / "d" / "train.txt", "a") as f:
         f.write("p9 train9.png\n")
@@ -211,9 +214,10 @@ def test_bad_data_stops_before_training_with_one_message(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     msg = r.stderr.split("error: the data set is not usable:\n")[1]
     assert [line.split(" (")[0] for line in msg.splitlines() if line[2] != " "] == [
-        "  1 malformed lines", "  1 listed images are missing", "  1 images could not be read"]
+        "  1 malformed lines", "  1 listed images are missing", "  2 images could not be read"]
     assert "train.txt line 7: 'p9 train9.png'" in msg and "train4.png" in msg
     assert "test2.png (UnidentifiedImageError" in msg
+    assert "test3.png (ValueError: 1 of its 1600 pixels are NaN or infinite: not a film)" in msg
     assert r.stdout.startswith("config:") and len(r.stdout.splitlines()) == 1  # nothing began
     assert not os.path.exists(tmp_path / "runs")
 
