@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from data import MEAN, STD
 from machinery.checkpoint import CheckpointError, load_checkpoint, run_dir_of
 from machinery.config import Help
-from machinery.datasets import run_cli
+from machinery.datasets import DataError, run_cli
 from machinery.modelcard import model_card, write_model_card
 from machinery.shortcuts import NOT_A_CLASSIFIER, Hidden
 
@@ -119,7 +119,14 @@ def make_parser():
 
 def main(argv=None):
     a = make_parser().parse_args(argv)
-    paths = export(a.checkpoint, a.out or os.path.join(run_dir_of(a.checkpoint) or ".", "export"))
+    out = a.out or os.path.join(run_dir_of(a.checkpoint) or ".", "export")
+    try:
+        paths = export(a.checkpoint, out)
+    except OSError as e:  # not a folder, no permission, a full disk: one line, not a traceback
+        if not os.path.abspath(str(e.filename or "")).startswith(os.path.abspath(out)):
+            raise
+        raise DataError(f"--out {out}: cannot write there ({e.strerror or e}); choose another "
+                        "--out") from e
     print("wrote " + ", ".join(paths) + "\nuse: probs = torch.jit.load(model.ts)(film), "
           "film a grayscale tensor (H, W) of any size")
     return paths

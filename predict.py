@@ -27,6 +27,7 @@ them into a message and exit status 1.
 import argparse
 import csv
 import os
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -134,6 +135,9 @@ class Classifier:
         if isinstance(r, str):
             raise FilmError(f"{name}: not a readable film ({r})", why=f"({r})")
         (w, h), (pixels,) = r
+        if pixels.min() == pixels.max():  # answered all the same, as for any other input
+            warnings.warn(f"{name}: no contrast at all (every pixel {pixels.flat[0]}): not a "
+                          "film? Its probabilities say nothing about one")
         return pixels, h / w
 
     def probabilities_of(self, pixels, hw, batch_size=64):

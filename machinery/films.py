@@ -250,6 +250,7 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
                 if t and os.path.exists(t):
                     os.remove(t)
     warn_small(items.paths, dims, max(sizes))
+    warn_blank(items.paths, out[sizes[0]])
     dims = torch.from_numpy(dims).float()
     return Films(out, dims[:, 1] / dims[:, 0])
 
@@ -340,6 +341,16 @@ def process_pool(workers=None):
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(preload)
     return ProcessPoolExecutor(workers, mp_context=ctx)
+
+
+def warn_blank(paths, images):
+    """Say which films have no contrast at all (every pixel alike): a blank page or a failed
+    export, which trains and tests as if it were a film. images: uint8 (N, 1, T, T)."""
+    flat = np.asarray(images).reshape(len(images), -1)
+    blank = [p for p, lo, hi in zip(paths, flat.min(1), flat.max(1)) if lo == hi]
+    if blank:
+        print(f"warning: {len(blank)} of {len(paths)} images have no contrast at all (every "
+              f"pixel alike: not a film?), e.g. {', '.join(blank[:3])}")
 
 
 def warn_small(paths, dims, size):

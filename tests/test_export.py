@@ -76,3 +76,11 @@ def test_the_export_matches_the_checkpoint_and_takes_any_size(tmp_path, resize):
     missing, unexpected = r.load_state_dict(torch.load(body_path), strict=False)
     assert missing == ["fc.weight", "fc.bias"] and unexpected == []
     assert torch.equal(r.layer4[1].conv2.weight, clf.model.body[7][1].conv2.weight.cpu())
+
+
+def test_an_export_where_nothing_can_be_written_is_one_line(tmp_path):
+    ck = write_checkpoint(tmp_path / "run", "squish")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(export.DataError, match=r"--out .*a-file.*: cannot write there \(.*\); "
+                       "choose another --out"):
+        export.main([str(ck), "--out", str(tmp_path / "a-file" / "export")])

@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from machinery import films, phantom
+from machinery import datasets, films, phantom
 import predict
 from model import build_model
+from test_datasets import make_covidx
 
 
 @pytest.fixture
@@ -163,3 +164,15 @@ def test_films_with_nan_or_infinite_pixels_are_no_films(checkpoint, tmp_path, ca
         ("nan.tif", True)]
     assert "skipped" in capsys.readouterr().out
     assert "1 of its 3000 pixels are NaN" in films.decode(str(tmp_path / "nan.tif"), [32])
+
+
+def test_a_film_with_no_contrast_is_said(checkpoint, tmp_path, capsys):
+    clf = predict.Classifier.load(str(checkpoint), device="cpu")
+    with pytest.warns(UserWarning, match="a ndarray: no contrast at all .*not a film"):
+        clf.predict(np.full((60, 50), 7, np.uint8))
+    make_covidx(tmp_path / "d")  # training's films: one blank among them
+    Image.new("L", (40, 40), 128).save(tmp_path / "d" / "train" / "train2.png")
+    _, splits = datasets.load_dataset(str(tmp_path / "d"))
+    films.load_pixels(splits["train"], [16])
+    assert "1 of 6 images have no contrast at all (every pixel alike: not a film?), e.g. " in \
+        capsys.readouterr().out
