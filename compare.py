@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+from collections import Counter
 
 from machinery import config
 from machinery.config import Config, Help
@@ -140,9 +141,7 @@ def check_same_test_set(runs):
 def chance(truth):
     """What a model that learned nothing scores on this test set: always its largest class.
     truth: {image: label}."""
-    counts = {}
-    for label in truth.values():
-        counts[label] = counts.get(label, 0) + 1
+    counts = Counter(truth.values())
     largest = max(sorted(counts), key=counts.get)
     return {"always": largest, "accuracy": counts[largest] / len(truth),
             "balanced_accuracy": 1 / len(counts)}
