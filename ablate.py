@@ -29,6 +29,7 @@ import time
 from tqdm import tqdm
 
 import compare
+from machinery import runlock
 from machinery.config import Help, make_stages, parse_args
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -215,7 +216,9 @@ def main(argv=None):
                          ", ".join(f"{key} {old!r} there, {new!r} now" for key, (old, new)
                                    in list(v.items())[:3]) + "); choose another --out")
     log_dir = os.path.join(out, "logs")
+    runlock.refuse_if_held(out, "--out")  # another ablate.py writes there: before any work
     os.makedirs(log_dir, exist_ok=True)
+    runlock.hold(out, "--out")  # this ablation's runs, logs and tables: this process's alone
     print(f"{len(runs)} runs ({len(names)} variants x {len(runs) // len(names)} seeds) in "
           f"{out}")
     results = []

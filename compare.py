@@ -23,8 +23,9 @@ import os
 import random
 from collections import Counter
 
-from machinery import config
+from machinery import config, runlock
 from machinery.config import Config, Help
+from machinery.datasets import DataError
 from machinery.plots import dot_plot
 
 IGNORED = config.BOOKKEEPING  # not what sets a group apart
@@ -102,6 +103,10 @@ def load_run(path):
     """One finished run folder: its config, test metrics and per-image predictions."""
     if os.path.isfile(os.path.join(path, "lrfind.json")):
         raise CompareError(f"{path}: an LR finder's folder (lrfind.py), not a training run")
+    try:
+        runlock.check_not_written(path)
+    except DataError as e:  # a run still training
+        raise CompareError(str(e)) from e
     need = ["config.json", "test_metrics.json", "test_predictions.csv"]
     missing = [f for f in need if not os.path.isfile(os.path.join(path, f))]
     if missing:

@@ -30,7 +30,7 @@ from machinery.plots import confusion_plot
 from machinery.report import roc_plot, write_predictions
 from machinery.shortcuts import WHOLE
 from model import class_logits
-from predict import add_hide_flags, load_for
+from predict import add_model_flags, load_for
 
 
 def map_classes(data_classes, model_classes, class_map=""):
@@ -103,7 +103,7 @@ def make_parser():
                    help="the test split: these sources' films, of both split files, as train.py "
                    "--test-sources (default: the run's, with the run's --data; none otherwise)")
     p.add_argument("--size", type=int, default=0, help="image size (default: the model's)")
-    add_hide_flags(p)
+    add_model_flags(p)
     p.add_argument("--tta", default="0", help="test-time augmentation: v1 (fastai v1's TTA: "
                    "0.4 plain + 0.6 mean of 8 corner views), or k: the mean of the plain pass "
                    "and k augmented ones (default: 0, none)")
@@ -162,11 +162,16 @@ def main(argv=None):
                                                  a.subtypes, phantoms, phantom_seed, True, True,
                                                  problems, test_sources)
     to_model = map_classes(data_classes, classes, a.class_map)
-    items = splits[a.split]
-    labels = [to_model[y] for y in items.labels]
-    decoded = films.load_pixels(items, [size], a.cache_dir or None, cfg["resize"],
-                                problems=problems, hidden=clf.hidden)
     problems.check()
+    items, skipped = splits[a.split], []  # films that cannot be read: named and left out
+    decoded = films.load_pixels(items, [size], a.cache_dir or None, cfg["resize"],
+                                hidden=clf.hidden, skipped=skipped)
+    if skipped:
+        items = items.subset(sorted(set(range(len(items))) - {i for i, _, _ in skipped}))
+        print(f"skipped {len(skipped)} film(s) that could not be read, left out of every "
+              "metric (all in metrics.json):\n" + "".join(f"  {path} ({why})\n"
+                                                         for _, path, why in skipped[:20]))
+    labels = [to_model[y] for y in items.labels]
     images = HostImages(decoded, size, dev) if on_host(
         decoded.nbytes(size), dev, a.data_on, what=f"of the {a.split} split at {size} px") \
         else decoded.to(size, dev)
@@ -177,7 +182,9 @@ def main(argv=None):
     preds = probs.argmax(1).tolist()
     m = classification_metrics(labels, preds, classes, items.sources, probs.tolist())
     m.update(checkpoint=a.checkpoint, data=a.data, split=a.split, size=size, tta=a.tta,
-             hide=clf.hidden.what, hide_box=clf.hidden.box, test_sources=test_sources)
+             hide=clf.hidden.what, hide_box=clf.hidden.box, test_sources=test_sources,
+             skipped=[{"path": path, "why": why} for _, path, why in skipped],
+             unfinished=clf.unfinished)
 
     run_dir = run_dir_of(a.checkpoint)
     name = os.path.basename(os.path.normpath(a.data))
@@ -192,6 +199,9 @@ def main(argv=None):
     table = format_metrics(m)
     said = "".join(f"{line}\n\n" for line in [
         f"**Evaluated on {clf.hidden.note()}: a shortcut test.**" if clf.hidden else "",
+        f"**The weights of an unfinished run: {clf.unfinished}.**" if clf.unfinished else "",
+        f"{len(skipped)} film(s) could not be read and are left out: " + ", ".join(
+            f"{path} ({why})" for _, path, why in skipped[:10]) + "." if skipped else "",
         f"Test split: the films of the sources {test_sources} (--test-sources)."
         if test_sources and a.split == "test" else ""] if line)
     with open(os.path.join(out, "metrics.md"), "w") as f:

@@ -80,10 +80,10 @@ def body_state_dict(model):
             for k, v in model.state_dict().items() if k.startswith("body.")}
 
 
-def export(checkpoint, out):
+def export(checkpoint, out, allow_unfinished=False):
     """Write out/model.ts, out/classes.json, out/body.pth and out/MODEL_CARD.md; return their
-    paths."""
-    model, ck = load_checkpoint(checkpoint)
+    paths. An unfinished run's last.pt is refused unless allow_unfinished (its card says so)."""
+    model, ck = load_checkpoint(checkpoint, allow_unfinished)
     trained = ck.get("config", {})
     if Hidden.of(trained):  # model.ts would see whole films: other scores
         raise CheckpointError(f"{checkpoint} was trained on {Hidden.of(trained).note()}: "
@@ -101,11 +101,11 @@ def export(checkpoint, out):
     torch.save(body_state_dict(model), paths[2])
     run_dir = run_dir_of(checkpoint)
     if os.path.isfile(os.path.join(run_dir, "config.json")):  # the run's card, metrics and all
-        paths.append(write_model_card(run_dir, out))
+        paths.append(write_model_card(run_dir, out, size, ck["weights"]))
     else:  # a checkpoint alone: what it knows
         paths.append(os.path.join(out, "MODEL_CARD.md"))
         with open(paths[-1], "w") as f:
-            f.write(model_card(ck["config"], ck["classes"], size))
+            f.write(model_card(ck["config"], ck["classes"], size, weights=ck["weights"]))
     return paths
 
 
@@ -114,6 +114,9 @@ def make_parser():
     p.add_argument("checkpoint", help="a run folder or a .pt checkpoint")
     p.add_argument("--out", default="", metavar="DIR",
                    help="folder to write (default: the run folder's export/)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="export the weights of an unfinished run (its last.pt) all the same; "
+                   "the card says so")
     return p
 
 
@@ -121,7 +124,7 @@ def main(argv=None):
     a = make_parser().parse_args(argv)
     out = a.out or os.path.join(run_dir_of(a.checkpoint) or ".", "export")
     try:
-        paths = export(a.checkpoint, out)
+        paths = export(a.checkpoint, out, a.allow_unfinished)
     except OSError as e:  # not a folder, no permission, a full disk: one line, not a traceback
         if not os.path.abspath(str(e.filename or "")).startswith(os.path.abspath(out)):
             raise

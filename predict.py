@@ -93,19 +93,20 @@ class Classifier:
         self.classes, self.size, self.crop = list(classes), size, crop
         self.hidden = hidden
         self.device, self.amp, self.channels_last = device, amp, channels_last
-        self.config = {}
+        self.config, self.unfinished = {}, ""  # how it was trained; where an unfinished run stopped
         # every film stored at the crop margin: its result never depends on the others'
         self.store = stored_size(size, "crop" if crop else "squish", CROP_MARGIN)
 
     @classmethod
     def load(cls, path, device="auto", precision="auto", channels_last="auto", size=0,
-             hide="", hide_box=0.0):
-        """A run folder or checkpoint -> Classifier (CheckpointError if it is not one).
+             hide="", hide_box=0.0, allow_unfinished=False):
+        """A run folder or checkpoint -> Classifier (CheckpointError if it is not one, or if
+        it is an unfinished run's last.pt, unless allow_unfinished).
 
         hide: none | lungs | outside, and hide_box, as train.py's --hide (default: as the
         model was trained: a shortcut test's films hidden as it hid them). `hide="lungs"` on
         a model trained on whole films tells what it makes of films without their lungs."""
-        model, ck = load_checkpoint(path)
+        model, ck = load_checkpoint(path, allow_unfinished)
         trained = ck.get("config", {})  # how it was trained (evaluate.py's augmentation)
         crop = trained.get("resize", "squish") == "crop"
         hidden = Hidden.of(trained)  # a ValueError for a hide or box it does not know:
@@ -117,7 +118,7 @@ class Classifier:
         clf = cls(model, ck["classes"], size or ck.get("size") or 224, crop, dev,
                   devices.precision(dev, precision), devices.channels_last(dev, channels_last),
                   hidden)
-        clf.config = trained
+        clf.config, clf.unfinished = trained, ck.get("unfinished", "")
         return clf
 
     def prepare(self, film, name=None):
@@ -228,9 +229,11 @@ def cam_names(files, folder):
                          + "_cam.png") for f in files]
 
 
-def add_hide_flags(p):
-    """--hide and --hide-box of predict.py and evaluate.py: train.py's, the model's own by
-    default."""
+def add_model_flags(p):
+    """How predict.py and evaluate.py take the model: --hide and --hide-box (train.py's, the
+    model's own by default), and --allow-unfinished."""
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="take the weights of an unfinished run (its last.pt) all the same")
     p.add_argument("--hide", default="", choices=["", *HIDE], metavar="{" + ",".join(HIDE) + "}",
                    help="a shortcut test: lungs (each film's central box blacked out) | outside "
                    "(all but it) | none (default: as the model was trained; --hide lungs on a "
@@ -244,7 +247,7 @@ def load_for(p, a):
     """The Classifier of a script's flags (checkpoint, device, precision, ..., --hide)."""
     try:
         return Classifier.load(a.checkpoint, a.device, a.precision, a.channels_last, a.size,
-                               a.hide, a.hide_box)
+                               a.hide, a.hide_box, a.allow_unfinished)
     except DataError:  # a bad checkpoint: said by run_cli
         raise
     except ValueError as e:  # --hide and --hide-box that do not go together
@@ -263,7 +266,7 @@ def make_parser():
     p.add_argument("--cam-class", default="", metavar="CLASS",
                    help="the class the heat maps explain (default: each film's top class)")
     p.add_argument("--size", type=int, default=0, help="image size (default: the model's)")
-    add_hide_flags(p)
+    add_model_flags(p)
     p.add_argument("--batch-size", type=int, default=64, help="films per batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", choices=devices.PRECISIONS,

@@ -10,7 +10,9 @@ confusion_matrix.png, roc.png and report.md.
 import argparse
 import os
 
+from machinery import runlock
 from machinery.config import Help
+from machinery.datasets import run_cli
 from machinery.report import write_report
 
 
@@ -29,10 +31,11 @@ def main(argv=None):
     if need:
         p.error(f"{a.run}: not a finished run folder (no {', '.join(need)}); train.py writes "
                 "them at the end of a run")
+    runlock.check_not_written(a.run)  # a run being trained: its files are not whole
     path = write_report(a.run)
     print(path)
     return path
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torchvision
 
-from machinery import ddp
+from machinery import ddp, runlock
 from machinery.config import Config
 from machinery.datasets import DataError
 from model import COVIDResNet, load_weights
@@ -250,6 +250,7 @@ def drop_last(run_dir):
 
 def resume_from(cfg):
     """(config, saved state) to continue the run folder cfg.resume from its last.pt."""
+    runlock.refuse_if_held(cfg.resume, None)  # still training: before reading anything
     path = os.path.join(cfg.resume, "last.pt")
     if not os.path.isfile(path):
         if os.path.isfile(os.path.join(cfg.resume, "test_metrics.json")):
@@ -309,14 +310,19 @@ def run_dir_of(path):
     return path if os.path.isdir(path) else os.path.dirname(path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, allow_unfinished=False):
     """One of our checkpoints -> (model, checkpoint dict), with a clear error for anything else.
 
     path may be a run folder (its model.pt is taken). Loads with weights_only=True: tensors,
-    numbers and strings only, so a checkpoint from elsewhere cannot run code.
+    numbers and strings only, so a checkpoint from elsewhere cannot run code. A run still being
+    written is refused, and so are the weights of an unfinished run (last.pt, or a folder with
+    no model.pt yet) unless allow_unfinished: then ck["unfinished"] says where it stopped.
     """
+    runlock.check_not_written(path)
     if os.path.isdir(path):
-        path = os.path.join(path, "model.pt")
+        last, path = os.path.join(path, "last.pt"), os.path.join(path, "model.pt")
+        if not os.path.isfile(path) and os.path.isfile(last):  # an unfinished run (below)
+            path = last
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint (give a run folder or a .pt file)")
     try:
@@ -327,7 +333,42 @@ def load_checkpoint(path):
     if not (isinstance(ck, dict) and {"model", "classes", "config"} <= set(ck)):
         raise CheckpointError(f"{path}: not a COVID-ResNet checkpoint (it needs model, classes and "
                          f"config entries; train.py writes them)")
+    if {"opt", "history"} <= set(ck):  # a last.pt: training's state after some epoch
+        if "size" not in ck:  # last.pt before 2026-12-05: its stage's (0-based) size
+            ck["size"] = int(str(ck["config"]["stages"]).split(",")[ck["stage"]])
+        ck["unfinished"] = stopped_at(ck)
+        if not allow_unfinished:
+            raise CheckpointError(f"{path}: the weights of an unfinished run, "
+                                  f"{ck['unfinished']}: not a finished model. "
+                                  + FINISH.format(run=run_dir_of(path) or "."))
+    ck["weights"] = which_weights(ck)
     model = COVIDResNet(getattr(torchvision.models, ck["config"]["arch"])(weights=None),
                         len(ck["classes"]))
     load_weights(model, ck["model"], path, ck["config"]["arch"])
     return model, ck
+
+
+def which_weights(ck):
+    """What a checkpoint's weights are when they are not its run's final model (model.pt), in
+    words for a model card; "" when they are."""
+    if ck.get("unfinished"):  # last.pt
+        return f"the weights of an unfinished run, {ck['unfinished']}"
+    if "val_loss" in ck:  # best.pt (--save-best)
+        return (f"the weights of the lowest validation loss ({ck['val_loss']:.4f}, after epoch "
+                f"{ck.get('epoch', '?')}), not the run's final model")
+    if "stage" in ck:  # stageN_SIZE.pt
+        return (f"the weights at the end of stage {ck['stage']} ({ck.get('size', '?')} px), "
+                "not the run's final model")
+    return ""
+
+
+FINISH = ("Finish it with python train.py --resume {run}, or take these weights anyway with "
+          "--allow-unfinished (allow_unfinished=True from Python; the card says so)")
+
+
+def stopped_at(ck):
+    """Where a last.pt's run stopped, in words."""
+    phase = {"frozen": "head-only", "unfrozen": "all-layers"}.get(ck.get("phase_name"), "?")
+    return (f"stopped after epoch {ck.get('epoch', '?')} of {ck.get('phase_epochs', '?')} of "
+            f"stage {ck.get('stage', 0) + 1}'s {phase} phase ({len(ck['history'])} epoch(s) "
+            f"trained in all, at {ck['size']} px)")

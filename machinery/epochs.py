@@ -163,7 +163,7 @@ def checkpoint_epoch(run, phase, epoch, lrs):
     (its dropout's), so that a resume under torchrun goes on as each rank would have."""
     t0 = time.time()
     run.timings["elapsed"] = t0 - run.started  # this run's time so far, resumes included
-    extra = dict(stage=phase.stage, phase_name=phase.name, epoch=epoch + 1,
+    extra = dict(stage=phase.stage, size=phase.size, phase_name=phase.name, epoch=epoch + 1,
                  phase_epochs=phase.epochs, lrs=lrs, history=run.history,
                  timings=run.timings, ranks=ddp.world())
     if ddp.world() > 1:

@@ -168,7 +168,7 @@ class Films:
 
 
 def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, problems=None,
-                hidden=WHOLE):
+                hidden=WHOLE, skipped=None):
     """Films of `items` at every stage size, each file decoded once (mode: --resize; hidden:
     --hide's shortcuts.Hidden, its box blacked out as each film is decoded).
 
@@ -176,7 +176,9 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
     the mode and the size: a second run reads the cache and decodes nothing. Unreadable images
     raise a DataError or, given a Problems list, are added to it; None is then returned
     whenever the list is not empty (if it already was, the images are only checked, at a tiny
-    size). Images smaller than a size are upscaled to it, with a warning.
+    size). Images smaller than a size are upscaled to it, with a warning. Given a `skipped`
+    list instead (evaluate.py), they are left out: (index in items, path, why) appended to it
+    for each, the films returned are the others', and nothing is cached.
     """
     sizes = sorted(set(sizes))
     if items.pixels is not None:  # phantoms: square films, resized on the CPU
@@ -217,15 +219,18 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
             with decode_all(items.paths, store, workers, hidden) as results:
                 for i, (path, r) in enumerate(tqdm(zip(items.paths, results), **bar)):
                     if isinstance(r, str):
-                        bad.append(f"{path} ({r})")
+                        bad.append((i, path, r))
                         continue
                     dims[i] = r[0]
                     for k, s in enumerate(todo):
                         arrays[s][i, 0] = r[1][k]
             found = Problems()
-            found.add("images could not be read", bad,
+            found.add("images could not be read", [f"{p} ({why})" for _, p, why in bad],
                       " (replace them, or remove them from the split file)")
-            if problems is None:
+            if skipped is not None and bad:  # left out by the caller; cached, they would not be
+                skipped += bad
+                key = None
+            elif problems is None:
                 found.check()
             elif problems or found:
                 problems += found
@@ -237,8 +242,8 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
                     write_checksum(tmp[s], cached[s])
                     os.replace(tmp[s], cached[s])
                     out[s] = np.load(cached[s], mmap_mode="r")
-                else:
-                    out[s] = arrays[s]
+                else:  # in memory (a copy, where it was the cache's temporary file)
+                    out[s] = np.array(arrays[s]) if tmp[s] else arrays[s]
             if key:
                 with open(f"{cached['dims']}.{os.getpid()}.tmp", "wb") as f:
                     np.save(f, dims)
@@ -249,8 +254,13 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
             for t in tmp.values():
                 if t and os.path.exists(t):
                     os.remove(t)
-    warn_small(items.paths, dims, max(sizes))
-    warn_blank(items.paths, out[sizes[0]])
+    paths, first = items.paths, out[sizes[0]]
+    if skipped:  # the films read, alone
+        keep = np.setdiff1d(np.arange(len(items)), [i for i, _, _ in skipped])
+        paths, first, dims = [paths[i] for i in keep], first[keep], dims[keep]
+        out = {s: a[keep] for s, a in out.items()}
+    warn_small(paths, dims, max(sizes))
+    warn_blank(paths, first)
     dims = torch.from_numpy(dims).float()
     return Films(out, dims[:, 1] / dims[:, 0])
 

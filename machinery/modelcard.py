@@ -36,20 +36,24 @@ def deviations(config):
             if k in paper and k not in BOOKKEEPING and paper[k] != v}
 
 
-def model_card(config, classes, size, metrics=None, leaks=None):
+def model_card(config, classes, size, metrics=None, leaks=None, weights=""):
     """MODEL_CARD.md's text from a run's config.json, classes, input size, test_metrics.json
-    and leaks.json (the last two may be None: an export of a bare checkpoint)."""
+    and leaks.json (the last two may be None: an export of a bare checkpoint); weights: what
+    the weights are when not the run's final model (checkpoint.which_weights)."""
     commit = config.get("git_commit") or "unknown"
     dirty = {True: " with uncommitted changes (dirty)", False: " (clean)"}.get(
         config.get("git_dirty"), "")
     crop = config.get("resize", "squish") == "crop"
     hidden = Hidden.of(config)
-    shortcut = [] if not hidden else [
+    opening = [] if not hidden else [
         f"**Trained on {hidden.note()}: {NOT_A_CLASSIFIER}.** Its test metrics say how much of "
         "a score the films of this data set carry " + ("outside the lungs" if hidden.what ==
                                                       "lungs" else "in the central box alone")
         + ", not how well a model reads a chest film (ablate.py --preset shortcut).", ""]
-    lines = [f"# Model card: COVID-ResNet, {config.get('arch', '?')}", "", *shortcut,
+    if weights:
+        opening = [f"**Not the finished model: {weights}.** No test metrics belong to these "
+                   "weights; evaluate.py measures them.", "", *opening]
+    lines = [f"# Model card: COVID-ResNet, {config.get('arch', '?')}", "", *opening,
              "## Intended use", "", INTENDED_USE, "", "## The model", "",
              f"- Classes, in output order: {', '.join(classes)}.",
              f"- Input: one grayscale film, resized to {size} x {size} px "
@@ -103,8 +107,9 @@ def model_card(config, classes, size, metrics=None, leaks=None):
     return "\n".join(lines)
 
 
-def write_model_card(run_dir, out=None):
-    """MODEL_CARD.md from a run folder's files, into `out` (default: the run folder)."""
+def write_model_card(run_dir, out=None, size=None, weights=""):
+    """MODEL_CARD.md from a run folder's files, into `out` (default: the run folder); size and
+    weights: those of another checkpoint than model.pt (export.py, checkpoint.which_weights)."""
     def read(name):
         path = os.path.join(run_dir, name)
         if not os.path.isfile(path):
@@ -113,8 +118,10 @@ def write_model_card(run_dir, out=None):
             return json.load(f)
     config, metrics = read("config.json"), read("test_metrics.json")
     classes = read("classes.json") or (metrics or {}).get("classes", [])
-    size = (metrics or {}).get("size") or int(str(config["stages"]).split(",")[-1])
+    if weights:  # the test metrics, if any, are the finished model's
+        metrics = None
+    size = size or (metrics or {}).get("size") or int(str(config["stages"]).split(",")[-1])
     path = os.path.join(out or run_dir, "MODEL_CARD.md")
     with open(path, "w") as f:
-        f.write(model_card(config, classes, size, metrics, read("leaks.json")))
+        f.write(model_card(config, classes, size, metrics, read("leaks.json"), weights))
     return path

@@ -11,6 +11,7 @@ import csv
 import json
 import os
 
+from machinery import runlock
 from machinery.audit import sources_md
 from machinery.metrics import format_metrics, roc_curve
 from machinery.modelcard import write_model_card
@@ -218,10 +219,12 @@ def write_report(run_dir):
 
 
 def write_outputs(run, m, probs):
-    """The test split's metrics, predictions, the run's report.md and MODEL_CARD.md (rank 0)."""
+    """The test split's metrics, predictions, the run's report.md and MODEL_CARD.md (rank 0);
+    then the run folder is whole, and its lock goes (runlock)."""
     with open(os.path.join(run.dir, "test_metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
     write_predictions(os.path.join(run.dir, "test_predictions.csv"), run.items["test"],
                       run.items["test"].labels, probs.tolist(), run.classes)
     write_report(run.dir)
     write_model_card(run.dir)
+    runlock.release(run.dir)

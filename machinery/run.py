@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from machinery import audit, datasets, ddp, devices, films
+from machinery import audit, datasets, ddp, devices, films, runlock
 from machinery.checkpoint import Checkpointer, check_writable
 from machinery.config import Config, make_stages
 from machinery.shortcuts import NOT_A_CLASSIFIER, Hidden
@@ -195,9 +195,16 @@ def write_run_folder(cfg, run_dir, classes, dev, need_bytes, leaks=None, arithme
     --overwrite, write config.json (with the torch, device and arithmetic that ran),
     classes.json and leaks.json (test films duplicated in training, audit.leaks)."""
     check_writable(run_dir, need_bytes)
+    runlock.hold(run_dir)  # this process's alone until the run is whole (or the process ends)
+    if not cfg.resume:
+        refuse_run_there(cfg, run_dir)  # made by another process since run_folder() looked
     if cfg.overwrite and not cfg.resume and os.path.isfile(os.path.join(run_dir, "config.json")):
-        shutil.rmtree(run_dir)  # a run folder (config.json), and only now
-        os.makedirs(run_dir)
+        for entry in os.listdir(run_dir):  # a run folder (config.json), and only now
+            path = os.path.join(run_dir, entry)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif entry != runlock.LOCK:
+                os.remove(path)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump({**dataclasses.asdict(cfg), "git_commit": git_commit(), "git_dirty": git_dirty(),
                    "torch": torch.__version__, "device": str(dev), "arithmetic": arithmetic,
@@ -215,11 +222,17 @@ def run_folder(cfg):
     name = cfg.name or time.strftime("%Y%m%d-%H%M%S-") + os.path.basename(
         os.path.normpath(cfg.data))
     run_dir = os.path.join(cfg.runs, name)
+    runlock.refuse_if_held(run_dir)  # another process trains there: stop before any work
+    refuse_run_there(cfg, run_dir)
+    return run_dir
+
+
+def refuse_run_there(cfg, run_dir):
+    """A folder that holds a run (config.json) is this run's only to --resume or --overwrite."""
     if os.path.isfile(os.path.join(run_dir, "config.json")) and not (cfg.resume or
                                                                        cfg.overwrite):
         raise SystemExit(f"{run_dir} already holds a run; continue it with --resume "
                          f"{run_dir}, replace it with --overwrite, or choose another --name")
-    return run_dir
 
 
 def git_commit():

@@ -15,6 +15,7 @@ from machinery import datasets, phantom
 from machinery.checkpoint import CheckpointError, load_checkpoint
 from machinery.datasets import DataError
 from model import build_model
+from test_datasets import make_covidx
 
 
 @pytest.fixture
@@ -154,3 +155,30 @@ def test_evaluation_batches_are_the_runs_own_last_one_padded(checkpoint, monkeyp
     shapes.clear()
     evaluate.main(base + ["--batch-size", "32"])  # a batch size given still wins
     assert shapes == [((32, 3, 32, 32), 32), ((32, 3, 32, 32), 8)]
+
+
+def test_films_that_cannot_be_read_are_named_and_left_out(checkpoint, tmp_path, capsys):
+    """A float film with NaN pixels and a file that is no image: evaluate.py names both, leaves
+    them out of every metric, and caches nothing (they are found again next time)."""
+    make_covidx(tmp_path / "d")  # 6 test films, normal and COVID-19: classes of the model
+    nan = np.random.default_rng(0).random((30, 40)).astype(np.float32)
+    nan[3, 4] = np.nan
+    Image.fromarray(nan).save(tmp_path / "d" / "test" / "test2.tif")
+    (tmp_path / "d" / "test" / "test3.png").write_bytes(b"not a png")
+    split = (tmp_path / "d" / "test.txt").read_text().replace("test2.png", "test2.tif")
+    (tmp_path / "d" / "test.txt").write_text(split)
+    argv = [str(checkpoint.parent), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "e"),
+            "--cache-dir", str(tmp_path / "cache")]
+    m = evaluate.main(argv)
+    out = capsys.readouterr().out
+    assert m["n"] == 4 and [s["path"].rsplit(os.sep, 1)[1] for s in m["skipped"]] == [
+        "test2.tif", "test3.png"]
+    assert "NaN or infinite" in m["skipped"][0]["why"]
+    assert "skipped 2 film(s) that could not be read, left out of every metric" in out
+    assert "2 film(s) could not be read and are left out: " in (tmp_path / "e" /
+                                                                 "metrics.md").read_text()
+    rows = list(csv.DictReader(open(tmp_path / "e" / "predictions.csv")))
+    assert [r["path"].rsplit(os.sep, 1)[1] for r in rows] == [
+        "test0.png", "test1.png", "test4.png", "test5.png"]
+    assert not os.path.exists(tmp_path / "cache") or not os.listdir(tmp_path / "cache")
+    assert evaluate.main(argv)["n"] == 4  # found again, not read from a cache

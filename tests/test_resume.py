@@ -40,6 +40,7 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path):
     assert not (tmp_path / "killed" / "model.pt").exists()  # it really died before the end
     done = len(torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["history"])
     assert done >= 1  # epochs complete when it died
+    unfinished_is_refused_unless_asked(tmp_path / "killed", done)
 
     resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume",
                               str(tmp_path / "killed")], capture_output=True, text=True,
@@ -61,6 +62,33 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path):
     ma = json.load(open(tmp_path / "whole" / "test_metrics.json"))
     mb = json.load(open(tmp_path / "killed" / "test_metrics.json"))
     assert ma["confusion_matrix"] == mb["confusion_matrix"]
+
+
+def unfinished_is_refused_unless_asked(run, done):
+    """A killed run (its lock gone with its process): export.py, evaluate.py and the API refuse
+    its folder and its last.pt, saying how to finish it; --allow-unfinished exports it with the
+    size it trained at and a card that says what it is."""
+    import export
+    import predict
+    from machinery.checkpoint import CheckpointError
+    out = run.parent / "export"  # not in the run folder, which --resume goes on with
+    for path in (run, run / "last.pt"):
+        with pytest.raises(CheckpointError, match=r"unfinished run.*python train\.py --resume "
+                           rf"{run}, or take these weights anyway with --allow-unfinished"):
+            export.export(str(path), str(out))
+        with pytest.raises(CheckpointError, match="allow_unfinished=True"):
+            predict.Classifier.load(str(path))
+    assert not out.exists()
+    export.main([str(run), "--allow-unfinished", "--out", str(out)])
+    size = torch.load(run / "last.pt", weights_only=True)["size"]
+    assert size in (32, 40) and json.load(open(out / "classes.json"))["size"] == size
+    card = (out / "MODEL_CARD.md").read_text()
+    assert re.search(rf"\*\*Not the finished model: the weights of an unfinished run, stopped "
+                     rf"after epoch \d of \d of stage \d's \S+ phase \({done} epoch\(s\) "
+                     rf"trained in all, at {size} px\)\.\*\*", card), card[:600]
+    assert f"resized to {size} x {size} px" in card
+    clf = predict.Classifier.load(str(run), allow_unfinished=True)
+    assert clf.size == size and clf.unfinished.startswith("stopped after epoch")
 
 
 def test_a_checkpoint_write_that_dies_leaves_the_previous_one_whole(tmp_path, monkeypatch):
