@@ -6,6 +6,7 @@ they call what is here by name, and nothing here imports them but model.py and s
     run.py         setup(): device, data read and split, model and optimizer, run folder
     epochs.py      fit()'s books: loss on the device, divergence guard, log, last.pt
     checkpoint.py  atomic checkpoints, snapshots written in the background, resume
+    runlock.py     one writer per run folder: a lock that dies with its process
     datasets.py    COVIDx split files and ImageFolder trees, read and checked; patient split
     audit.py       duplicate films across splits, sources by class, the shortcut baseline
     covidx.py      COVIDx v1's two sources and rules (make_covidx_v1.py)

@@ -196,8 +196,7 @@ def write_run_folder(cfg, run_dir, classes, dev, need_bytes, leaks=None, arithme
     classes.json and leaks.json (test films duplicated in training, audit.leaks)."""
     check_writable(run_dir, need_bytes)
     runlock.hold(run_dir)  # this process's alone until the run is whole (or the process ends)
-    if not cfg.resume:
-        refuse_run_there(cfg, run_dir)  # made by another process since run_folder() looked
+    refuse_run_there(cfg, run_dir)  # one made by another process since run_folder() looked
     if cfg.overwrite and not cfg.resume and os.path.isfile(os.path.join(run_dir, "config.json")):
         for entry in os.listdir(run_dir):  # a run folder (config.json), and only now
             path = os.path.join(run_dir, entry)

@@ -8,12 +8,15 @@ import sys
 
 import pytest
 
+import ablate
 import compare
 import evaluate
 import export
 import predict
 import report
+import train
 from machinery import runlock
+from machinery.config import parse_args
 from machinery.datasets import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,9 +68,10 @@ def test_readers_refuse_a_folder_being_written_until_its_writer_dies(raced, tmp_
         with pytest.raises(SystemExit, match="no finished run among"):
             compare.main([str(run), "--out", str(tmp_path / "c")])
         assert f"skipped {run} {BUSY}" in capsys.readouterr().out
-        again = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume",
-                                str(run)], capture_output=True, text=True, timeout=120)
-        assert again.returncode == 1 and f"{BUSY} (-c {run}, pid {holder.pid}" in again.stderr
+        with pytest.raises(SystemExit, match=f"{BUSY} \\(-c {run}, pid {holder.pid} on "):
+            train.main(parse_args(["--resume", str(run)]))  # before it reads last.pt
+        with pytest.raises(SystemExit, match=f"{BUSY} .*or choose another --out"):
+            ablate.main([*RUN, "--variants", "paper", "--seeds", "0", "--out", str(run)])
     finally:
         holder.send_signal(signal.SIGKILL)  # no exit handler runs: the lock file stays
         holder.wait()
@@ -75,16 +79,11 @@ def test_readers_refuse_a_folder_being_written_until_its_writer_dies(raced, tmp_
     assert predict.Classifier.load(str(run)).size == 32  # the lock went with its process
 
 
-def test_a_second_ablation_into_one_folder_stops(tmp_path):
-    out = tmp_path / "abl"
-    out.mkdir()
-    runlock.hold(str(out))  # this process: ablate.py's main, as another would hold it
+def test_a_process_never_waits_for_itself(tmp_path):
+    runlock.hold(str(tmp_path))
     try:
-        assert runlock.writer(str(out)) is None  # a process never waits for itself
-        other = subprocess.run([sys.executable, os.path.join(ROOT, "ablate.py"), *RUN,
-                                "--variants", "paper", "--seeds", "0", "--out", str(out)],
-                               capture_output=True, text=True, timeout=120)
+        assert runlock.writer(str(tmp_path)) is None and (tmp_path / runlock.LOCK).exists()
+        runlock.hold(str(tmp_path))  # again: it is this process's already
     finally:
-        runlock.release(str(out))
-    assert other.returncode == 1 and f"{out} {BUSY}" in other.stderr
-    assert "choose another --out" in other.stderr and os.listdir(out) == []
+        runlock.release(str(tmp_path))
+    assert os.listdir(tmp_path) == []  # the lock file goes with the lock
