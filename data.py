@@ -120,6 +120,8 @@ _CONST = {}  # device -> constant tensors, made once (a copy to the GPU per batc
 
 
 def _const(device, name, values):
+    if torch.compiler.is_compiling():  # traced (export.py): a constant of the graph, not kept
+        return torch.tensor(values, device=device)
     if (device, name) not in _CONST:
         _CONST[device, name] = torch.tensor(values, device=device)
     return _CONST[device, name]
@@ -177,11 +179,13 @@ def film_matrix(p, hw):
 
 def pixel_centres(size, device):
     """(1, size * size, 3): each output pixel's centre (x, y, 1) in [-1, 1], made once."""
-    if (device, "centres", size) not in _CONST:
+    if (device, "centres", size) not in _CONST or torch.compiler.is_compiling():
         ax = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, device=device)
         ys, xs = torch.meshgrid(ax, ax, indexing="ij")
-        _CONST[device, "centres", size] = torch.stack([xs, ys, torch.ones_like(xs)],
-                                                      -1).view(1, size * size, 3)
+        centres = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, size * size, 3)
+        if torch.compiler.is_compiling():  # traced: a constant of the graph, not kept
+            return centres
+        _CONST[device, "centres", size] = centres
     return _CONST[device, "centres", size]
 
 

@@ -1,22 +1,23 @@
-"""Export a trained model: one self-contained file that classifies a film tensor of any size.
+"""Export a trained model: one file, in torch's own format, that classifies a film of any size.
 
-    python export.py runs/NAME       # -> runs/NAME/export/: model.ts, body.pth, MODEL_CARD.md
-    python export.py runs/NAME/model.pt --out deploy/
+    python export.py runs/NAME       # -> runs/NAME/export/: model.pt2, classes.json, body.pth,
+    python export.py runs/NAME/model.pt --out deploy/            # MODEL_CARD.md
 
-model.ts is TorchScript: `torch.jit.load("model.ts")(film)` needs torch alone, not this code
-(torch 2.14 calls TorchScript deprecated, in favour of torch.export, and still loads and runs it;
-torch.export's shapes are fixed unless declared, and a film's size is the point here).
-`film` is a grayscale tensor, (H, W) or (N, 1, H, W) of one size, of any size: uint8 is read as
-0..255; any other dtype (16-bit, float) has its used range stretched to 0..1, as training
-decoded such films. Inside: the resize of training (--resize crop: shorter side to the model's
-size and the centre square, as fastai v1 validates; squish: the whole film), ImageNet
-normalisation, the network and a softmax. Out: probabilities (N, classes), in the order of
-classes.json, written beside it with the size.
+model.pt2 is a torch.export program: it needs torch alone, not this code.
 
-The resize is torch's (bilinear, antialiased), not Pillow's as in predict.py and training's
-decoding, so probabilities differ from predict.py's by the resampling: measured in
-tests/test_export.py. body.pth is the ResNet body as a state dict that torchvision's ResNet of
-the same --arch loads (`load_state_dict(sd, strict=False)`: only its own fc is left out).
+    model = torch.export.load("model.pt2").module()
+    film = torchvision.io.read_image("film.png", torchvision.io.ImageReadMode.GRAY)
+    probs = model(film)     # (1, classes), in the order of classes.json
+
+Its input is one 8-bit grayscale film, a uint8 tensor (1, H, W) of any height and width (a
+torch.export program takes one dtype and rank: other films are refused by torch, naming what it
+expects; the API, predict.Classifier, takes any kind and converts it as its docs say). Inside,
+the very preprocessing of the API and of training's evaluation (films.square, data.view,
+data.normalize: the film squished to the stored square, its centre crop with --resize crop,
+ImageNet's normalisation), the network and a softmax: the same film gives the API's
+probabilities (tests/test_export.py: within 1e-4). body.pth is the ResNet body as a state dict
+that torchvision's ResNet of the same --arch loads (`load_state_dict(sd, strict=False)`: only
+its own fc is left out).
 """
 import argparse
 import json
@@ -24,54 +25,33 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from data import MEAN, STD
+from data import normalize, view
 from machinery.checkpoint import CheckpointError, load_checkpoint, run_dir_of
 from machinery.config import Help
 from machinery.datasets import DataError, run_cli
+from machinery.films import CROP_MARGIN, square, stored_size
 from machinery.modelcard import model_card, write_model_card
 from machinery.shortcuts import NOT_A_CLASSIFIER, Hidden
 
 # body.N of our model -> the torchvision ResNet's attribute (model.COVIDResNet's Sequential)
 BODY_NAMES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+HEIGHT, WIDTH = (torch.export.Dim(side, min=8, max=1 << 15) for side in ("height", "width"))
 
 
 class Exported(nn.Module):
-    """The trained body and head with training's evaluation preprocessing in front."""
+    """The trained model with the API's preprocessing in front (predict.Classifier: prepare,
+    then probabilities_of): a uint8 film (1, H, W) -> probabilities (1, classes)."""
 
-    def __init__(self, model, size: int, crop: bool):
+    def __init__(self, model, size, crop):
         super().__init__()
-        self.body, self.head = model.body, model.head
-        self.size, self.crop = size, crop
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
+        self.model, self.size, self.crop = model, size, crop
+        self.store = stored_size(size, "crop" if crop else "squish", CROP_MARGIN)
 
-    def forward(self, film: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.probabilities(film)
-
-    def probabilities(self, film: torch.Tensor) -> torch.Tensor:
-        x = film[None, None] if film.dim() == 2 else film  # (N, 1, H, W)
-        if x.dtype == torch.uint8:
-            x = x.float() / 255
-        else:  # 16-bit or float: the used range, stretched (films.to_gray)
-            x = x.float()
-            lo = x.amin(dim=(1, 2, 3), keepdim=True)
-            x = (x - lo) / (x.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-12)
-        h, w = x.shape[-2], x.shape[-1]
-        if self.crop:  # shorter side to the size, then the centre square
-            nh = max(self.size, int(round(h * self.size / min(h, w))))
-            nw = max(self.size, int(round(w * self.size / min(h, w))))
-            x = F.interpolate(x, size=[nh, nw], mode="bilinear", align_corners=False,
-                              antialias=True)
-            top, left = (nh - self.size) // 2, (nw - self.size) // 2
-            x = x[:, :, top:top + self.size, left:left + self.size]
-        else:
-            x = F.interpolate(x, size=[self.size, self.size], mode="bilinear",
-                              align_corners=False, antialias=True)
-        x = (x - self.mean) / self.std  # (N, 3, size, size): broadcasting makes 3 channels
-        return self.head(self.body(x).float()).softmax(1)
+    def forward(self, film):
+        x = square(film[None], self.store).float() / 255  # (1, 1, T, T), as the API stores it
+        hw = torch.ones(1) * film.shape[1] / film.shape[2] if self.crop else None
+        return self.model(normalize(view(x, self.size, hw))).softmax(1)
 
 
 def body_state_dict(model):
@@ -81,23 +61,26 @@ def body_state_dict(model):
 
 
 def export(checkpoint, out, allow_unfinished=False):
-    """Write out/model.ts, out/classes.json, out/body.pth and out/MODEL_CARD.md; return their
+    """Write out/model.pt2, out/classes.json, out/body.pth and out/MODEL_CARD.md; return their
     paths. An unfinished run's last.pt is refused unless allow_unfinished (its card says so)."""
     model, ck = load_checkpoint(checkpoint, allow_unfinished)
     trained = ck.get("config", {})
-    if Hidden.of(trained):  # model.ts would see whole films: other scores
+    if Hidden.of(trained):  # model.pt2 would see whole films: other scores
         raise CheckpointError(f"{checkpoint} was trained on {Hidden.of(trained).note()}: "
                               f"{NOT_A_CLASSIFIER}, so there is nothing to deploy "
                               "(evaluate.py measures it)")
     crop = trained.get("resize", "squish") == "crop"
     size = ck.get("size") or 224
-    scripted = torch.jit.script(Exported(model.eval(), size, crop).eval())
+    program = torch.export.export(Exported(model.eval().requires_grad_(False), size, crop),
+                                  (torch.zeros(1, 300, 250, dtype=torch.uint8),),
+                                  dynamic_shapes={"film": {1: HEIGHT, 2: WIDTH}})
     os.makedirs(out, exist_ok=True)
-    paths = [os.path.join(out, f) for f in ("model.ts", "classes.json", "body.pth")]
-    scripted.save(paths[0])
+    paths = [os.path.join(out, f) for f in ("model.pt2", "classes.json", "body.pth")]
+    torch.export.save(program, paths[0])
     with open(paths[1], "w") as f:
         json.dump({"classes": ck["classes"], "size": size, "resize": "crop" if crop else
-                   "squish", "arch": ck["config"]["arch"]}, f, indent=1)
+                   "squish", "arch": ck["config"]["arch"], "input": "uint8 (1, H, W)"}, f,
+                  indent=1)
     torch.save(body_state_dict(model), paths[2])
     run_dir = run_dir_of(checkpoint)
     if os.path.isfile(os.path.join(run_dir, "config.json")):  # the run's card, metrics and all
@@ -130,8 +113,8 @@ def main(argv=None):
             raise
         raise DataError(f"--out {out}: cannot write there ({e.strerror or e}); choose another "
                         "--out") from e
-    print("wrote " + ", ".join(paths) + "\nuse: probs = torch.jit.load(model.ts)(film), "
-          "film a grayscale tensor (H, W) of any size")
+    print("wrote " + ", ".join(paths) + "\nuse: probs = torch.export.load(model.pt2).module()"
+          "(film), film a uint8 tensor (1, H, W) of any size")
     return paths
 
 

@@ -40,7 +40,7 @@ from machinery import devices
 from machinery.checkpoint import CheckpointError, load_checkpoint
 from machinery.config import Help
 from machinery.datasets import DataError, run_cli
-from machinery.films import CROP_MARGIN, decode, squares, stored_size, to_gray
+from machinery.films import CROP_MARGIN, decode, squares, stored_size, stretch, to_gray
 from machinery.plots import jet
 from machinery.shortcuts import HIDE, WHOLE, Hidden
 from model import class_logits, gradcam
@@ -57,9 +57,10 @@ class FilmError(DataError):
 
 
 def as_image(film):
-    """A PIL image, or a numpy array or torch tensor of one film: (H, W) of any bit depth,
-    (H, W, 3|4) uint8, or (1|3, H, W) -> a PIL image (squares() makes it one-channel 8-bit:
-    16-bit and float films have their used range stretched, as training decoded them)."""
+    """A PIL image, or a numpy array or torch tensor of one film: (H, W), (H, W, 3|4) or
+    (1|3|4, H, W) -> a PIL image that squares() makes one 8-bit channel: uint8 as it is, floats
+    as intensities in [0, 1] (to_tensor's), other integers by their used range (films.to_gray;
+    colour that is not uint8: the mean of its channels)."""
     if isinstance(film, Image.Image):
         return film
     if isinstance(film, torch.Tensor):
@@ -69,14 +70,15 @@ def as_image(film):
     a = np.asarray(film)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
-    if a.ndim == 3 and a.shape[2] in (3, 4) and a.dtype != np.uint8:
-        a = a.mean(2)  # colour in floats or 16 bits: one channel, as to_gray would
-    if a.dtype == bool or a.dtype.kind == "f" or a.dtype.itemsize > 2:
-        a = a.astype(np.float32)
-    if a.ndim not in (2, 3) or min(a.shape[:2]) < 1:
+    if a.ndim not in (2, 3) or min(a.shape[:2]) < 1 or a.ndim == 3 and a.shape[2] not in (3, 4):
         raise ValueError(f"an array of shape {a.shape} is not a film (give (H, W), (H, W, 3) "
                          "or (C, H, W))")
-    return Image.fromarray(a)
+    if a.dtype == np.uint8:
+        return Image.fromarray(a)
+    integers = a.dtype.kind in "iu"
+    if a.ndim == 3:
+        a = a[..., :3].mean(2)
+    return Image.fromarray(stretch(a) if integers else a.astype(np.float32))
 
 
 class Classifier:

@@ -33,33 +33,49 @@ from machinery.datasets import Problems
 from machinery.shortcuts import WHOLE
 
 CROP_MARGIN = 1.5  # --resize crop: films up to 1.5:1 keep full detail (see stored_size)
-CACHE_VERSION = 6  # bump when decoding changes, so old caches are not reused (6: NaN refused)
+# bump when decoding changes, so old caches are not reused (7: full resolution, torch's resize)
+CACHE_VERSION = 7
 
 
 def to_gray(img):
     """Any PIL image -> 8-bit grayscale ('L'). Radiographs carry one channel of information.
-    A ValueError for NaN or infinite pixels (decode() and the API say it as the film's error)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit (often 12 bits used) or float: stretch the used range onto 0..255
+
+    Floats ('F': a float TIFF, an array of floats) are intensities in [0, 1], as torchvision's
+    to_tensor makes them: x 255, rounded. Integers wider than 8 bits (16-bit films often use
+    12) have their used range stretched onto 0..255. A ValueError for NaN or infinite pixels,
+    or floats outside [0, 1] (decode() and the API say it as the film's error)."""
+    if img.mode == "F":
         a = np.asarray(img, dtype=np.float32)
         bad = int(np.count_nonzero(~np.isfinite(a)))
-        if bad:  # NaN would blank the stretch: a black film, and a confident answer for it
+        if bad:  # NaN would blank the film: a confident answer for a black one
             raise ValueError(f"{bad} of its {a.size} pixels are NaN or infinite: not a film")
         lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        return Image.fromarray(a.round().astype(np.uint8))
+        if lo < 0 or hi > 1:
+            raise ValueError(f"float pixels from {lo:g} to {hi:g}: a float film holds "
+                             "intensities in [0, 1] (divide 8-bit values by 255, 16-bit ones by "
+                             "65535, or give the integers)")
+        return Image.fromarray(np.round(a * 255).astype(np.uint8))
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return Image.fromarray(stretch(np.asarray(img)))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")  # transparent pixels become black, not their hidden colour
         img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
     return img.convert("L")
 
 
+def stretch(a):
+    """Integers of any width -> uint8, their used range onto 0..255 (a constant film: 0)."""
+    a = np.asarray(a, dtype=np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return a.round().astype(np.uint8)
+
+
 def decode(path, sizes, hidden=WHOLE):
     """One file -> ((width, height), [uint8 array (size, size) for each size]): the whole film
     squished to each square, or the error as a string. hidden: --hide's shortcuts.Hidden."""
     try:
-        with Image.open(path) as img:
-            img.draft("L", (max(sizes), max(sizes)))  # JPEG: decode at a reduced scale
+        with Image.open(path) as img:  # at full resolution, as the API and the export see it
             return squares(img, sizes, hidden)
     except Exception as e:  # corrupt, truncated, not an image
         return f"{type(e).__name__}: {e}"
@@ -70,16 +86,21 @@ def squares(img, sizes, hidden=WHOLE):
 
     hidden (--hide): its box is blacked out on the film as decoded, before any resize, crop or
     augmentation, so that every size and view of it has the same box hidden."""
-    img = to_gray(ImageOps.exif_transpose(img))
+    a = np.asarray(to_gray(ImageOps.exif_transpose(img)))
     if hidden:
-        img = Image.fromarray(hidden.apply(np.asarray(img)))
-    dims = img.size  # a draft shrinks only films 2x the size: small ones stay true
-    # Box-average down to within 2x of the largest size first: an exact anti-aliased shrink
-    # that makes the three resizes of a 1024 px film 5x cheaper (6 -> 1.2 ms)
-    factor = min(img.size) // (2 * max(sizes))
-    if factor >= 2:
-        img = img.reduce(factor)
-    return dims, [np.asarray(img.resize((s, s), Image.Resampling.BILINEAR)) for s in sizes]
+        a = hidden.apply(a)
+    x = torch.from_numpy(np.array(a))[None, None]  # a copy: PIL's arrays are read-only
+    return (a.shape[1], a.shape[0]), [square(x, s)[0, 0].numpy() for s in sizes]
+
+
+def square(x, t):
+    """Films (N, 1, H, W) of 8-bit values (uint8, or as floats) -> uint8 (N, 1, t, t): each
+    film whole, squished to the square by an antialiased bilinear resize, rounded to 8 bits.
+
+    How every film is stored (training's cache, phantoms, the API) and what the exported model
+    does first: one definition, so that a film gets one answer wherever it is classified."""
+    x = F.interpolate(x.float(), size=(t, t), mode="bilinear", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 def film_aspect(paths):
@@ -182,10 +203,8 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
     """
     sizes = sorted(set(sizes))
     if items.pixels is not None:  # phantoms: square films, resized on the CPU
-        x = torch.from_numpy(hidden.apply(items.pixels)).unsqueeze(1).float()
-        return Films({s: F.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
-                      .round().clamp(0, 255).to(torch.uint8).numpy() for s in sizes},
-                     torch.ones(len(items)))
+        x = torch.from_numpy(hidden.apply(items.pixels)).unsqueeze(1)
+        return Films({s: square(x, s).numpy() for s in sizes}, torch.ones(len(items)))
     check_only = bool(problems)  # the data set is unusable already: find the rest quickly
     key = cache_dir and not check_only and fingerprint(items.paths, mode, hidden)
     cached = {s: key and os.path.join(cache_dir, f"{key}-{s}.npy") for s in ["dims", *sizes]}
@@ -350,7 +369,9 @@ def process_pool(workers=None):
         preload.append(os.path.basename(main)[:-3])  # train, bench, ...: its imports
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(preload)
-    return ProcessPoolExecutor(workers, mp_context=ctx)
+    # one thread each: the workers are as many as the cores already
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=torch.set_num_threads,
+                               initargs=(1,))
 
 
 def warn_blank(paths, images):
