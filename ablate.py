@@ -6,8 +6,8 @@
     python ablate.py --data PATH --preset shortcut --seeds 0,1,2   # what comes from the lungs?
 
 Every flag ablate.py does not know goes to train.py, for every run. A variant is a name and
-the train.py flags it changes (VARIANTS below; --variant NAME="--flag value ..." adds one or
-replaces a built-in); --preset names a set of them (PRESETS). Runs go to
+the train.py flags it changes (listed at the end of --help; --variant NAME="--flag value ..."
+adds one or replaces a built-in); --preset names a set of them. Runs go to
 --out/<variant>-s<seed>/; a run that finished is skipped on a rerun, one that was killed is
 continued (--resume), one that fails is reported and the others go on. At the end
 compare.py's tables (compare.md, .csv, .png) are written to --out.
@@ -41,17 +41,28 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 #   {epochs_unfrozen}   each stage's head-only epochs added to its all-layer ones
 VARIANTS = {
     "paper": "",
-    "no-progressive": "--stages {last_size_each}",  # every stage at the last size, same epochs
+    "no-progressive": "--stages {last_size_each}",
     "no-lrfind": "--lr-frozen {fixed_lr_frozen} --lr-unfrozen {fixed_lr_unfrozen}",
-    "no-discriminative": "--no-discriminative",  # one LR for all layer groups
-    # no head-only phases; their epochs train all layers instead: the same 41 epochs
+    "no-discriminative": "--no-discriminative",
     "no-freeze": "--frozen-epochs 0 --unfrozen-epochs {epochs_unfrozen}",
     "fastai-v1": "--recipe fastai-v1",
     "fastai-v2": "--recipe fastai-v2",
     # shortcut tests (docs/data.md): the same recipe on films with a box of each blacked out
-    "whole-films": "--hide none",  # the reference, whatever the base flags hide
-    "lungs-hidden": "--hide lungs",  # the film's border alone: no lungs
-    "lungs-alone": "--hide outside",  # the central box alone: no border, markers, shoulders
+    "whole-films": "--hide none",
+    "lungs-hidden": "--hide lungs",
+    "lungs-alone": "--hide outside",
+}
+ABOUT = {  # what each variant changes, for --help
+    "paper": "the recipe as the other flags give it",
+    "no-progressive": "every stage at the last stage's size, with the same epochs",
+    "no-lrfind": "each 'auto' LR replaced by fastai v1's default max_lr, slice(3e-3)",
+    "no-discriminative": "one LR for all layer groups",
+    "no-freeze": "no head-only phases: their epochs train all layers (the same 41 epochs)",
+    "fastai-v1": "fastai v1's recipe where it differs from the paper's (FIDELITY.md)",
+    "fastai-v2": "fastai v2's defaults",
+    "whole-films": "whole films, whatever the base flags hide: the shortcut tests' reference",
+    "lungs-hidden": "each film's central box blacked out: its border alone, no lungs",
+    "lungs-alone": "all but the central box blacked out: no border, markers or shoulders",
 }
 PRESETS = {  # --preset: the variants it runs
     # the paper's recipe, and each of its techniques taken out
@@ -78,21 +89,35 @@ def variant_flags(table, name, base):
     return shlex.split(table[name].format_map(placeholders(cfg)))
 
 
+def variants_help():
+    """--help's list of the variants: each one's train.py flags and what they change."""
+    lines = ["variants (--variants, --preset): the train.py flags each adds ({...}: filled",
+             "from the base flags' stages), and what they change:"]
+    for name, flags in VARIANTS.items():
+        lines += [f"  {name:<18} {flags or '(none)'}", f"  {'':<18} {ABOUT[name]}"]
+    return "\n".join(lines)
+
+
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # --seed is train's
-                                formatter_class=Help)
+                                formatter_class=Help, epilog=variants_help(),
+                                usage="%(prog)s --data PATH [flags below] [train.py's flags]")
     p.add_argument("--preset", default="", choices=["", *PRESETS], metavar="{" + ",".join(
         PRESETS) + "}", help="a set of variants: " + "; ".join(
             f"{k}: {v}" for k, v in PRESETS.items()) + " (default: techniques)")
-    p.add_argument("--variants", default="", help="names from VARIANTS, comma separated, "
-                   "instead of a preset's (then each --variant)")
+    p.add_argument("--variants", default="", metavar="NAME,..",
+                   help="variants (listed below), comma separated, instead of a preset's (then "
+                   "each --variant)")
     p.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
-                   help="a variant of your own: its name and train.py flags (repeatable)")
-    p.add_argument("--seeds", default="0,1,2", help="seeds, comma separated")
-    p.add_argument("--out", default="", help="folder for the runs and the comparison "
+                   help="a variant of your own: its name and train.py flags (repeatable; "
+                   "default: none)")
+    p.add_argument("--seeds", default="0,1,2", metavar="N,..", help="seeds, comma separated")
+    p.add_argument("--out", default="", metavar="DIR", help="folder for the runs and the "
+                   "comparison "
                    "(default: runs/ablation-<data>, runs/shortcut-<data>); a rerun with the "
                    "same --out goes on")
-    p.add_argument("--ref", default="", help="reference variant (default: the first)")
+    p.add_argument("--ref", default="", metavar="NAME",
+                   help="reference variant (default: the first)")
     return p
 
 
@@ -225,7 +250,7 @@ def main(argv=None):
     number = {id(r): k for k, r in enumerate(runs, 1)}
     done = [r for r in runs if state(r["dir"]) == "done"]  # said first: the bar and its ETA
     todo = [r for r in runs if state(r["dir"]) != "done"]  # are over the runs still to run
-    bar = tqdm(total=len(todo), unit="run", desc="ablation")
+    bar = tqdm(total=len(todo), unit="run", desc="ablation", disable=None)  # terminals only
     for r in done + todo:
         k, running = number[id(r)], r in todo
         if running:

@@ -203,9 +203,11 @@ def measure(items, tmp):
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help,
+                                usage="%(prog)s --data PATH [flags below]")
     d = Config()
-    p.add_argument("--data", required=True, metavar="PATH", help="COVIDx or ImageFolder root")
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help="COVIDx or ImageFolder root (required)")
     p.add_argument("--train-split", default="", metavar="FILE",
                    help="train split file (default: found in --data, as train.py)")
     p.add_argument("--test-split", default="", metavar="FILE",

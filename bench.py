@@ -78,8 +78,8 @@ def run_parts(bc, dev, res):
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=Help)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help,
+                                usage="%(prog)s [flags below]")
     add_flags(p, BenchConfig)
     return p
 

@@ -12,7 +12,8 @@ images (images resampled, each image's correctness averaged over the group's see
 two single runs, McNemar's exact test. Chance, for scale: always answering the test set's
 largest class (its share is that accuracy; balanced accuracy 1/k for k classes).
 Runs on different test sets (other files or labels) or class lists are refused.
-Writes compare.md, compare.csv and compare.png to --out (default: the current folder).
+Writes compare.md, compare.csv, compare.json and compare.png to --out (default: compare/ in
+the folder that holds the runs: runs/compare/ for runs/a, runs/b).
 """
 import argparse
 import csv
@@ -299,16 +300,18 @@ def write_csv(path, rows, classes):
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=Help)
-    p.add_argument("runs", nargs="+", help="finished run folders")
-    p.add_argument("--group-by", default="", help="config keys that make a group, comma "
-                   "separated (default: every key whose value differs between the runs)")
-    p.add_argument("--ref", default="", help="reference group, or a part of its name found in "
-                   "no other (default: the first)")
-    p.add_argument("--out", default=".", help="folder for compare.md, .csv and .png")
-    p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help,
+                                usage="%(prog)s RUN [RUN ...] [flags below]")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="finished run folders")
+    p.add_argument("--group-by", default="", metavar="KEY,..", help="config keys that make a "
+                   "group, comma separated (default: every key whose value differs between the "
+                   "runs)")
+    p.add_argument("--ref", default="", metavar="GROUP", help="reference group, or a part of "
+                   "its name found in no other (default: the first)")
+    p.add_argument("--out", default="", metavar="DIR", help="folder for compare.md, .csv, "
+                   ".json and .png (default: compare/ in the runs' common folder)")
+    p.add_argument("--boot", type=int, default=2000, metavar="N", help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the bootstrap")
     p.add_argument("--strict", action="store_true",
                    help="refuse a folder that is not a finished run (default: skip it, noted)")
     return p
@@ -331,7 +334,9 @@ def main(argv=None):
         if not runs:
             raise CompareError("no finished run among " + ", ".join(a.runs))
         groups = group_runs(runs, [k for k in a.group_by.split(",") if k])
-        return report(groups, a.out, a.ref or None, a.boot, a.seed)
+        out = a.out or os.path.join(os.path.commonpath([os.path.dirname(os.path.abspath(
+            r["dir"].rstrip(os.sep))) for r in runs]), "compare")
+        return report(groups, out, a.ref or None, a.boot, a.seed)
     except CompareError as e:
         raise SystemExit(f"error: {e}")
 

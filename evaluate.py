@@ -30,7 +30,7 @@ from machinery.plots import confusion_plot
 from machinery.report import roc_plot, write_predictions
 from machinery.shortcuts import WHOLE
 from model import class_logits
-from predict import add_model_flags, load_for
+from predict import add_device_flags, add_model_flags, load_for
 
 
 def map_classes(data_classes, model_classes, class_map=""):
@@ -88,47 +88,52 @@ def tta_probs(model, images, size, hw, aug, tta, batch_size=128, seed=0, amp=Non
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=Help)
-    p.add_argument("checkpoint", help="a run folder or a .pt checkpoint")
-    p.add_argument("--data", required=True, help="COVIDx or ImageFolder root, or 'phantom'")
-    p.add_argument("--split", default="test", choices=["test", "train"],
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help,
+                                usage="%(prog)s CHECKPOINT --data PATH [flags below]")
+    add_model_flags(p)
+    g = p.add_argument_group("the data")
+    g.add_argument("--data", required=True, metavar="PATH",
+                   help="COVIDx or ImageFolder root, or 'phantom' (required)")
+    g.add_argument("--split", default="test", choices=["test", "train"],
                    help="the split to evaluate")
-    p.add_argument("--train-split", default="", help="train split file, if not found by name")
-    p.add_argument("--test-split", default="", help="test split file, if not found by name")
-    p.add_argument("--image-dir", default="", help="folder holding all images")
-    p.add_argument("--subtypes", default="", help="subtype.csv for 4-class labels")
-    p.add_argument("--class-map", default="", help="data=model class names, comma separated")
-    p.add_argument("--test-sources", default=None, metavar="NAME,..",
+    g.add_argument("--train-split", default="", metavar="FILE",
+                   help="train split file (default: found in --data, as train.py finds it)")
+    g.add_argument("--test-split", default="", metavar="FILE",
+                   help="test split file (default: found in --data, as train.py finds it)")
+    g.add_argument("--image-dir", default="", metavar="DIR",
+                   help="folder holding all images (default: --data/train and --data/test)")
+    g.add_argument("--subtypes", default="", metavar="CSV",
+                   help="subtype.csv for 4-class labels (default: the labels as given)")
+    g.add_argument("--class-map", default="", metavar="THEIRS=OURS,..",
+                   help="the data's class names that are not the model's, and the model's for "
+                   "each (default: names matched as they are, then ignoring case)")
+    g.add_argument("--test-sources", default=None, metavar="NAME,..",
                    help="the test split: these sources' films, of both split files, as train.py "
                    "--test-sources (default: the run's, with the run's --data; none otherwise)")
-    p.add_argument("--size", type=int, default=0, help="image size (default: the model's)")
-    add_model_flags(p)
-    p.add_argument("--tta", default="0", help="test-time augmentation: v1 (fastai v1's TTA: "
-                   "0.4 plain + 0.6 mean of 8 corner views), or k: the mean of the plain pass "
-                   "and k augmented ones (default: 0, none)")
-    p.add_argument("--batch-size", type=int, default=0,
+    g.add_argument("--phantoms", type=int, default=0, metavar="N",
+                   help="with --data phantom: its number of training films (default: the run's "
+                        "--phantoms, so that the test split is the one the run was tested on)")
+    g.add_argument("--phantom-seed", type=int, default=None, metavar="N",
+                   help="with --data phantom: the seed of its films (default: the run's)")
+    g.add_argument("--cache-dir", default=Config().cache_dir, metavar="DIR",
+                   help="where decoded images are cached, as train.py's ('' for none)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--tta", default="0", metavar="v1|K",
+                   help="test-time augmentation: v1 (fastai v1's TTA: 0.4 plain + 0.6 mean of "
+                   "8 corner views), or K: the mean of the plain pass and K augmented ones "
+                   "(default: 0, none)")
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of TTA's random draws")
+    g.add_argument("--batch-size", type=int, default=0, metavar="N",
                    help="films per evaluation batch, the last one padded (default: 0, the run's "
                         "last stage's, as train.py evaluated: the same shapes, so the same cuDNN "
                         "algorithms and bf16 roundings; 128 for a checkpoint without a config)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", choices=devices.PRECISIONS,
-                   help="auto: bf16 autocast on CUDA, fp32 on the CPU; logits are fp32 either way")
-    p.add_argument("--channels-last", default="auto", choices=devices.SWITCHES,
-                   help="NHWC memory layout: auto (on CUDA only) | on | off")
-    p.add_argument("--data-on", default="auto", choices=["auto", "gpu", "cpu"],
+    g.add_argument("--out", default="", metavar="DIR",
+                   help="output folder (default: RUN/eval_<data>_<split>/, with _hide-<HIDE>, "
+                   "_sources-<NAMES> and _tta-<TTA> added where given)")
+    g = add_device_flags(p)
+    g.add_argument("--data-on", default="auto", choices=["auto", "gpu", "cpu"],
                    help="the films on the device, or in host memory with each batch copied "
                         "(auto: the device when they fit in half its free memory)")
-    p.add_argument("--cache-dir", default=Config().cache_dir,
-                   help="where decoded images are cached, as train.py's ('' for none)")
-    p.add_argument("--phantoms", type=int, default=0,
-                   help="with --data phantom: its number of training films (default: the run's "
-                        "--phantoms, so that the test split is the one the run was tested on)")
-    p.add_argument("--phantom-seed", type=int, default=None,
-                   help="with --data phantom: the seed of its films (default: the run's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of TTA's random draws")
-    p.add_argument("--out", default="", help="output folder (default: RUN/eval_<data>_<split>/, "
-                   "with _hide-<HIDE>, _sources-<NAMES> and _tta-<TTA> added where given)")
     return p
 
 

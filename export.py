@@ -93,8 +93,9 @@ def export(checkpoint, out, allow_unfinished=False):
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
-    p.add_argument("checkpoint", help="a run folder or a .pt checkpoint")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help,
+                                usage="%(prog)s CHECKPOINT [flags below]")
+    p.add_argument("checkpoint", help="a run folder (its model.pt) or a .pt checkpoint")
     p.add_argument("--out", default="", metavar="DIR",
                    help="folder to write (default: the run folder's export/)")
     p.add_argument("--allow-unfinished", action="store_true",

@@ -236,7 +236,7 @@ FLAGS = ["data", "train_split", "test_split", "image_dir", "subtypes", "phantoms
 
 
 EXTRA = {"size": (int, 128, "image size in pixels"),
-         "phase": (str, "frozen", "frozen | unfrozen")}
+         "phase": (str, "frozen", "frozen (the head alone trains) | unfrozen")}
 
 
 def make_parser():

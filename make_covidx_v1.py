@@ -35,7 +35,7 @@ from machinery.run import git_commit
 def unreadable(paths):
     """The films PIL cannot decode whole: 'path (why)'."""
     bad = []
-    for p in tqdm(paths, desc="checking the films", unit="img", leave=False):
+    for p in tqdm(paths, desc="checking the films", unit="img", leave=False, disable=None):
         try:
             with Image.open(p) as img:
                 img.draft("L", (64, 64))  # JPEG: decoded at 1/8 scale, every byte still read
@@ -110,7 +110,8 @@ def write_covidx(out, rows, link, manifest, cohen, kermany):
     manifest["films"], kept = [], 0
     for split, rs in rows.items():
         os.makedirs(os.path.join(out, split), exist_ok=True)
-        for pid, src, label, source in tqdm(rs, desc=f"writing {split}", unit="img"):
+        for pid, src, label, source in tqdm(rs, desc=f"writing {split}", unit="img",
+                                            disable=None):
             dst = os.path.join(out, split, os.path.basename(src))
             digest = sha256(src)
             if os.path.isfile(dst) and sha256(dst) == digest:
@@ -134,11 +135,13 @@ def write_covidx(out, rows, link, manifest, cohen, kermany):
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help,
+                                usage="%(prog)s --cohen DIR --kermany DIR --out DIR [flags below]")
     p.add_argument("--cohen", required=True, metavar="DIR",
-                   help="covid-chestxray-dataset checkout (metadata.csv, images/)")
+                   help="covid-chestxray-dataset checkout (metadata.csv, images/) (required)")
     p.add_argument("--kermany", required=True, metavar="DIR",
-                   help="chest_xray folder of Kaggle's chest-xray-pneumonia (train/, val/, test/)")
+                   help="chest_xray folder of Kaggle's chest-xray-pneumonia (train/, val/, "
+                   "test/) (required)")
     p.add_argument("--covid-net", default="", metavar="DIR",
                    help="COVID-Net clone (or folder) with v1's split files: reproduce v1's "
                         "split exactly (default: none: v1's rules, a new patient split)")
@@ -146,8 +149,9 @@ def make_parser():
                    help="v1's train_split.txt, instead of --covid-net")
     p.add_argument("--test-split", default="", metavar="FILE",
                    help="v1's test_split.txt, instead of --covid-net")
-    p.add_argument("--out", required=True, metavar="DIR", help="the COVIDx folder to write")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the COVIDx folder to write (required)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="seed of the Cohen patient split (without split files)")
     p.add_argument("--link", default="copy", choices=["copy", "hardlink", "symlink"],
                    help="how films reach --out (links save space; never edit linked films)")

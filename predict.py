@@ -1,9 +1,10 @@
 """Predict radiographs with a trained model; optionally show where it looked (Grad-CAM).
 
-    python predict.py runs/NAME image.png folder/ --out predictions.csv
-    python predict.py runs/NAME/model.pt folder/ --cam cams/
+    python predict.py runs/NAME image.png folder/          # -> runs/NAME/predictions.csv
+    python predict.py runs/NAME/model.pt folder/ --out p.csv --cam cams/
 
-Writes one CSV row per image (class probabilities and the top class). Files that are not
+Writes one CSV row per image (class probabilities and the top class), by default into the run
+folder (beside a checkpoint file). Files that are not
 images, or cannot be read, are listed as skipped; the rest are predicted. With --cam, each
 image gets a Grad-CAM heat map (Selvaraju et al., ICCV 2017) from the last convolutional block,
 blended over the original radiograph at its original size (with --resize crop the model sees,
@@ -37,7 +38,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from data import eval_batches, normalize, view
 from machinery import devices
-from machinery.checkpoint import CheckpointError, load_checkpoint
+from machinery.checkpoint import CheckpointError, load_checkpoint, run_dir_of
 from machinery.config import Help
 from machinery.datasets import DataError, run_cli
 from machinery.films import CROP_MARGIN, decode, squares, stored_size, stretch, to_gray
@@ -232,17 +233,32 @@ def cam_names(files, folder):
 
 
 def add_model_flags(p):
-    """How predict.py and evaluate.py take the model: --hide and --hide-box (train.py's, the
-    model's own by default), and --allow-unfinished."""
-    p.add_argument("--allow-unfinished", action="store_true",
-                   help="take the weights of an unfinished run (its last.pt) all the same")
-    p.add_argument("--hide", default="", choices=["", *HIDE], metavar="{" + ",".join(HIDE) + "}",
+    """The model's flags of predict.py and evaluate.py, in their own group of p's help."""
+    g = p.add_argument_group("the model")
+    g.add_argument("checkpoint", help="a run folder (its model.pt) or a .pt checkpoint")
+    g.add_argument("--size", type=int, default=0, metavar="N",
+                   help="image size (default: the model's)")
+    g.add_argument("--hide", default="", choices=["", *HIDE], metavar="{" + ",".join(HIDE) + "}",
                    help="a shortcut test: lungs (each film's central box blacked out) | outside "
                    "(all but it) | none (default: as the model was trained; --hide lungs on a "
                    "model of whole films: what it makes of films without their lungs)")
-    p.add_argument("--hide-box", type=float, default=0.0, metavar="X",
+    g.add_argument("--hide-box", type=float, default=0.0, metavar="X",
                    help="--hide's box: its share of each side of the square the model sees "
                    f"(default: the model's, else {WHOLE.box})")
+    g.add_argument("--allow-unfinished", action="store_true",
+                   help="take the weights of an unfinished run (its last.pt) all the same")
+
+
+def add_device_flags(p, logits="logits"):
+    """--device, --precision and --channels-last of predict.py and evaluate.py: their group."""
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default="auto", metavar="DEV", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--precision", default="auto", choices=devices.PRECISIONS,
+                   help=f"auto: bf16 autocast on CUDA, fp32 on the CPU; {logits} are fp32 "
+                   "either way")
+    g.add_argument("--channels-last", default="auto", choices=devices.SWITCHES,
+                   help="NHWC memory layout: auto (on CUDA only) | on | off")
+    return g
 
 
 def load_for(p, a):
@@ -258,24 +274,20 @@ def load_for(p, a):
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=Help)
-    p.add_argument("checkpoint", help="a run folder or a .pt checkpoint")
-    p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--out", default="predictions.csv",
-                   help="CSV to write (in the current folder unless a path is given)")
-    p.add_argument("--cam", default="", help="folder for Grad-CAM overlays (default: none)")
-    p.add_argument("--cam-class", default="", metavar="CLASS",
-                   help="the class the heat maps explain (default: each film's top class)")
-    p.add_argument("--size", type=int, default=0, help="image size (default: the model's)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help,
+                                usage="%(prog)s CHECKPOINT IMAGE [IMAGE ...] [flags below]")
     add_model_flags(p)
-    p.add_argument("--batch-size", type=int, default=64, help="films per batch")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", choices=devices.PRECISIONS,
-                   help="auto: bf16 autocast on CUDA, fp32 on the CPU; logits and Grad-CAM "
-                   "are fp32 either way")
-    p.add_argument("--channels-last", default="auto", choices=devices.SWITCHES,
-                   help="NHWC memory layout: auto (on CUDA only) | on | off")
+    g = p.add_argument_group("films and output")
+    g.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    g.add_argument("--out", default="", metavar="CSV",
+                   help="the CSV to write (default: predictions.csv in the run folder, or beside "
+                   "a checkpoint file)")
+    g.add_argument("--cam", default="", metavar="DIR",
+                   help="folder for Grad-CAM overlays (default: none)")
+    g.add_argument("--cam-class", default="", metavar="CLASS",
+                   help="the class the heat maps explain (default: each film's top class)")
+    g.add_argument("--batch-size", type=int, default=64, metavar="N", help="films per batch")
+    add_device_flags(p, "logits and Grad-CAM")
     return p
 
 
@@ -286,6 +298,7 @@ def main(argv=None):
         p.error(f"--batch-size {a.batch_size} --size {a.size}: give a batch of 1 or more and "
                 "a size of 0 (the model's) or more")
     clf = load_for(p, a)
+    a.out = a.out or os.path.join(run_dir_of(a.checkpoint) or ".", "predictions.csv")
     if a.cam_class and a.cam_class not in clf.classes:
         p.error(f"--cam-class {a.cam_class}: not one of the model's classes {clf.classes}")
     files, pixels, hw, skipped = [], [], [], []

@@ -17,9 +17,10 @@ from machinery.report import write_report
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=Help)
-    p.add_argument("run", help="a finished run's folder (it holds test_metrics.json)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help,
+                                usage="%(prog)s RUN")
+    p.add_argument("run", metavar="RUN", help="a finished run's folder (it holds "
+                   "test_metrics.json)")
     return p
 
 

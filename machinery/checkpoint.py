@@ -32,7 +32,7 @@ def check_writable(run_dir, need_bytes):
     """Fail now, not at the first checkpoint hours later, if run_dir cannot take the run."""
     try:
         os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, ".write-test")
+        probe = os.path.join(run_dir, f".write-test-{os.getpid()}")  # two may look at once
         with open(probe, "wb") as f:
             f.write(b"0" * 4096)
             f.flush()

@@ -289,7 +289,8 @@ def make_parser(doc=__doc__, only=None, extra=None):
     p = argparse.ArgumentParser(description=doc, epilog=epilog(only), formatter_class=Help,
                                 usage="%(prog)s [--demo | --data PATH] [flags below]")
     for k, (t, d, h) in (extra or {}).items():
-        p.add_argument("--" + k, type=t, default=d, help=f"{h} (default: {d})")
+        p.add_argument("--" + k, type=t, default=d, help=f"{h} (default: {d})",
+                       metavar={int: "N", float: "X"}.get(t, k.upper()))
     add_flags(p, Config, GROUPS, only)
     return p
 

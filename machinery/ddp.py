@@ -96,9 +96,10 @@ def print_on_main():
     builtins.print = print
 
 
-def progress(iterable, desc, **kw):
-    """A tqdm progress bar, shown on rank 0 only (the others' would overwrite it)."""
-    return tqdm(iterable, desc=desc, leave=False, disable=rank() != 0, **kw)
+def progress(iterable=None, desc="", **kw):
+    """A tqdm progress bar, shown on rank 0 only (the others' would overwrite it), and only on a
+    terminal: a log file gets the lines printed, not the bar's frames."""
+    return tqdm(iterable, desc=desc, leave=False, disable=True if rank() != 0 else None, **kw)
 
 
 @contextmanager

@@ -223,8 +223,9 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
         aspect = 1.0 if mode == "squish" or check_only else film_aspect(items.paths)
         store = [stored_size(s, mode, aspect) for s in todo]
         workers, n = workers or os.cpu_count(), len(items.paths)
-        bar = dict(total=n, unit="img", desc=f"checking {n} images" if check_only
-                   else f"decoding {n} images at {store} px")
+        bar = dict(total=n, unit="img", disable=None,  # None: a bar on a terminal alone
+                   desc=f"checking {n} images" if check_only else f"decoding {n} images at "
+                   f"{store} px")
         # Each film goes straight into its place in one array per size: in the cache file
         # itself (memory-mapped, written as the films come) when there is a cache, so that
         # host memory never holds the decoded data set, whatever its size.

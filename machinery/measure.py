@@ -69,7 +69,8 @@ def write_phantom_covidx(root, n_train, n_test, size=1024, seed=0, workers=None)
                 name = f"{split}-{i:06d}.png"
                 f.write(f"{p} {name} {phantom.CLASSES[c]} phantom\n")
                 jobs.append((pixels[i], os.path.join(root, split, name), size))
-    bar = dict(total=len(jobs), desc=f"writing {len(jobs)} PNGs at {size} px", leave=False)
+    bar = dict(total=len(jobs), desc=f"writing {len(jobs)} PNGs at {size} px", leave=False,
+               disable=None)
     if len(jobs) * size * size < 2 ** 24:  # a few MB of pixels: quicker than starting a pool
         list(tqdm(map(_save_png, jobs), **bar))
         return

@@ -11,6 +11,7 @@ made from public research data is not a medical device; the card says so first.
 import json
 import os
 
+from machinery import phantom
 from machinery.audit import sources_md
 from machinery.config import BOOKKEEPING as KEPT, Config
 from machinery.metrics import format_metrics
@@ -27,6 +28,9 @@ INTENDED_USE = """\
 decision about a patient.** It was trained on public research images whose labels, sources and
 patients' ages differ by class (see Data): it may have learned where a film came from rather
 than what it shows. Its test metrics hold for its test split alone."""
+PHANTOM_USE = f"""\
+**A demonstration, not a classifier of radiographs. Not a medical device.** It was trained on
+{phantom.WHAT}: {phantom.TELLS}. It classifies phantoms alone."""
 
 
 def deviations(config):
@@ -53,15 +57,18 @@ def model_card(config, classes, size, metrics=None, leaks=None, weights=""):
     if weights:
         opening = [f"**Not the finished model: {weights}.** No test metrics belong to these "
                    "weights; evaluate.py measures them.", "", *opening]
+    phantoms = config.get("data") == "phantom"
     lines = [f"# Model card: COVID-ResNet, {config.get('arch', '?')}", "", *opening,
-             "## Intended use", "", INTENDED_USE, "", "## The model", "",
+             "## Intended use", "", PHANTOM_USE if phantoms else INTENDED_USE, "",
+             "## The model", "",
              f"- Classes, in output order: {', '.join(classes)}.",
              f"- Input: one grayscale film, resized to {size} x {size} px "
              + ("(its shorter side to the size, the centre square: fastai v1's validation "
                 "crop)" if crop else "(the whole film squished to the square)")
              + (f", as {hidden.note()} (--hide {hidden.what} --hide-box {hidden.box}: the "
                 "API and evaluate.py hide it too)" if hidden else "")
-             + ", 8-bit (16-bit and float films stretched over their used range), repeated to "
+             + ", 8-bit (16-bit films stretched over their used range, floats read as "
+             "intensities in [0, 1]), repeated to "
              "3 channels and normalised with ImageNet's mean (0.485, 0.456, 0.406) and standard "
              "deviation (0.229, 0.224, 0.225).",
              f"- Network: torchvision's {config.get('arch', '?')} body, weights "
@@ -77,7 +84,8 @@ def model_card(config, classes, size, metrics=None, leaks=None, weights=""):
     dev = deviations(config)
     lines += ["Knobs set otherwise than the paper's defaults: " + (", ".join(
         f"`{k}` {v!r} (paper {p!r})" for k, (p, v) in sorted(dev.items())) or "none") + "."]
-    lines += ["", "## Data", "", f"Data set `{config.get('data', '?')}`"
+    lines += ["", "## Data", "", (phantom_data(config) if phantoms else
+                                  f"Data set `{config.get('data', '?')}`")
               + (f" with subtypes `{config['subtypes']}`" if config.get("subtypes") else "")
               + f"; validation: {config.get('val_frac')} of the training patients."
               + (f" Test split: the films of the sources {config['test_sources']}, held out "
@@ -97,14 +105,23 @@ def model_card(config, classes, size, metrics=None, leaks=None, weights=""):
     else:
         lines += ["None with this card: evaluate the model with evaluate.py."]
     lines += ["", "## Limits", "",
+              f"- Trained and tested on {phantom.WHAT}: {phantom.TELLS}." if phantoms else
               "- Chest films of public research collections, not of a clinical population; "
               "prevalence in the test split is not a clinic's, so PPV and NPV do not carry "
               "over.",
-              "- Per-source metrics (above, when the split files name sources) show how far "
-              "the model depends on where a film came from.",
+              *([] if phantoms else [
+                  "- Per-source metrics (above, when the split files name sources) show how "
+                  "far the model depends on where a film came from."]),
               "- Grad-CAM maps (predict.py --cam) show what raised a score, not where disease "
               "is.", ""]
     return "\n".join(lines)
+
+
+def phantom_data(config):
+    """What a --data phantom run trained and was tested on, in words (the card, report.md)."""
+    return (f"{config.get('phantoms', '?')} training films and a test split drawn from seed "
+            f"{config.get('phantom_seed', 0)} (`--data phantom`), {phantom.WHAT}: "
+            f"{phantom.TELLS}. No duplicate check: each film is drawn from its own seed")
 
 
 def write_model_card(run_dir, out=None, size=None, weights=""):

@@ -18,6 +18,11 @@ from tqdm import tqdm
 
 CLASSES = ["COVID-19", "bacterial", "normal", "viral"]  # sorted, as load_dataset sorts labels
 SIZE = 256
+# what a run on them is, for its report and model card
+WHAT = ("synthetic phantoms (machinery/phantom.py): drawn films with a body, lungs, ribs and "
+        "heart, whose four classes differ only by a pattern drawn inside the lungs; no patient, "
+        "scanner or disease")
+TELLS = "a score on phantoms says the pipeline learns, nothing about radiographs"
 
 
 def _ellipse(X, Y, cx, cy, rx, ry, soft=0.02):
@@ -71,7 +76,8 @@ def make_split(n, seed, prefix):
     """n films of random classes; one or two films per patient, as in real data sets."""
     rng = np.random.default_rng(seed)
     labels, patients, pixels = [], [], []
-    bar = tqdm(total=n, desc=f"rendering {n} phantoms", unit="img", leave=False)
+    bar = tqdm(total=n, desc=f"rendering {n} phantoms", unit="img", leave=False,
+               disable=None)  # a bar on a terminal alone: a log file gets no frames
     while len(labels) < n:
         c = int(rng.integers(len(CLASSES)))
         pid = f"{prefix}{len(set(patients)):05d}"

@@ -14,7 +14,7 @@ import os
 from machinery import runlock
 from machinery.audit import sources_md
 from machinery.metrics import format_metrics, roc_curve
-from machinery.modelcard import write_model_card
+from machinery.modelcard import phantom_data, write_model_card
 from machinery.plots import COLOURS, GREY, LIGHT, confusion_plot, line_plot
 from machinery.shortcuts import NOT_A_CLASSIFIER, Hidden
 from schedule import ONE_CYCLE
@@ -132,11 +132,17 @@ def most_confused(cm, classes, top=5):
         f"- {a} -> {b}: {n} ({100 * n / total:.0f}%)" for n, a, b, total in pairs] + [""]
 
 
-def data_lines(path, classes):
-    """What the audit at the start (audit.leaks) found: test films duplicated in training, and
-    the sources of each class."""
-    if not os.path.isfile(path):
-        return []
+def data_lines(path, classes, cfg, m):
+    """What the run trained on: phantoms in words; else what the audit at the start
+    (audit.leaks) found: test films duplicated in training, and the sources of each class."""
+    tested = "Test split: " + ", ".join(f"{c} {sum(row)}" for c, row in
+                                        zip(classes, m["confusion_matrix"])) + "."
+    if cfg.get("data") == "phantom":
+        return [phantom_data(cfg) + ".", "", tested, ""]
+    if not os.path.isfile(path):  # films written from phantoms (bench.py): no audit
+        return [f"Data `{cfg['data']}`: no duplicate check ran at the start (phantom films "
+                "each drawn from its own seed, or a run from before 2026-11-28).", "", tested,
+                ""]
     with open(path) as f:
         leaks = json.load(f)
     n = leaks["test_films_with_duplicate_in_train"]
@@ -205,7 +211,7 @@ def write_report(run_dir):
             "## LR range tests", "",
             "Each phase's sweep; the red circle marks the learning rate taken.", ""]
     text += [f"![{f[7:-4]}]({f})" for f in lrfinds] or ["(no phase used `auto`)"]
-    text += ["", "## Data", "", *data_lines(p("leaks.json"), m["classes"]),
+    text += ["", "## Data", "", *data_lines(p("leaks.json"), m["classes"], cfg, m),
              "## Test split", "", "```", format_metrics(m), "```", "",
              *most_confused(m["confusion_matrix"], m["classes"]),
              "![confusion matrix](confusion_matrix.png) ![ROC curves](roc.png)", "",

@@ -66,7 +66,8 @@ def setup(cfg, sizes=None):
     torch.manual_seed(cfg.seed)
     dev = devices.pick_device(dev_name)
     amp, cl = devices.precision(dev, cfg.precision), devices.channels_last(dev, cfg.channels_last)
-    print("config: " + json.dumps(dataclasses.asdict(cfg)))
+    if run_dir:  # every knob is there, not in the log
+        print(f"config: {os.path.join(run_dir, 'config.json')} (run it again: --config that file)")
     sd = fetch_weights(cfg.weights, cfg.arch)  # before any decoding: no weights, no wait
     classes, items, split_films, leaks = read_data(cfg, sizes or [s.size for s in
                                                                   make_stages(cfg)])

@@ -86,7 +86,8 @@ def test_training_refuses_a_test_film_copied_from_training(tmp_path):
     with open(tmp_path / "leaks.json", "w") as f:  # what the run's report.md then says
         json.dump(leaks, f)
     said = "\n".join(data_lines(str(tmp_path / "leaks.json"), ["COVID-19", "normal",
-                                                               "pneumonia"]))
+                                                               "pneumonia"], {"data": str(root)},
+                                 {"confusion_matrix": [[1, 0, 0], [0, 2, 0], [0, 0, 0]]}))
     assert "**1 test films have an exact or near duplicate in training**" in said
     assert "copy.png ~ " in said and first[1] in said
     assert "| copy | 1 | 0 | 0 |" in said  # the sources by class: the copy's own source

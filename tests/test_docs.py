@@ -1,6 +1,7 @@
 """The docs against the code: every `python ...` and `torchrun ...` command in README.md and
 docs/*.md names a script that exists, and that script's parser accepts every flag it is
-given (parsed only, nothing run). A renamed flag fails here, not in a reader's terminal."""
+given (parsed only, nothing run). A renamed flag fails here, not in a reader's terminal. And
+every script's --help in train.py's form."""
 import contextlib
 import glob
 import importlib
@@ -11,6 +12,7 @@ import shlex
 
 import pytest
 
+import ablate
 from machinery import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,3 +146,26 @@ def test_every_test_the_docs_name_exists():
                                                        re.M)):
                 missing.append(f"{doc}: {file}::{name}")
     assert not missing, "\n".join(missing)
+
+
+SCRIPTS = ["train.py", "lrfind.py", "evaluate.py", "predict.py", "export.py", "ablate.py",
+           "compare.py", "report.py", "audit.py", "make_covidx_v1.py", "bench.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_scripts_help_reads_as_train_pys(script):
+    """The usage line says what to give, each flag that takes a value names what (no
+    TRAIN_SPLIT placeholders), every flag has a help text, and a required one says so."""
+    p = parser_of(script)
+    assert p.usage and p.usage.startswith("%(prog)s") and "[-h]" not in p.format_usage()
+    for a in p._actions:
+        name = (a.option_strings or [a.dest])[0]
+        if name == "-h":
+            continue
+        assert a.help, f"{script} {name}: no help"
+        if a.option_strings and a.nargs != 0:
+            assert a.metavar or a.choices, f"{script} {name}: no metavar"
+        if a.required and a.option_strings:
+            assert "(required" in a.help, f"{script} {name}: required, and not said"
+    if script == "ablate.py":  # its variants, with what each changes
+        assert all(f"  {name:<18} " in p.epilog for name in ablate.VARIANTS)

@@ -70,6 +70,15 @@ def check_run_folder(run_dir, classes, n_epochs):
         assert size is None or img.size == size
         assert len(np.unique(np.asarray(img.convert("L")))) > 10, png  # not blank
     report = open(os.path.join(run_dir, "report.md")).read()
+    data = report.split("## Data")[1].split("## Test split")[0]  # every run says what it read
+    if cfg["data"] == "phantom":  # true to its data: no patients, sources or ages
+        assert "A demonstration, not a classifier of radiographs" in card
+        assert "public research" not in card and "patients' ages" not in card
+        assert f"{cfg['phantoms']} training films and a test split drawn from seed 0 " \
+            "(`--data phantom`), synthetic phantoms" in data
+        assert f"Test split: {classes[0]} " in data  # its films by class
+    else:
+        assert "public research images" in card and "| source |" in data
     for part in ("## Stages", "| s3_48_unfrozen | 3 |", "![s1_32_frozen](lrfind_s1_32_frozen.png)",
                  "confusion matrix (rows: true", "![ROC curves](roc.png)", '"stages": "32,40,48"'):
         assert part in report, part
