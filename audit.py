@@ -33,19 +33,24 @@ from machinery.shortcuts import sources_to_hold_out
 
 
 def contact_sheet(path, pairs, tile=160):
-    """pairs: [(label, path a, path b)] -> one PNG, a pair per row, captioned."""
+    """pairs: [(label, path a, path b)] -> one PNG, a pair per row, captioned with how they
+    match above and each film's file name below."""
     if not pairs:
         return None
-    sheet = Image.new("L", (2 * tile + 8, len(pairs) * (tile + 16)), 255)
+    row = tile + 30
+    sheet = Image.new("L", (2 * tile + 8, len(pairs) * row), 255)
     draw = ImageDraw.Draw(sheet)
     for r, (label, a, b) in enumerate(pairs):
-        y = r * (tile + 16)
+        y = r * row
         draw.text((2, y + 2), label[:2 * tile // 6], fill=0)
         for c, p in enumerate((a, b)):
             with Image.open(p) as img:
                 img = films.to_gray(img)
                 img.thumbnail((tile, tile))
             sheet.paste(img, (c * (tile + 8), y + 14))
+            name = os.path.basename(p)  # its end, where names differ, when it is long
+            draw.text((c * (tile + 8) + 2, y + 16 + tile), name if len(name) <= 26 else
+                      "..." + name[-23:], fill=0)
     sheet.save(path)
     return path
 

@@ -151,6 +151,9 @@ def build_model(n_classes, weights="imagenet", arch="resnet50", ps=0.5, sd=None)
     return model
 
 
+GROUPS = ("stem-layer2", "layer3-layer4", "head")  # the layer groups, in the optimizer's order
+
+
 def layer_groups(model, verbose=True):
     """The three layer groups that get their own learning rates, as {name: [params]}.
 
@@ -158,11 +161,9 @@ def layer_groups(model, verbose=True):
     parts) | head (new). The same split as fastai's resnet meta: body cut at layer3.
     """
     b = model.body  # conv1, bn1, relu, maxpool, layer1, layer2, layer3, layer4
-    groups = {
-        "stem-layer2": [p for m in b[:6] for p in m.parameters()],
-        "layer3-layer4": [p for m in b[6:] for p in m.parameters()],
-        "head": list(model.head.parameters()),
-    }
+    groups = dict(zip(GROUPS, [[p for m in b[:6] for p in m.parameters()],
+                               [p for m in b[6:] for p in m.parameters()],
+                               list(model.head.parameters())]))
     if verbose:
         print("layer groups: " + ", ".join(
             f"{name} {sum(p.numel() for p in ps) / 1e6:.2f}M" for name, ps in groups.items()))

@@ -43,7 +43,7 @@ def line_plot(path, series, xlabel, ylabel, title="", logx=False, marks=(), size
         series = [(xs, [math.log10(y) if y > 0 else math.nan for y in ys], label)
                   for xs, ys, label in series]
     W, H = size
-    left, right, top, bottom = 80, 20, 40, 60
+    left, right, top, bottom = 80, 20, 80 if bands else 40, 60  # bands: labelled above
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     font, small = _font(16), _font(13)
@@ -60,11 +60,13 @@ def line_plot(path, series, xlabel, ylabel, title="", logx=False, marks=(), size
     px = lambda v: left + (fx(v) - x0) / (x1 - x0) * (W - left - right)
     py = lambda v: H - bottom - (v - y0) / (y1 - y0) * (H - top - bottom)
 
-    for k, (b0, b1, label) in enumerate(bands):  # inside the frame, labelled at its foot
-        a, b = max(px(b0), left), min(px(b1), W - right)
+    for k, (b0, b1, label) in enumerate(bands):  # shaded in turn; labelled above the frame,
+        a, b = max(px(b0), left), min(px(b1), W - right)  # in two rows, never off its edges
         if k % 2 == 0:
             d.rectangle([a, top, b, H - bottom], fill=(240, 240, 248))
-        d.text(((a + b) / 2, H - bottom - 4), label, fill=GREY, font=_font(12), anchor="mb")
+        half = d.textlength(label, font=_font(12)) / 2
+        x = min(max((a + b) / 2, left + half), W - right - half)
+        d.text((x, top - 4 - 14 * (k % 2)), label, fill=GREY, font=_font(12), anchor="mb")
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     for t in _ticks(10 ** x0 if logx else x0, 10 ** x1 if logx else x1, logx):
         x = px(t)
@@ -79,18 +81,19 @@ def line_plot(path, series, xlabel, ylabel, title="", logx=False, marks=(), size
                font=small, anchor="rm")
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     d.text(((left + W - right) / 2, H - 18), xlabel, fill="black", font=font, anchor="mm")
-    d.text((10, top - 25), ylabel, fill="black", font=font)
+    d.text((10, 28 if bands else top - 25), ylabel, fill="black", font=font)
     d.text((W / 2, 12), title, fill="black", font=font, anchor="mt")
 
     ly = top + 15 if legend_at == "top" else H - bottom - 15 - 20 * (len(series) - 1)
+    lx = W - right - 15 - max([d.textlength(s[2], font=small) for s in series] or [0])
     for k, (xs, ys, label) in enumerate(series):
         c = colours[k % len(colours)]
         line = [(px(x), py(y)) for x, y in zip(xs, ys)
                 if math.isfinite(y) and y0 <= y <= y1 and (x > 0 or not logx)]
         if len(line) > 1:
             d.line(line, fill=c, width=3, joint="curve")
-        d.line([W - right - 170, ly + 20 * k, W - right - 145, ly + 20 * k], fill=c, width=3)
-        d.text((W - right - 140, ly + 20 * k), label, fill="black", font=small, anchor="lm")
+        d.line([lx - 30, ly + 20 * k, lx - 5, ly + 20 * k], fill=c, width=3)
+        d.text((lx, ly + 20 * k), label, fill="black", font=small, anchor="lm")
     for x, y, label in marks:
         d.ellipse([px(x) - 6, py(y) - 6, px(x) + 6, py(y) + 6], outline=(214, 39, 40), width=3)
         d.text((px(x) + 10, py(y) - 10), label, fill=(214, 39, 40), font=small, anchor="ld")

@@ -17,6 +17,7 @@ from machinery.metrics import format_metrics, roc_curve
 from machinery.modelcard import phantom_data, write_model_card
 from machinery.plots import COLOURS, GREY, LIGHT, confusion_plot, line_plot
 from machinery.shortcuts import NOT_A_CLASSIFIER, Hidden
+from model import GROUPS
 from schedule import ONE_CYCLE
 
 
@@ -64,8 +65,21 @@ def stage_table(rows):
 
 def schedule_plots(run_dir, rows, cfg, bands, points=50):
     """lr_schedule.png and momentum.png: each layer group's LR and beta1 across the run, as
-    fit() set them (fastai's plot_lr), from schedule.py with each phase's max LRs in
-    metrics.jsonl; `points` per epoch."""
+    fit() set them (fastai's plot_lr); returns what they draw: schedule_series."""
+    xs, series, moms = schedule_series(rows, cfg, points)
+    line_plot(os.path.join(run_dir, "lr_schedule.png"), series, "epoch (all phases in order)",
+              "learning rate (log axis)", title="LR of each layer group (one-cycle per phase)",
+              logy=True, bands=bands, legend_at="bottom")
+    line_plot(os.path.join(run_dir, "momentum.png"), [(xs, moms, "beta1")],
+              "epoch (all phases in order)", "Adam's beta1", title="momentum (one-cycle)",
+              bands=bands)
+    return xs, series, moms
+
+
+def schedule_series(rows, cfg, points=50):
+    """(epochs, [(epochs, LRs, layer groups)], beta1s): each group's LR and Adam's beta1,
+    `points` per epoch, from schedule.py with each phase's max LRs in metrics.jsonl; groups
+    with the same LRs are one series, named by all of them."""
     one_cycle = ONE_CYCLE[cfg.get("one_cycle", "v1")]
     phases = []  # (first epoch, epochs, max LRs) of each run of rows of one phase
     for n, r in enumerate(rows):
@@ -85,15 +99,10 @@ def schedule_plots(run_dir, rows, cfg, bands, points=50):
                 lrs[g].append(lr)
             moms.append(beta1)
     # groups with the same LRs (fastai's slice(lr): every body group lr/10) draw one line
-    series = [(xs, ys, f"group {g + 1}" + "".join(f" = {h + 1}" for h in range(g + 1, n_groups)
-                                                if lrs[h] == ys))
+    names = GROUPS if n_groups == len(GROUPS) else [f"group {g + 1}" for g in range(n_groups)]
+    series = [(xs, ys, " and ".join(names[h] for h in range(g, n_groups) if lrs[h] == ys))
               for g, ys in enumerate(lrs) if ys not in lrs[:g]]  # drawn with the first
-    line_plot(os.path.join(run_dir, "lr_schedule.png"), series, "epoch (all phases in order)",
-              "learning rate (log axis)", title="LR of each layer group (one-cycle per phase)",
-              logy=True, bands=bands, legend_at="bottom")
-    line_plot(os.path.join(run_dir, "momentum.png"), [(xs, moms, "beta1")],
-              "epoch (all phases in order)", "Adam's beta1", title="momentum (one-cycle)",
-              bands=bands)
+    return xs, series, moms
 
 
 def step_series(path):

@@ -141,6 +141,9 @@ def test_audit_command_finds_duplicates_patients_sources(tmp_path):
     assert json.load(open(out / "audit.json"))["films"] == {"train": 14, "test": 6}
     assert "again.jpg" in (out / "audit.md").read_text()
     assert (out / "duplicates.png").read_bytes()[:4] == b"\x89PNG"  # this audit's
+    sheet = np.asarray(Image.open(out / "duplicates.png"))
+    assert sheet.shape == (2 * 190, 328)  # two pairs, each row 160 px and two captions
+    assert (sheet[176:190, :160] < 128).any()  # the file names below the films
 
 
 def test_shortcut_baseline_sees_labels_that_follow_the_source():

@@ -1,5 +1,6 @@
 """report.md's pieces: the bands of stages and phases, the most-confused pairs, a log axis."""
 import numpy as np
+import pytest
 from PIL import Image
 
 from machinery.plots import line_plot
@@ -44,8 +45,21 @@ def test_the_schedule_plots_draw_each_phase_from_its_max_lrs(tmp_path):
             {"phase": "s1_32_unfrozen", "max_lrs": [1e-4, 1e-4, 1e-3]},
             {"phase": "s1_32_unfrozen", "max_lrs": [1e-4, 1e-4, 1e-3]}]
     cfg = {"one_cycle": "v1", "pct_start": 0.3, "div": 25.0, "div_final": 2.5e5}
-    schedule_plots(str(tmp_path), rows, cfg, phase_bands([{"stage": 0, "phase_name": "frozen"},
-                   {"stage": 0, "phase_name": "unfrozen"}, {"stage": 0, "phase_name": "unfrozen"}]))
+    xs, series, moms = schedule_plots(str(tmp_path), rows, cfg, phase_bands(
+        [{"stage": 0, "phase_name": "frozen"}, {"stage": 0, "phase_name": "unfrozen"},
+         {"stage": 0, "phase_name": "unfrozen"}]))
+    assert [label for *_, label in series] == ["stem-layer2 and layer3-layer4", "head"]
+    body, head = (np.array(ys) for _, ys, _ in series)
+    xs, moms = np.array(xs), np.array(moms)
+    first, rest = xs < 1.5, xs >= 1.5  # the frozen phase's epoch, then the unfrozen phase's two
+    for lrs, peaks in [(body, (1e-3, 1e-4)), (head, (1e-2, 1e-3))]:
+        for part, peak in zip((first, rest), peaks):  # each phase its own one-cycle:
+            lr = lrs[part]
+            assert lr.max() == pytest.approx(peak, rel=0.01)  # up to its max LR,
+            assert lr[0] == pytest.approx(peak / 25) and lr[-1] < peak / 100  # from / 25, to
+            top = np.argmax(lr) / len(lr)  # near / 1e4 (the last point drawn is a step short),
+            assert 0.25 < top < 0.35  # the peak at pct_start 0.3
+    assert moms.min() == pytest.approx(0.85, abs=1e-3) and moms.max() == pytest.approx(0.95)
     for name in ("lr_schedule.png", "momentum.png"):
         img = np.asarray(Image.open(tmp_path / name).convert("RGB")).astype(int)
         assert img.shape == (500, 800, 3) and (img.std(2) > 40).sum() > 500  # coloured lines
