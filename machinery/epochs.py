@@ -108,8 +108,8 @@ class MetricsLog:
     """metrics.jsonl and metrics.csv (rank 0; the other ranks write nothing) and run.history:
     one line per epoch, flushed as it is written (the CSV for spreadsheets and pandas, its
     columns those of the first epoch, its stages numbered from 1 as in the phases' names,
-    where the JSON keeps the plan's index, from 0); steps.csv: every training step's loss (rank 0's, as
-    its device computed it). A resumed run's logs start with what they had logged."""
+    where the JSON keeps the plan's index, from 0); steps.csv: every training step's loss
+    (rank 0's, as its device computed it). A resumed run's logs start with what they had logged."""
 
     def __init__(self, run):
         self.run = run
@@ -134,7 +134,7 @@ class MetricsLog:
         if self.csv is None:
             self.csv = csv.DictWriter(self.c, list(row), extrasaction="ignore")
             self.csv.writeheader()
-        self.csv.writerow({**row, "stage": row["stage"] + 1})  # from 1, as in s1_128_frozen
+        self.csv.writerow({**row, "stage": row["stage"] + 1})  # from 1, as s1_128_frozen
 
     def write(self, row, step_losses=()):
         self.run.history.append(row)

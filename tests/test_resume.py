@@ -137,9 +137,9 @@ def test_a_resumed_log_keeps_the_steps_of_the_epochs_its_checkpoint_holds(tmp_pa
     # the kill came between) is trained again on resume: its steps must not be there twice
     from machinery.epochs import MetricsLog
     (tmp_path / "steps.csv").write_text("epoch,step,loss\n1,1,2.5\n1,2,2.0\n2,1,1.5\n2,2,1.")
-    run = type("R", (), {"dir": str(tmp_path), "history": [{"epoch": 1, "val_loss": 1.0}]})
+    run = type("R", (), {"dir": str(tmp_path), "history": [{"stage": 0, "epoch": 1}]})
     with MetricsLog(run) as log:
-        log.write({"epoch": 2, "val_loss": 0.9}, [1.25, 1.0])
+        log.write({"stage": 0, "epoch": 2}, [1.25, 1.0])
     assert (tmp_path / "steps.csv").read_text() == \
         "epoch,step,loss\n1,1,2.5\n1,2,2.0\n2,1,1.25\n2,2,1.0\n"
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2

@@ -406,8 +406,8 @@ def test_a_last_stage_without_epochs_still_sets_the_test_size(tmp_path, capsys, 
     monkeypatch.setattr(data, "stage_films", stage_films)
     cfg = parse_args(["--data", "phantom", "--phantoms", "48", "--runs", str(tmp_path),
                       "--name", "z", "--cache-dir", "", "--stages", "32,40", "--frozen-epochs",
-                      "0", "--unfrozen-epochs", "1,0", "--lr-unfrozen", "1e-3", "--batch-size", "16",
-                      *TINY[:6]])
+                      "0", "--unfrozen-epochs", "1,0", "--lr-unfrozen", "1e-3", "--batch-size",
+                      "16", *TINY[:6]])
     train.main(cfg)
     assert sizes == [32, 40]  # the test split's films at 40 px, not 32 px ones resampled
     assert "== test split (40 images, 40 px)" in capsys.readouterr().out
