@@ -25,7 +25,8 @@ def on_host(nbytes, device, data_on="auto", gpu_gib=0.0, what=""):
         budget = gpu_gib or (torch.cuda.mem_get_info(device)[0] / 2 ** 31
                              if device.type == "cuda" else math.inf)
         host = gib > budget
-        why = f" ({gib:.2f} GiB {'>' if host else '<='} {budget:.2f} GiB for films)"
+        why = "" if budget == math.inf else (  # the CPU: nothing to weigh
+            f" ({gib:.2f} GiB {'>' if host else '<='} {budget:.2f} GiB for films)")
     else:
         host, why = data_on == "cpu", " (--data-on)"
     print(f"films {what}: {gib:.2f} GiB, " + (
