@@ -10,7 +10,7 @@ the train.py flags it changes (listed at the end of --help; --variant NAME="--fl
 adds one or replaces a built-in); --preset names a set of them. Runs go to
 --out/<variant>-s<seed>/; a run that finished is skipped on a rerun, one that was killed is
 continued (--resume), one that fails is reported and the others go on. At the end
-compare.py's tables (compare.md, .csv, .png) are written to --out.
+compare.py's tables (compare.md, .csv, .json, .png) are written to --out.
 
 Each run is its own `python train.py` process: a crash, an out-of-memory or a hang in one
 cannot take the others down, every run starts from fresh global state (random generators,
@@ -94,14 +94,15 @@ def variants_help():
     lines = ["variants (--variants, --preset): the train.py flags each adds ({...}: filled",
              "from the base flags' stages), and what they change:"]
     for name, flags in VARIANTS.items():
-        lines += [f"  {name:<18} {flags or '(none)'}", f"  {'':<18} {ABOUT[name]}"]
+        lines += [f"  {name:<18} {flags or '(none)'}", f"  {'':<18} {ABOUT.get(name, '')}"]
     return "\n".join(lines)
 
 
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # --seed is train's
                                 formatter_class=Help, epilog=variants_help(),
-                                usage="%(prog)s --data PATH [flags below] [train.py's flags]")
+                                usage="%(prog)s [--demo | --data PATH] [flags below] "
+                                "[train.py's flags]")
     p.add_argument("--preset", default="", choices=["", *PRESETS], metavar="{" + ",".join(
         PRESETS) + "}", help="a set of variants: " + "; ".join(
             f"{k}: {v}" for k, v in PRESETS.items()) + " (default: techniques)")
@@ -233,6 +234,7 @@ def run_one(r, log_dir):
 def main(argv=None):
     runs, variants, out, ref = parse(argv)
     names = list(variants)
+    runlock.refuse_if_held(out, "--out")  # another ablate.py writes there: before any work
     stale = {os.path.basename(r["dir"]): changed(r) for r in runs}
     stale = {k: v for k, v in stale.items() if v}
     if stale:  # another ablation's runs, or this one's with other flags: never mixed in
@@ -241,7 +243,6 @@ def main(argv=None):
                          ", ".join(f"{key} {old!r} there, {new!r} now" for key, (old, new)
                                    in list(v.items())[:3]) + "); choose another --out")
     log_dir = os.path.join(out, "logs")
-    runlock.refuse_if_held(out, "--out")  # another ablate.py writes there: before any work
     os.makedirs(log_dir, exist_ok=True)
     runlock.hold(out, "--out")  # this ablation's runs, logs and tables: this process's alone
     print(f"{len(runs)} runs ({len(names)} variants x {len(runs) // len(names)} seeds) in "

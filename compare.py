@@ -336,7 +336,10 @@ def main(argv=None):
         groups = group_runs(runs, [k for k in a.group_by.split(",") if k])
         out = a.out or os.path.join(os.path.commonpath([os.path.dirname(os.path.abspath(
             r["dir"].rstrip(os.sep))) for r in runs]), "compare")
-        return report(groups, out, a.ref or None, a.boot, a.seed)
+        try:
+            return report(groups, out, a.ref or None, a.boot, a.seed)
+        except OSError as e:  # the runs' common folder, or --out, cannot be written
+            raise CompareError(f"cannot write {out} ({e.strerror or e}); give --out DIR") from e
     except CompareError as e:
         raise SystemExit(f"error: {e}")
 
@@ -369,7 +372,7 @@ def report(groups, out, ref=None, n_boot=2000, seed=0, title=""):
     with open(os.path.join(out, "compare.json"), "w") as f:  # strict JSON: null, not NaN
         json.dump(_no_nan(rows), f, indent=1)
     print(f"test set: {n} images; mean ± sd over runs [95% t-interval of the mean]\n\n{text}"
-          f"\n\nwritten to {out}/compare.md, .csv, .png")
+          f"\n\nwritten to {out}/compare.md, .csv, .json, .png")
     return rows
 
 

@@ -189,7 +189,7 @@ def main(argv=None):
     m.update(checkpoint=a.checkpoint, data=a.data, split=a.split, size=size, tta=a.tta,
              hide=clf.hidden.what, hide_box=clf.hidden.box, test_sources=test_sources,
              skipped=[{"path": path, "why": why} for _, path, why in skipped],
-             unfinished=clf.unfinished)
+             weights=clf.weights)
 
     run_dir = run_dir_of(a.checkpoint)
     name = os.path.basename(os.path.normpath(a.data))
@@ -204,7 +204,7 @@ def main(argv=None):
     table = format_metrics(m)
     said = "".join(f"{line}\n\n" for line in [
         f"**Evaluated on {clf.hidden.note()}: a shortcut test.**" if clf.hidden else "",
-        f"**The weights of an unfinished run: {clf.unfinished}.**" if clf.unfinished else "",
+        f"**Not the finished model: {clf.weights}.**" if clf.weights else "",
         f"{len(skipped)} film(s) could not be read and are left out: " + ", ".join(
             f"{path} ({why})" for _, path, why in skipped[:10]) + "." if skipped else "",
         f"Test split: the films of the sources {test_sources} (--test-sources)."

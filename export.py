@@ -1,7 +1,9 @@
 """Export a trained model: one file, in torch's own format, that classifies a film of any size.
 
-    python export.py runs/NAME       # -> runs/NAME/export/: model.pt2, classes.json, body.pth,
-    python export.py runs/NAME/model.pt --out deploy/            # MODEL_CARD.md
+    python export.py runs/NAME                    # -> runs/NAME/export/
+    python export.py runs/NAME/model.pt --out deploy/
+
+Writes model.pt2, classes.json, body.pth and MODEL_CARD.md.
 
 model.pt2 is a torch.export program: it needs torch alone, not this code.
 
@@ -50,7 +52,8 @@ class Exported(nn.Module):
 
     def forward(self, film):
         x = square(film[None], self.store).float() / 255  # (1, 1, T, T), as the API stores it
-        hw = torch.ones(1) * film.shape[1] / film.shape[2] if self.crop else None
+        hw = film.new_ones(1, dtype=torch.float32) * film.shape[1] / film.shape[2] \
+            if self.crop else None
         return self.model(normalize(view(x, self.size, hw))).softmax(1)
 
 
@@ -114,8 +117,8 @@ def main(argv=None):
             raise
         raise DataError(f"--out {out}: cannot write there ({e.strerror or e}); choose another "
                         "--out") from e
-    print("wrote " + ", ".join(paths) + "\nuse: probs = torch.export.load(model.pt2).module()"
-          "(film), film a uint8 tensor (1, H, W) of any size")
+    print("wrote " + ", ".join(paths) + "\nuse: probs = torch.export.load(\"model.pt2\")"
+          ".module()(film), film a uint8 tensor (1, H, W) of any size")
     return paths
 
 

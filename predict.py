@@ -4,13 +4,12 @@
     python predict.py runs/NAME/model.pt folder/ --out p.csv --cam cams/
 
 Writes one CSV row per image (class probabilities and the top class), by default into the run
-folder (beside a checkpoint file). Files that are not
-images, or cannot be read, are listed as skipped; the rest are predicted. With --cam, each
-image gets a Grad-CAM heat map (Selvaraju et al., ICCV 2017) from the last convolutional block,
-blended over the original radiograph at its original size (with --resize crop the model sees,
-and the heat map covers, the film's centre square, as fastai v1 validates). A heat map shows what
-drove the score, not where the disease is: a bright patch on a text marker or the edge of the
-film is a reason to distrust the model.
+folder (beside a checkpoint file). Files that are not images, or cannot be read, are listed as
+skipped; the rest are predicted. With --cam, each image gets a Grad-CAM heat map (Selvaraju et
+al., ICCV 2017) from the last convolutional block, blended over the original radiograph at its
+original size (with --resize crop the model sees, and the heat map covers, the film's centre
+square, as fastai v1 validates). A heat map shows what drove the score, not where the disease
+is: a bright patch on a text marker or the edge of the film is a reason to distrust the model.
 
 From Python, the same in a few lines (the API; evaluate.py loads its model with it too):
 
@@ -57,18 +56,21 @@ class FilmError(DataError):
         self.why = why or message
 
 
+LUMA = (0.299, 0.587, 0.114)  # Pillow's convert("L") of RGB
+
+
 def as_image(film):
     """A PIL image, or a numpy array or torch tensor of one film: (H, W), (H, W, 3|4) or
     (1|3|4, H, W) -> a PIL image that squares() makes one 8-bit channel: uint8 as it is, floats
-    as intensities in [0, 1] (to_tensor's), other integers by their used range (films.to_gray;
-    colour that is not uint8: the mean of its channels)."""
+    as intensities in [0, 1] (to_tensor's), other integers by their used range (films.to_gray);
+    colour of any kind to gray by the same luma."""
     if isinstance(film, Image.Image):
         return film
     if isinstance(film, torch.Tensor):
         film = film.detach().cpu().numpy()
-        if film.ndim == 3 and film.shape[0] in (1, 3, 4):  # CHW -> HWC
-            film = film.transpose(1, 2, 0)
     a = np.asarray(film)
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 3, 4):
+        a = a.transpose(1, 2, 0)  # CHW -> HWC
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
     if a.ndim not in (2, 3) or min(a.shape[:2]) < 1 or a.ndim == 3 and a.shape[2] not in (3, 4):
@@ -77,8 +79,8 @@ def as_image(film):
     if a.dtype == np.uint8:
         return Image.fromarray(a)
     integers = a.dtype.kind in "iu"
-    if a.ndim == 3:
-        a = a[..., :3].mean(2)
+    if a.ndim == 3:  # colour: Pillow's luma, as uint8 colour becomes gray (ITU-R 601-2)
+        a = a[..., :3].astype(np.float32) @ np.array(LUMA, np.float32)
     return Image.fromarray(stretch(a) if integers else a.astype(np.float32))
 
 
@@ -96,7 +98,8 @@ class Classifier:
         self.classes, self.size, self.crop = list(classes), size, crop
         self.hidden = hidden
         self.device, self.amp, self.channels_last = device, amp, channels_last
-        self.config, self.unfinished = {}, ""  # how it was trained; where an unfinished run stopped
+        self.config = {}  # how it was trained
+        self.weights = ""  # what the weights are, when not a run's model.pt (which_weights)
         # every film stored at the crop margin: its result never depends on the others'
         self.store = stored_size(size, "crop" if crop else "squish", CROP_MARGIN)
 
@@ -121,7 +124,7 @@ class Classifier:
         clf = cls(model, ck["classes"], size or ck.get("size") or 224, crop, dev,
                   devices.precision(dev, precision), devices.channels_last(dev, channels_last),
                   hidden)
-        clf.config, clf.unfinished = trained, ck.get("unfinished", "")
+        clf.config, clf.weights = trained, ck["weights"]
         return clf
 
     def prepare(self, film, name=None):

@@ -27,12 +27,12 @@ def make_parser():
 def main(argv=None):
     p = make_parser()
     a = p.parse_args(argv)
+    runlock.check_not_written(a.run)  # a run being trained: its files are not whole
     need = [f for f in ("config.json", "metrics.jsonl", "test_metrics.json",
                         "test_predictions.csv") if not os.path.isfile(os.path.join(a.run, f))]
     if need:
         p.error(f"{a.run}: not a finished run folder (no {', '.join(need)}); train.py writes "
                 "them at the end of a run")
-    runlock.check_not_written(a.run)  # a run being trained: its files are not whole
     path = write_report(a.run)
     print(path)
     return path

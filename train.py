@@ -29,7 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 import data
 from lrfind import suggest_lr
 from machinery import ddp
-from machinery.checkpoint import drop_last, restore, resume_from, save_checkpoint
+from machinery.checkpoint import restore, resume_from, save_checkpoint
 from machinery.config import make_stages, parse_args
 from machinery.datasets import run_cli
 from machinery.epochs import Books, MetricsLog, checkpoint_epoch, rollback_point
@@ -258,9 +258,7 @@ def finish(run, films, size, batch_size):
     with ddp.fail_together():
         if ddp.main():
             top_losses(run, films["test"], size, probs)  # before report.md, which shows it
-            write_outputs(run, m, probs)
-            if not run.cfg.keep_last:  # only --resume reads it, and this run is over
-                drop_last(run.dir)
+            write_outputs(run, m, probs)  # and last.pt goes: only --resume reads it
     print(f"\n== test split ({len(probs)} images, {size} px)\n" + format_metrics(m))
     print(f"\nrun folder: {run.dir} (report.md); seconds: " +
           ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))

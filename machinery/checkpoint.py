@@ -5,7 +5,6 @@
     cfg, state = resume_from(cfg)         # the run folder's last.pt, for --resume
     restore(run, state)                   # its weights, optimizer, generators and history
     model, ck = load_checkpoint("runs/NAME")   # a trained model, for evaluate.py and predict.py
-    check_writable(run_dir, need_bytes)   # before training, not at the first checkpoint
 """
 import contextlib
 import copy
@@ -14,7 +13,6 @@ import math
 import os
 import random
 import re
-import shutil
 import threading
 import time
 
@@ -26,27 +24,6 @@ from machinery import ddp, runlock
 from machinery.config import Config
 from machinery.datasets import DataError
 from model import COVIDResNet, load_weights
-
-
-def check_writable(run_dir, need_bytes):
-    """Fail now, not at the first checkpoint hours later, if run_dir cannot take the run."""
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, f".write-test-{os.getpid()}")  # two may look at once
-        with open(probe, "wb") as f:
-            f.write(b"0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"cannot write the run folder {run_dir} ({e.strerror}); choose "
-                         "another with --runs DIR") from e
-    free = shutil.disk_usage(run_dir).free
-    if free < need_bytes:
-        if not os.listdir(run_dir):
-            os.rmdir(run_dir)
-        raise SystemExit(f"{run_dir} has {free / 2**20:.0f} MiB free; the run's checkpoints "
-                         f"need about {need_bytes / 2**20:.0f} MiB. Free space or use --runs DIR")
 
 
 def save_checkpoint(run, path, state=None, **extra):
@@ -337,6 +314,10 @@ def load_checkpoint(path, allow_unfinished=False):
         if "size" not in ck:  # last.pt before 2026-12-05: its stage's (0-based) size
             ck["size"] = int(str(ck["config"]["stages"]).split(",")[ck["stage"]])
         ck["unfinished"] = stopped_at(ck)
+        model_pt = os.path.join(os.path.dirname(path), "model.pt")
+        if not allow_unfinished and os.path.isfile(model_pt):  # --keep-last kept it
+            raise CheckpointError(f"{path}: the training state a finished run kept "
+                                  f"(--keep-last), not its model: that is {model_pt}")
         if not allow_unfinished:
             raise CheckpointError(f"{path}: the weights of an unfinished run, "
                                   f"{ck['unfinished']}: not a finished model. "

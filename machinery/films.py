@@ -50,11 +50,11 @@ def to_gray(img):
         if bad:  # NaN would blank the film: a confident answer for a black one
             raise ValueError(f"{bad} of its {a.size} pixels are NaN or infinite: not a film")
         lo, hi = float(a.min()), float(a.max())
-        if lo < 0 or hi > 1:
+        if lo < -0.5 / 255 or hi > 1 + 0.5 / 255:  # within half a level: rounding's overshoot
             raise ValueError(f"float pixels from {lo:g} to {hi:g}: a float film holds "
                              "intensities in [0, 1] (divide 8-bit values by 255, 16-bit ones by "
                              "65535, or give the integers)")
-        return Image.fromarray(np.round(a * 255).astype(np.uint8))
+        return Image.fromarray(np.round(a * 255).clip(0, 255).astype(np.uint8))
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         return Image.fromarray(stretch(np.asarray(img)))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -247,8 +247,8 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
             found = Problems()
             found.add("images could not be read", [f"{p} ({why})" for _, p, why in bad],
                       " (replace them, or remove them from the split file)")
-            if skipped is not None and bad:  # left out by the caller; cached, they would not be
-                skipped += bad
+            if skipped is not None and bad and len(bad) < n:  # left out by the caller; not
+                skipped += bad  # cached, or they would not be found again
                 key = None
             elif problems is None:
                 found.check()

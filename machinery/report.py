@@ -13,6 +13,7 @@ import os
 
 from machinery import runlock
 from machinery.audit import sources_md
+from machinery.checkpoint import drop_last
 from machinery.metrics import format_metrics, roc_curve
 from machinery.modelcard import phantom_data, write_model_card
 from machinery.plots import COLOURS, GREY, LIGHT, confusion_plot, line_plot
@@ -235,11 +236,14 @@ def write_report(run_dir):
 
 def write_outputs(run, m, probs):
     """The test split's metrics, predictions, the run's report.md and MODEL_CARD.md (rank 0);
-    then the run folder is whole, and its lock goes (runlock)."""
+    last.pt goes (only --resume reads it, and the run is over; --keep-last keeps it); then the
+    run folder is whole, and its lock goes (runlock)."""
     with open(os.path.join(run.dir, "test_metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
     write_predictions(os.path.join(run.dir, "test_predictions.csv"), run.items["test"],
                       run.items["test"].labels, probs.tolist(), run.classes)
     write_report(run.dir)
     write_model_card(run.dir)
+    if not run.cfg.keep_last:
+        drop_last(run.dir)
     runlock.release(run.dir)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from machinery import audit, datasets, ddp, devices, films, runlock
-from machinery.checkpoint import Checkpointer, check_writable
+from machinery.checkpoint import Checkpointer
 from machinery.config import Config, make_stages
 from machinery.shortcuts import NOT_A_CLASSIFIER, Hidden
 from model import build_model, fetch_weights, make_optimizer
@@ -66,8 +66,6 @@ def setup(cfg, sizes=None):
     torch.manual_seed(cfg.seed)
     dev = devices.pick_device(dev_name)
     amp, cl = devices.precision(dev, cfg.precision), devices.channels_last(dev, cfg.channels_last)
-    if run_dir:  # every knob is there, not in the log
-        print(f"config: {os.path.join(run_dir, 'config.json')} (run it again: --config that file)")
     sd = fetch_weights(cfg.weights, cfg.arch)  # before any decoding: no weights, no wait
     classes, items, split_films, leaks = read_data(cfg, sizes or [s.size for s in
                                                                   make_stages(cfg)])
@@ -201,7 +199,7 @@ def write_run_folder(cfg, run_dir, classes, dev, need_bytes, leaks=None, arithme
     if cfg.overwrite and not cfg.resume and os.path.isfile(os.path.join(run_dir, "config.json")):
         for entry in os.listdir(run_dir):  # a run folder (config.json), and only now
             path = os.path.join(run_dir, entry)
-            if os.path.isdir(path):
+            if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
             elif entry != runlock.LOCK:
                 os.remove(path)
@@ -209,11 +207,33 @@ def write_run_folder(cfg, run_dir, classes, dev, need_bytes, leaks=None, arithme
         json.dump({**dataclasses.asdict(cfg), "git_commit": git_commit(), "git_dirty": git_dirty(),
                    "torch": torch.__version__, "device": str(dev), "arithmetic": arithmetic,
                    **({"ranks": ddp.world()} if ddp.world() > 1 else {})}, f, indent=1)
+    print(f"config: {f.name} (every knob, not in this log; run it again: --config that file)")
     with open(os.path.join(run_dir, "classes.json"), "w") as f:
         json.dump(classes, f)
     if leaks is not None:
         with open(os.path.join(run_dir, "leaks.json"), "w") as f:
             json.dump(leaks, f, indent=1)
+
+
+def check_writable(run_dir, need_bytes):
+    """Fail now, not at the first checkpoint hours later, if run_dir cannot take the run."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-test-{os.getpid()}")  # two may look at once
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"cannot write the run folder {run_dir} ({e.strerror}); choose "
+                         "another with --runs DIR") from e
+    free = shutil.disk_usage(run_dir).free
+    if free < need_bytes:
+        if not os.listdir(run_dir):
+            os.rmdir(run_dir)
+        raise SystemExit(f"{run_dir} has {free / 2**20:.0f} MiB free; the run's checkpoints "
+                         f"need about {need_bytes / 2**20:.0f} MiB. Free space or use --runs DIR")
 
 
 def run_folder(cfg):

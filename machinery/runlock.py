@@ -52,11 +52,14 @@ def writer(run_dir):
         with open(path) as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:  # held: read who holds it
-                try:
-                    return json.loads(f.read() or "{}")
-                except ValueError:  # being written this instant
-                    return {}
+            except BlockingIOError:  # held: who holds it (written just after the lock is taken)
+                for _ in range(10):
+                    f.seek(0)
+                    try:
+                        return json.loads(f.read())
+                    except ValueError:  # not written yet, or half
+                        time.sleep(0.05)
+                return {}
             fcntl.flock(f, fcntl.LOCK_UN)
     except OSError:  # not readable: say nothing rather than refuse a run
         return None
@@ -87,11 +90,13 @@ def hold(run_dir, flag="--name"):
             f.close()
             refuse_if_held(run_dir, flag)
             continue  # it ended between the two looks: try again
-        try:  # the file locked is still the one at `path` (release() removes it)
-            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
+        except OSError as e:  # a file system without locks (some network mounts)
+            f.close()
+            print(f"warning: {path} cannot be locked ({e.strerror}): nothing stops another "
+                  "process from writing this folder too")
+            return
+        if _same_file(path, f):  # still the file at `path` (release() removes it)
+            break
         f.close()
     f.seek(0)
     f.truncate()
@@ -100,24 +105,34 @@ def hold(run_dir, flag="--name"):
                         "command": shlex.join([os.path.basename(sys.argv[0] or "python"),
                                                *sys.argv[1:]])[:300]}))
     f.flush()
+    if not _held:
+        atexit.unregister(release_all)  # once, whatever was held and let go before
+        atexit.register(release_all)
     _held[key] = f
 
 
 def release(run_dir):
-    """Let go of run_dir (held by this process), removing its lock file."""
+    """Let go of run_dir (held by this process), removing its lock file (if it is still the
+    one this process locked)."""
     f = _held.pop(_key(run_dir), None)
     if f is not None:
-        try:
-            os.remove(os.path.join(run_dir, LOCK))
-        except OSError:
-            pass
+        path = os.path.join(run_dir, LOCK)
+        if _same_file(path, f):
+            os.remove(path)
         f.close()  # unlocks
 
 
-@atexit.register  # the locks go with the process anyway; their files, at a normal exit
 def release_all():
+    """Every lock of this process (at exit: the locks go with it anyway, their files not)."""
     for key in list(_held):
         release(key)
+
+
+def _same_file(path, f):
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(f.fileno()))
+    except OSError:  # gone
+        return False
 
 
 def check_not_written(path):

@@ -100,6 +100,10 @@ def test_a_run_folder_that_holds_a_run_is_never_written_over(tmp_path, capsys):
     run("--seed", "1", "--overwrite", "--keep-last")
     assert model.read_bytes() != first  # replaced, as asked
     assert (tmp_path / "same" / "last.pt").exists()  # kept, as asked
+    from machinery.checkpoint import CheckpointError, load_checkpoint
+    with pytest.raises(CheckpointError, match=r"last.pt: the training state a finished run kept "
+                       r"\(--keep-last\), not its model: that is .*same/model.pt"):
+        load_checkpoint(str(tmp_path / "same" / "last.pt"))  # not "unfinished": it is not
     train.main(parse_args(["--resume", str(tmp_path / "same")]))  # into its own folder
 
 

@@ -182,3 +182,7 @@ def test_films_that_cannot_be_read_are_named_and_left_out(checkpoint, tmp_path, 
         "test0.png", "test1.png", "test4.png", "test5.png"]
     assert not os.path.exists(tmp_path / "cache") or not os.listdir(tmp_path / "cache")
     assert evaluate.main(argv)["n"] == 4  # found again, not read from a cache
+    for f in os.listdir(tmp_path / "d" / "test"):  # none readable: the data's error, said
+        (tmp_path / "d" / "test" / f).write_bytes(b"not a film")
+    with pytest.raises(DataError, match="6 images could not be read"):
+        evaluate.main(argv)

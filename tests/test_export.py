@@ -99,6 +99,8 @@ def test_floats_are_intensities_in_0_1_and_nothing_else(tmp_path):
     film = np.random.default_rng(0).random((60, 50)).astype(np.float32)
     dark = clf.predict(film * 0.5)  # no longer stretched over its range: a darker film
     assert max(abs(dark[c] - clf.predict(film)[c]) for c in phantom.CLASSES) > 1e-3
+    near = clf.predict(np.clip(film + 0.001, 0, 1.001))  # resampling's overshoot: taken
+    assert max(abs(near[c] - clf.predict(film)[c]) for c in phantom.CLASSES) < 0.05
     with pytest.raises(predict.FilmError, match=r"float pixels from 0\.\d+ to 254\.\d+: a "
                        r"float film holds intensities in \[0, 1\] \(divide 8-bit values by 255"):
         clf.predict(film * 255)

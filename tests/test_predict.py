@@ -98,7 +98,7 @@ def test_the_python_api_takes_any_film_and_answers_by_class_name(checkpoint, tmp
     assert list(p) == phantom.CLASSES and abs(sum(p.values()) - 1) < 1e-5
     same = [Image.fromarray(film), film, film.astype(np.uint16) * 257,
             torch.from_numpy(film).float() / 255, torch.from_numpy(film)[None].repeat(3, 1, 1),
-            np.stack([film] * 3, -1)]
+            np.stack([film] * 3, -1), film[None], np.stack([film] * 3).astype(np.float32) / 255]
     for q in clf.predict(same):  # PIL, 8 and 16 bits, floats, CHW and HWC colour: one film
         assert all(abs(q[c] - p[c]) < 1e-5 for c in phantom.CLASSES)
     big = clf.predict(Image.fromarray(film).resize((512, 512)))  # any size, resized as trained

@@ -88,7 +88,7 @@ def unfinished_is_refused_unless_asked(run, done):
                      rf"trained in all, at {size} px\)\.\*\*", card), card[:600]
     assert f"resized to {size} x {size} px" in card
     clf = predict.Classifier.load(str(run), allow_unfinished=True)
-    assert clf.size == size and clf.unfinished.startswith("stopped after epoch")
+    assert clf.size == size and clf.weights.startswith("the weights of an unfinished run")
 
 
 def test_a_checkpoint_write_that_dies_leaves_the_previous_one_whole(tmp_path, monkeypatch):

@@ -45,7 +45,8 @@ def test_two_trainings_on_one_folder_one_trains_the_other_stops(raced):
     assert "Traceback" not in loser
     winner = next(out for rc, out in results if rc == 0)  # a log a file can hold:
     assert "\r" not in winner and "config: {" not in winner  # no bar frames, no config dump
-    assert f"config: {run / 'config.json'} (run it again: --config that file)" in winner
+    assert f"config: {run / 'config.json'} (every knob, not in this log; run it again: " \
+        "--config that file)" in winner
     assert "s1_32_unfrozen epoch 2/2: train loss" in winner  # a line per epoch
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]  # every line parses
     assert [r["epoch"] for r in rows] == [1, 2]  # the winner's epochs, once each
@@ -91,3 +92,8 @@ def test_a_process_never_waits_for_itself(tmp_path):
     finally:
         runlock.release(str(tmp_path))
     assert os.listdir(tmp_path) == []  # the lock file goes with the lock
+    runlock.hold(str(tmp_path))
+    (tmp_path / "other").write_text("{}")  # another's lock file in its place (the folder
+    os.replace(tmp_path / "other", tmp_path / runlock.LOCK)  # moved, and made again)
+    runlock.release(str(tmp_path))
+    assert (tmp_path / runlock.LOCK).read_text() == "{}"  # not this process's to remove

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import data
 import lrfind
 import train
-from machinery import checkpoint, devices
+from machinery import devices
 from machinery.config import make_stages, parse_args
 from machinery.epochs import MetricsLog
 from machinery.run import setup
@@ -271,7 +271,7 @@ def test_unwritable_or_full_run_folder_fails_before_training(tmp_path, monkeypat
     args = ["--data", "phantom", "--phantoms", "64", "--cache-dir", ""] + TINY
     with pytest.raises(SystemExit, match="cannot write the run folder"):
         setup(parse_args(args + ["--runs", str(blocker)]))
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: type("U", (), {"free": 10**6}))
+    monkeypatch.setattr("shutil.disk_usage", lambda p: type("U", (), {"free": 10**6}))
     with pytest.raises(SystemExit, match=r"1 MiB free; the run's checkpoints need about \d+"):
         setup(parse_args(args + ["--runs", str(tmp_path / "full"), "--name", "x"]))
     assert not os.path.exists(tmp_path / "full" / "x")
