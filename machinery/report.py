@@ -168,7 +168,13 @@ def data_lines(path, classes, cfg, m):
                   "exact or near duplicate in training: the validation numbers per epoch are "
                   "inflated by them."]
     lines += ["", *sources_md(leaks["sources"], classes)]
-    return lines + [""] + [f"Warning: {w}." for w in leaks["source_warnings"]] + [""]
+    lines += [""] + [f"Warning: {w}." for w in leaks["source_warnings"]] + [""]
+    # audit.py's report of this data set, where audit.py puts it by default: beside the run
+    name = "audit-" + os.path.basename(os.path.normpath(cfg["data"]))
+    if os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(path)), name, "audit.md")):
+        lines += [f"The data set's audit (audit.py: every duplicate pair, sources, the "
+                  f"shortcut baseline): [../{name}/audit.md](../{name}/audit.md).", ""]
+    return lines
 
 
 def shortcut_lines(cfg):

@@ -83,11 +83,19 @@ def test_training_refuses_a_test_film_copied_from_training(tmp_path):
         read_data(parse_args(flags), [64])
     *_, leaks = read_data(parse_args(flags + ["--allow-duplicates"]), [64])
     assert leaks["test_films_with_duplicate_in_train"] == 1 and leaks["allowed"]
-    with open(tmp_path / "leaks.json", "w") as f:  # what the run's report.md then says
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "leaks.json", "w") as f:  # what the run's report.md then says
         json.dump(leaks, f)
-    said = "\n".join(data_lines(str(tmp_path / "leaks.json"), ["COVID-19", "normal",
-                                                               "pneumonia"], {"data": str(root)},
-                                 {"confusion_matrix": [[1, 0, 0], [0, 2, 0], [0, 0, 0]]}))
+    said = lambda: "\n".join(data_lines(str(run_dir / "leaks.json"), ["COVID-19", "normal",
+                                                                     "pneumonia"],
+                                         {"data": str(root)}, {"confusion_matrix": [[1]]}))
+    assert "audit.md" not in said()
+    audit_md = tmp_path / "runs" / f"audit-{root.name}" / "audit.md"  # audit.py's, by default
+    audit_md.parent.mkdir()
+    audit_md.write_text("# audit")
+    said = said()
+    assert f"[../audit-{root.name}/audit.md](../audit-{root.name}/audit.md)" in said
     assert "**1 test films have an exact or near duplicate in training**" in said
     assert "copy.png ~ " in said and first[1] in said
     assert "| copy | 1 | 0 | 0 |" in said  # the sources by class: the copy's own source
