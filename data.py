@@ -120,7 +120,7 @@ _CONST = {}  # device -> constant tensors, made once (a copy to the GPU per batc
 
 
 def _const(device, name, values):
-    if torch.compiler.is_compiling():  # traced (export.py): a constant of the graph, not kept
+    if torch.compiler.is_compiling():  # traced (export.py): the graph's own, never kept
         return torch.tensor(values, device=device)
     if (device, name) not in _CONST:
         _CONST[device, name] = torch.tensor(values, device=device)
@@ -179,14 +179,15 @@ def film_matrix(p, hw):
 
 def pixel_centres(size, device):
     """(1, size * size, 3): each output pixel's centre (x, y, 1) in [-1, 1], made once."""
-    if (device, "centres", size) not in _CONST or torch.compiler.is_compiling():
-        ax = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, device=device)
-        ys, xs = torch.meshgrid(ax, ax, indexing="ij")
-        centres = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, size * size, 3)
-        if torch.compiler.is_compiling():  # traced: a constant of the graph, not kept
-            return centres
-        _CONST[device, "centres", size] = centres
-    return _CONST[device, "centres", size]
+    key = (device, "centres", size)
+    if key in _CONST and not torch.compiler.is_compiling():
+        return _CONST[key]
+    ax = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, device=device)
+    ys, xs = torch.meshgrid(ax, ax, indexing="ij")
+    centres = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, size * size, 3)
+    if not torch.compiler.is_compiling():  # traced (export.py): the graph's own, never kept
+        _CONST[key] = centres
+    return centres
 
 
 def sample(x, H, size):
