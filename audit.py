@@ -91,7 +91,7 @@ def pct(sc, key):
 
 
 def summary(a):
-    """The audit in a few lines: what train.py's report and make_covidx_v1.py print."""
+    """The audit in a few lines: what train.py's report and tools/make_covidx_v1.py print."""
     dup = a["duplicates"]
     n = {k: len(v) for k, v in dup.items()}
     sc = a["shortcut"]

@@ -21,8 +21,8 @@ measurement, so a killed call keeps what it measured):
               cache), LR finders, first steps (autotuning, compilation), training and evaluation;
   cache       (d) the CPU cache build rate for 1024 px 8-bit PNGs.
 --gpu-check runs train.py, evaluate.py and predict.py as a user would, on the device
-(machinery/gpucheck.py); BENCHMARKS.md says what healthy output looks like. The measurements
-themselves are in machinery/measure.py.
+(benchmarks/gpucheck.py); BENCHMARKS.md says what healthy output looks like. The measurements
+themselves are in benchmarks/measure.py.
 """
 import argparse
 import json
@@ -38,8 +38,8 @@ import data
 import train
 from machinery import devices
 from machinery.config import Help, add_flags
-from machinery.gpucheck import gpu_check, require_cuda
-from machinery.measure import (PARTS, QUICK, BenchConfig, Recipe, Results, cache_rate,
+from benchmarks.gpucheck import gpu_check, require_cuda
+from benchmarks.measure import (PARTS, QUICK, BenchConfig, Recipe, Results, cache_rate,
                                checkpoint_cost, ddp_scaling, end_to_end, measure_steps,
                                remove_scratch, scratch, step_run, write_phantom_covidx)
 from machinery.run import git_commit

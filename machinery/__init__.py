@@ -9,7 +9,7 @@ they call what is here by name, and nothing here imports them but model.py and s
     runlock.py     one writer per run folder: a lock that dies with its process
     datasets.py    COVIDx split files and ImageFolder trees, read and checked; patient split
     audit.py       duplicate films across splits, sources by class, the shortcut baseline
-    covidx.py      COVIDx v1's two sources and rules (make_covidx_v1.py)
+    covidx.py      COVIDx v1's two sources and rules (tools/make_covidx_v1.py)
     films.py       every film decoded once at every stage size, cached and memory-mapped
     hostmem.py     films too large for the device, batches copied from pinned host memory
     devices.py     device, precision, channels_last, torch.compile's break-even
@@ -18,5 +18,5 @@ they call what is here by name, and nothing here imports them but model.py and s
     plots.py       PNG plots with Pillow alone
     report.py      report.md and the test split's files
     phantom.py     synthetic radiographs for the demo and the tests
-    measure.py     bench.py's measurements; gpucheck.py: the first run on a new GPU
+bench.py's measurements and its first-GPU check are beside this package, in benchmarks/.
 """

@@ -67,7 +67,8 @@ def phash(th):
 
 
 def sha256(path):
-    """A file's SHA-256: the same bytes (audit.py), the films of a manifest (make_covidx_v1.py)."""
+    """A file's SHA-256: the same bytes (audit.py), the films of a manifest
+    (tools/make_covidx_v1.py)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):

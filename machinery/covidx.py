@@ -1,4 +1,5 @@
-"""COVIDx v1, the data set the paper used, rebuilt from its two public sources (make_covidx_v1.py).
+"""COVIDx v1, the data set the paper used, rebuilt from its two public sources
+(tools/make_covidx_v1.py).
 
     rows = select(cohen_rows(read_metadata(cohen)), kermany_rows(kermany))   # v1's rules
     rows = from_split_files(train_split, test_split, cohen, kermany)         # v1's own split

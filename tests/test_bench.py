@@ -8,8 +8,8 @@ import pytest
 
 import bench
 from machinery import devices
-from machinery import gpucheck
-from machinery import measure
+from benchmarks import gpucheck
+from benchmarks import measure
 
 
 def test_bench_quick_measures_every_part(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""make_covidx_v1.py on a tiny synthetic copy of COVIDx v1's two sources: v1's own split
+"""tools/make_covidx_v1.py on a tiny synthetic copy of COVIDx v1's two sources: v1's own split
 reproduced, v1's rules without it, and bad sources refused before anything is written."""
 import json
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import make_covidx_v1
+from tools import make_covidx_v1
 from machinery import covidx, datasets
 
 META = ("Patientid,offset,sex,age,finding,survival,view,modality,date,location,filename\n"

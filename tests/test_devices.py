@@ -333,7 +333,7 @@ def test_a_compiled_run_trains_what_requires_grad_says_as_eager_does(tmp_path):
     import train
     from machinery.config import make_stages, parse_args
     from machinery.epochs import MetricsLog
-    from machinery.measure import body_convs as convs
+    from benchmarks.measure import body_convs as convs
     from machinery.run import setup
 
     def trained(compile):

@@ -58,7 +58,7 @@ def script_and_args(argv):
 def parser_of(script):
     if script == "train.py":
         return config.make_parser()
-    return importlib.import_module(script[:-3]).make_parser()
+    return importlib.import_module(script[:-3].replace("/", ".")).make_parser()
 
 
 def parses(parser, args, known=False):
@@ -149,7 +149,7 @@ def test_every_test_the_docs_name_exists():
 
 
 SCRIPTS = ["train.py", "lrfind.py", "evaluate.py", "predict.py", "export.py", "ablate.py",
-           "compare.py", "report.py", "audit.py", "make_covidx_v1.py", "bench.py"]
+           "compare.py", "report.py", "audit.py", "tools/make_covidx_v1.py", "bench.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

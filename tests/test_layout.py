@@ -1,5 +1,6 @@
 """The layout shows the architecture: at the top level the five tutorial modules and the
-scripts a user types, the machinery in one package, and imports that run one way only."""
+scripts a user types, the machinery in one package, bench.py's measurements in another, the
+tools typed once in tools/, and imports that run one way only."""
 import ast
 import glob
 import os
@@ -7,15 +8,17 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIAL = {"train", "lrfind", "model", "data", "schedule"}
 SCRIPTS = {"train", "lrfind", "evaluate", "predict", "ablate", "compare", "bench", "report",
-           "audit", "make_covidx_v1", "export"}
+           "audit", "export"}
+PACKAGES = ("machinery", "benchmarks", "tools")
 
 
 def modules():
-    """{module name: path} of the project: top-level modules and machinery.*"""
+    """{module name: path} of the project: top-level modules and its packages' modules"""
     found = {os.path.basename(f)[:-3]: f for f in glob.glob(os.path.join(ROOT, "*.py"))}
-    for f in glob.glob(os.path.join(ROOT, "machinery", "*.py")):
-        name = os.path.basename(f)[:-3]
-        found["machinery" if name == "__init__" else f"machinery.{name}"] = f
+    for package in PACKAGES:
+        for f in glob.glob(os.path.join(ROOT, package, "*.py")):
+            name = os.path.basename(f)[:-3]
+            found[package if name == "__init__" else f"{package}.{name}"] = f
     return found
 
 
@@ -46,12 +49,14 @@ def reach(deps, m):
 
 
 def test_the_top_level_holds_the_tutorial_and_the_scripts_alone():
-    top = {m for m in modules() if "." not in m and m != "machinery"}
-    assert top == TUTORIAL | SCRIPTS
+    top = {m for m in modules() if "." not in m and m not in PACKAGES}
+    assert top == TUTORIAL | SCRIPTS and len(top) <= 13
     assert all(os.path.isfile(os.path.join(ROOT, "machinery", f"{m}.py")) for m in (
         "config", "run", "epochs", "checkpoint", "datasets", "films", "hostmem", "devices",
-        "ddp", "metrics", "plots", "report", "phantom", "measure", "gpucheck", "audit", "covidx",
-        "shortcuts"))
+        "ddp", "metrics", "plots", "report", "phantom", "audit", "covidx", "shortcuts",
+        "runlock"))
+    assert {m for m in modules() if m.startswith(("benchmarks.", "tools."))} == {
+        "benchmarks.measure", "benchmarks.gpucheck", "tools.make_covidx_v1"}
 
 
 def test_imports_run_one_way():
@@ -59,9 +64,11 @@ def test_imports_run_one_way():
     # schedule.py and model.py sit under everything: they import nothing of the project
     assert deps["schedule"] == set() and deps["model"] == set()
     for m, ds in deps.items():
-        if m.startswith("machinery"):  # the package: never a script, nor data.py
-            assert ds <= {d for d in deps if d.startswith("machinery")} | {"model",
-                                                                           "schedule"}, m
+        if m.startswith(PACKAGES):  # the packages: never a script, nor data.py
+            assert ds <= {d for d in deps if d.startswith(("machinery", m.split(".")[0]))} | {
+                "model", "schedule"}, m
+    runs = reach(deps, "train") | reach(deps, "lrfind")  # what a run imports: not these
+    assert not {m for m in runs if m.startswith(("benchmarks", "tools"))}
     assert not any(d in SCRIPTS for d in reach(deps, "data"))  # data.py: the package only
     assert [m for m in deps if m in reach(deps, m)] == []  # no circle, however long
     # nothing imports a script but the scripts that drive it (bench.py runs train.main;
@@ -69,8 +76,9 @@ def test_imports_run_one_way():
     users = {s: {m for m, ds in deps.items() if s in ds} for s in SCRIPTS}
     assert users["train"] <= {"bench"} and users["lrfind"] == {"train"}
     assert users["compare"] == {"ablate"} and users["predict"] == {"evaluate"} and all(
-        not users[s] for s in ("evaluate", "ablate", "bench", "report", "audit",
-                               "make_covidx_v1", "export"))
+        not users[s] for s in ("evaluate", "ablate", "bench", "report", "audit", "export"))
+    assert {m for m, ds in deps.items() if any(d.startswith("benchmarks") for d in ds)} <= {
+        "bench", "benchmarks.gpucheck"}
 
 
 def test_every_file_says_what_it_teaches_or_holds():

@@ -1,10 +1,11 @@
 """Rebuild COVIDx v1, the paper's data set, from local copies of its two public sources.
 
     # v1's own split (exact): a COVID-Net clone at commit 55406b3, or the two files
-    python make_covidx_v1.py --cohen covid-chestxray-dataset --kermany chest_xray \\
+    python tools/make_covidx_v1.py --cohen covid-chestxray-dataset --kermany chest_xray \\
         --covid-net COVID-Net --out covidx-v1
     # v1's rules without its split files: PA views, 10% of the Cohen patients to test
-    python make_covidx_v1.py --cohen covid-chestxray-dataset --kermany chest_xray --out covidx-v1
+    python tools/make_covidx_v1.py --cohen covid-chestxray-dataset --kermany chest_xray \\
+        --out covidx-v1
     python train.py --data covidx-v1
 
 Writes --out/train/ and --out/test/ (the films, copied: the sources are never changed),
@@ -20,11 +21,14 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 
 from PIL import Image
 from tqdm import tqdm
 
+# run as `python tools/make_covidx_v1.py`: the project's root on the path, for machinery/
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from machinery import covidx
 from machinery.audit import sha256
 from machinery.config import Help

@@ -14,7 +14,7 @@ import torch
 
 from machinery import phantom
 from machinery.config import DEMO
-from machinery.measure import scratch, write_phantom_covidx
+from benchmarks.measure import scratch, write_phantom_covidx
 from model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project
