@@ -63,23 +63,17 @@ class Augment:
         draws for the global batch of n films, so that every rank draws the same, and keeps
         the rows of its own films.
         """
-        U, used = torch.rand(steps, self.UNIFORMS * n, device=device, generator=gen), 0
-
-        def u(*shape):  # the next uniforms: (steps, n, *shape)
-            nonlocal used
-            used, start = used + n * math.prod(shape), used
-            return U[:, start:used].view(steps, n, *shape)
-        coin = lambda p: u() < p
-        flip = coin(0.5) & self.flip
-        warp = (u(4) * 2 - 1) * self.warp * coin(self.p_affine)[..., None]
-        angle = (u() * 2 - 1) * self.rotate * coin(self.p_affine)
-        zoom = torch.where(coin(self.p_affine), 1 + u() * (self.zoom - 1), 1.0)
-        zoom_at, crop_at = u(2), u(2)  # (x, y) in [0, 1]: fastai's (col_pct, row_pct)
+        u = Uniforms(torch.rand(steps, self.UNIFORMS * n, device=device, generator=gen), n)
+        flip = u.coin(0.5) & self.flip
+        warp = (u.take(4) * 2 - 1) * self.warp * u.coin(self.p_affine)[..., None]
+        angle = (u.take() * 2 - 1) * self.rotate * u.coin(self.p_affine)
+        zoom = torch.where(u.coin(self.p_affine), 1 + u.take() * (self.zoom - 1), 1.0)
+        zoom_at, crop_at = u.take(2), u.take(2)  # (x, y) in [0, 1]: fastai's (col_pct, row_pct)
         lo = math.log(1 - self.lighting)  # contrast: log-uniform in (1 - L, 1 / (1 - L))
-        brightness = torch.where(coin(self.p_lighting),
-                                 0.5 + (u() * 2 - 1) * self.lighting / 2, 0.5)
-        contrast = torch.where(coin(self.p_lighting), torch.exp(lo - 2 * lo * u()), 1.0)
-        assert used == U.shape[1]
+        brightness = torch.where(u.coin(self.p_lighting),
+                                 0.5 + (u.take() * 2 - 1) * self.lighting / 2, 0.5)
+        contrast = torch.where(u.coin(self.p_lighting), torch.exp(lo - 2 * lo * u.take()), 1.0)
+        assert u.used == u.numbers.shape[1]  # every number, each once
         p = dict(flip=flip, warp=warp, angle=angle, zoom=zoom, zoom_at=zoom_at,
                  crop_at=crop_at, brightness=brightness, contrast=contrast)
         return {k: v[:, rows].reshape(-1, *v.shape[2:]) for k, v in p.items()}
@@ -93,6 +87,22 @@ class Augment:
         p = p or self.draw(len(x), gen, x.device)
         x = sample(x, film_matrix(p, hw), size or x.shape[-1])
         return lighting(x, p["brightness"], p["contrast"]) if self.lighting > 0 else x
+
+
+class Uniforms:
+    """One torch.rand call's numbers (steps, count * n), handed out in order, for n images."""
+
+    def __init__(self, numbers, n):
+        self.numbers, self.n, self.used = numbers, n, 0
+
+    def take(self, *shape):
+        """The next uniforms in [0, 1): (steps, n, *shape)."""
+        start, self.used = self.used, self.used + self.n * math.prod(shape)
+        return self.numbers[:, start:self.used].view(len(self.numbers), self.n, *shape)
+
+    def coin(self, p):
+        """(steps, n) booleans, each True with probability p."""
+        return self.take() < p
 
 
 def _mat(rows):

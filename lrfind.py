@@ -47,25 +47,9 @@ def lr_find(step, model, opt, batches, n_steps=100, lr_start=1e-7, lr_end=10.0, 
     (the curve ends at that step; model, optimizer and dropout's generator go back).
     """
     saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    lrs, raw, smooth = [], [], []
-    avg, best = 0.0, math.inf
-    queued = collections.deque()  # steps taken, not read yet: (lr, loss, generator after)
-
-    def read(lr, loss):  # a step's loss into the curve; False: stop here
-        nonlocal avg, best
-        loss = loss.value()
-        # Exponential moving average, debiased for the first steps (as Adam's moments)
-        avg = beta * avg + (1 - beta) * loss
-        s = avg / (1 - beta ** (len(raw) + 1))
-        lrs.append(lr)
-        raw.append(loss)
-        smooth.append(s)
-        if not math.isfinite(s) or s > stop_div * best:
-            return False
-        best = min(best, s)
-        return True
+    curve, late = Curve(beta, stop_div), LateLosses()
     try:
-        it, going = iter(batches), True
+        it = iter(batches)
         for i in ddp.progress(range(n_steps), "lr_find"):  # a bar on rank 0
             lr = lr_sweep(i, n_steps, lr_start, lr_end)
             for g in opt.param_groups:  # one LR for every layer group during the sweep
@@ -75,22 +59,58 @@ def lr_find(step, model, opt, batches, n_steps=100, lr_start=1e-7, lr_end=10.0, 
             except StopIteration:  # small data sets: start another pass
                 it = iter(batches)
                 x, y = next(it)
-            loss = step(x, y)
-            queued.append((lr, devices.HostCopy(loss), devices.generator_state(loss.device)))
-            if len(queued) > lag:
-                last = queued.popleft()
-                going = read(*last[:2])
-                if not going:
-                    break
-        while going and queued:
-            last = queued.popleft()
-            going = read(*last[:2])
+            late.add(lr, step(x, y))
+            if len(late.queue) > lag and not curve.add(*late.read()):
+                break  # diverged
+        else:  # the last steps' losses
+            while late.queue and curve.add(*late.read()):
+                pass
     finally:
         model.load_state_dict(saved[0])
         opt.load_state_dict(saved[1])
-    if raw:  # dropout's generator as the last step read left it, not the ones after
-        devices.set_generator_state(loss.device, last[2])
-    return lrs, raw, smooth
+    if curve.raw:  # dropout's generator as the last step read left it, not the ones after
+        devices.set_generator_state(late.device, late.generator)
+    return curve.lrs, curve.raw, curve.smooth
+
+
+class Curve:
+    """The sweep's curve: each step's LR, its loss, and the loss smoothed by an exponential
+    moving average, debiased for the first steps (as Adam's moments)."""
+
+    def __init__(self, beta, stop_div):
+        self.beta, self.stop_div = beta, stop_div
+        self.lrs, self.raw, self.smooth = [], [], []
+        self.avg, self.best = 0.0, math.inf
+
+    def add(self, lr, loss):
+        """A step's loss into the curve; False once it diverges: stop the sweep here."""
+        self.avg = self.beta * self.avg + (1 - self.beta) * loss
+        s = self.avg / (1 - self.beta ** (len(self.raw) + 1))
+        self.lrs.append(lr)
+        self.raw.append(loss)
+        self.smooth.append(s)
+        if not math.isfinite(s) or s > self.stop_div * self.best:
+            return False
+        self.best = min(self.best, s)
+        return True
+
+
+class LateLosses:
+    """Steps' losses read some steps late, so that the device never waits for the host: each
+    copied to the host without waiting (HostCopy), with dropout's generator after its step."""
+
+    def __init__(self):
+        self.queue = collections.deque()  # steps taken, not read yet
+        self.device = self.generator = None
+
+    def add(self, lr, loss):
+        self.device = loss.device
+        self.queue.append((lr, devices.HostCopy(loss), devices.generator_state(loss.device)))
+
+    def read(self):
+        """(lr, loss) of the oldest step not read; its generator state is kept."""
+        lr, loss, self.generator = self.queue.popleft()
+        return lr, loss.value()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +209,7 @@ def save_lr_find(prefix, lrs, raw, smooth, method="valley", num_it=None, body_di
     y_at = smooth[lrs.index(lr)] if lr in lrs else min(smooth[:keep])
     marks = [(lr, y_at, f"{method} {lr:.1e}")]
     if body_div:  # where the body's groups sit on the same curve
-        near = min(range(keep), key=lambda i: abs(math.log(lrs[i] * body_div / lr)))
+        near = int(np.argmin([abs(math.log(x * body_div / lr)) for x in lrs[:keep]]))
         marks.append((lr / body_div, smooth[near], f"body {lr / body_div:.1e}"))
     line_plot(prefix + ".png", [(lrs[:keep], raw[:keep], "raw loss"),
                                 (lrs[:keep], smooth[:keep], "smoothed loss")],
