@@ -169,3 +169,11 @@ def test_every_scripts_help_reads_as_train_pys(script):
             assert "(required" in a.help, f"{script} {name}: required, and not said"
     if script == "ablate.py":  # its variants, with what each changes
         assert all(f"  {name:<18} " in p.epilog for name in ablate.VARIANTS)
+
+
+def test_the_readme_says_the_tutorials_size_as_it_is():
+    files = ["train.py", "lrfind.py", "schedule.py", "model.py", "data.py"]
+    lines = sum(len(open(os.path.join(ROOT, f)).read().splitlines()) for f in files)
+    said = re.search(r"Five files hold the recipe, ([\d,]+) lines in all",
+                     " ".join(open(os.path.join(ROOT, "README.md")).read().split()))
+    assert said and int(said.group(1).replace(",", "")) == lines
