@@ -12,8 +12,10 @@ Vocabulary and defaults follow fastai v1 (1.0.x), which the paper used (FIDELITY
     one_cycle_torch(step, total, lr_max)  torch's OneCycleLR (fastai v2's defaults)
     lr_sweep(step)                        the exponential sweep of the LR range test
     discriminative_lrs(lr, n)             per-layer-group learning rates
+    MaxLR.parse("1e-6:1e-4")              a phase's max LR as the flags write it, parsed once
 """
 import math
+from dataclasses import dataclass
 
 
 def _cos(start, end, pct):
@@ -107,3 +109,27 @@ def discriminative_lrs(lr, n_groups):
             return [float(hi)]
         return [lo * (hi / lo) ** (i / (n_groups - 1)) for i in range(n_groups)]
     return [lr / 10] * (n_groups - 1) + [float(lr)]
+
+
+@dataclass(frozen=True)
+class MaxLR:
+    """A phase's max LR as --lr-frozen and --lr-unfrozen write it, parsed once (the flags'
+    check and the plan both parse with this): auto (the LR range test's suggestion), x (one LR
+    for every layer group), :x (fastai's slice(x): x/10 for the body's groups) or lo:hi (spread
+    geometrically across the groups, discriminative_lrs)."""
+    form: str  # "auto" | "x" | ":x" | "lo:hi"
+    lo: float = 0.0  # lo:hi's lo
+    hi: float = 0.0  # x, :x's x, lo:hi's hi
+
+    @classmethod
+    def parse(cls, spec):
+        """'auto' | '1e-3' | ':1e-3' | '1e-6:1e-4' -> MaxLR; a ValueError for anything else
+        (every LR a finite positive number, lo <= hi)."""
+        if spec == "auto":
+            return cls("auto")
+        parts = [float(v) for v in spec.removeprefix(":").split(":")]
+        if len(parts) > 2 or spec.startswith(":") and len(parts) > 1 or min(parts) <= 0 or \
+                parts[0] > parts[-1] or not all(math.isfinite(v) for v in parts):
+            raise ValueError(spec)
+        form = ":x" if spec.startswith(":") else "lo:hi" if len(parts) == 2 else "x"
+        return cls(form, parts[0], parts[-1])

@@ -39,7 +39,7 @@ from machinery.plots import top_losses_plot
 from machinery.report import stage_table, write_outputs
 from machinery.run import add_time, compile_stage, forwards, setup, timed
 from model import class_logits, gradcam, make_optimizer, set_body_frozen, train_step
-from schedule import ONE_CYCLE, discriminative_lrs
+from schedule import ONE_CYCLE, MaxLR, discriminative_lrs
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Phase:
     size: int  # image size, px
     batch_size: int
     epochs: int
-    lr: str  # max LR: auto (the LR finder's) | x | :x | lo:hi (config.py)
+    lr: MaxLR  # max LR: auto (the LR finder's) | x | :x | lo:hi, parsed
     compiled: bool  # whether the stage runs torch.compile's model (--compile)
     first_epoch: int = 0  # a resumed run goes on after its last saved epoch
     lrs: list = None  # a resumed phase's max LR per layer group, as it chose them
@@ -71,7 +71,7 @@ class Phase:
 
 def make_plan(cfg, stages, n_train, device):
     """The whole run as data: every stage's phases that have epochs, in order."""
-    return [Phase(i, name, st.size, st.batch_size, epochs, lr,
+    return [Phase(i, name, st.size, st.batch_size, epochs, MaxLR.parse(lr),
                   compile_stage(cfg, device, st, n_train))
             for i, st in enumerate(stages)
             for name, epochs, lr in [("frozen", st.frozen_epochs, st.lr_frozen),
@@ -120,16 +120,15 @@ def max_lrs(run, films, phase):
     --no-discriminative: one LR for every group when unfrozen (lo:hi: hi).
     """
     n, spec = len(run.opt.param_groups), phase.lr
-    if spec == "auto":
+    if spec.form == "auto":
         lr = suggest_lr(run, films["train"], phase.size, phase.batch_size, phase.tag)
         print(f"  LR finder ({run.cfg.suggest}): {lr:.2e}")
         spread, top = not phase.frozen, lr
-    elif ":" in spec:
-        lo, hi = spec.split(":")
-        lr = float(hi) if lo == "" else (float(lo), float(hi))
-        spread, top = True, float(hi)
-    else:
-        return [float(spec)] * n
+    elif spec.form == "x":
+        return [spec.hi] * n
+    else:  # :x, fastai's slice(x); lo:hi
+        lr = spec.hi if spec.form == ":x" else (spec.lo, spec.hi)
+        spread, top = True, spec.hi
     if not run.cfg.discriminative and not phase.frozen:
         return [top] * n
     return discriminative_lrs(lr, n) if spread else [lr] * n

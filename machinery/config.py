@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from machinery.devices import PRECISIONS
 from machinery.shortcuts import BOX, HIDE, WHOLE
 from model import ARCHS
+from schedule import MaxLR
 
 
 def knob(default, help, choices=None, metavar=None):
@@ -413,13 +414,8 @@ def _list(value, conv, ok, what):
 
 
 def _lr(spec):
-    """'auto' | x | :x | lo:hi, every LR a positive number (lo <= hi)."""
-    if spec == "auto":
-        return spec
-    parts = [float(v) for v in spec.removeprefix(":").split(":")]
-    if len(parts) > 2 or min(parts) <= 0 or parts[0] > parts[-1] or \
-            not all(math.isfinite(v) for v in parts):
-        raise ValueError(spec)
+    """'auto' | x | :x | lo:hi (schedule.MaxLR), as given; a ValueError for anything else."""
+    MaxLR.parse(spec)
     return spec
 
 

@@ -165,3 +165,14 @@ def test_discriminative_lrs():
     assert discriminative_lrs(1e-3, 3) == pytest.approx([1e-4, 1e-4, 1e-3])  # fastai slice(x)
     assert discriminative_lrs(1e-3, 1) == [1e-3]
     assert discriminative_lrs((1e-6, 1e-4), 1) == [1e-4]
+
+
+def test_lr_forms_are_parsed_once_into_values():
+    from schedule import MaxLR
+    assert MaxLR.parse("auto") == MaxLR("auto")
+    assert MaxLR.parse("3e-3") == MaxLR("x", 3e-3, 3e-3)
+    assert MaxLR.parse(":1e-3") == MaxLR(":x", 1e-3, 1e-3)
+    assert MaxLR.parse("1e-6:1e-4") == MaxLR("lo:hi", 1e-6, 1e-4)
+    for bad in ["fast", "1e-4:1e-6", "0", "-1e-3", ":1e-4:1e-3", "1e-3:", "nan", "1:2:3"]:
+        with pytest.raises(ValueError):
+            MaxLR.parse(bad)

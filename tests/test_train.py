@@ -20,6 +20,7 @@ from machinery.config import make_stages, parse_args
 from machinery.epochs import MetricsLog
 from machinery.run import setup
 from model import build_model, class_logits, train_step
+from schedule import MaxLR
 from train import Phase
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cxr-sample")
@@ -177,7 +178,8 @@ def test_max_lrs_forms(monkeypatch):
         cfg = Config()
 
     def lrs(name, spec):
-        return train.max_lrs(R, {"train": None}, Phase(0, name, 32, 16, 1, spec, False))
+        return train.max_lrs(R, {"train": None}, Phase(0, name, 32, 16, 1, MaxLR.parse(spec),
+                                                       False))
     monkeypatch.setattr(train, "suggest_lr", lambda *a: 1e-3)  # the LR finder's suggestion
     assert lrs("unfrozen", "1e-6:1e-4") == pytest.approx([1e-6, 1e-5, 1e-4])
     assert lrs("frozen", "3e-3") == pytest.approx([3e-3] * 3)
@@ -194,10 +196,11 @@ def test_max_lrs_forms(monkeypatch):
 def test_the_plan_is_data_and_a_resume_is_the_plan_less_what_was_done():
     cfg = parse_args(["--data", "phantom"])
     plan = train.make_plan(cfg, make_stages(cfg), 4780, torch.device("cpu"))
+    auto = MaxLR("auto")  # the LR forms, parsed when the plan is made
     assert [(p.stage, p.name, p.size, p.epochs, p.lr) for p in plan] == [
-        (0, "frozen", 128, 3, "auto"), (0, "unfrozen", 128, 5, "auto"),
-        (1, "frozen", 224, 3, "auto"), (1, "unfrozen", 224, 5, "auto"),
-        (2, "unfrozen", 229, 25, "1e-6:1e-4")]  # the paper's 41 epochs; stage 3 has no head
+        (0, "frozen", 128, 3, auto), (0, "unfrozen", 128, 5, auto),
+        (1, "frozen", 224, 3, auto), (1, "unfrozen", 224, 5, auto),
+        (2, "unfrozen", 229, 25, MaxLR("lo:hi", 1e-6, 1e-4))]  # 41 epochs; stage 3 no head
     assert [p.tag for p in plan][:2] == ["s1_128_frozen", "s1_128_unfrozen"]
     assert not any(p.compiled or p.resumed for p in plan)  # no compilation on the CPU
     state = {"stage": 1, "phase_name": "unfrozen", "epoch": 2, "lrs": [1e-5, 1e-5, 1e-4]}
@@ -282,7 +285,7 @@ def test_a_diverging_phase_stops_and_restores_the_last_good_state(tmp_path, caps
             "--name", "boom"]
     run = setup(parse_args(args + TINY))
     films = data.stage_films(run, 32)
-    phase = Phase(0, "unfrozen", 32, 16, 3, "1e30", False)
+    phase = Phase(0, "unfrozen", 32, 16, 3, MaxLR.parse("1e30"), False)
     train.start_phase(run, phase, None)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     with MetricsLog(run) as log:  # an LR of 1e30 overflows at once
@@ -306,9 +309,9 @@ def test_each_phase_starts_with_the_optimizer_fastai_would_have(tmp_path, monkey
         seen.append((len(opt.state), opt.param_groups[0]["betas"][0]))
         return real_lr_find(step, model, opt, *a, **k)
     monkeypatch.setattr(lrfind, "lr_find", spy)
-    head = Phase(0, "frozen", 32, 16, 1, "1e-3", False)
-    body = Phase(0, "unfrozen", 32, 16, 1, "auto", False)
-    again = Phase(1, "unfrozen", 32, 16, 1, "auto", False)  # as the paper's stage 3
+    head = Phase(0, "frozen", 32, 16, 1, MaxLR.parse("1e-3"), False)
+    body = Phase(0, "unfrozen", 32, 16, 1, MaxLR.parse("auto"), False)
+    again = Phase(1, "unfrozen", 32, 16, 1, MaxLR.parse("auto"), False)  # as paper's stage 3
     for reset, expect in [("fresh", "v1"), ("moments", "v2"), ("none", "kept"),
                           ("on-change", "v1")]:
         run = setup(parse_args(args + TINY + ["--opt-reset", reset, "--name", reset]))
@@ -476,7 +479,7 @@ def test_an_epoch_and_an_lr_sweep_read_the_device_a_fixed_few_times(tmp_path, mo
     reads, Items = count_host_reads(monkeypatch)
     per_epoch, per_sweep = [], []
     for bs in (2, 4):  # twice the steps
-        phase = Phase(0, "unfrozen", 32, bs, 1, "1e-3", False)
+        phase = Phase(0, "unfrozen", 32, bs, 1, MaxLR.parse("1e-3"), False)
         train.start_phase(run, phase, None)
         reads.clear()
         with MetricsLog(run) as log, Items():
