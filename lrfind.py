@@ -23,11 +23,10 @@ import math
 import os
 
 import numpy as np
-from torch.distributed.elastic.multiprocessing.errors import record
 
 from data import stage_films, train_batches
 from machinery import config, ddp, devices
-from machinery.datasets import run_cli
+from machinery.ddp import MeanLoss, on_main, run_main
 from machinery.plots import COLOURS, LIGHT, line_plot
 from machinery.run import forwards, setup
 from model import set_body_frozen, train_step
@@ -229,19 +228,13 @@ def suggest_lr(run, films, size, batch_size, tag):
     every rank's."""
     c = run.cfg
     batches = train_batches(run, films, size, batch_size, "lrfind_" + tag)
-
-    def step(x, y):  # the training step; under torchrun, the loss of the global batch
-        return ddp.all_mean(train_step(run.forward, run.opt, x, y, run.amp_dtype,
-                                       run.loss_weight))
+    step = MeanLoss(train_step, run)  # under torchrun, the loss of the global batch
     lrs, raw, smooth = lr_find(step, run.model, run.opt, batches, c.lr_find_steps,
                                c.lr_find_start, c.lr_find_end, c.lr_find_beta)
-    lr = None
-    with ddp.fail_together():
-        if ddp.main():
-            body = 10 if tag.endswith("unfrozen") and c.discriminative else None  # slice(lr)
-            lr = save_lr_find(os.path.join(run.dir, "lrfind_" + tag), lrs, raw, smooth,
-                              c.suggest, c.lr_find_steps, body)
-    return ddp.broadcast(lr)  # rank 0's
+    body = 10 if tag.endswith("unfrozen") and c.discriminative else None  # slice(lr)
+    # rank 0 writes the curve (run.dir: None on the others); its suggestion, on every rank
+    return on_main(save_lr_find, os.path.join(run.dir or "", "lrfind_" + tag), lrs, raw,
+                   smooth, c.suggest, c.lr_find_steps, body)
 
 
 # The flags lrfind.py offers: what setup() and the sweep use (train.py has all of them)
@@ -276,13 +269,16 @@ def main(argv=None):
     tag = f"{size}_{phase}"
     lr = suggest_lr(run, films["train"], size, int(cfg.batch_size.split(",")[0]), tag)
     print(f"suggested LR ({cfg.suggest}): {lr:.2e}; curve in {run.dir}/lrfind_{tag}.png")
-    if ddp.main():  # the folder's kind: compare.py and ablate.py know it is not a training run
-        with open(os.path.join(run.dir, "lrfind.json"), "w") as f:
-            json.dump({"kind": "lrfind", "size": size, "phase": phase, "suggest": cfg.suggest,
-                       "lr": lr}, f, indent=1)
+    # the folder's kind: compare.py and ablate.py know it is not a training run
+    on_main(write_json, os.path.join(run.dir or "", "lrfind.json"), {
+        "kind": "lrfind", "size": size, "phase": phase, "suggest": cfg.suggest, "lr": lr})
     return lr
 
 
-if __name__ == "__main__":
-    with ddp.closing():  # torchrun: the process group is left on every exit, errors included
-        record(run_cli)(main)  # torchrun: a failing rank's error, reported as its own
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+if __name__ == "__main__":  # on every rank under torchrun; the process group left at the end
+    run_main(main)

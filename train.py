@@ -24,19 +24,18 @@ from itertools import groupby
 from operator import attrgetter
 
 import torch.nn.functional as F
-from torch.distributed.elastic.multiprocessing.errors import record
 
 import data
 from lrfind import suggest_lr
 from machinery import ddp
-from machinery.checkpoint import restore, resume_from, save_checkpoint
+from machinery.checkpoint import restore, resume_from, save_checkpoint, save_model
 from machinery.config import make_stages, parse_args
-from machinery.datasets import run_cli
+from machinery.ddp import on_main, run_main
 from machinery.epochs import Books, MetricsLog, checkpoint_epoch, rollback_point
 from machinery.hostmem import rows
-from machinery.metrics import classification_metrics, format_metrics
+from machinery.metrics import format_metrics
 from machinery.plots import top_losses_plot
-from machinery.report import stage_table, write_outputs
+from machinery.report import stage_table, test_metrics, write_outputs
 from machinery.run import add_time, compile_stage, forwards, setup, timed
 from model import class_logits, gradcam, make_optimizer, set_body_frozen, train_step
 from schedule import ONE_CYCLE, MaxLR, discriminative_lrs
@@ -227,10 +226,9 @@ def main(cfg):
                 fit(run, phase, lrs, films, log)
                 previous = phase
             print("\n" + stage_table([r for r in run.history if r["stage"] == i]))
-            with ddp.fail_together():
-                if ddp.main() and i + 1 < len(stages):  # the last stage's weights: model.pt
-                    save_checkpoint(run, os.path.join(run.dir, f"stage{i + 1}_{st.size}.pt"),
-                                    stage=i + 1, size=st.size)
+            if i + 1 < len(stages):  # the last stage's weights: model.pt
+                on_main(save_checkpoint, run, os.path.join(run.dir, f"stage{i + 1}_{st.size}.pt"),
+                        stage=i + 1, size=st.size)
     if plan[-1].size != stages[-1].size:  # a last stage with no epochs: its size all the same
         films = data.stage_films(run, stages[-1].size)
     return finish(run, films, stages[-1].size, stages[-1].batch_size)
@@ -239,25 +237,13 @@ def main(cfg):
 def finish(run, films, size, batch_size):
     """Save the model; then the test split, touched once: at the last stage's size, no
     augmentation. Its metrics (with intervals), predictions and report.md; last.pt goes."""
-    with ddp.fail_together():
-        if ddp.main():
-            save_checkpoint(run, os.path.join(run.dir, "model.pt"), size=size)
-        run.ckpt.close()  # a last.pt write still going ends before the run reports
+    on_main(save_model, run, size)  # model.pt, once a last.pt write still going has ended
     run.timings["checkpoint_writes"] = run.ckpt.stats["write_s"]  # in the background
-    same = ddp.check_same_model(run.model)  # torchrun: every rank must hold rank 0's model
     with timed(run, "eval"):
         _, _, probs = evaluate(run, films["test"], size, batch_size)
-    items = run.items["test"]
-    m = classification_metrics(items.labels, probs.argmax(1).tolist(), run.classes,
-                               items.sources, probs.tolist())
-    m["timings_s"] = {**run.timings, "total": time.time() - run.started}
-    m["timings_s"].pop("elapsed", None)
-    if ddp.world() > 1:
-        m["ranks"] = {"n": ddp.world(), "same_model": same}
-    with ddp.fail_together():
-        if ddp.main():
-            top_losses(run, films["test"], size, probs)  # before report.md, which shows it
-            write_outputs(run, m, probs)  # and last.pt goes: only --resume reads it
+    m = test_metrics(run, probs)  # with intervals; the run's timings
+    on_main(top_losses, run, films["test"], size, probs)  # before report.md, which shows it
+    on_main(write_outputs, run, m, probs)  # and last.pt goes: only --resume reads it
     print(f"\n== test split ({len(probs)} images, {size} px)\n" + format_metrics(m))
     print(f"\nrun folder: {run.dir} (report.md); seconds: " +
           ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
@@ -280,6 +266,5 @@ def top_losses(run, films, size, probs, k=9):
     top_losses_plot(os.path.join(run.dir, "top_losses.png"), tiles)
 
 
-if __name__ == "__main__":  # record: under torchrun, a failing rank's error is reported whole
-    with ddp.closing():  # torchrun: the process group is left on every exit, errors included
-        record(run_cli)(main, parse_args(doc=__doc__))
+if __name__ == "__main__":  # on every rank under torchrun; the process group left at the end
+    run_main(main, parse_args(doc=__doc__))

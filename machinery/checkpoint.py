@@ -47,6 +47,13 @@ def save_checkpoint(run, path, state=None, **extra):
         raise
 
 
+def save_model(run, size):
+    """model.pt: the trained weights and the size they trained at, once a last.pt write still
+    going has ended (rank 0, ddp.on_main: the other ranks write none)."""
+    run.ckpt.close()
+    save_checkpoint(run, os.path.join(run.dir, "model.pt"), size=size)
+
+
 def rng_state(dev):
     """Every random generator training draws from, in a form torch.save(weights_only) keeps:
     the CPU's, numpy's, Python's and, when training on a GPU, that GPU's. Only that one:

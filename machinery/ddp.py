@@ -23,7 +23,10 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
+
+from machinery.datasets import run_cli
 
 # The collectives' timeout (init() sets --dist-timeout's). A node's first rank decoding the
 # films while the others wait may take longer than any other wait: node_first() gives it
@@ -198,6 +201,30 @@ def fail_together():
         raise SystemExit(next(e for e in errors if e))
 
 
+def on_main(fn, *args, **kw):
+    """fn(*args, **kw) on rank 0 alone (what it writes is written once), every rank failing
+    together if it fails there (fail_together); its result on every rank. One process: fn's
+    call, as it is. The recipe's files call this where rank 0 saves or writes."""
+    out = None
+    with fail_together():
+        if main():
+            out = fn(*args, **kw)
+    return broadcast(out)
+
+
+class MeanLoss:
+    """A training step whose loss is the mean over ranks: under torchrun the global batch's
+    (the LR range test's curve, lrfind.py), in one process the step's own. step(x, y) -> the
+    loss tensor (model.train_step on the run's model and optimizer)."""
+
+    def __init__(self, step, run):
+        self.step, self.run = step, run
+
+    def __call__(self, x, y):
+        r = self.run
+        return all_mean(self.step(r.forward, r.opt, x, y, r.amp_dtype, r.loss_weight))
+
+
 def all_objects(obj):
     """Every rank's `obj` (picklable), as a list in rank order, on every rank."""
     if world() == 1:
@@ -333,6 +360,14 @@ def node_cache_dir():
     keyed by the data as in every cache. It is kept (a later job reuses it; two jobs running
     at once may share it): remove it when done."""
     return os.path.join(tempfile.gettempdir(), f"covid-resnet-ddp-cache-{os.getuid()}")
+
+
+def run_main(main_fn, *args):
+    """A script's main(*args) as every rank runs it: the process group left however it ends
+    (closing), a data error said alone (datasets.run_cli), and under torchrun a failing rank's
+    error reported whole (torch's record)."""
+    with closing():
+        return record(run_cli)(main_fn, *args)
 
 
 @contextmanager

@@ -10,11 +10,12 @@ roc.png and report.md, which shows them with the stage table and the test metric
 import csv
 import json
 import os
+import time
 
-from machinery import runlock
+from machinery import ddp, runlock
 from machinery.audit import sources_md
 from machinery.checkpoint import drop_last
-from machinery.metrics import format_metrics, roc_curve
+from machinery.metrics import classification_metrics, format_metrics, roc_curve
 from machinery.modelcard import phantom_data, write_model_card
 from machinery.plots import COLOURS, GREY, LIGHT, confusion_plot, line_plot
 from machinery.shortcuts import NOT_A_CLASSIFIER, Hidden
@@ -238,6 +239,21 @@ def write_report(run_dir):
         f.write("\n".join(text))
     return p("report.md")
 
+
+
+def test_metrics(run, probs):
+    """The test split's metrics (classification_metrics: with intervals, per source) from its
+    probabilities, with the run's timings; under torchrun whether every rank held rank 0's
+    model (every rank calls this: ddp.check_same_model raises when they differ)."""
+    same = ddp.check_same_model(run.model)
+    items = run.items["test"]
+    m = classification_metrics(items.labels, probs.argmax(1).tolist(), run.classes,
+                               items.sources, probs.tolist())
+    m["timings_s"] = {**run.timings, "total": time.time() - run.started}
+    m["timings_s"].pop("elapsed", None)
+    if ddp.world() > 1:
+        m["ranks"] = {"n": ddp.world(), "same_model": same}
+    return m
 
 
 def write_outputs(run, m, probs):
