@@ -8,9 +8,10 @@ films; at each step all ranks draw the same global permutation and augmentation 
 their slice (data.py), DistributedDataParallel averages the gradients, and the optimizers
 stay in step. What is reported is computed from all ranks' results (all_mean, gather_rows)
 and written by rank 0 alone (main()). A rank that fails ends the job: torchrun stops the
-node's other ranks, what rank 0 alone does (its files) is checked by every rank
+node's other ranks, what rank 0 alone does (its files: on_main()) is checked by every rank
 (fail_together()), every collective has a timeout (--dist-timeout), so none waits forever,
-and the process group is left however train.py ends (closing()).
+and the process group is left however train.py ends (run_main(), closing()). The tutorial
+files call on_main, MeanLoss and run_main by name, and shard and gather_rows in evaluation.
 docs/torchrun-and-memory.md says how to launch it and what it changes.
 """
 import builtins
