@@ -12,9 +12,9 @@ import time
 
 import torch
 
+from benchmarks.measure import scratch, write_phantom_covidx
 from machinery import phantom
 from machinery.config import DEMO
-from benchmarks.measure import scratch, write_phantom_covidx
 from model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project
@@ -172,73 +172,110 @@ def gpu_check(bc, dev, res, log):
     ends, and one that fails does not stop the rest. Returns {step: result};
     result["status"] is one of ok, failed, timeout, skipped.
     """
-    t_end = time.time() + bc.budget
-    left = lambda: t_end - time.time()
-    only = [s for s in bc.only.split(",") if s] or list(STEPS)
-    unknown = [s for s in only if s not in STEPS]
-    if unknown:
-        raise SystemExit(f"--only {','.join(unknown)}: the steps are {', '.join(STEPS)}")
-    if any(s in NEEDS_DEMO for s in only):
-        only.append("demo")
-    if bc.quick:  # minutes of compiling on a CPU; no cuDNN; checkpoint: `steps`' way again
-        only = [s for s in only if s not in ("steps_compiled", "autotune", "checkpoint")]
-    flags = ["--device", str(dev), "--precision", bc.precision, "--channels-last",
-             bc.channels_last]  # evaluate.py and predict.py take these three
-    train_flags = [*flags, "--compile-backend", bc.compile_backend]
-    demo = ["--demo", *train_flags]
-    size = 32 if bc.quick else 64  # frozen, then unfrozen, at one size: one stage each
-    compiled = [*demo, "--stages", f"{size},{size}", "--frozen-epochs", "1,0",
-                "--unfrozen-epochs", "0,2", "--compile", "on"]
-    real = ["--arch", bc.arch, "--weights", "none", "--stages", bc.sizes,
-            "--frozen-epochs", "1,1,0", "--unfrozen-epochs", "1,1,1", "--batch-size",
-            str(bc.batch_size), "--lr-find-steps", "20", "--save-every", "0", *train_flags]
-    n_real, png, n_eval = 384, 512, 640
-    if bc.quick:  # seconds on a CPU: every step, nothing measured
-        tiny = ["--phantoms", "96", "--lr-find-steps", "6", "--batch-size", "16"]
-        compiled = compiled + tiny  # its own stages, at 32 px
-        demo = demo + tiny + ["--stages", "32", "--frozen-epochs", "0", "--unfrozen-epochs", "2"]
-        real[real.index("--frozen-epochs") + 1] = "1,0"
-        real[real.index("--unfrozen-epochs") + 1] = "1,2"
-        real[real.index("--lr-find-steps") + 1] = "6"
-        n_real, png, n_eval = 96, 64, 96
-    runs = scratch()
-    pngs = os.path.join(runs, "pngs")
-    status = {}
+    c = Check(bc, dev, res, log)
+    d = c.step("demo", c.demo) or {"status": "not run"}
+    c.step("steps", c.steps, "eager", bc.sizes)
+    c.step("checkpoint", c.checkpoint)
+    c.step("real_run", c.real_run)
+    if d["status"] == "ok":  # these read the demo's run folder or its result
+        c.step("evaluate", c.evaluate, d["accuracy"])
+        c.step("predict", c.predict)
+        c.step("demo_host", c.demo_host, d)
+    c.step("autotune", c.autotune)
+    c.step("demo_compiled", c.demo_compiled)
+    c.step("steps_compiled", c.steps, "compiled", bc.sizes.split(",")[0])
+    counts = {k: sum(v["status"] == k for v in c.status.values())
+              for k in ("ok", "failed", "timeout", "skipped")}
+    bad = [k for k, v in c.status.items() if v["status"] in ("failed", "timeout")]
+    print("\ngpu check: " + ", ".join(f"{n} {k}" for k, n in counts.items()) +
+          (f" ({', '.join(bad)}: see the log_tail in the JSON and {log})" if bad else ""))
+    return c.status
 
-    def step(name, fn):
-        """Run fn() -> result dict as step `name`, within the budget; record and print it."""
-        if name not in only:
+
+def ran(rc, text, **more):
+    """A script's result: ok, timeout or failed, with the end of its output when not ok."""
+    ok = "ok" if rc == 0 else "timeout" if rc == "timeout" else "failed"
+    return {"status": ok, "rc": rc, **more, **({} if rc == 0 else {"log_tail": text[-3000:]})}
+
+
+class Check:
+    """gpu_check's steps, each a method returning its result, run by step() within the
+    budget; the flags and scratch folders they share. --quick: seconds on a CPU, every step
+    that needs no GPU, nothing measured."""
+
+    def __init__(self, bc, dev, res, log):
+        self.bc, self.res, self.log, self.status = bc, res, log, {}
+        self.t_end = time.time() + bc.budget
+        only = [s for s in bc.only.split(",") if s] or list(STEPS)
+        unknown = [s for s in only if s not in STEPS]
+        if unknown:
+            raise SystemExit(f"--only {','.join(unknown)}: the steps are {', '.join(STEPS)}")
+        if any(s in NEEDS_DEMO for s in only):
+            only.append("demo")
+        if bc.quick:  # minutes of compiling on a CPU; no cuDNN; checkpoint: `steps`' way again
+            only = [s for s in only if s not in ("steps_compiled", "autotune", "checkpoint")]
+        self.only = only
+        self.flags = ["--device", str(dev), "--precision", bc.precision, "--channels-last",
+                      bc.channels_last]  # evaluate.py and predict.py take these three
+        train_flags = [*self.flags, "--compile-backend", bc.compile_backend]
+        self.demo_args = ["--demo", *train_flags]
+        self.size = 32 if bc.quick else 64  # frozen, then unfrozen, at one size: a stage each
+        self.compiled = [*self.demo_args, "--stages", f"{self.size},{self.size}",
+                         "--frozen-epochs", "1,0", "--unfrozen-epochs", "0,2", "--compile", "on"]
+        self.real = ["--arch", bc.arch, "--weights", "none", "--stages", bc.sizes,
+                     "--frozen-epochs", "1,1,0", "--unfrozen-epochs", "1,1,1", "--batch-size",
+                     str(bc.batch_size), "--lr-find-steps", "20", "--save-every", "0",
+                     *train_flags]
+        self.n_real, self.png, self.n_eval = 384, 512, 640
+        if bc.quick:
+            tiny = ["--phantoms", "96", "--lr-find-steps", "6", "--batch-size", "16"]
+            self.compiled += tiny  # its own stages, at 32 px
+            self.demo_args += tiny + ["--stages", "32", "--frozen-epochs", "0",
+                                      "--unfrozen-epochs", "2"]
+            for flag, value in [("--frozen-epochs", "1,0"), ("--unfrozen-epochs", "1,2"),
+                                ("--lr-find-steps", "6")]:
+                self.real[self.real.index(flag) + 1] = value
+            self.n_real, self.png, self.n_eval = 96, 64, 96
+        self.runs = scratch()
+        self.pngs = os.path.join(self.runs, "pngs")
+
+    def left(self):
+        return self.t_end - time.time()
+
+    def step(self, name, fn, *args):
+        """fn(*args) -> result dict as step `name`, within the budget; recorded and printed.
+        None when the step is not asked for."""
+        if name not in self.only:
             return None
-        if left() < STEPS[name]:
-            out = {"status": "skipped", "why": f"{left():.0f} s of the budget left, it needs "
-                                                f"about {STEPS[name]:.0f} s"}
+        if self.left() < STEPS[name]:
+            out = {"status": "skipped", "why": f"{self.left():.0f} s of the budget left, it "
+                                                f"needs about {STEPS[name]:.0f} s"}
         else:
-            status[name] = {"status": "running", "started_at_s": bc.budget - left()}
-            res.set("gpu_check", status)  # a call killed from outside shows where it was
+            self.status[name] = {"status": "running",
+                                 "started_at_s": self.bc.budget - self.left()}
+            self.res.set("gpu_check", self.status)  # a call killed from outside: where it was
             t0 = time.time()
             try:
-                out = fn()
+                out = fn(*args)
             except Exception as e:  # said, and the check goes on
                 out = {"status": "failed", "why": f"{type(e).__name__}: {e}"}
             out.setdefault("step_s", time.time() - t0)
-        status[name] = out
-        res.set("gpu_check", status)
+        self.status[name] = out
+        self.res.set("gpu_check", self.status)
         print(f"[{out['status']}] {name}: " + ", ".join(
             f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()
             if k not in ("status", "log_tail", "timings", "per_phase", "off", "1")), flush=True)
         return out
 
-    def ran(rc, text, **more):
-        ok = "ok" if rc == 0 else "timeout" if rc == "timeout" else "failed"
-        return {"status": ok, "rc": rc, **more, **({} if rc == 0 else
-                                                    {"log_tail": text[-3000:]})}
+    def script(self, name, args, title=None, env=None):
+        return script(name, args, self.log, self.left(), title, env)
 
-    def train_run(name, args):
-        rc, secs, text = script("train.py", [*args, "--runs", runs, "--name", name], log,
-                                left(), name)
+    def train_run(self, name, args):
+        rc, secs, text = self.script("train.py", [*args, "--runs", self.runs, "--name", name],
+                                     name)
         out = ran(rc, text, wall_s=secs)
         if rc == 0:
-            folder = os.path.join(runs, name)
+            folder = os.path.join(self.runs, name)
             m = json.load(open(os.path.join(folder, "test_metrics.json")))
             rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
             out.update(accuracy=m["accuracy"]["value"], timings=m["timings_s"],
@@ -249,19 +286,29 @@ def gpu_check(bc, dev, res, log):
                                              default=0))
         return out
 
-    def demo_compiled():
+    def demo(self):
+        return self.train_run("demo", self.demo_args)
+
+    def demo_host(self, ref):
+        """The demo with its films in host memory: the very accuracy of the demo's."""
+        out = self.train_run("demo_host", [*self.demo_args, "--data-on", "cpu"])
+        if out["status"] == "ok":
+            out["same_as_demo"] = out["accuracy"] == ref["accuracy"]
+        return out
+
+    def demo_compiled(self):
         """The compiled demo from saved initial weights; the body must not move while frozen
         (stage 1) and must all move once unfrozen (stage 2): torch 2.11 once reused the frozen
         graph after unfreezing, and the body never trained."""
-        init = os.path.join(runs, "init.pt")
+        init = os.path.join(self.runs, "init.pt")
         torch.manual_seed(0)
         torch.save(build_model(len(phantom.CLASSES), "none", DEMO["arch"]).state_dict(), init)
-        out = train_run("demo_compiled", [*compiled, "--weights", init])
+        out = self.train_run("demo_compiled", [*self.compiled, "--weights", init])
         if out["status"] == "ok":
-            folder = os.path.join(runs, "demo_compiled")
+            folder = os.path.join(self.runs, "demo_compiled")
             weights = [torch.load(init, weights_only=True)] + [torch.load(
                 os.path.join(folder, f), map_location="cpu", weights_only=True)["model"]
-                for f in (f"stage1_{size}.pt", "model.pt")]
+                for f in (f"stage1_{self.size}.pt", "model.pt")]
             (frozen, n), (unfrozen, _) = [body_moved(a, b) for a, b in zip(weights, weights[1:])]
             out["body"] = {"convs": n, "moved_frozen": frozen, "moved_unfrozen": unfrozen}
             if frozen or unfrozen < n:
@@ -270,22 +317,22 @@ def gpu_check(bc, dev, res, log):
                            "once unfrozen (all expected)")
         return out
 
-    def measured(part, mode, sizes, title, tuning="on"):
+    def measured(self, part, mode, sizes, title, tuning="on"):
         """bench.py --part `part` in its own process (killed at the budget's end, what it
         measured by then kept): (result, its JSON)."""
-        sub = os.path.join(runs, f"{part}_{mode}_{tuning}.json")
-        rc, secs, text = script("bench.py", [
+        bc, sub = self.bc, os.path.join(self.runs, f"{part}_{mode}_{tuning}.json")
+        rc, secs, text = self.script("bench.py", [
             "--part", part, "--modes", mode, "--sizes", sizes, "--out", sub, "--arch", bc.arch,
             "--batch-size", bc.batch_size, "--steps", bc.steps, "--warmup", bc.warmup,
-            "--compile-backend", bc.compile_backend, "--cudnn-benchmark", tuning, *flags],
-            log, left(), title, env={"TMPDIR": runs})  # its scratch in ours: removed anyway
+            "--compile-backend", bc.compile_backend, "--cudnn-benchmark", tuning, *self.flags],
+            title, env={"TMPDIR": self.runs})  # its scratch in ours: removed anyway
         return ran(rc, text, wall_s=secs), json.load(open(sub)) if os.path.isfile(sub) else {}
 
-    def steps(mode, sizes):
-        out, got = measured("loop", mode, sizes, f"steps, {mode}")
+    def steps(self, mode, sizes):
+        out, got = self.measured("loop", mode, sizes, f"steps, {mode}")
         rows = got.get("loop", [])
         for row in rows:
-            res.add_row("loop", row)
+            self.res.add_row("loop", row)
         if rows:
             out.update(rows=len(rows), min_ratio=min(r["ratio"] for r in rows),
                        peak_gib=max(r["peak_gib"] or 0 for r in rows),
@@ -298,11 +345,12 @@ def gpu_check(bc, dev, res, log):
                            f"(0 frozen, 1 unfrozen expected): {', '.join(wrong)}")
         return out
 
-    def autotune():
+    def autotune(self):
         """The eager steps with other --cudnn-benchmark settings, beside `steps` (on)."""
         out = {"status": "ok"}
         for tuning in ("off", "1"):
-            got_out, got = measured("loop", "eager", bc.sizes, f"steps, cudnn {tuning}", tuning)
+            got_out, got = self.measured("loop", "eager", self.bc.sizes,
+                                         f"steps, cudnn {tuning}", tuning)
             rows = got.get("loop", [])
             out[tuning] = {"status": got_out["status"], "wall_s": sum(r["wall_s"] for r in rows),
                            "rows": [{k: r[k] for k in ("size", "phase", "ceiling", "real",
@@ -312,73 +360,52 @@ def gpu_check(bc, dev, res, log):
                 break
         return out
 
-    def checkpoint():
-        out, got = measured("checkpoint", "eager", bc.sizes, "checkpoint")
+    def checkpoint(self):
+        out, got = self.measured("checkpoint", "eager", self.bc.sizes, "checkpoint")
         if got.get("checkpoint"):
-            res.set("checkpoint", got["checkpoint"])
+            self.res.set("checkpoint", got["checkpoint"])
             out.update(got["checkpoint"])
         return out
 
-    def write_pngs():
-        if not os.path.isdir(os.path.join(pngs, "test")):
-            write_phantom_covidx(pngs, n_real, n_real // 6, png)
+    def write_pngs(self):
+        if not os.path.isdir(os.path.join(self.pngs, "test")):
+            write_phantom_covidx(self.pngs, self.n_real, self.n_real // 6, self.png)
 
-    def real_run():
+    def real_run(self):
         t0 = time.time()
-        write_pngs()
+        self.write_pngs()
         write_s = time.time() - t0
-        args = ["--data", pngs, "--cache-dir", os.path.join(runs, "cache"), *real]
-        return {**killed_and_resumed(args, runs, log, left(), 2), "write_pngs_s": write_s}
+        args = ["--data", self.pngs, "--cache-dir", os.path.join(self.runs, "cache"),
+                *self.real]
+        return {**killed_and_resumed(args, self.runs, self.log, self.left(), 2),
+                "write_pngs_s": write_s}
 
-    def evaluate(train_acc):
-        ev = [os.path.join(runs, "demo"), "--data", "phantom", "--phantoms", n_eval, *flags]
-        rc, secs, text = script("evaluate.py", [*ev, "--out", os.path.join(runs, "eval")],
-                                log, left())
+    def evaluate(self, train_acc):
+        runs = self.runs
+        ev = [os.path.join(runs, "demo"), "--data", "phantom", "--phantoms", self.n_eval,
+              *self.flags]
+        rc, secs, text = self.script("evaluate.py", [*ev, "--out", os.path.join(runs, "eval")])
         out = ran(rc, text, wall_s=secs)
         if rc == 0:
             acc = json.load(open(os.path.join(runs, "eval", "metrics.json")))["accuracy"]
             out.update(accuracy=acc["value"], same_as_train=acc["value"] == train_acc)
-        if rc == 0 and not bc.quick:  # TTA's views: tests/test_evaluate.py checks them on the CPU
-            rc, secs, text = script("evaluate.py", [*ev, "--tta", "v1", "--out",
-                                                    os.path.join(runs, "tta")], log, left(),
-                                    "evaluate.py --tta v1")
+        if rc == 0 and not self.bc.quick:  # TTA's views: test_evaluate.py checks them, CPU
+            rc, secs, text = self.script("evaluate.py", [*ev, "--tta", "v1", "--out",
+                                                         os.path.join(runs, "tta")],
+                                         "evaluate.py --tta v1")
             out.update(ran(rc, text, tta_s=secs))
             if rc == 0:
                 out["tta_accuracy"] = json.load(open(os.path.join(
                     runs, "tta", "metrics.json")))["accuracy"]["value"]
         return out
 
-    def predict():
-        write_pngs()
-        rc, secs, text = script("predict.py", [
-            os.path.join(runs, "demo"), os.path.join(pngs, "test"), "--out",
-            os.path.join(runs, "pred.csv"), "--cam", os.path.join(runs, "cams"), *flags],
-            log, left())
+    def predict(self):
+        self.write_pngs()
+        runs = self.runs
+        rc, secs, text = self.script("predict.py", [
+            os.path.join(runs, "demo"), os.path.join(self.pngs, "test"), "--out",
+            os.path.join(runs, "pred.csv"), "--cam", os.path.join(runs, "cams"), *self.flags])
         out = ran(rc, text, wall_s=secs)
         if rc == 0:
             out["cams"] = len(os.listdir(os.path.join(runs, "cams")))
         return out
-
-    def same_as(ref, out):
-        if out["status"] == "ok":
-            out["same_as_demo"] = out["accuracy"] == ref["accuracy"]
-        return out
-
-    d = step("demo", lambda: train_run("demo", demo)) or {"status": "not run"}
-    step("steps", lambda: steps("eager", bc.sizes))
-    step("checkpoint", checkpoint)
-    step("real_run", real_run)
-    if d["status"] == "ok":  # these read the demo's run folder or its result
-        step("evaluate", lambda: evaluate(d["accuracy"]))
-        step("predict", predict)
-        step("demo_host", lambda: same_as(d, train_run("demo_host", [*demo, "--data-on",
-                                                                     "cpu"])))
-    step("autotune", autotune)
-    step("demo_compiled", demo_compiled)
-    step("steps_compiled", lambda: steps("compiled", bc.sizes.split(",")[0]))
-    counts = {k: sum(v["status"] == k for v in status.values())
-              for k in ("ok", "failed", "timeout", "skipped")}
-    bad = [k for k, v in status.items() if v["status"] in ("failed", "timeout")]
-    print("\ngpu check: " + ", ".join(f"{n} {k}" for k, n in counts.items()) +
-          (f" ({', '.join(bad)}: see the log_tail in the JSON and {log})" if bad else ""))
-    return status
