@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from machinery import audit, datasets, films
-from machinery.config import Config, Help
+from machinery.config import READING, Config, Help, add_flags
 from machinery.shortcuts import sources_to_hold_out
 
 
@@ -210,19 +210,9 @@ def measure(items, tmp):
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help,
                                 usage="%(prog)s --data PATH [flags below]")
-    d = Config()
     p.add_argument("--data", required=True, metavar="PATH",
                    help="COVIDx or ImageFolder root (required)")
-    p.add_argument("--train-split", default="", metavar="FILE",
-                   help="train split file (default: found in --data, as train.py)")
-    p.add_argument("--test-split", default="", metavar="FILE",
-                   help="test split file (default: found in --data, as train.py)")
-    p.add_argument("--image-dir", default="", metavar="DIR",
-                   help="folder holding all images (default: --data/train and --data/test)")
-    p.add_argument("--subtypes", default="", metavar="CSV",
-                   help="subtype.csv for 4-class labels (default: none, the labels as given)")
-    p.add_argument("--cache-dir", default=d.cache_dir, metavar="DIR",
-                   help="where decoded images are cached, as train.py's ('' for none)")
+    add_flags(p, Config, only=READING)  # train.py's, as it reads the data
     p.add_argument("--out", default="", metavar="DIR",
                    help="output folder (default: runs/audit-<data>/)")
     p.add_argument("--pairs", type=int, default=24, metavar="N",

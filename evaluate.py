@@ -23,7 +23,7 @@ import torch
 from data import Augment, eval_batches
 from machinery import datasets, devices, films
 from machinery.checkpoint import run_dir_of
-from machinery.config import Config, Help
+from machinery.config import READING, Config, Help, add_flags
 from machinery.hostmem import HostImages, on_host
 from machinery.metrics import classification_metrics, format_metrics
 from machinery.plots import confusion_plot
@@ -96,14 +96,7 @@ def make_parser():
                    help="COVIDx or ImageFolder root, or 'phantom' (required)")
     g.add_argument("--split", default="test", choices=["test", "train"],
                    help="the split to evaluate")
-    g.add_argument("--train-split", default="", metavar="FILE",
-                   help="train split file (default: found in --data, as train.py finds it)")
-    g.add_argument("--test-split", default="", metavar="FILE",
-                   help="test split file (default: found in --data, as train.py finds it)")
-    g.add_argument("--image-dir", default="", metavar="DIR",
-                   help="folder holding all images (default: --data/train and --data/test)")
-    g.add_argument("--subtypes", default="", metavar="CSV",
-                   help="subtype.csv for 4-class labels (default: the labels as given)")
+    add_flags(g, Config, only=READING)  # train.py's, as it reads the data
     g.add_argument("--class-map", default="", metavar="THEIRS=OURS,..",
                    help="the data's class names that are not the model's, and the model's for "
                    "each (default: names matched as they are, then ignoring case)")
@@ -115,8 +108,6 @@ def make_parser():
                         "--phantoms, so that the test split is the one the run was tested on)")
     g.add_argument("--phantom-seed", type=int, default=None, metavar="N",
                    help="with --data phantom: the seed of its films (default: the run's)")
-    g.add_argument("--cache-dir", default=Config().cache_dir, metavar="DIR",
-                   help="where decoded images are cached, as train.py's ('' for none)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--tta", default="0", metavar="v1|K",
                    help="test-time augmentation: v1 (fastai v1's TTA: 0.4 plain + 0.6 mean of "

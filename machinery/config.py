@@ -226,9 +226,14 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+# The flags that say how the data is read, offered by evaluate.py and audit.py as train.py's
+READING = ("train_split", "test_split", "image_dir", "subtypes", "cache_dir")
+
+
 def add_flags(parser, cls, groups=None, only=None):
     """One command-line flag per field of the dataclass `cls`, typed by its default, in
-    argument groups ({title: [field names]}; None: one list); `only`: the fields to offer.
+    argument groups ({title: [field names]}; None: all in `parser`, which may be a group);
+    `only`: the fields to offer.
 
     A yes/no knob shows the flag that changes it (--demo, --no-flip); its twin (--no-demo,
     --flip) is still accepted, for scripts written before, but not shown."""
