@@ -105,7 +105,8 @@ def model_card(config, classes, size, metrics=None, leaks=None, weights=""):
     else:
         lines += ["None with this card: evaluate the model with evaluate.py."]
     lines += ["", "## Limits", "",
-              f"- Trained and tested on {phantom.WHAT}: {phantom.TELLS}." if phantoms else
+              "- Phantoms, not radiographs (Intended use): no number here says anything of "
+              "chest films." if phantoms else
               "- Chest films of public research collections, not of a clinical population; "
               "prevalence in the test split is not a clinic's, so PPV and NPV do not carry "
               "over.",
