@@ -322,13 +322,12 @@ def load_checkpoint(path, allow_unfinished=False):
             ck["size"] = int(str(ck["config"]["stages"]).split(",")[ck["stage"]])
         ck["unfinished"] = stopped_at(ck)
         model_pt = os.path.join(os.path.dirname(path), "model.pt")
-        if not allow_unfinished and os.path.isfile(model_pt):  # --keep-last kept it
-            raise CheckpointError(f"{path}: the training state a finished run kept "
-                                  f"(--keep-last), not its model: that is {model_pt}")
         if not allow_unfinished:
-            raise CheckpointError(f"{path}: the weights of an unfinished run, "
-                                  f"{ck['unfinished']}: not a finished model. "
-                                  + FINISH.format(run=run_dir_of(path) or "."))
+            raise CheckpointError(
+                f"{path}: the training state a finished run kept (--keep-last), not its model: "
+                f"that is {model_pt}" if os.path.isfile(model_pt) else
+                f"{path}: the weights of an unfinished run, {ck['unfinished']}: not a finished "
+                "model. " + FINISH.format(run=run_dir_of(path) or "."))
     ck["weights"] = which_weights(ck)
     model = COVIDResNet(getattr(torchvision.models, ck["config"]["arch"])(weights=None),
                         len(ck["classes"]))

@@ -89,7 +89,7 @@ def squares(img, sizes, hidden=WHOLE):
     a = np.asarray(to_gray(ImageOps.exif_transpose(img)))
     if hidden:
         a = hidden.apply(a)
-    x = torch.from_numpy(np.array(a))[None, None]  # a copy: PIL's arrays are read-only
+    x = torch.from_numpy(a.astype(np.float32))[None, None]  # once for every size
     return (a.shape[1], a.shape[0]), [square(x, s)[0, 0].numpy() for s in sizes]
 
 
