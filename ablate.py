@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 import compare
 from machinery import runlock
-from machinery.config import Help, make_stages, parse_args
+from machinery.config import make_stages, parse_args
+from machinery.flags import Help
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # name -> train.py flags. {placeholders} are filled from the base run's stages:
@@ -74,19 +75,13 @@ PRESETS = {  # --preset: the variants it runs
 
 
 def placeholders(cfg):
+    """The values of VARIANTS' {placeholders}, from the base run's stages."""
     stages = make_stages(cfg)
     fix = lambda spec, lr: lr if spec == "auto" else spec
     return {"last_size_each": ",".join([str(stages[-1].size)] * len(stages)),
             "fixed_lr_frozen": ",".join(fix(s.lr_frozen, ":3e-3") for s in stages),
             "fixed_lr_unfrozen": ",".join(fix(s.lr_unfrozen, ":3e-3") for s in stages),
-            "epochs_unfrozen": ",".join(str(s.frozen_epochs + s.unfrozen_epochs)
-                                        for s in stages)}
-
-
-def variant_flags(table, name, base):
-    """The train.py flags of variant `name` on top of the base flags, placeholders filled."""
-    cfg = parse_args(base)
-    return shlex.split(table[name].format_map(placeholders(cfg)))
+            "epochs_unfrozen": ",".join(str(s.frozen_epochs + s.unfrozen_epochs) for s in stages)}
 
 
 def variants_help():
@@ -110,13 +105,12 @@ def make_parser():
                    help="variants (listed below), comma separated, instead of a preset's (then "
                    "each --variant)")
     p.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
-                   help="a variant of your own: its name and train.py flags (repeatable; "
-                   "default: none)")
+                   help="a variant of your own: its name and train.py flags (repeatable) "
+                   "(default: none)")
     p.add_argument("--seeds", default="0,1,2", metavar="N,..", help="seeds, comma separated")
-    p.add_argument("--out", default="", metavar="DIR", help="folder for the runs and the "
-                   "comparison "
-                   "(default: runs/ablation-<data>, runs/shortcut-<data>); a rerun with the "
-                   "same --out goes on")
+    p.add_argument("--out", default="", metavar="DIR",
+                   help="folder for the runs and the comparison (default: runs/ablation-<data>, "
+                   "runs/shortcut-<data>); a rerun with the same --out goes on")
     p.add_argument("--ref", default="", metavar="NAME",
                    help="reference variant (default: the first)")
     return p
@@ -161,10 +155,10 @@ def parse(argv=None):
     out = a.out or os.path.join(base_cfg.runs, f"{kind}-" + os.path.basename(
         os.path.normpath(base_cfg.data or "data")))
     out = os.path.abspath(out)  # train.py runs in this process's folder, state() looks there
-    flags = {}
-    for name in names:
+    flags, fill = {}, placeholders(base_cfg)
+    for name in names:  # each variant's train.py flags on top of the base flags
         try:
-            flags[name] = variant_flags(table, name, base)
+            flags[name] = shlex.split(table[name].format_map(fill))
         except (KeyError, IndexError, ValueError) as e:
             p.error(f"variant {name}: {table[name]!r} has an unknown placeholder ({e})")
     runs = []
@@ -203,9 +197,9 @@ def changed(r):
     path = os.path.join(r["dir"], "config.json")
     if not os.path.isfile(path):
         return {}
-    saved, want = json.load(open(path)), dataclasses.asdict(r["config"])
-    saved = {**compare.DEFAULTS, **saved}  # keys older runs lack: the defaults they ran with
-    return {k: (saved.get(k), v) for k, v in want.items()
+    # keys older runs lack: the defaults they ran with
+    saved = {**compare.DEFAULTS, **json.load(open(path))}
+    return {k: (saved.get(k), v) for k, v in dataclasses.asdict(r["config"]).items()
             if k not in compare.IGNORED and saved.get(k) != v}  # the keys compare.py ignores
 
 
@@ -248,23 +242,22 @@ def main(argv=None):
     print(f"{len(runs)} runs ({len(names)} variants x {len(runs) // len(names)} seeds) in "
           f"{out}")
     results = []
-    number = {id(r): k for k, r in enumerate(runs, 1)}
-    done = [r for r in runs if state(r["dir"]) == "done"]  # said first: the bar and its ETA
-    todo = [r for r in runs if state(r["dir"]) != "done"]  # are over the runs still to run
-    bar = tqdm(total=len(todo), unit="run", desc="ablation", disable=None)  # terminals only
-    for r in done + todo:
-        k, running = number[id(r)], r in todo
-        if running:
+    # the runs done before are said first: the bar and its ETA are over the runs still to run
+    running = [state(r["dir"]) != "done" for r in runs]
+    bar = tqdm(total=sum(running), unit="run", desc="ablation", disable=None)  # terminals only
+    for k in sorted(range(len(runs)), key=running.__getitem__):
+        r = runs[k]
+        if running[k]:
             bar.set_postfix_str(f"{r['variant']} seed {r['seed']}")
         status, secs, log = run_one(r, log_dir)
-        bar.update(running)
-        line = f"[{k}/{len(runs)}] {r['variant']} seed {r['seed']}: {status}"
-        if status.startswith("failed"):
+        bar.update(running[k])
+        line = f"[{k + 1}/{len(runs)}] {r['variant']} seed {r['seed']}: {status}"
+        if status.startswith("failed") and log:  # a failed start (an LR finder's folder): no log
             with open(log, errors="replace") as f:
                 last = [s for s in f.read().splitlines() if s.strip()][-3:]
             line += f", {secs:.0f} s; its log ends:\n    " + "\n    ".join(last) + \
                 f"\n    (whole log: {log})"
-        else:
+        elif not status.startswith("failed"):
             m = json.load(open(os.path.join(r["dir"], "test_metrics.json")))
             line += f", test accuracy {100 * m['accuracy']['value']:.1f}%" + \
                 (f", {secs:.0f} s" if secs else "")

@@ -28,8 +28,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from machinery import audit, datasets, films
-from machinery.config import READING, Config, Help, add_flags
+from machinery.config import READING, Config
+from machinery.flags import Help, add_flags
 from machinery.shortcuts import sources_to_hold_out
+
+
+def thumbs_of(items):
+    """A split's films as the detector compares them (audit.thumbs of the squished films)."""
+    return audit.thumbs(films.load_pixels(items, [audit.THUMB]).images[audit.THUMB])
 
 
 def contact_sheet(path, pairs, tile=160):
@@ -59,30 +65,26 @@ def run_audit(classes, splits, th, near, exact):
     """The audit as a dict: splits {name: Items}, th {name: thumbnails}; near / exact: the
     pairs found by the near-duplicate search and by the files' SHA-256, {(split a, split b):
     [audit.Pair]}. Pairs are rows: same pixels (identical, at 64 px), same bytes or near."""
-    out = {"classes": classes, "films": {s: len(it) for s, it in splits.items()}}
-    out["duplicates"] = {}
+    out = {"classes": classes, "films": {s: len(it) for s, it in splits.items()},
+           "duplicates": {}}
     for sa, sb in near:  # a pair found by both keeps the near search's numbers
         a, b = splits[sa], splits[sb]
         rows, same = {}, {(p.i, p.j) for p in exact[sa, sb]}
         for p in near[sa, sb] + exact[sa, sb]:
-            row = rows.setdefault((p.i, p.j), {
+            rows.setdefault((p.i, p.j), {
                 "a": a.paths[p.i], "b": b.paths[p.j], "patient_a": a.patients[p.i],
                 "patient_b": b.patients[p.j], "hamming": p.hamming, "ncc": p.ncc,
-                "identical": p.identical, "same_bytes": False})
-            row["same_bytes"] = (p.i, p.j) in same
+                "identical": p.identical, "same_bytes": (p.i, p.j) in same})
         out["duplicates"][f"{sa}~{sb}"] = list(rows.values())
     rows = [r for rs in out["duplicates"].values() for r in rs]
     out["same_picture_two_patients"] = [r for r in rows if r["patient_a"] != r["patient_b"]]
-    shared = set(splits["train"].patients) & set(splits["test"].patients)
-    out["patients_in_both_splits"] = sorted(shared)
-    both = datasets.Items(splits["train"].paths + splits["test"].paths,
-                          splits["train"].labels + splits["test"].labels,
-                          splits["train"].patients + splits["test"].patients,
-                          splits["train"].sources + splits["test"].sources)
+    tr, te = splits["train"], splits["test"]
+    out["patients_in_both_splits"] = sorted(set(tr.patients) & set(te.patients))
+    both = datasets.Items(tr.paths + te.paths, tr.labels + te.labels, tr.patients + te.patients,
+                          tr.sources + te.sources)
     out["sources"], out["source_warnings"] = audit.source_table(classes, both)
     x = audit.metadata(both.paths, torch.cat([th["train"], th["test"]]))
-    out["shortcut"] = audit.shortcut_baseline(x, both.labels, both.patients, both.sources,
-                                              classes)
+    out["shortcut"] = audit.shortcut_baseline(x, both.labels, both.patients, both.sources, classes)
     return out
 
 
@@ -92,12 +94,10 @@ def pct(sc, key):
 
 def summary(a):
     """The audit in a few lines: what train.py's report and tools/make_covidx_v1.py print."""
-    dup = a["duplicates"]
-    n = {k: len(v) for k, v in dup.items()}
+    found = [f"{k} {len(v)}" for k, v in a["duplicates"].items() if v]
     sc = a["shortcut"]
     lines = [f"films: {', '.join(f'{s} {k}' for s, k in a['films'].items())}",
-             "duplicate pairs (exact or near): " + (", ".join(f"{k} {v}" for k, v in n.items()
-                                                            if v) or "none"),
+             "duplicate pairs (exact or near): " + (", ".join(found) or "none"),
              f"patients in both splits: {len(a['patients_in_both_splits'])}; one picture under "
              f"two patient ids: {len(a['same_picture_two_patients'])}",
              "shortcut baseline (metadata alone, cross-validated by patient), accuracy / "
@@ -136,11 +136,9 @@ def shortcut_tests(a, data):
 
 
 def write_md(path, a, sheet, data):
-    classes = a["classes"]
     text = ["# Data audit", "", *[f"- {s}" for s in summary(a)], "", "## Sources by class", "",
-            *audit.sources_md(a["sources"], classes), "", "## Shortcut tests", "",
-            *shortcut_tests(a, data)]
-    text += ["", "## Duplicate pairs", ""]
+            *audit.sources_md(a["sources"], a["classes"]), "", "## Shortcut tests", "",
+            *shortcut_tests(a, data), "", "## Duplicate pairs", ""]
     for key, rows in a["duplicates"].items():
         cut = " (the first 200 here; all in audit.json)" if len(rows) > 200 else ""
         text += [f"### {key}: {len(rows)}{cut}", ""] + [
@@ -179,8 +177,7 @@ def measure(items, tmp):
     recall of each kind of copy, the false pairs among films of different patients, times."""
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
-    orig = films.load_pixels(items, [audit.THUMB], None, "squish").images[audit.THUMB]
-    th = audit.thumbs(orig)
+    th = thumbs_of(items)
     t1 = time.perf_counter()
     within = audit.near_duplicates(th)
     t2 = time.perf_counter()
@@ -200,9 +197,7 @@ def measure(items, tmp):
             paths.append(os.path.join(tmp, f"{k}.{'jpg' if fmt == 'JPEG50' else 'png'}"))
             img.save(paths[-1], **({"quality": 50} if fmt == "JPEG50" else {}))
         copies = datasets.Items(paths, items.labels, items.patients, items.sources)
-        th_c = audit.thumbs(films.load_pixels(copies, [audit.THUMB], None, "squish")
-                            .images[audit.THUMB])
-        found = {(p.i, p.j) for p in audit.near_duplicates(th, th_c)}
+        found = {(p.i, p.j) for p in audit.near_duplicates(th, thumbs_of(copies))}
         out["recall"][kind] = round(sum((i, i) in found for i in range(len(th))) / len(th), 4)
     return out
 
@@ -244,7 +239,7 @@ def main(argv=None):
         return m
     decoded = {s: films.load_pixels(it, [audit.THUMB], a.cache_dir or None, "squish",
                                     problems=problems) for s, it in splits.items()}
-    problems.check()
+    problems.check()  # before the thumbnails: load_pixels gives None when a film is unreadable
     os.makedirs(out, exist_ok=True)
     th = {s: audit.thumbs(f.images[audit.THUMB]) for s, f in decoded.items()}
     t["decode"] = time.perf_counter()
@@ -266,10 +261,10 @@ def main(argv=None):
     result["seconds"] = {k: round(t[k] - t[prev], 2) for prev, k in zip(steps, steps[1:])}
     result["seconds"]["per_1000_films"] = round((t["shortcut"] - t["start"]) * 1000 / n, 2)
     rows = [r for rs in result["duplicates"].values() for r in rs][:a.pairs]
-    if os.path.isfile(os.path.join(out, "duplicates.png")):  # an earlier audit's
-        os.remove(os.path.join(out, "duplicates.png"))
-    sheet = contact_sheet(os.path.join(out, "duplicates.png"),
-                          [(how(r), r["a"], r["b"]) for r in rows])
+    png = os.path.join(out, "duplicates.png")
+    if os.path.isfile(png):  # an earlier audit's
+        os.remove(png)
+    sheet = contact_sheet(png, [(how(r), r["a"], r["b"]) for r in rows])
     with open(os.path.join(out, "audit.json"), "w") as f:
         json.dump(result, f, indent=1)
     write_md(os.path.join(out, "audit.md"), result, sheet, a.data)

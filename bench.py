@@ -1,7 +1,7 @@
 """Benchmark: how close training runs to the raw ResNet-50 step ceiling, what the paper's
 41-epoch schedule costs end to end, and, first of all on a new GPU, whether the CUDA path works.
 
-    python3 bench.py --gpu-check       # the first command on a new GPU: at most 4 minutes
+    python3 bench.py --gpu-check       # the first command on a new GPU: within --budget (520 s)
     python bench.py --part loop        # one part per call (each under 10 minutes on one H100)
     python bench.py                    # every part, one after another (~20 minutes on one H100)
     python bench.py --quick            # tiny sizes on the CPU in seconds: checks the script
@@ -37,7 +37,7 @@ import torch
 import data
 import train
 from machinery import devices
-from machinery.config import Help, add_flags
+from machinery.flags import Help, add_flags
 from benchmarks.gpucheck import gpu_check, require_cuda
 from benchmarks.measure import (PARTS, QUICK, BenchConfig, Recipe, Results, cache_rate,
                                checkpoint_cost, ddp_scaling, end_to_end, measure_steps,
@@ -97,6 +97,8 @@ def main(argv=None):
     if bc.gpu_check:
         require_cuda(bc)  # a check on the CPU would spend the GPU's lease
     dev = devices.pick_device(bc.device)
+    if bc.ddp and dev.type == "cuda" and torch.cuda.device_count() < bc.ddp:
+        raise SystemExit(f"--ddp {bc.ddp}: this machine has {torch.cuda.device_count()} GPU(s)")
     out = bc.out or ("gpu_check.json" if bc.gpu_check else "bench.json")
     env = {"device": devices.describe(dev), "torch": torch.__version__,
            "cuda": torch.version.cuda, "python": platform.python_version(),
@@ -105,21 +107,18 @@ def main(argv=None):
     print(json.dumps(env))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     res = Results(out, env)
+    log = os.path.splitext(out)[0] + ".log"  # --gpu-check's and --ddp's scripts' output
     try:
         if bc.gpu_check or bc.ddp:
-            log = os.path.splitext(out)[0] + ".log"  # every script's output, one by one
-            open(log, "w").close()
+            open(log, "w").close()  # every script's output, one by one, from this call
         if bc.gpu_check:
             gpu_check(bc, dev, res, log)
         elif bc.ddp:
-            if dev.type == "cuda" and torch.cuda.device_count() < bc.ddp:
-                raise SystemExit(f"--ddp {bc.ddp}: this machine has "
-                                 f"{torch.cuda.device_count()} GPU(s)")
-            res.add_row("ddp", ddp_scaling(bc, dev, bc.ddp, log), key=("ranks", "size",
-                                                                  "batch_per_rank"))
-            print("\n" + report(res.r))
+            res.add_row("ddp", ddp_scaling(bc, dev, bc.ddp, log),
+                        key=("ranks", "size", "batch_per_rank"))
         else:
             run_parts(bc, dev, res)
+        if not bc.gpu_check:
             print("\n" + report(res.r))
     finally:
         remove_scratch()  # the runs, caches and PNGs measured on: GBs nobody reads
@@ -130,13 +129,14 @@ def report(r):
     """The results as the tables BENCHMARKS.md shows (whatever parts the file holds)."""
     lines = [f"{r['env']['device']}, torch {r['env']['torch']}, {r['env']['date']}"]
     for part in ("ceiling", "loop"):
+        loop = part == "loop"  # (b) and (b)/(a) beside (a)
         if r.get(part):
             lines += ["", f"{part}, batch {r[part][0]['batch']}:", "",
                       "| size | phase | mode | ceiling img/s |" +
-                      (" real img/s | (b)/(a) |" if part == "loop" else "") + " peak GiB |",
-                      "|---" * (7 if part == "loop" else 5) + "|"]
+                      (" real img/s | (b)/(a) |" if loop else "") + " peak GiB |",
+                      "|---" * (7 if loop else 5) + "|"]
             for s in r[part]:
-                real = f" {s['real']:,.0f} | {s['ratio']:.3f} |" if part == "loop" else ""
+                real = f" {s['real']:,.0f} | {s['ratio']:.3f} |" if loop else ""
                 peak = f"{s['peak_gib']:.1f}" if s.get("peak_gib") is not None else "-"
                 lines.append(f"| {s['size']} | {s['phase']} | {s['mode']} | "
                              f"{s['ceiling']:,.0f} |{real} {peak} |")

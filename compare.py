@@ -25,7 +25,8 @@ import random
 from collections import Counter
 
 from machinery import config, runlock
-from machinery.config import Config, Help
+from machinery.config import Config
+from machinery.flags import Help
 from machinery.datasets import DataError
 from machinery.plots import dot_plot
 
@@ -52,13 +53,10 @@ def summary(values, bounds=(0.0, 1.0)):
     """{n, mean, sd, lo, hi}: the 95% t-interval of the mean (none for one value), clipped to
     the values' possible range `bounds` (proportions: [0, 1]; None: not clipped)."""
     values = [v for v in values if v is not None and math.isfinite(v)]
-    n = len(values)
-    if n == 0:
-        return {"n": 0, "mean": float("nan"), "sd": float("nan"), "lo": float("nan"),
-                "hi": float("nan")}
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
-    half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
+    n, nan = len(values), float("nan")
+    mean = sum(values) / n if n else nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else nan
+    half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else nan
     lo, hi = mean - half, mean + half
     if bounds and n > 1:
         lo, hi = max(bounds[0], lo), min(bounds[1], hi)
@@ -136,10 +134,11 @@ def check_same_test_set(runs):
                                "compared")
         if r["truth"] != first["truth"]:
             only = set(r["truth"]) ^ set(first["truth"])
-            what = (f"{len(only)} images are in one test set only (e.g. {sorted(only)[0]})"
-                    if only else "the same images carry other labels" + (
-                        " (phantoms: another --phantom-seed or --phantoms)"
-                        if r["config"]["data"] == "phantom" else ""))
+            what = "the same images carry other labels"
+            if only:
+                what = f"{len(only)} images are in one test set only (e.g. {sorted(only)[0]})"
+            elif r["config"]["data"] == "phantom":
+                what += " (phantoms: another --phantom-seed or --phantoms)"
             raise CompareError(f"{r['dir']} and {first['dir']} were tested on different test "
                                f"sets: {what}. Compare runs on one test set")
 
@@ -172,9 +171,8 @@ def group_runs(runs, group_by=None):
     return groups
 
 
-METRICS = [("accuracy", lambda m: m["accuracy"]["value"]),
-           ("balanced_accuracy", lambda m: m["balanced_accuracy"]),
-           ("macro_f1", lambda m: m["macro_f1"])]
+def accuracy(run):
+    return run["metrics"]["accuracy"]["value"]
 
 
 def compare(groups, ref=None, n_boot=2000, seed=0):
@@ -187,15 +185,13 @@ def compare(groups, ref=None, n_boot=2000, seed=0):
     check_same_test_set(runs)
     ref = ref or next(iter(groups))
     if ref not in groups:  # one of a group's values (resnet50), or a unique part of its name
-        parts = {g: [p for kv in g.split(", ") for p in (kv, kv.split("=", 1)[-1])]
-                 for g in groups}
+        parts = {g: [p for kv in g.split(", ") for p in (kv, kv.split("=", 1)[-1])] for g in groups}
         hits = [g for g in groups if ref in parts[g]] or [g for g in groups if ref in g]
         if len(hits) != 1:
             raise CompareError(f"--ref {ref}: {'no' if not hits else 'more than one'} group "
                                f"matches (groups: {'; '.join(groups)})")
         ref = hits[0]
-    images = list(runs[0]["truth"])
-    classes = runs[0]["classes"]
+    images, classes = list(runs[0]["truth"]), runs[0]["classes"]
 
     def per_image(rs):  # each image's correctness, averaged over the group's runs
         return [sum(r["correct"][k] for r in rs) / len(rs) for k in images]
@@ -204,8 +200,9 @@ def compare(groups, ref=None, n_boot=2000, seed=0):
     rows = []
     for name, rs in groups.items():
         row = {"group": name, "runs": [r["dir"] for r in rs]}
-        for metric, get in METRICS:
-            row[metric] = summary([get(r["metrics"]) for r in rs])
+        row["accuracy"] = summary([accuracy(r) for r in rs])
+        row["balanced_accuracy"] = summary([r["metrics"]["balanced_accuracy"] for r in rs])
+        row["macro_f1"] = summary([r["metrics"]["macro_f1"] for r in rs])
         row["chance"] = dict(base, accuracy_above=row["accuracy"]["mean"] - base["accuracy"])
         for c in classes:  # None where a class had no test images (--allow-missing-class)
             row[f"sensitivity_{c}"] = summary([
@@ -216,16 +213,14 @@ def compare(groups, ref=None, n_boot=2000, seed=0):
             mine = per_image(rs)
             diff = sum(mine) / len(mine) - sum(ref_correct) / len(ref_correct)
             lo, hi = paired_bootstrap(mine, ref_correct, n_boot, seed)
-            row["vs_ref"] = {"ref": ref, "diff": diff, "lo": lo, "hi": hi}
-            w = welch([r["metrics"]["accuracy"]["value"] for r in rs],
-                      [r["metrics"]["accuracy"]["value"] for r in groups[ref]])
+            v = row["vs_ref"] = {"ref": ref, "diff": diff, "lo": lo, "hi": hi}
+            w = welch([accuracy(r) for r in rs], [accuracy(r) for r in groups[ref]])
             if w:
-                row["vs_ref"]["welch_lo"], row["vs_ref"]["welch_hi"] = w
-            if len(rs) == 1 and len(groups[ref]) == 1:
-                a, b = rs[0]["correct"], groups[ref][0]["correct"]
-                n01 = sum(a[k] and not b[k] for k in images)
-                n10 = sum(b[k] and not a[k] for k in images)
-                row["vs_ref"]["mcnemar"] = {"b": n01, "c": n10, "p": mcnemar_exact(n01, n10)}
+                v["welch_lo"], v["welch_hi"] = w
+            if len(rs) == 1 and len(groups[ref]) == 1:  # each image's correctness is 0 or 1
+                b = sum(x > y for x, y in zip(mine, ref_correct))  # right here, wrong in ref
+                c = sum(x < y for x, y in zip(mine, ref_correct))
+                v["mcnemar"] = {"b": b, "c": c, "p": mcnemar_exact(b, c)}
         rows.append(row)
     return rows
 
@@ -318,19 +313,16 @@ def make_parser():
 
 
 def main(argv=None):
-    p = make_parser()
-    a = p.parse_args(argv)
+    a = make_parser().parse_args(argv)
     try:
-        runs, skipped = [], []
+        runs = []
         for r in a.runs:  # `runs/*/` also matches running, killed and LR-finder folders
             try:
                 runs.append(load_run(r))
             except CompareError as e:
                 if a.strict:
                     raise
-                skipped.append(str(e))
-        for why in skipped:
-            print(f"skipped {why}")
+                print(f"skipped {e}")
         if not runs:
             raise CompareError("no finished run among " + ", ".join(a.runs))
         groups = group_runs(runs, [k for k in a.group_by.split(",") if k])
@@ -347,32 +339,35 @@ def main(argv=None):
 def report(groups, out, ref=None, n_boot=2000, seed=0, title=""):
     """compare() the groups ({name: [run folders]}), print the tables, write compare.md, .csv,
     .json and .png to out; return the rows."""
-    seen = set()  # a run given twice would count twice
-    groups = {g: [r for r in (x if isinstance(x, dict) else load_run(x) for x in rs)
-                  if not (os.path.realpath(r["dir"]) in seen or seen.add(
-                      os.path.realpath(r["dir"])))] for g, rs in groups.items()}
-    groups = {g: rs for g, rs in groups.items() if rs}
+    seen, once = set(), {}  # a run given twice would count twice
+    for g, rs in groups.items():
+        for x in rs:
+            r = x if isinstance(x, dict) else load_run(x)
+            if os.path.realpath(r["dir"]) not in seen:
+                seen.add(os.path.realpath(r["dir"]))
+                once.setdefault(g, []).append(r)
+    groups = once
     notes = [f"group {g} mixes code versions ({k}: {', '.join(sorted(vals))}): its runs may "
              "differ by more than their seeds" for g, rs in groups.items()
              for k in ("git_commit", "torch")
              if len(vals := {str(r["config"].get(k)) for r in rs}) > 1]
     rows = compare(groups, ref, n_boot, seed)
     first = next(iter(groups.values()))[0]
-    classes, n = first["classes"], len(first["truth"])
-    text = table(rows, classes) + "".join(f"\n\nNote: {n}." for n in notes)
+    classes = first["classes"]
+    head = f"{len(first['truth'])} images; mean ± sd over runs [95% t-interval of the mean]"
+    text = table(rows, classes) + "".join(f"\n\nNote: {note}." for note in notes)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.md"), "w") as f:
-        f.write(f"# {title or 'Comparison'}\n\nTest set: {n} images; mean ± sd over runs "
-                f"[95% t-interval of the mean].\n\n{text}\n\n![accuracy per run](compare.png)\n")
+        f.write(f"# {title or 'Comparison'}\n\nTest set: {head}.\n\n{text}\n\n"
+                "![accuracy per run](compare.png)\n")
     write_csv(os.path.join(out, "compare.csv"), rows, classes)
     dot_plot(os.path.join(out, "compare.png"),
-             [(r["group"], [x["metrics"]["accuracy"]["value"] for x in groups[r["group"]]],
+             [(r["group"], [accuracy(x) for x in groups[r["group"]]],
                r["accuracy"]["mean"], r["accuracy"]["lo"], r["accuracy"]["hi"]) for r in rows],
              "test accuracy per run", percent=True)
     with open(os.path.join(out, "compare.json"), "w") as f:  # strict JSON: null, not NaN
         json.dump(_no_nan(rows), f, indent=1)
-    print(f"test set: {n} images; mean ± sd over runs [95% t-interval of the mean]\n\n{text}"
-          f"\n\nwritten to {out}/compare.md, .csv, .json, .png")
+    print(f"test set: {head}\n\n{text}\n\nwritten to {out}/compare.md, .csv, .json, .png")
     return rows
 
 

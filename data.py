@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from machinery import ddp
 from machinery.datasets import DataError
 from machinery.hostmem import HostImages, batch_source, on_host
+from schedule import PAPER
 
 # ImageNet statistics: the pre-trained body expects its inputs scaled this way.
 MEAN = (0.485, 0.456, 0.406)
@@ -41,13 +42,13 @@ class Augment:
     rotate and zoom each with p_affine, brightness and contrast each with p_lighting; the
     random crop always. draw() returns the parameters; __call__ applies them.
     """
-    rotate: float = 10.0  # degrees, either way
-    zoom: float = 1.1  # up to 1.1x magnification, its centre drawn at random
-    warp: float = 0.2  # symmetric_warp: four corner offsets, each uniform in +-warp
-    lighting: float = 0.2  # brightness 0.5 +- 0.1, contrast log-uniform in (0.8, 1.25)
-    p_affine: float = 0.75  # probability of each geometric transform, per image
-    p_lighting: float = 0.75
-    flip: bool = True  # left-right, p 0.5 (fastai v1's do_flip); --no-flip keeps the heart left
+    rotate: float = PAPER.rotate  # the laws' magnitudes and probabilities: schedule.Recipe's
+    zoom: float = PAPER.zoom
+    warp: float = PAPER.warp
+    lighting: float = PAPER.lighting
+    p_affine: float = PAPER.p_affine
+    p_lighting: float = PAPER.p_lighting
+    flip: bool = PAPER.flip
 
     UNIFORMS = 18  # uniform numbers draw() takes per image
 

@@ -21,9 +21,10 @@ import os
 import torch
 
 from data import Augment, eval_batches
-from machinery import datasets, devices, films
+from machinery import datasets, films
 from machinery.checkpoint import run_dir_of
-from machinery.config import READING, Config, Help, add_flags
+from machinery.config import READING, Config
+from machinery.flags import Help, add_flags
 from machinery.hostmem import HostImages, on_host
 from machinery.metrics import classification_metrics, format_metrics
 from machinery.plots import confusion_plot
@@ -139,8 +140,7 @@ def main(argv=None):
                 "batch of 0 (the run's) or more, a size of 0 (the model's) or more, 8 phantoms "
                 "or more")
     clf = load_for(p, a)
-    model, classes, size, dev = clf.model, clf.classes, clf.size, clf.device
-    amp, cl = clf.amp, clf.channels_last
+    classes, size, dev = clf.classes, clf.size, clf.device
     # resized and augmented as the model was trained (older checkpoints: squished films)
     cfg = {**dataclasses.asdict(Config()), "resize": "squish", **clf.config}
     batch_size = a.batch_size or int(str(clf.config.get("batch_size", 128)).split(",")[-1])
@@ -173,22 +173,22 @@ def main(argv=None):
         else decoded.to(size, dev)
     hw = decoded.hw.to(dev) if cfg["resize"] == "crop" else None
     aug = Augment(*(cfg[f.name] for f in dataclasses.fields(Augment)))
-    probs = tta_probs(model, images, size, hw, aug, a.tta, batch_size, a.seed, amp,
-                      cl).cpu()
-    preds = probs.argmax(1).tolist()
-    m = classification_metrics(labels, preds, classes, items.sources, probs.tolist())
+    probs = tta_probs(clf.model, images, size, hw, aug, a.tta, batch_size, a.seed, clf.amp,
+                      clf.channels_last).cpu()
+    m = classification_metrics(labels, probs.argmax(1).tolist(), classes, items.sources,
+                               probs.tolist())
     m.update(checkpoint=a.checkpoint, data=a.data, split=a.split, size=size, tta=a.tta,
              hide=clf.hidden.what, hide_box=clf.hidden.box, test_sources=test_sources,
              skipped=[{"path": path, "why": why} for _, path, why in skipped],
              weights=clf.weights)
 
-    run_dir = run_dir_of(a.checkpoint)
     name = os.path.basename(os.path.normpath(a.data))
     # a TTA run, hidden films or held-out sources never overwrite the plain evaluation
     hidden = clf.hidden.what + ("" if clf.hidden.box == WHOLE.box else f"-{clf.hidden.box}")
     made_by = "".join(f"_{k}-{v}" for k, v in [("hide", hidden), ("sources", test_sources),
                                                ("tta", a.tta)] if v not in ("none", "", "0"))
-    out = a.out or os.path.join(run_dir or ".", f"eval_{name}_{a.split}{made_by}")
+    out = a.out or os.path.join(run_dir_of(a.checkpoint) or ".",
+                                f"eval_{name}_{a.split}{made_by}")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
@@ -204,8 +204,7 @@ def main(argv=None):
         f.write(f"# {a.checkpoint} on {a.data} ({a.split} split, {size} px"
                 f"{f', TTA {a.tta}' if a.tta != '0' else ''})\n\n{said}```\n{table}\n```\n\n"
                 "![confusion matrix](confusion_matrix.png) ![ROC curves](roc.png)\n")
-    write_predictions(os.path.join(out, "predictions.csv"), items, labels, probs.tolist(),
-                      classes)
+    write_predictions(os.path.join(out, "predictions.csv"), items, labels, probs.tolist(), classes)
     confusion_plot(os.path.join(out, "confusion_matrix.png"), m["confusion_matrix"], classes,
                    f"{name}, {a.split} split, {m['n']} images")
     roc_plot(os.path.join(out, "roc.png"), probs.tolist(), labels, classes, m["per_class"])

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from data import normalize, view
 from machinery.checkpoint import CheckpointError, load_checkpoint, run_dir_of
-from machinery.config import Help
+from machinery.flags import Help
 from machinery.datasets import DataError, run_cli
 from machinery.films import CROP_MARGIN, square, stored_size
 from machinery.modelcard import model_card, write_model_card

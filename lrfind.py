@@ -30,10 +30,11 @@ from machinery.ddp import MeanLoss, on_main, run_main
 from machinery.plots import COLOURS, LIGHT, line_plot
 from machinery.run import forwards, setup
 from model import set_body_frozen, train_step
-from schedule import lr_sweep
+from schedule import PAPER, lr_sweep
 
 
-def lr_find(step, model, opt, batches, n_steps=100, lr_start=1e-7, lr_end=10.0, beta=0.98,
+def lr_find(step, model, opt, batches, n_steps=PAPER.lr_find_steps,
+            lr_start=PAPER.lr_find_start, lr_end=PAPER.lr_find_end, beta=PAPER.lr_find_beta,
             stop_div=4.0, lag=3):
     """Sweep the LR; return (lrs, raw losses, smoothed losses), one entry per step taken.
 

@@ -35,7 +35,7 @@ class ConcatPool(nn.Module):
         return torch.cat([x.amax(dim=(2, 3)), x.mean(dim=(2, 3))], dim=1)
 
 
-def make_head(n_features, n_classes, hidden=512, dropout=(0.25, 0.5)):
+def make_head(n_features, n_classes, dropout, hidden=512):
     """fastai v1's create_head: pool, then [BN, dropout, linear] twice, ReLU in between."""
     head = nn.Sequential(
         ConcatPool(),
@@ -51,13 +51,16 @@ def make_head(n_features, n_classes, hidden=512, dropout=(0.25, 0.5)):
     return head
 
 
+PS = 0.5  # fastai's head dropout (its ps): p of the last dropout, half of it for the first
+
+
 class COVIDResNet(nn.Module):
-    def __init__(self, resnet, n_classes, ps=0.5):
+    def __init__(self, resnet, n_classes, ps=PS):
         super().__init__()
         r = resnet  # a torchvision ResNet; its avgpool and fc are replaced by the head
         self.body = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool,
                                   r.layer1, r.layer2, r.layer3, r.layer4)
-        self.head = make_head(r.fc.in_features, n_classes, dropout=(ps / 2, ps))  # fastai's ps
+        self.head = make_head(r.fc.in_features, n_classes, (ps / 2, ps))
 
     def forward(self, x):  # x: (B, 3, H, W) normalised -> logits (B, n_classes), fp32
         features = self.body(x)
@@ -128,7 +131,7 @@ def fetch_weights(weights="imagenet", arch="resnet50"):
     return _imagenet_state_dict(arch) if weights == "imagenet" else _load_state_dict(weights)
 
 
-def build_model(n_classes, weights="imagenet", arch="resnet50", ps=0.5, sd=None):
+def build_model(n_classes, weights="imagenet", arch="resnet50", ps=PS, sd=None):
     """COVID-ResNet with `weights` = 'imagenet' | 'none' | a path to a state dict (sd: that
     state dict, if fetch_weights() fetched it already).
 
@@ -192,7 +195,7 @@ def set_body_frozen(model, frozen):
 BETAS = (0.9, 0.99)  # fastai v1's Adam: beta1 0.9 (the one-cycle moves it), beta2 0.99
 
 
-def make_optimizer(model, wd=0.01, verbose=True):
+def make_optimizer(model, wd, verbose=True):
     """fastai v1's optimizer: Adam with decoupled weight decay (its true_wd, torch's AdamW),
     one param group per layer group, named, so that each group gets its own learning rate.
 

@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from data import eval_batches, normalize, view
 from machinery import devices
 from machinery.checkpoint import CheckpointError, load_checkpoint, run_dir_of
-from machinery.config import Help
+from machinery.flags import Help
 from machinery.datasets import DataError, run_cli
 from machinery.films import CROP_MARGIN, decode, squares, stored_size, stretch, to_gray
 from machinery.plots import jet
@@ -95,8 +95,7 @@ class Classifier:
                  hidden=WHOLE):
         fmt = torch.channels_last if channels_last else torch.preserve_format
         self.model = model.to(device, memory_format=fmt).eval()
-        self.classes, self.size, self.crop = list(classes), size, crop
-        self.hidden = hidden
+        self.classes, self.size, self.crop, self.hidden = list(classes), size, crop, hidden
         self.device, self.amp, self.channels_last = device, amp, channels_last
         self.config = {}  # how it was trained
         self.weights = ""  # what the weights are, when not a run's model.pt (which_weights)
@@ -127,14 +126,13 @@ class Classifier:
         clf.config, clf.weights = trained, ck["weights"]
         return clf
 
-    def prepare(self, film, name=None):
+    def prepare(self, film):
         """One film (a path, PIL image, array or tensor) -> (uint8 (T, T) film, its height /
         width), or a FilmError naming it."""
-        name = name or (str(film) if isinstance(film, (str, os.PathLike)) else
-                        f"a {type(film).__name__}")
         if isinstance(film, (str, os.PathLike)):
-            r = decode(film, [self.store], self.hidden)
+            name, r = str(film), decode(film, [self.store], self.hidden)
         else:
+            name = f"a {type(film).__name__}"
             try:
                 r = squares(as_image(film), [self.store], self.hidden)
             except Exception as e:  # not an image's shape or type
@@ -148,18 +146,16 @@ class Classifier:
         return pixels, h / w
 
     def probabilities_of(self, pixels, hw, batch_size=64):
-        """Prepared films (lists from prepare) -> class probabilities (N, C) on the CPU."""
+        """Prepared films (sequences from prepare) -> class probabilities (N, C) on the CPU."""
         images = torch.from_numpy(np.stack(pixels))[:, None].to(self.device)  # (N, 1, T, T)
         hw = torch.tensor(hw, device=self.device) if self.crop else None
-        batches = eval_batches(images, self.size, hw, batch_size,
-                               channels_last=self.channels_last)
+        batches = eval_batches(images, self.size, hw, batch_size, channels_last=self.channels_last)
         return class_logits(self.model, self.model, batches, self.amp).softmax(1).cpu()
 
     def probabilities(self, films, batch_size=64):
         """Films (paths, PIL images, arrays, tensors) -> class probabilities (N, C)."""
-        prepared = [self.prepare(f) for f in films]
-        return self.probabilities_of([p for p, _ in prepared], [r for _, r in prepared],
-                                     batch_size)
+        pixels, hw = zip(*[self.prepare(f) for f in films])
+        return self.probabilities_of(pixels, hw, batch_size)
 
     def predict(self, films, batch_size=64):
         """{class name: probability} for one film, or a list of them for a list of films."""
@@ -209,13 +205,12 @@ def save_cam(path, image_path, cam, crop, caption="", alpha=0.45, hidden=WHOLE):
     top, left = (H - h) // 2, (W - w) // 2
     heat = F.interpolate(cam[None, None].float(), size=(h, w), mode="bilinear",
                          align_corners=False)[0, 0].clamp(0, 1).numpy()
-    out = np.asarray(gray.convert("RGB"), dtype=np.float32).copy()
+    out = np.asarray(gray.convert("RGB"), dtype=np.float32)  # a copy: float, not uint8
     win = out[top:top + h, left:left + w]
     win[:] = (1 - alpha) * win + alpha * jet(heat).astype(np.float32)
-    film = Image.fromarray(out.round().astype(np.uint8))
     text = max(10, W // 40)  # the caption's size follows the film's
     sheet = Image.new("RGB", (W, H + 3 * text), "white")
-    sheet.paste(film, (0, 0))
+    sheet.paste(Image.fromarray(out.round().astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=text)
     draw.text((4, H + text // 4), caption, fill="black", font=font)
@@ -272,8 +267,7 @@ def load_for(p, a):
     except DataError:  # a bad checkpoint: said by run_cli
         raise
     except ValueError as e:  # --hide and --hide-box that do not go together
-        p.error(f"--hide {a.hide or 'as trained'} --hide-box {a.hide_box or 'as trained'}: "
-                f"{e}")
+        p.error(f"--hide {a.hide or 'as trained'} --hide-box {a.hide_box or 'as trained'}: {e}")
 
 
 def make_parser():
@@ -304,20 +298,18 @@ def main(argv=None):
     a.out = a.out or os.path.join(run_dir_of(a.checkpoint) or ".", "predictions.csv")
     if a.cam_class and a.cam_class not in clf.classes:
         p.error(f"--cam-class {a.cam_class}: not one of the model's classes {clf.classes}")
-    files, pixels, hw, skipped = [], [], [], []
+    files, prepared, skipped = [], [], []
     for f in find_files(a.images):
         try:
-            px, r = clf.prepare(f)
+            prepared.append(clf.prepare(f))
+            files.append(f)
         except FilmError as e:  # not an image, or unreadable: listed, the rest go on
             skipped.append((f, e.why))
-            continue
-        files.append(f)
-        pixels.append(px)
-        hw.append(r)
     for f, why in skipped:
         print(f"skipped {f}: {why}")
     if not files:
         raise FilmError("no readable images among " + ", ".join(a.images))
+    pixels, hw = zip(*prepared)
     probs = clf.probabilities_of(pixels, hw, a.batch_size)
     classes, top = clf.classes, probs.argmax(1).tolist()
 

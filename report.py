@@ -11,16 +11,15 @@ import argparse
 import os
 
 from machinery import runlock
-from machinery.config import Help
+from machinery.flags import Help
 from machinery.datasets import run_cli
 from machinery.report import write_report
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help,
-                                usage="%(prog)s RUN")
-    p.add_argument("run", metavar="RUN", help="a finished run's folder (it holds "
-                   "test_metrics.json)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help, usage="%(prog)s RUN")
+    p.add_argument("run", metavar="RUN",
+                   help="a finished run's folder (it holds test_metrics.json)")
     return p
 
 

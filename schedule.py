@@ -7,6 +7,11 @@ What it teaches: fastai's one-cycle (v1's, step by step, and torch's OneCycleLR,
 fastai v2's), the LR range test's sweep, and discriminative LRs, each as a formula. The
 loop that writes them into the optimizer is train.fit.
 
+PAPER, first below, is the paper's whole recipe as one value: its stages (size, epochs, LRs),
+batch, one-cycle, optimizer, LR range test and augmentation. Every flag of train.py of the same
+name defaults to it (machinery/config.py makes the flags from it); --recipe fastai-v1 and
+fastai-v2 are PAPER with a few fields replaced (FASTAI_V1, FASTAI_V2).
+
 Vocabulary and defaults follow fastai v1 (1.0.x), which the paper used (FIDELITY.md):
     one_cycle(step, total, lr_max)        fastai v1's OneCycleScheduler, step by step
     one_cycle_torch(step, total, lr_max)  torch's OneCycleLR (fastai v2's defaults)
@@ -15,7 +20,62 @@ Vocabulary and defaults follow fastai v1 (1.0.x), which the paper used (FIDELITY
     MaxLR.parse("1e-6:1e-4")              a phase's max LR as the flags write it, parsed once
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of progressive resizing: its image size, the epochs training the head alone
+    (the body frozen), then the whole network, its batch size, and each phase's max LR as the
+    flags write it (MaxLR, below: auto = the phase's LR range test picks it)."""
+    size: int  # px
+    frozen_epochs: int
+    unfrozen_epochs: int
+    batch_size: int
+    lr_frozen: str = "auto"
+    lr_unfrozen: str = "auto"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a recipe chooses, as the paper ran it (Farooq & Hafeez 2020, with fastai v1)."""
+    # Progressive resizing, 41 epochs: the network meets small films first. The last stage's
+    # LRs are the paper's, spread across the layer groups (discriminative_lrs).
+    stages: tuple = (Stage(128, frozen_epochs=3, unfrozen_epochs=5, batch_size=64),
+                     Stage(224, frozen_epochs=3, unfrozen_epochs=5, batch_size=64),
+                     Stage(229, frozen_epochs=0, unfrozen_epochs=25, batch_size=64,
+                           lr_unfrozen="1e-6:1e-4"))
+    # One cycle per phase (fit_one_cycle): from max LR / div up for pct_start of the steps,
+    # then down to max LR / div_final (0: div x 1e4, fastai v1's); beta1 moves the other way.
+    one_cycle: str = "v1"  # v1: fastai v1's OneCycleScheduler | torch: OneCycleLR (fastai v2's)
+    pct_start: float = 0.3
+    div: float = 25.0
+    div_final: float = 0.0
+    moms: tuple = (0.95, 0.85)
+    # AdamW with decoupled weight decay; a fresh one at every phase, as the paper's script
+    # calling fastai v1's freeze() and unfreeze() made one (train.start_phase)
+    wd: float = 0.01
+    opt_reset: str = "fresh"
+    # Smith's LR range test (lrfind.py): 100 steps from 1e-7 to 10, the loss smoothed by an
+    # EMA; read with fastai v2's valley, where v1's min_grad chose worse (FIDELITY.md, measured)
+    lr_find_steps: int = 100
+    lr_find_start: float = 1e-7
+    lr_find_end: float = 10.0
+    lr_find_beta: float = 0.98
+    suggest: str = "valley"
+    # fastai v1's get_transforms() (data.Augment): each transform with its own coin per film
+    flip: bool = True  # left-right, p 0.5 (fastai v1's do_flip); --no-flip keeps the heart left
+    rotate: float = 10.0  # degrees, either way
+    zoom: float = 1.1  # up to 1.1x magnification, its centre drawn at random
+    warp: float = 0.2  # symmetric_warp: four corner offsets, each uniform in +-warp
+    lighting: float = 0.2  # brightness 0.5 +- 0.1, contrast log-uniform in (0.8, 1.25)
+    p_affine: float = 0.75  # probability of each of warp, rotation and zoom, per film
+    p_lighting: float = 0.75  # of each of brightness and contrast
+
+
+PAPER = Recipe()
+FASTAI_V1 = replace(PAPER, suggest="min_grad")  # fastai v1 to the letter: its LR reading too
+FASTAI_V2 = replace(PAPER, one_cycle="torch", pct_start=0.25, div_final=1e5, opt_reset="moments")
 
 
 def _cos(start, end, pct):
@@ -31,18 +91,19 @@ def _check(step, total):
         raise ValueError(f"step {step} is outside the schedule's 0..{total - 1}")
 
 
-def one_cycle(step, total, lr_max, pct_start=0.3, div=25.0, div_final=2.5e5,
-              moms=(0.95, 0.85)):
+def one_cycle(step, total, lr_max, pct_start=PAPER.pct_start, div=PAPER.div, div_final=0.0,
+              moms=PAPER.moms):
     """(lr, momentum) for batch `step` (0-based) of `total`, as fastai v1's fit_one_cycle.
 
     fastai v1 (callbacks/one_cycle.py: OneCycleScheduler) runs two cosine schedules: a warm-up
     of n1 = int(total * pct_start) steps from lr_max/div to lr_max, then the other n2 steps
-    down to lr_max/div_final (v1's final_div = div * 1e4: lr_max / 2.5e5). Each is a fastai
+    down to lr_max/div_final (0: v1's final_div = div * 1e4, lr_max / 2.5e5). Each is a fastai
     Scheduler that moves on *after* a batch, so batch 0 trains at lr_max/div, batch n1 at
     lr_max, and the last batch one step short of the end. The momentum (Adam's beta1) moves
     the other way, moms[0] -> moms[1] -> back towards moms[0].
     """
     _check(step, total)
+    div_final = div_final or div * 1e4
     n1 = max(1, int(total * pct_start))  # a fastai Scheduler has at least one step
     n2 = max(1, total - int(total * pct_start))
     if step <= n1:
@@ -52,8 +113,8 @@ def one_cycle(step, total, lr_max, pct_start=0.3, div=25.0, div_final=2.5e5,
     return _cos(lr_max, lr_max / div_final, pct), _cos(moms[1], moms[0], pct)
 
 
-def one_cycle_torch(step, total, lr_max, pct_start=0.25, div=25.0, div_final=1e5,
-                    moms=(0.95, 0.85, 0.95)):
+def one_cycle_torch(step, total, lr_max, pct_start=FASTAI_V2.pct_start, div=FASTAI_V2.div,
+                    div_final=FASTAI_V2.div_final, moms=FASTAI_V2.moms + FASTAI_V2.moms[:1]):
     """(lr, momentum) at `step` (0-based) of torch's OneCycleLR: fastai v2's defaults.
 
     Equals OneCycleLR(max_lr=lr_max, total_steps=total, pct_start=pct_start, div_factor=div,
@@ -81,7 +142,8 @@ def one_cycle_torch(step, total, lr_max, pct_start=0.25, div=25.0, div_final=1e5
 ONE_CYCLE = {"v1": one_cycle, "torch": one_cycle_torch}  # --one-cycle
 
 
-def lr_sweep(step, n_steps=100, lr_start=1e-7, lr_end=10.0):
+def lr_sweep(step, n_steps=PAPER.lr_find_steps, lr_start=PAPER.lr_find_start,
+             lr_end=PAPER.lr_find_end):
     """LR at `step` of the exponential sweep of Smith's LR range test.
 
     fastai's LRFinder (v1 and v2 alike): lr_start * (lr_end/lr_start) ** (step/n_steps), equal

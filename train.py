@@ -8,8 +8,10 @@ chest radiographs in three stages of progressive resizing, 128 -> 224 -> 229 px.
 Each stage trains the head alone (body frozen, BatchNorm still learning), then the whole network,
 each phase with its own LR range test (lrfind.py), a one-cycle schedule and, when unfrozen,
 discriminative learning rates per layer group (schedule.py). The paper's stages, as reported:
-128 px 3+5 epochs, 224 px 3+5, 229 px 0+25 at LRs 1e-6..1e-4: 41 epochs. Every run writes
-runs/<name>/ with its config, metrics, LR-finder curves, checkpoints and test metrics.
+128 px 3+5 epochs, 224 px 3+5, 229 px 0+25 at LRs 1e-6..1e-4: 41 epochs. They, and the rest of
+the recipe (batch, one-cycle, optimizer, LR range test, augmentation), are one value that every
+flag defaults to: schedule.PAPER, at the top of schedule.py. Every run writes runs/<name>/ with
+its config, metrics, LR-finder curves, checkpoints and test metrics.
 
 What it teaches, top to bottom: the plan (a list of phases, as data); one phase (start_phase,
 max_lrs, fit); one step (fit's inner loop, and model.train_step). Read lrfind.py, schedule.py,
@@ -69,7 +71,8 @@ class Phase:
 
 
 def make_plan(cfg, stages, n_train, device):
-    """The whole run as data: every stage's phases that have epochs, in order."""
+    """The whole run as data: every stage's phases that have epochs, in order. `stages`: the
+    flags' schedule.Stage records (make_stages); by default the paper's, PAPER.stages."""
     return [Phase(i, name, st.size, st.batch_size, epochs, MaxLR.parse(lr),
                   compile_stage(cfg, device, st, n_train))
             for i, st in enumerate(stages)

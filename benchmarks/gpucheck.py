@@ -12,12 +12,10 @@ import time
 
 import torch
 
-from benchmarks.measure import scratch, write_phantom_covidx
+from benchmarks.measure import ROOT, metrics_rows, scratch, write_phantom_covidx
 from machinery import phantom
 from machinery.config import DEMO
 from model import build_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project
 
 
 def start(name, args, log, title, env=None):
@@ -32,12 +30,6 @@ def start(name, args, log, title, env=None):
     return p, offset
 
 
-def output(log, offset):
-    with open(log, errors="replace") as f:
-        f.seek(offset)
-        return f.read()
-
-
 def script(name, args, log, timeout, title=None, env=None):
     """Run a script to its end, or kill it at `timeout` seconds.
     (exit code or 'timeout', seconds, what it printed)."""
@@ -49,18 +41,32 @@ def script(name, args, log, timeout, title=None, env=None):
         p.kill()
         p.wait()
         rc = "timeout"
-    return rc, time.time() - t0, output(log, offset)
+    with open(log, errors="replace") as f:
+        f.seek(offset)
+        return rc, time.time() - t0, f.read()
 
 
-def killed_and_resumed(args, runs, log, timeout, kill_after):
-    """train.py killed (SIGKILL) once `kill_after` epochs are logged and last.pt exists,
-    then --resume'd: it must go on from the last saved epoch and train each epoch once."""
+def ran(rc, text, **more):
+    """A script's result: ok, timeout or failed, with the end of its output when not ok."""
+    ok = "ok" if rc == 0 else "timeout" if rc == "timeout" else "failed"
+    return {"status": ok, "rc": rc, **more, **({} if rc == 0 else {"log_tail": text[-3000:]})}
+
+
+def peaks(rows):
+    """The highest peak_gib and peak_reserved_gib of metrics or step rows (0: not measured)."""
+    return {k: max((r.get(k) or 0 for r in rows), default=0)
+            for k in ("peak_gib", "peak_reserved_gib")}
+
+
+def killed_and_resumed(args, runs, log, timeout):
+    """train.py killed (SIGKILL) once two epochs are logged and last.pt exists, then
+    --resume'd: it must go on from the last saved epoch and train each epoch once."""
     t0 = time.time()
     run_dir = os.path.join(runs, "real")
     metrics, last = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "last.pt")
     p, _ = start("train.py", [*args, "--runs", runs, "--name", "real"], log, "real run, killed")
     while p.poll() is None and time.time() - t0 < timeout:
-        if os.path.isfile(metrics) and len(open(metrics).readlines()) >= kill_after and \
+        if os.path.isfile(metrics) and len(open(metrics).readlines()) >= 2 and \
                 os.path.isfile(last):
             break
         time.sleep(0.02)
@@ -80,7 +86,7 @@ def killed_and_resumed(args, runs, log, timeout, kill_after):
         return {**out, "status": "timeout" if rc == "timeout" else "failed",
                 "why": "the resumed run did not end well", "log_tail": text[-3000:]}
     m = json.load(open(os.path.join(run_dir, "test_metrics.json")))
-    rows = [json.loads(line) for line in open(metrics)]
+    rows = metrics_rows(run_dir)
     phases = [(r["phase"], r["epoch"]) for r in rows]
     out.update(accuracy=m["accuracy"]["value"], timings=m["timings_s"],
                epochs=len(rows), each_epoch_once=len(set(phases)) == len(phases),
@@ -89,21 +95,6 @@ def killed_and_resumed(args, runs, log, timeout, kill_after):
                                                  "peak_reserved_gib")} for r in rows])
     good = out["resumed"] and out["each_epoch_once"] and was_running
     return {"status": "ok" if good else "failed", **out}
-
-
-def cuda_seen():
-    """What this process sees of CUDA: why a GPU check found none."""
-    seen = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "cuda_available": torch.cuda.is_available(),
-            "device_count": torch.cuda.device_count(),
-            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "python": sys.executable}
-    try:
-        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-        seen["nvidia_smi"] = (smi.stdout + smi.stderr).strip()[-1000:]
-    except (OSError, subprocess.TimeoutExpired) as e:
-        seen["nvidia_smi"] = f"{type(e).__name__}: {e}"
-    return seen
 
 
 # The steps in order of value: what is cheap and tells most first, compilation last. Each
@@ -130,7 +121,16 @@ def require_cuda(bc):
     CPU: it would spend the GPU's lease there (--quick is the CPU check, seconds)."""
     if bc.quick:
         return
-    seen = cuda_seen()
+    seen = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "cuda_available": torch.cuda.is_available(),
+            "device_count": torch.cuda.device_count(),
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "python": sys.executable}
+    try:
+        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        seen["nvidia_smi"] = (smi.stdout + smi.stderr).strip()[-1000:]
+    except (OSError, subprocess.TimeoutExpired) as e:
+        seen["nvidia_smi"] = f"{type(e).__name__}: {e}"
     if not seen["cuda_available"] or bc.device == "cpu":
         print(json.dumps(seen))
         raise SystemExit(f"--gpu-check: no CUDA device in this process (--device {bc.device}; "
@@ -173,7 +173,7 @@ def gpu_check(bc, dev, res, log):
     result["status"] is one of ok, failed, timeout, skipped.
     """
     c = Check(bc, dev, res, log)
-    d = c.step("demo", c.demo) or {"status": "not run"}
+    d = c.step("demo", c.train_run, "demo", c.demo_args) or {"status": "not run"}
     c.step("steps", c.steps, "eager", bc.sizes)
     c.step("checkpoint", c.checkpoint)
     c.step("real_run", c.real_run)
@@ -190,12 +190,6 @@ def gpu_check(bc, dev, res, log):
     print("\ngpu check: " + ", ".join(f"{n} {k}" for k, n in counts.items()) +
           (f" ({', '.join(bad)}: see the log_tail in the JSON and {log})" if bad else ""))
     return c.status
-
-
-def ran(rc, text, **more):
-    """A script's result: ok, timeout or failed, with the end of its output when not ok."""
-    ok = "ok" if rc == 0 else "timeout" if rc == "timeout" else "failed"
-    return {"status": ok, "rc": rc, **more, **({} if rc == 0 else {"log_tail": text[-3000:]})}
 
 
 class Check:
@@ -222,20 +216,17 @@ class Check:
         self.size = 32 if bc.quick else 64  # frozen, then unfrozen, at one size: a stage each
         self.compiled = [*self.demo_args, "--stages", f"{self.size},{self.size}",
                          "--frozen-epochs", "1,0", "--unfrozen-epochs", "0,2", "--compile", "on"]
+        frozen, unfrozen, lr_steps = ("1,0", "1,2", "6") if bc.quick else ("1,1,0", "1,1,1", "20")
         self.real = ["--arch", bc.arch, "--weights", "none", "--stages", bc.sizes,
-                     "--frozen-epochs", "1,1,0", "--unfrozen-epochs", "1,1,1", "--batch-size",
-                     str(bc.batch_size), "--lr-find-steps", "20", "--save-every", "0",
+                     "--frozen-epochs", frozen, "--unfrozen-epochs", unfrozen, "--batch-size",
+                     str(bc.batch_size), "--lr-find-steps", lr_steps, "--save-every", "0",
                      *train_flags]
-        self.n_real, self.png, self.n_eval = 384, 512, 640
+        self.n_real, self.png, self.n_eval = (96, 64, 96) if bc.quick else (384, 512, 640)
         if bc.quick:
             tiny = ["--phantoms", "96", "--lr-find-steps", "6", "--batch-size", "16"]
             self.compiled += tiny  # its own stages, at 32 px
             self.demo_args += tiny + ["--stages", "32", "--frozen-epochs", "0",
                                       "--unfrozen-epochs", "2"]
-            for flag, value in [("--frozen-epochs", "1,0"), ("--unfrozen-epochs", "1,2"),
-                                ("--lr-find-steps", "6")]:
-                self.real[self.real.index(flag) + 1] = value
-            self.n_real, self.png, self.n_eval = 96, 64, 96
         self.runs = scratch()
         self.pngs = os.path.join(self.runs, "pngs")
 
@@ -267,27 +258,22 @@ class Check:
             if k not in ("status", "log_tail", "timings", "per_phase", "off", "1")), flush=True)
         return out
 
-    def script(self, name, args, title=None, env=None):
-        return script(name, args, self.log, self.left(), title, env)
+    def script(self, name, args, title=None, env=None, secs="wall_s"):
+        """Run a script until it ends or the budget does: ran()'s result, its seconds as
+        `secs`."""
+        rc, seconds, text = script(name, args, self.log, self.left(), title, env)
+        return ran(rc, text, **{secs: seconds})
 
     def train_run(self, name, args):
-        rc, secs, text = self.script("train.py", [*args, "--runs", self.runs, "--name", name],
-                                     name)
-        out = ran(rc, text, wall_s=secs)
-        if rc == 0:
+        out = self.script("train.py", [*args, "--runs", self.runs, "--name", name], name)
+        if out["rc"] == 0:
             folder = os.path.join(self.runs, name)
             m = json.load(open(os.path.join(folder, "test_metrics.json")))
-            rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
             out.update(accuracy=m["accuracy"]["value"], timings=m["timings_s"],
                        arithmetic=json.load(open(os.path.join(folder, "config.json"))).get(
                            "arithmetic"),  # what ran: bf16 autocast, fp32 (TF32 off), ...
-                       peak_gib=max((r.get("peak_gib") or 0 for r in rows), default=0),
-                       peak_reserved_gib=max((r.get("peak_reserved_gib") or 0 for r in rows),
-                                             default=0))
+                       **peaks(metrics_rows(folder)))
         return out
-
-    def demo(self):
-        return self.train_run("demo", self.demo_args)
 
     def demo_host(self, ref):
         """The demo with its films in host memory: the very accuracy of the demo's."""
@@ -321,12 +307,12 @@ class Check:
         """bench.py --part `part` in its own process (killed at the budget's end, what it
         measured by then kept): (result, its JSON)."""
         bc, sub = self.bc, os.path.join(self.runs, f"{part}_{mode}_{tuning}.json")
-        rc, secs, text = self.script("bench.py", [
+        out = self.script("bench.py", [
             "--part", part, "--modes", mode, "--sizes", sizes, "--out", sub, "--arch", bc.arch,
             "--batch-size", bc.batch_size, "--steps", bc.steps, "--warmup", bc.warmup,
             "--compile-backend", bc.compile_backend, "--cudnn-benchmark", tuning, *self.flags],
             title, env={"TMPDIR": self.runs})  # its scratch in ours: removed anyway
-        return ran(rc, text, wall_s=secs), json.load(open(sub)) if os.path.isfile(sub) else {}
+        return out, json.load(open(sub)) if os.path.isfile(sub) else {}
 
     def steps(self, mode, sizes):
         out, got = self.measured("loop", mode, sizes, f"steps, {mode}")
@@ -334,9 +320,7 @@ class Check:
         for row in rows:
             self.res.add_row("loop", row)
         if rows:
-            out.update(rows=len(rows), min_ratio=min(r["ratio"] for r in rows),
-                       peak_gib=max(r["peak_gib"] or 0 for r in rows),
-                       peak_reserved_gib=max(r.get("peak_reserved_gib") or 0 for r in rows))
+            out.update(rows=len(rows), min_ratio=min(r["ratio"] for r in rows), **peaks(rows))
             # the body's share of convolutions that moved: none frozen, all unfrozen
             wrong = [f"{r['size']} px {r['phase']}: {r['body_moved']:.2f}" for r in rows
                      if r["body_moved"] != (r["phase"] == "unfrozen")]
@@ -377,24 +361,21 @@ class Check:
         write_s = time.time() - t0
         args = ["--data", self.pngs, "--cache-dir", os.path.join(self.runs, "cache"),
                 *self.real]
-        return {**killed_and_resumed(args, self.runs, self.log, self.left(), 2),
+        return {**killed_and_resumed(args, self.runs, self.log, self.left()),
                 "write_pngs_s": write_s}
 
     def evaluate(self, train_acc):
         runs = self.runs
         ev = [os.path.join(runs, "demo"), "--data", "phantom", "--phantoms", self.n_eval,
               *self.flags]
-        rc, secs, text = self.script("evaluate.py", [*ev, "--out", os.path.join(runs, "eval")])
-        out = ran(rc, text, wall_s=secs)
-        if rc == 0:
+        out = self.script("evaluate.py", [*ev, "--out", os.path.join(runs, "eval")])
+        if out["rc"] == 0:
             acc = json.load(open(os.path.join(runs, "eval", "metrics.json")))["accuracy"]
             out.update(accuracy=acc["value"], same_as_train=acc["value"] == train_acc)
-        if rc == 0 and not self.bc.quick:  # TTA's views: test_evaluate.py checks them, CPU
-            rc, secs, text = self.script("evaluate.py", [*ev, "--tta", "v1", "--out",
-                                                         os.path.join(runs, "tta")],
-                                         "evaluate.py --tta v1")
-            out.update(ran(rc, text, tta_s=secs))
-            if rc == 0:
+        if out["rc"] == 0 and not self.bc.quick:  # TTA: test_evaluate.py checks its views, CPU
+            out.update(self.script("evaluate.py", [*ev, "--tta", "v1", "--out", os.path.join(
+                runs, "tta")], "evaluate.py --tta v1", secs="tta_s"))
+            if out["rc"] == 0:
                 out["tta_accuracy"] = json.load(open(os.path.join(
                     runs, "tta", "metrics.json")))["accuracy"]["value"]
         return out
@@ -402,10 +383,9 @@ class Check:
     def predict(self):
         self.write_pngs()
         runs = self.runs
-        rc, secs, text = self.script("predict.py", [
+        out = self.script("predict.py", [
             os.path.join(runs, "demo"), os.path.join(self.pngs, "test"), "--out",
             os.path.join(runs, "pred.csv"), "--cam", os.path.join(runs, "cams"), *self.flags])
-        out = ran(rc, text, wall_s=secs)
-        if rc == 0:
+        if out["rc"] == 0:
             out["cams"] = len(os.listdir(os.path.join(runs, "cams")))
         return out

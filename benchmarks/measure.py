@@ -10,6 +10,7 @@
 import atexit
 import collections
 import copy
+import itertools
 import json
 import math
 import os
@@ -26,8 +27,8 @@ from tqdm import tqdm
 
 from machinery import datasets, devices, films, phantom
 from machinery.checkpoint import Checkpointer, save_checkpoint
-from machinery.config import Config, knob
-from machinery.films import process_pool
+from machinery.config import Config
+from machinery.flags import knob
 from machinery.run import forwards, setup
 from model import set_body_frozen, train_step
 
@@ -57,7 +58,7 @@ def _save_png(args):
     Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(path, compress_level=1)
 
 
-def write_phantom_covidx(root, n_train, n_test, size=1024, seed=0, workers=None):
+def write_phantom_covidx(root, n_train, n_test, size=1024, seed=0):
     """Write phantoms as a COVIDx folder (train/, test/, train.txt, test.txt) of 8-bit PNGs
     at `size` px: real files, for timing decoding and caching (bench.py)."""
     jobs = []
@@ -74,7 +75,7 @@ def write_phantom_covidx(root, n_train, n_test, size=1024, seed=0, workers=None)
     if len(jobs) * size * size < 2 ** 24:  # a few MB of pixels: quicker than starting a pool
         list(tqdm(map(_save_png, jobs), **bar))
         return
-    with process_pool(workers) as pool:
+    with films.process_pool() as pool:
         list(tqdm(pool.map(_save_png, jobs, chunksize=16), **bar))
 
 
@@ -138,11 +139,10 @@ class Results:
         self.path, self.r = path, {"env": env}
         if os.path.isfile(path):
             old = json.load(open(path))
-            keys = ("arch", "batch_size", "precision", "channels_last")  # what rows depend on
-            was = {**old.get("env", {}), **old.get("env", {}).get("config", {})}
-            now = {**env, **env["config"]}
-            same = all(was.get(k) == now.get(k) for k in ("device", "torch") + keys)
-            if same:
+            was, now = ({**e, **e.get("config", {})} for e in (old.get("env", {}), env))
+            # the device, torch and the knobs the rows depend on
+            keys = ("device", "torch", "arch", "batch_size", "precision", "channels_last")
+            if all(was.get(k) == now.get(k) for k in keys):
                 self.r = {**old, "env": env}
             else:
                 print(f"{path} holds results of another device, torch or --arch, --batch-size, "
@@ -165,14 +165,17 @@ class Results:
         self.save()
 
 
-def timed(dev, fn, n):
-    """Seconds per call of fn over n calls, the device drained before and after."""
-    devices.sync(dev)
-    t0 = time.time()
-    for _ in range(n):
+def img_s(run, bc, fn):
+    """Images per second of fn, a training step of bc.batch_size films: bc.warmup calls
+    untimed, then bc.steps timed, the device drained before and after."""
+    for _ in range(bc.warmup):
         fn()
-    devices.sync(dev)
-    return (time.time() - t0) / n
+    devices.sync(run.device)
+    t0 = time.time()
+    for _ in range(bc.steps):
+        fn()
+    devices.sync(run.device)
+    return bc.batch_size / ((time.time() - t0) / bc.steps)
 
 
 def step_run(bc, dev, n_train=None):
@@ -196,37 +199,23 @@ def ceiling(run, bc, size):
     cl = torch.channels_last if run.channels_last else torch.contiguous_format
     x = torch.randn(bc.batch_size, 3, size, size, device=run.device).contiguous(memory_format=cl)
     y = torch.randint(0, len(run.classes), (bc.batch_size,), device=run.device)
-    for _ in range(bc.warmup):
-        step(run, x, y)
-    return bc.batch_size / timed(run.device, lambda: step(run, x, y), bc.steps)
+    return img_s(run, bc, lambda: step(run, x, y))
 
 
 def real_loop(run, bc, size, recipe):
     """(b): img/s of the step on the training loop's own batches, new epochs as needed."""
     batches = recipe.batches(run, size, bc.batch_size)
-    it, epoch = iter(batches.epoch(0)), 0
-
-    def next_step():
-        nonlocal it, epoch
-        try:
-            xb, yb = next(it)
-        except StopIteration:  # a new epoch: new order, as in training
-            epoch += 1
-            it = iter(batches.epoch(epoch))
-            xb, yb = next(it)
-        step(run, xb, yb)
-    for _ in range(bc.warmup):
-        next_step()
-    return bc.batch_size / timed(run.device, next_step, bc.steps)
+    # batch after batch, epoch after epoch (each a new order, as in training; data.Batches
+    # refuses fewer films than a batch, so each epoch gives one)
+    it = (xy for epoch in itertools.count() for xy in batches.epoch(epoch))
+    return img_s(run, bc, lambda: step(run, *next(it)))
 
 
-def measure_steps(bc, dev, res, part, recipe, sizes=None, modes=None):
+def measure_steps(bc, dev, res, part, recipe):
     """ceiling or loop: one row per size x phase x mode, saved as it is measured."""
     run = step_run(bc, dev)
-    modes = modes or bc.modes.split(",")
-    rows = []
-    for mode in modes:
-        for size in sizes or [int(s) for s in bc.sizes.split(",")]:
+    for mode in bc.modes.split(","):
+        for size in [int(s) for s in bc.sizes.split(",")]:
             for phase in ("frozen", "unfrozen"):
                 set_body_frozen(run.model, phase == "frozen")
                 run.forward, run.infer = forwards(run, mode == "compiled")
@@ -244,12 +233,11 @@ def measure_steps(bc, dev, res, part, recipe, sizes=None, modes=None):
                 # the share of the body's convolutions the steps moved: 0 frozen, 1 unfrozen
                 row["body_moved"] = sum(not torch.equal(a, b) for a, b in zip(
                     before, body_convs(run.model))) / len(before)
+                real = (f", real {row['real']:,.0f} img/s, (b)/(a) {row['ratio']:.3f}"
+                        if part == "loop" else " img/s")
                 print(f"  {part} {size} px {phase:>8} {mode:>8}: ceiling {row['ceiling']:,.0f}"
-                      + (f", real {row['real']:,.0f} img/s, (b)/(a) {row['ratio']:.3f}"
-                         if part == "loop" else " img/s") + f" ({row['wall_s']:.0f} s)")
+                      f"{real} ({row['wall_s']:.0f} s)")
                 res.add_row(part, row)
-                rows.append(row)
-    return rows
 
 
 def body_convs(model):
@@ -258,7 +246,7 @@ def body_convs(model):
             if isinstance(m, torch.nn.Conv2d)]
 
 
-def checkpoint_cost(run, repeats=3):
+def checkpoint_cost(run):
     """One epoch's checkpoint work for run's model with a full Adam state: the snapshot
     (training waits for it: the copies are queued; on a GPU they finish in the background)
     and the last.pt write (in a background thread), against train.py before 2026-11-27:
@@ -269,7 +257,7 @@ def checkpoint_cost(run, repeats=3):
     dev, path = run.device, os.path.join(run.dir, "last.pt")
     ck = Checkpointer(run, path)
     out = {"snapshot_s": [], "snapshot_done_s": [], "write_s": [], "before_s": []}
-    for i in range(repeats):
+    for i in range(3):  # the best of 3 is kept
         devices.sync(dev)
         t0 = time.time()
         ck.take(epoch=i)
@@ -327,11 +315,10 @@ def ddp_scaling(bc, dev, n, log):
             "--batch-size", str(bc.batch_size), "--device", dev.type, "--precision",
             bc.precision, "--channels-last", bc.channels_last,
             "--compile", "off", "--data-on", "gpu", "--runs", scratch()]
-    out = {"size": size, "batch_per_rank": bc.batch_size, "ranks": n}
     split = {k: epoch_split(train_py(k, [*args, "--name", f"ranks{k}"], log), bc.batch_size, k)
              for k in (1, n)}
-    for k, e in split.items():
-        out[f"img_s_{k}"] = e["img_s_steps"]  # all ranks' images
+    out = {"size": size, "batch_per_rank": bc.batch_size, "ranks": n,
+           **{f"img_s_{k}": e["img_s_steps"] for k, e in split.items()}}  # all ranks' images
     out["img_s_per_rank"] = out[f"img_s_{n}"] / n
     out["efficiency"] = out["img_s_per_rank"] / out["img_s_1"]
     print(f"  {n} ranks: {out[f'img_s_{n}']:,.0f} img/s ({out['img_s_per_rank']:,.0f} per rank)"
@@ -361,6 +348,7 @@ def train_py(k, args, log):
 
 
 def metrics_rows(run_dir):
+    """metrics.jsonl of a run folder: one dict an epoch."""
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 

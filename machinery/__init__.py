@@ -3,6 +3,7 @@ five tutorial files beside this folder (train.py, lrfind.py, model.py, data.py, 
 they call what is here by name, and nothing here imports them but model.py and schedule.py.
 
     config.py      the knobs: one dataclass, its flags and --help groups, --recipe, --demo
+    flags.py       a dataclass's fields as flags, --help, the knobs' checks, --config
     run.py         setup(): device, data read and split, model and optimizer, run folder
     epochs.py      fit()'s books: loss on the device, divergence guard, log, last.pt
     checkpoint.py  atomic checkpoints, snapshots written in the background, resume

@@ -186,7 +186,7 @@ def val_leaks(th, tr, va, items):
     """Validation films (rows va of items) with an exact or near duplicate among the training
     films (rows tr) -> a summary; said as a warning, not a stop: they inflate the validation
     numbers of each epoch, which the recipe never selects on (it keeps the last weights)."""
-    pairs = near_duplicates(th[va], th[tr]) if len(va) and len(tr) else []
+    pairs = near_duplicates(th[va], th[tr])  # [] when either is empty
     named = sorted({items.paths[va[p.i]] for p in pairs})
     if named:
         print(f"warning: {len(named)} validation films have an exact or near duplicate in "
@@ -240,9 +240,8 @@ def metadata(paths, th):
         with Image.open(p) as img:
             (w, h), mode, fmt = img.size, img.mode, (img.format or "").upper()
         bits = 16 if mode in ("I;16", "I;16B", "I;16L", "I") else 32 if mode == "F" else 8
-        rows.append([w, h, h / w, w * h / 1e6, bits, float(mode in COLOUR_MODES),
-                     0, 0, float(fmt == "JPEG"), float(fmt == "PNG"),
-                     float(fmt not in ("JPEG", "PNG"))])
+        rows.append([w, h, h / w, w * h / 1e6, bits, float(mode in COLOUR_MODES), 0, 0,
+                     float(fmt == "JPEG"), float(fmt == "PNG"), float(fmt not in ("JPEG", "PNG"))])
     x = torch.tensor(rows, dtype=torch.float32).reshape(-1, len(FEATURES))
     x[:, 6], x[:, 7] = th.flatten(1).mean(1), th.flatten(1).std(1)
     return x

@@ -66,34 +66,28 @@ def rng_state(dev):
             "python": random.getstate()}
 
 
-def cuda_rng_for(saved, dev):
-    """(the saved CUDA generator state to restore on `dev` or None, a note or None).
-
-    saved: rng_state()'s "cuda" entry: one state, None (a CPU run), or, in checkpoints from
-    before 2026-11-27, a list with one state per GPU the saving machine had. A GPU's state
-    (a seed and an offset) fits any GPU; the run's own GPU's is taken, the first if that
-    machine had fewer. A run moved between a GPU and the CPU goes on from the same weights and
-    seeds, but that device's generators draw other numbers (batches, augmentation, dropout)."""
-    if isinstance(saved, (list, tuple)):  # one per GPU of the saving machine
-        saved = (saved[dev.index] if dev.type == "cuda" and dev.index is not None and
-                 dev.index < len(saved) else saved[0]) if len(saved) else None
-    if dev.type == "cuda":
-        return saved, None if saved is not None else (
-            "saved on the CPU, resumed on a GPU: its dropout draws start anew")
-    return None, None if saved is None else (
-        "saved on a GPU, resumed on the CPU: its dropout draws start anew")
-
-
 def set_rng_state(s, dev):
-    """Restore rng_state() for a run on `dev`; returns a note when it cannot all be restored."""
+    """Restore rng_state() for a run on `dev`; returns a note when it cannot all be restored.
+
+    s["cuda"]: one state, None (a CPU run), or, in checkpoints from before 2026-11-27, a list
+    with one state per GPU the saving machine had. A GPU's state (a seed and an offset) fits
+    any GPU; the run's own GPU's is taken, the first if that machine had fewer. A run moved
+    between a GPU and the CPU goes on from the same weights and seeds, but that device's
+    generators draw other numbers (batches, augmentation, dropout)."""
     torch.set_rng_state(s["torch"])
-    cuda, note = cuda_rng_for(s["cuda"], dev)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, dev)
     n = s["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-    return note
+    cuda, gpu = s["cuda"], dev.type == "cuda"
+    if isinstance(cuda, (list, tuple)):  # one per GPU of the saving machine
+        i = dev.index if gpu and dev.index is not None and dev.index < len(cuda) else 0
+        cuda = cuda[i] if cuda else None
+    if gpu != (cuda is not None):  # moved between a GPU and the CPU
+        where = "the CPU, resumed on a GPU" if gpu else "a GPU, resumed on the CPU"
+        return f"saved on {where}: its dropout draws start anew"
+    if gpu:
+        torch.cuda.set_rng_state(cuda, dev)
+    return None
 
 
 def load_optimizer(opt, state):
@@ -114,8 +108,7 @@ def _to_host(x, old, pin):
     """A copy of the nested state `x` in host memory, into old's tensors where they fit.
 
     Tensors keep their strides (channels_last weights copy as one block); on a GPU the
-    copies go to pinned memory without waiting (record an event to know when they are done).
-    """
+    copies go to pinned memory without waiting (record an event to know when they are done)."""
     if isinstance(x, torch.Tensor):
         x = x.detach()
         if not (isinstance(old, torch.Tensor) and old.shape == x.shape and
@@ -133,8 +126,7 @@ def _to_host(x, old, pin):
 
 
 class Checkpointer:
-    """The state training can go back to, and last.pt written from it without holding
-    training up.
+    """The state training can go back to, and last.pt written from it in the background.
 
     take(**extra): model and optimizer state, every generator and `extra` copied to host
     memory, into buffers reused from epoch to epoch (on a GPU: pinned, copied without waiting).
@@ -143,8 +135,7 @@ class Checkpointer:
     (save_checkpoint), unless that thread is still writing an older one, or began less than
     `every` seconds ago: then this epoch's state is not written, a later one is. A kill thus
     loses the work since the last finished write: at most one epoch when writes keep up.
-    Two sets of buffers: a snapshot is never overwritten while it is being written.
-    """
+    Two sets of buffers: a snapshot is never overwritten while it is being written."""
 
     def __init__(self, run, path, every=0.0):
         self.run, self.path, self.every = run, path, every
@@ -153,15 +144,14 @@ class Checkpointer:
         self.newest = self.writing = None  # indices into bufs
         self.thread, self.error, self.event = None, None, None
         self.last_start = -math.inf
-        self.stats = dict(snapshots=0, snapshot_s=0.0, writes=0, write_s=0.0, skipped=0,
-                          wait_s=0.0, mib=0.0)
+        self.stats = dict(writes=0, write_s=0.0, skipped=0)  # train.py logs write_s
 
     def take(self, **extra):
         """Snapshot the run's state now (extra: the checkpoint's other entries)."""
-        t0 = time.time()
         self._reap()
-        i = 1 - self.writing if self.writing is not None else \
-            0 if self.newest is None else 1 - self.newest
+        # never the snapshot being written; else the newest stays whole until this one is
+        keep = self.writing if self.writing is not None else self.newest
+        i = 0 if keep is None else 1 - keep
         run, old = self.run, self.bufs[i] or {}
         self.bufs[i] = {"model": _to_host(run.model.state_dict(), old.get("model"), self.pin),
                         "opt": _to_host(run.opt.state_dict(), old.get("opt"), self.pin),
@@ -170,8 +160,6 @@ class Checkpointer:
         if self.pin:  # the writer waits for the copies; training does not
             self.event = torch.cuda.Event()
             self.event.record()
-        self.stats["snapshots"] += 1
-        self.stats["snapshot_s"] += time.time() - t0
 
     def restore(self):
         """Model and optimizer back to the newest snapshot."""
@@ -192,8 +180,8 @@ class Checkpointer:
             self.stats["skipped"] += 1
             return False
         self.writing, self.last_start = self.newest, time.time()
-        snap, event = self.bufs[self.newest], self.event if self.pin else None
-        self.thread = threading.Thread(target=self._write, args=(snap, event),
+        snap = self.bufs[self.newest]
+        self.thread = threading.Thread(target=self._write, args=(snap, self.event),
                                        name="checkpoint-writer")
         self.thread.start()
         return True
@@ -206,15 +194,12 @@ class Checkpointer:
             save_checkpoint(self.run, self.path, state=snap)
             self.stats["writes"] += 1
             self.stats["write_s"] += time.time() - t0
-            self.stats["mib"] = os.path.getsize(self.path) / 2 ** 20
         except BaseException as e:  # raised in the training thread, at the next call
             self.error = e
 
     def _reap(self, wait=False):
         if self.thread is not None and (wait or not self.thread.is_alive()):
-            t0 = time.time()
             self.thread.join()
-            self.stats["wait_s"] += time.time() - t0
             self.thread = self.writing = None
         if self.error is not None:
             e, self.error = self.error, None
@@ -313,10 +298,10 @@ def load_checkpoint(path, allow_unfinished=False):
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holding arbitrary objects
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); is the file complete?") from e
+                              f"{str(e).splitlines()[0][:200]}); is the file complete?") from e
     if not (isinstance(ck, dict) and {"model", "classes", "config"} <= set(ck)):
-        raise CheckpointError(f"{path}: not a COVID-ResNet checkpoint (it needs model, classes and "
-                         f"config entries; train.py writes them)")
+        raise CheckpointError(f"{path}: not a COVID-ResNet checkpoint (it needs model, classes "
+                              "and config entries; train.py writes them)")
     if {"opt", "history"} <= set(ck):  # a last.pt: training's state after some epoch
         if "size" not in ck:  # last.pt before 2026-12-05: its stage's (0-based) size
             ck["size"] = int(str(ck["config"]["stages"]).split(",")[ck["stage"]])
@@ -326,8 +311,9 @@ def load_checkpoint(path, allow_unfinished=False):
             raise CheckpointError(
                 f"{path}: the training state a finished run kept (--keep-last), not its model: "
                 f"that is {model_pt}" if os.path.isfile(model_pt) else
-                f"{path}: the weights of an unfinished run, {ck['unfinished']}: not a finished "
-                "model. " + FINISH.format(run=run_dir_of(path) or "."))
+                f"{path}: {which_weights(ck)}: not a finished model. Finish it with python "
+                f"train.py --resume {run_dir_of(path) or '.'}, or take these weights anyway "
+                "with --allow-unfinished (allow_unfinished=True from Python; the card says so)")
     ck["weights"] = which_weights(ck)
     model = COVIDResNet(getattr(torchvision.models, ck["config"]["arch"])(weights=None),
                         len(ck["classes"]))
@@ -347,10 +333,6 @@ def which_weights(ck):
         return (f"the weights at the end of stage {ck['stage']} ({ck.get('size', '?')} px), "
                 "not the run's final model")
     return ""
-
-
-FINISH = ("Finish it with python train.py --resume {run}, or take these weights anyway with "
-          "--allow-unfinished (allow_unfinished=True from Python; the card says so)")
 
 
 def stopped_at(ck):

@@ -155,10 +155,9 @@ def apply_subtypes(rows, path):
     out = []
     for pid, fname, label, source in rows:
         if label.lower() == "pneumonia":
-            sub = subtypes.get(os.path.basename(fname), "")
-            if sub not in ("bacterial", "viral"):
+            label = subtypes.get(os.path.basename(fname), "")
+            if label not in ("bacterial", "viral"):
                 continue
-            label = sub
         out.append((pid, fname, label, source))
     return out
 
@@ -234,10 +233,9 @@ def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtyp
     if not os.path.isdir(root):
         raise DataError(f"--data {root}: no such folder. Give a COVIDx or ImageFolder root, "
                         "or --data phantom for synthetic images.")
-    if train_split or test_split:
-        files = (train_split or os.path.join(root, "train.txt"),
-                 test_split or os.path.join(root, "test.txt"))
-        files = [f if os.path.isabs(f) else os.path.join(root, f) for f in files]
+    if train_split or test_split:  # relative to root (join keeps an absolute path as it is)
+        files = [os.path.join(root, train_split or "train.txt"),
+                 os.path.join(root, test_split or "test.txt")]
     else:
         files = find_split_files(root)
     rows, malformed, named = {}, [], set()  # named: classes the layout promises
@@ -272,8 +270,7 @@ def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtyp
         rows = hold_out_sources(rows, test_sources.split(","))
     classes = sorted(named | {r[2] for rs in rows.values() for r in rs})
     found = Problems()
-    check_rows(rows, classes, found, malformed, named, allow_patient_overlap,
-               allow_missing_class)
+    check_rows(rows, classes, found, malformed, named, allow_patient_overlap, allow_missing_class)
     missing = {r[1]: 1 for rs in rows.values() for r in rs if not os.path.isfile(r[1])}
     found.add("listed images are missing", list(missing), " (check --data / --image-dir)")
     if problems is None:
@@ -306,10 +303,10 @@ def check_rows(rows, classes, problems, malformed=(), named=(), allow_patient_ov
             f"{c} ({counts['test'][c]} images)" for c in unknown],
             " (a typo, or split files of two versions? --allow-missing-class goes on anyway)")
         why = {"train": "the model cannot learn it", "test": "its sensitivity is unmeasurable"}
+        where = {c: [s for s in rows if not counts[s][c]] for c in classes if c not in unknown}
         problems.add("classes with no images", [
-            f"{c}: none in {' or '.join(where)} ({'; '.join(why[s] for s in where)})"
-            for c in classes if c not in unknown
-            for where in [[s for s in rows if not counts[s][c]]] if where],
+            f"{c}: none in {' or '.join(w)} ({'; '.join(why[s] for s in w)})"
+            for c, w in where.items() if w],
             " (add images or fix the labels, or pass --allow-missing-class to go on anyway)")
     seen = Counter(r[1] for rs in rows.values() for r in rs)
     problems.add("files listed more than once", sorted(p for p, n in seen.items() if n > 1))

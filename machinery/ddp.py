@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
 from tqdm import tqdm
 
 from machinery.datasets import run_cli
@@ -34,11 +35,7 @@ from machinery.datasets import run_cli
 # NODE_FIRST_WAIT times as long (an hour at the default 600 s).
 TIMEOUT = datetime.timedelta(seconds=600)
 NODE_FIRST_WAIT = 6
-
-
-def launched():
-    """Whether torchrun started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+_GROUPS = {}  # process groups made once a run (node_first's); leave() forgets them
 
 
 def world():
@@ -68,7 +65,7 @@ def init(device, timeout_s=600.0):
     watchdog ends the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, 3 by default), and torchrun
     then stops the node's other ranks."""
     global TIMEOUT
-    if not launched() or dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():  # one process
         return device
     TIMEOUT = datetime.timedelta(seconds=timeout_s)
     local = int(os.environ["LOCAL_RANK"])
@@ -92,7 +89,7 @@ def init(device, timeout_s=600.0):
 
 def print_on_main():
     """print() prints on rank 0 only, and on any rank as print(..., force=True)."""
-    show, main_rank = builtins.print, rank() == 0
+    show, main_rank = builtins.print, main()
 
     def print(*args, force=False, **kw):
         if main_rank or force:
@@ -103,20 +100,19 @@ def print_on_main():
 def progress(iterable=None, desc="", **kw):
     """A tqdm progress bar, shown on rank 0 only (the others' would overwrite it), and only on a
     terminal: a log file gets the lines printed, not the bar's frames."""
-    return tqdm(iterable, desc=desc, leave=False, disable=True if rank() != 0 else None, **kw)
+    return tqdm(iterable, desc=desc, leave=False, disable=None if main() else True, **kw)
 
 
 @contextmanager
 def node_first():
-    """The block runs on a node's first rank first, then on the node's other ranks: the first
-    decodes the films into the cache, the others then read it. A no-op in one process.
+    """The block runs on a node's first rank, which decodes the films into the cache, then on
+    the node's other ranks, which read it. A no-op in one process.
 
-    Its waits take NODE_FIRST_WAIT times --dist-timeout: decoding a large data set is the
-    longest wait of a run (~5 minutes for 224,000 1024-px PNGs on 16 cores), and the others'
-    turn (the cache read, the audit) the next longest. A process group of its own carries
-    that timeout (a barrier takes its group's), made by every rank the first time, kept
-    until the run leaves them all (gloo can fail a rank that tears a group down right after
-    a barrier: pytorch/gloo#155, so the run does that once, at its end)."""
+    Its waits take NODE_FIRST_WAIT times --dist-timeout: decoding a large data set is a run's
+    longest wait (~5 minutes for 224,000 1024-px PNGs on 16 cores), the others' turn (cache
+    read, audit) the next. A barrier takes its group's timeout: this one's, a group of its
+    own, is made by every rank the first time and kept until the run's end (gloo can fail a
+    rank that tears a group down right after a barrier: pytorch/gloo#155)."""
     if world() == 1:
         yield
         return
@@ -131,33 +127,20 @@ def node_first():
     dist.barrier(group=slow)  # the others' turn: the first ranks wait for it as long
 
 
-_GROUPS = {}  # process groups made once a run (node_first's); leave() forgets them
-
-
-def broadcast(obj):
-    """Rank 0's `obj` (any picklable value), on every rank."""
-    if world() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def _reduced(t, op=dist.ReduceOp.SUM):
+    """A copy of t reduced over the ranks (the caller's tensor is left as it was)."""
+    t = t.detach().clone()
+    dist.all_reduce(t, op=op)
+    return t
 
 
 def all_mean(t):
     """The mean over ranks of a tensor (a new tensor; the same on every rank)."""
-    if world() == 1:
-        return t
-    t = t.detach().clone()
-    dist.all_reduce(t)
-    return t / world()
+    return t if world() == 1 else _reduced(t) / world()
 
 
 def all_min(t):
-    if world() == 1:
-        return t
-    t = t.detach().clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t
+    return t if world() == 1 else _reduced(t, dist.ReduceOp.MIN)
 
 
 def shard(n, r=None):
@@ -196,8 +179,7 @@ def fail_together():
         err = f"rank {rank()}: {e}"
     except Exception as e:
         err = f"rank {rank()}: {type(e).__name__}: {e}"
-    errors = [None] * world()
-    dist.all_gather_object(errors, err)
+    errors = all_objects(err)
     if any(errors):
         raise SystemExit(next(e for e in errors if e))
 
@@ -210,7 +192,7 @@ def on_main(fn, *args, **kw):
     with fail_together():
         if main():
             out = fn(*args, **kw)
-    return broadcast(out)
+    return all_objects(out)[0]  # rank 0's result (any picklable value), on every rank
 
 
 class MeanLoss:
@@ -253,24 +235,17 @@ def broadcast_buffers(model):
             dist.broadcast(b, src=0)
 
 
-def max_difference(model):
-    """The largest difference between any rank's weights and buffers and rank 0's: 0.0 when
-    the ranks hold the same model (as they must after every step)."""
+def check_same_model(model):
+    """True when every rank holds rank 0's weights and buffers, as it must after training
+    (one process: always); an error naming the largest difference otherwise."""
     if world() == 1:
-        return 0.0
+        return True
     worst = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
     for t in [*model.parameters(), *model.buffers()]:
         ref = t.detach().clone()
         dist.broadcast(ref, src=0)
         worst = torch.maximum(worst, (t.detach() - ref).abs().max().double())
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return worst.item()
-
-
-def check_same_model(model):
-    """True when every rank holds rank 0's weights and buffers, as it must after training
-    (one process: always); an error naming the largest difference otherwise."""
-    differ = max_difference(model)
+    differ = _reduced(worst, dist.ReduceOp.MAX).item()
     if differ:
         raise RuntimeError(f"the ranks' models differ after training (by up to {differ:.3g}): "
                            "their steps were not the same")
@@ -285,23 +260,6 @@ def wrap(module, device):
         return module
     return nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """The sum of a tensor over the ranks; its gradient is the sum of the ranks' gradients
-    (each rank's loss depends on every rank's contribution)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.clone()
-        dist.all_reduce(g)
-        return g
 
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -320,7 +278,8 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
-        stats = _SumOverRanks.apply(torch.stack([xf.sum(dims), (xf * xf).sum(dims)]))
+        # summed over the ranks, gradients too: each rank's loss depends on every rank's sums
+        stats = all_reduce_with_grad(torch.stack([xf.sum(dims), (xf * xf).sum(dims)]))
         count = x.numel() // x.shape[1] * world()  # every rank's batch has the same shape
         mean, var = stats[0] / count, stats[1] / count - (stats[0] / count) ** 2
         with torch.no_grad():  # as F.batch_norm: running variance unbiased
@@ -374,19 +333,14 @@ def run_main(main_fn, *args):
 @contextmanager
 def closing():
     """The process group that init() joins in the block is left however the block ends: all
-    ranks together when it returns (close()); at once when it raises (leave()), as the other
-    ranks may be gone, and a barrier would wait for them until --dist-timeout."""
+    ranks together (a barrier) when it returns, as a rank that tears its connections down
+    while another still uses them can abort that one at exit; at once when it raises, as the
+    other ranks may be gone, and a barrier would wait for them until --dist-timeout."""
     try:
         yield
     except BaseException:  # SystemExit and Ctrl-C too
         leave()
         raise
-    close()
-
-
-def close():
-    """Leave the process group, all ranks together: a rank that tears its connections down
-    while another still uses them can abort that one at exit."""
     if dist.is_initialized():
         try:
             dist.barrier()

@@ -5,11 +5,10 @@
     films.hw                            # (N,) each film's height / width, for the crop
     films.to(224, "cuda")               # one stage's films on the device (a split's rows)
 
-The airbench way: each file is decoded once, in parallel on all cores, into uint8 arrays that
-are cached on disk, memory-mapped, and moved to the training device a stage size at a time (or,
-with --data-on cpu, gathered batch by batch from host memory: hostmem.py); data.py makes the batches
-there (resizing by cropping included). No DataLoader, no worker processes, and the GPU never
-waits on a JPEG decoder.
+The airbench way: decoded in parallel on all cores into uint8 arrays cached on disk, memory-mapped,
+and moved to the training device a stage size at a time (or, with --data-on cpu, gathered batch by
+batch from host memory: hostmem.py); data.py makes the batches there (resizing by cropping
+included). No DataLoader, no worker processes: the GPU never waits on a JPEG decoder.
 """
 import hashlib
 import math
@@ -19,7 +18,7 @@ import sys
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from itertools import repeat
 
@@ -107,12 +106,8 @@ def film_aspect(paths):
     """The largest long/short side ratio among the files, read from their headers alone."""
     a = 1.0
     for p in paths:
-        try:
-            with Image.open(p) as img:
-                w, h = img.size
-            a = max(a, max(w, h) / min(w, h))
-        except Exception:  # unreadable: decode() reports it
-            pass
+        with suppress(Exception), Image.open(p) as img:  # unreadable: decode() reports it
+            a = max(a, max(img.size) / min(img.size))
     return a
 
 
@@ -123,17 +118,14 @@ def stored_size(size, mode, aspect):
     'crop' (fastai v1's ResizeMethod.CROP) trains on a square window of the film resized so
     that its shorter side is `size`: along the long side that window is size/aspect of the
     film. Stored squished to size * aspect (at most CROP_MARGIN), the window keeps its full
-    detail; data.py takes it out with the augmentation's one grid_sample.
-    """
+    detail; data.py takes it out with the augmentation's one grid_sample."""
     return size if mode == "squish" else math.ceil(size * min(aspect, CROP_MARGIN))
 
 
 def fingerprint(paths, mode, hidden=WHOLE):
-    """Cache key of a list of files: each one's path, byte size and modification time, and
-    what was hidden of them (--hide: cached apart from the whole films).
-
-    A cheap stand-in for hashing every byte: any rewrite of a file changes its mtime.
-    """
+    """Cache key of a list of files: each one's path, byte size and modification time (a cheap
+    stand-in for hashing every byte: any rewrite of a file changes its mtime), and what was
+    hidden of them (--hide: cached apart from the whole films)."""
     h = hashlib.sha1(f"v{CACHE_VERSION} {mode}".encode())
     if hidden:  # whole films keep the key they always had
         h.update(f" hide {hidden.what} {hidden.box!r} {hidden.crop}".encode())
@@ -152,8 +144,7 @@ class Films:
             are memory-mapped: nothing is in memory until a stage asks for its size (to()),
             and the ranks of a node share the pages the OS holds.
     hw:     (N,) float32, each film's height / width as decoded: where a crop may go
-    rows:   the rows of `images` that are this split's (None: all of them)
-    """
+    rows:   the rows of `images` that are this split's (None: all of them)"""
     images: dict
     hw: torch.Tensor
     rows: np.ndarray = None
@@ -183,13 +174,13 @@ class Films:
         out = torch.empty((len(self), *a.shape[1:]), dtype=torch.uint8, device=device)
         step = max(1, chunk // max(1, int(np.prod(a.shape[1:]))))
         for i in range(0, len(self), step):
-            out[i:i + step] = torch.from_numpy(self.take(size, np.arange(i, min(i + step,
-                                                                              len(self)))))
+            j = np.arange(i, min(i + step, len(self)))
+            out[i:i + step] = torch.from_numpy(self.take(size, j))
         return out
 
 
-def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, problems=None,
-                hidden=WHOLE, skipped=None):
+def load_pixels(items, sizes, cache_dir=None, mode="squish", problems=None, hidden=WHOLE,
+                skipped=None):
     """Films of `items` at every stage size, each file decoded once (mode: --resize; hidden:
     --hide's shortcuts.Hidden, its box blacked out as each film is decoded).
 
@@ -199,18 +190,16 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
     whenever the list is not empty (if it already was, the images are only checked, at a tiny
     size). Images smaller than a size are upscaled to it, with a warning. Given a `skipped`
     list instead (evaluate.py), they are left out: (index in items, path, why) appended to it
-    for each, the films returned are the others', and nothing is cached.
-    """
+    for each, the films returned are the others', and nothing is cached."""
     sizes = sorted(set(sizes))
     if items.pixels is not None:  # phantoms: square films, resized on the CPU
         x = torch.from_numpy(hidden.apply(items.pixels)).unsqueeze(1)
         return Films({s: square(x, s).numpy() for s in sizes}, torch.ones(len(items)))
     check_only = bool(problems)  # the data set is unusable already: find the rest quickly
-    key = cache_dir and not check_only and fingerprint(items.paths, mode, hidden)
+    key = fingerprint(items.paths, mode, hidden) if cache_dir and not check_only else None
     cached = {s: key and os.path.join(cache_dir, f"{key}-{s}.npy") for s in ["dims", *sizes]}
-    out, dims = {}, None
-    if key:  # (N, 2) width and height of each film
-        dims = read_cached(cached["dims"], (len(items), 2))
+    # (N, 2) width and height of each film
+    out, dims = {}, read_cached(cached["dims"], (len(items), 2)) if key else None
     if dims is not None:
         dims = np.array(dims)
         # memory-mapped: read from disk (or the page cache) only where a stage reads it
@@ -222,7 +211,7 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
     if todo:
         aspect = 1.0 if mode == "squish" or check_only else film_aspect(items.paths)
         store = [stored_size(s, mode, aspect) for s in todo]
-        workers, n = workers or os.cpu_count(), len(items.paths)
+        n = len(items.paths)
         bar = dict(total=n, unit="img", disable=None,  # None: a bar on a terminal alone
                    desc=f"checking {n} images" if check_only else f"decoding {n} images at "
                    f"{store} px")
@@ -231,12 +220,12 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
         # host memory never holds the decoded data set, whatever its size.
         if key:
             os.makedirs(cache_dir, exist_ok=True)
-        tmp = {s: f"{cached[s]}.{os.getpid()}.tmp" if key else None for s in todo}
+        tmp = {s: f"{cached[s]}.{os.getpid()}.tmp" if key else None for s in ["dims", *todo]}
         arrays = {s: np.lib.format.open_memmap(tmp[s], "w+", np.uint8, (n, 1, t, t)) if key
                   else np.empty((n, 1, t, t), np.uint8) for s, t in zip(todo, store)}
         dims, bad = np.zeros((n, 2), np.int32), []
         try:
-            with decode_all(items.paths, store, workers, hidden) as results:
+            with decode_all(items.paths, store, os.cpu_count(), hidden) as results:
                 for i, (path, r) in enumerate(tqdm(zip(items.paths, results), **bar)):
                     if isinstance(r, str):
                         bad.append((i, path, r))
@@ -256,31 +245,29 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", workers=None, probl
                 problems += found
                 return None
             for s in todo:
-                if key:  # atomic: a killed run leaves no half-written cache
+                if key:
                     arrays[s].flush()
                     del arrays[s]
-                    write_checksum(tmp[s], cached[s])
-                    os.replace(tmp[s], cached[s])
+                    publish(tmp[s], cached[s])
                     out[s] = np.load(cached[s], mmap_mode="r")
                 else:  # in memory (a copy, where it was the cache's temporary file)
                     out[s] = np.array(arrays[s]) if tmp[s] else arrays[s]
             if key:
-                with open(f"{cached['dims']}.{os.getpid()}.tmp", "wb") as f:
+                with open(tmp["dims"], "wb") as f:  # np.save would add .npy to the name
                     np.save(f, dims)
-                write_checksum(f.name, cached["dims"])
-                os.replace(f.name, cached["dims"])
+                publish(tmp["dims"], cached["dims"])
         finally:
             arrays.clear()
             for t in tmp.values():
                 if t and os.path.exists(t):
                     os.remove(t)
-    paths, first = items.paths, out[sizes[0]]
+    paths = items.paths
     if skipped:  # the films read, alone
         keep = np.setdiff1d(np.arange(len(items)), [i for i, _, _ in skipped])
-        paths, first, dims = [paths[i] for i in keep], first[keep], dims[keep]
+        paths, dims = [paths[i] for i in keep], dims[keep]
         out = {s: a[keep] for s, a in out.items()}
     warn_small(paths, dims, max(sizes))
-    warn_blank(paths, first)
+    warn_blank(paths, out[sizes[0]])
     dims = torch.from_numpy(dims).float()
     return Films(out, dims[:, 1] / dims[:, 0])
 
@@ -293,11 +280,13 @@ def crc32(path):
     return crc
 
 
-def write_checksum(tmp, path):
-    """path.crc32: the CRC-32 of the cache file (being written as tmp), checked at each read."""
+def publish(tmp, path):
+    """Cache file tmp, written, becomes path, with path.crc32 (its CRC-32, checked at each
+    read) beside it: each by an atomic rename, so a killed run leaves no half-written cache."""
     with open(f"{path}.crc32.{os.getpid()}.tmp", "w") as f:  # runs may share a cache
         f.write(str(crc32(tmp)))
     os.replace(f.name, f"{path}.crc32")
+    os.replace(tmp, path)
 
 
 def read_cached(path, rows):
@@ -341,15 +330,11 @@ def decode_all(paths, store, workers, hidden=WHOLE, first=32):
         rest = paths[first:]
         if workers > 1 and per_film * len(rest) > POOL_START_S:
             with process_pool(workers) as pool:
-                yield from pool.map(decode, rest, repeat(store), repeat(hidden),
-                                    chunksize=16)
+                yield from pool.map(decode, rest, repeat(store), repeat(hidden), chunksize=16)
         else:
             yield from (decode(p, store, hidden) for p in rest)
-    gen = results()
-    try:
+    with closing(results()) as gen:  # closed, a pool still running shuts down
         yield gen
-    finally:
-        gen.close()  # a pool still running shuts down
 
 
 def process_pool(workers=None):
@@ -363,7 +348,7 @@ def process_pool(workers=None):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's
     path = os.environ.get("PYTHONPATH", "")
     if root not in path.split(os.pathsep):  # for the server, started with this environment
-        os.environ["PYTHONPATH"] = os.pathsep.join([root] + ([path] if path else []))
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, path] if path else [root])
     main = getattr(sys.modules["__main__"], "__file__", None) or ""
     preload = ["machinery.films"]
     if os.path.dirname(os.path.abspath(main)) == root and main.endswith(".py"):

@@ -68,10 +68,6 @@ class HostImages:
         self.events[b].record()
         return x
 
-    def part(self, lo, hi):
-        """Films lo..hi-1 as their own HostImages (a rank's shard of a split)."""
-        return HostImages(self.films.subset(np.arange(lo, hi)), self.size, self.device)
-
     def __getitem__(self, s):
         """A slice of films (evaluation's batches, a rank's shard) as a device tensor."""
         return self.gather(np.arange(*s.indices(self.shape[0])))  # the slice's rows alone
@@ -92,4 +88,6 @@ def batch_source(images, order):
 def rows(images, lo, hi):
     """Films lo..hi-1 (a rank's shard of a split): a view of the device tensor, or a HostImages
     of those rows alone."""
-    return images.part(lo, hi) if isinstance(images, HostImages) else images[lo:hi]
+    if isinstance(images, HostImages):
+        return HostImages(images.films.subset(np.arange(lo, hi)), images.size, images.device)
+    return images[lo:hi]

@@ -32,10 +32,6 @@ LOCK = ".lock"
 _held = {}  # real path of a run folder -> the open lock file of this process
 
 
-def _key(run_dir):
-    return os.path.realpath(run_dir)
-
-
 def _says(run_dir, who):
     return (f"{run_dir} is being written by another process ({who.get('command', '?')}, "
             f"pid {who.get('pid', '?')} on {who.get('host', '?')}, since "
@@ -46,12 +42,13 @@ def writer(run_dir):
     """None when no other process holds run_dir's lock; else what its lock file says of its
     holder ({} when it has not said yet)."""
     path = os.path.join(run_dir, LOCK)
-    if fcntl is None or _key(run_dir) in _held or not os.path.isfile(path):
+    if fcntl is None or os.path.realpath(run_dir) in _held or not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None  # no one holds it (closing the file lets go of this shared lock)
             except BlockingIOError:  # held: who holds it (written just after the lock is taken)
                 for _ in range(10):
                     f.seek(0)
@@ -60,10 +57,8 @@ def writer(run_dir):
                     except ValueError:  # not written yet, or half
                         time.sleep(0.05)
                 return {}
-            fcntl.flock(f, fcntl.LOCK_UN)
     except OSError:  # not readable: say nothing rather than refuse a run
         return None
-    return None
 
 
 def refuse_if_held(run_dir, flag="--name"):
@@ -78,7 +73,7 @@ def refuse_if_held(run_dir, flag="--name"):
 
 def hold(run_dir, flag="--name"):
     """Lock run_dir (it must exist) for this process, or SystemExit naming its holder."""
-    key = _key(run_dir)
+    key = os.path.realpath(run_dir)
     if fcntl is None or key in _held:
         return
     path = os.path.join(run_dir, LOCK)
@@ -114,7 +109,7 @@ def hold(run_dir, flag="--name"):
 def release(run_dir):
     """Let go of run_dir (held by this process), removing its lock file (if it is still the
     one this process locked)."""
-    f = _held.pop(_key(run_dir), None)
+    f = _held.pop(os.path.realpath(run_dir), None)
     if f is not None:
         path = os.path.join(run_dir, LOCK)
         if _same_file(path, f):

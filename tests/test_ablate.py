@@ -126,3 +126,18 @@ def test_the_shortcut_preset_end_to_end_on_the_sample(tmp_path, capsys):
     assert said.count("skipped (done before)") == 6 and "huge" not in said
     with pytest.raises(SystemExit, match="holds runs made with other flags"):
         ablate.main(args[:-2] + ["--wd", "0", "--out", out])  # never mixed with other flags
+
+
+def test_a_folder_holding_an_lr_finders_run_is_reported_not_a_crash(tmp_path, capsys):
+    """lrfind.py's folder where a run would go: never written over; said as a failed run (it
+    has no log to quote), and the ablation ends saying nothing finished."""
+    out = tmp_path / "abl"
+    for seed in (0, 1):
+        (out / f"paper-s{seed}").mkdir(parents=True)
+        (out / f"paper-s{seed}" / "lrfind.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no finished runs"):
+        ablate.main(["--data", "phantom", *SMALL, "--variants", "paper", "--seeds", "0,1",
+                     "--out", str(out)])
+    said = capsys.readouterr().out
+    assert f"[1/2] paper seed 0: failed ({out}/paper-s0 holds an LR finder's folder" in said
+    assert "2 run(s) failed: paper-s0, paper-s1" in said

@@ -191,3 +191,46 @@ def test_a_config_written_by_hand_is_checked_like_the_flags(tmp_path, capsys):
         parse_args(BASE + ["--config", str(path)])
     assert "a JSON list, not an object of knobs" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_the_recipe_is_one_value_that_the_flags_and_variants_derive_from():
+    """schedule.PAPER is the only place the paper's numbers are written: the flags' defaults,
+    --recipe's variants, augmentation's and the schedules' defaults all follow it. Changed in
+    a fresh interpreter, everything moves with it."""
+    probe = """if True:
+        import dataclasses, json, schedule
+        P = schedule.PAPER
+        schedule.PAPER = dataclasses.replace(P, stages=(
+            schedule.Stage(96, 2, 4, 16), schedule.Stage(160, 0, 6, 8, lr_unfrozen="1e-5:1e-3")),
+            pct_start=0.4, rotate=5.0, lr_find_steps=50, wd=0.1)
+        from machinery.config import RECIPES, parse_args
+        import data
+        cfg = parse_args(["--data", "phantom"])
+        v2 = parse_args(["--data", "phantom", "--recipe", "fastai-v2"])
+        print(json.dumps([cfg.stages, cfg.frozen_epochs, cfg.unfrozen_epochs, cfg.batch_size,
+                          cfg.lr_unfrozen, cfg.pct_start, cfg.rotate, cfg.lr_find_steps, cfg.wd,
+                          v2.pct_start, v2.one_cycle, data.Augment().rotate]))"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == ["96,160", "2,0", "4,6", "16,8", "auto,1e-5:1e-3", 0.4,
+                                      5.0, 50, 0.1, 0.25, "torch", 5.0]
+
+
+def test_the_flags_default_to_the_papers_recipe():
+    from schedule import FASTAI_V2, PAPER, one_cycle, one_cycle_torch
+    from machinery.config import RECIPES, as_knobs, changes
+    cfg = parse_args(["--data", "phantom"])
+    assert {k: getattr(cfg, k) for k in as_knobs(PAPER) if k != "div_final"} == {
+        "stages": "128,224,229", "frozen_epochs": "3,3,0", "unfrozen_epochs": "5,5,25",
+        "batch_size": "64", "lr_frozen": "auto", "lr_unfrozen": "auto,auto,1e-6:1e-4",
+        "one_cycle": "v1", "pct_start": 0.3, "div": 25.0, "wd": 0.01, "opt_reset": "fresh",
+        "lr_find_steps": 100, "lr_find_start": 1e-7, "lr_find_end": 10.0, "lr_find_beta": 0.98,
+        "suggest": "valley", "flip": True, "rotate": 10.0, "zoom": 1.1, "warp": 0.2,
+        "lighting": 0.2, "p_affine": 0.75, "p_lighting": 0.75}
+    assert cfg.div_final == 25.0 * 1e4  # fastai v1's final_div, derived from --div
+    assert RECIPES["fastai-v2"] == changes(FASTAI_V2) == dict(
+        one_cycle="torch", pct_start=0.25, div_final=1e5, opt_reset="moments")
+    # the schedules' own defaults are the recipes': v1's from PAPER, torch's from fastai v2
+    assert one_cycle(0, 10, 1.0) == one_cycle(0, 10, 1.0, 0.3, 25.0, 2.5e5)
+    assert one_cycle_torch(3, 10, 1.0) == one_cycle_torch(3, 10, 1.0, 0.25, 25.0, 1e5)

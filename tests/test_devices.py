@@ -28,7 +28,7 @@ def test_precision_and_layout_are_knobs_whose_defaults_follow_the_device():
         assert (torch.randn(4, 4) @ torch.randn(4, 4)).dtype is torch.bfloat16
     with autocast(CPU, None):
         assert (torch.randn(4, 4) @ torch.randn(4, 4)).dtype is torch.float32
-    opt = make_optimizer(build_model(2, "none", "resnet18"), verbose=False)
+    opt = make_optimizer(build_model(2, "none", "resnet18"), 0.01, verbose=False)
     assert opt.defaults["fused"]  # the CPU has a fused AdamW since torch 2.4
 
 

@@ -155,7 +155,8 @@ SCRIPTS = ["train.py", "lrfind.py", "evaluate.py", "predict.py", "export.py", "a
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_scripts_help_reads_as_train_pys(script):
     """The usage line says what to give, each flag that takes a value names what (no
-    TRAIN_SPLIT placeholders), every flag has a help text, and a required one says so."""
+    TRAIN_SPLIT placeholders), every flag has a help text with its default said once at most,
+    and a required one says so."""
     p = parser_of(script)
     assert p.usage and p.usage.startswith("%(prog)s") and "[-h]" not in p.format_usage()
     for a in p._actions:
@@ -163,6 +164,10 @@ def test_every_scripts_help_reads_as_train_pys(script):
         if name == "-h":
             continue
         assert a.help, f"{script} {name}: no help"
+        shown = p.formatter_class(p.prog)._get_help_string(a) if a.help != "==SUPPRESS==" else ""
+        # "(default: x)" or "(...; default: x)", argparse's %(default)s filled in
+        said = re.findall(r"[(;] ?default", shown.replace("%(default)s", "x"))
+        assert len(said) <= 1, f"{script} {name}: its default said twice"
         if a.option_strings and a.nargs != 0:
             assert a.metavar or a.choices, f"{script} {name}: no metavar"
         if a.required and a.option_strings:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from machinery import covidx
 from machinery.audit import sha256
-from machinery.config import Help
+from machinery.flags import Help
 from machinery.datasets import DataError, Problems, check_rows, run_cli
 from machinery.run import git_commit
 
@@ -114,8 +114,7 @@ def write_covidx(out, rows, link, manifest, cohen, kermany):
     manifest["films"], kept = [], 0
     for split, rs in rows.items():
         os.makedirs(os.path.join(out, split), exist_ok=True)
-        for pid, src, label, source in tqdm(rs, desc=f"writing {split}", unit="img",
-                                            disable=None):
+        for pid, src, label, source in tqdm(rs, desc=f"writing {split}", unit="img", disable=None):
             dst = os.path.join(out, split, os.path.basename(src))
             digest = sha256(src)
             if os.path.isfile(dst) and sha256(dst) == digest:
