@@ -207,7 +207,7 @@ def make_parser():
                                 usage="%(prog)s --data PATH [flags below]")
     p.add_argument("--data", required=True, metavar="PATH",
                    help="COVIDx or ImageFolder root (required)")
-    add_flags(p, Config, only=READING)  # train.py's, as it reads the data
+    add_flags(p, Config, READING, grouped=False)  # train.py's, as it reads the data
     p.add_argument("--out", default="", metavar="DIR",
                    help="output folder (default: runs/audit-<data>/)")
     p.add_argument("--pairs", type=int, default=24, metavar="N",

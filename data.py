@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from machinery import ddp
 from machinery.datasets import DataError
-from machinery.hostmem import HostImages, batch_source, on_host
+from machinery.hostmem import HostImages, on_host
 from schedule import PAPER
 
 # ImageNet statistics: the pre-trained body expects its inputs scaled this way.
@@ -284,7 +284,8 @@ class Batches:
 
     def __iter__(self):
         idx, n, B = self.order(), len(self), self.bs
-        films = batch_source(self.images, idx)  # at -> the films idx[at], on the device
+        # films in host memory (HostImages) gather there: the order on the host, once a pass
+        order = idx.cpu() if isinstance(self.images, HostImages) else idx
         G = self.bs * self.world  # the global batch: one step's films on all ranks
         mine = slice(self.rank * B, (self.rank + 1) * B)  # this rank's part of it
         j = idx[:n * G].view(n, G)[:, mine].reshape(-1)  # this rank's films, batch by batch
@@ -293,7 +294,7 @@ class Batches:
             p = self.aug.draw(G, self.gen, self.labels.device, rows=mine, steps=n)
             H = film_matrix(p, hw)  # (n * B, 3, 3)
         for i in range(n):
-            x = films(slice(i * G + mine.start, i * G + mine.stop)).float().div_(255)
+            x = self.images[order[i * G + mine.start:i * G + mine.stop]].float().div_(255)
             b = slice(i * B, (i + 1) * B)  # (B, 1, T, T) in [0, 1], this batch's rows
             if self.aug:  # one grid_sample: fastai v1's geometry and the crop; its lighting
                 x = sample(x, H[b], self.size)

@@ -97,7 +97,7 @@ def make_parser():
                    help="COVIDx or ImageFolder root, or 'phantom' (required)")
     g.add_argument("--split", default="test", choices=["test", "train"],
                    help="the split to evaluate")
-    add_flags(g, Config, only=READING)  # train.py's, as it reads the data
+    add_flags(g, Config, READING, grouped=False)  # train.py's, as it reads the data
     g.add_argument("--class-map", default="", metavar="THEIRS=OURS,..",
                    help="the data's class names that are not the model's, and the model's for "
                    "each (default: names matched as they are, then ignoring case)")

@@ -1,16 +1,15 @@
-"""Learning-rate and momentum schedules, as pure functions of the step that return floats.
+"""The paper's recipe as one value, PAPER, and its learning-rate and momentum schedules as pure
+functions of the step that return floats.
 
-Nothing here needs torch: each function maps a step number to a number, so a schedule can be
-printed, plotted or tested on its own (tests/test_schedule.py).
+PAPER holds the training's numbers: the stages (size, epochs, batch, LRs), one-cycle, optimizer,
+LR range test and augmentation (the network's own, head dropout and Adam's betas, are model.py's).
+train.py's flags of the same names default to it (machinery/config.py); --recipe fastai-v1 and
+fastai-v2 are PAPER with a few fields replaced.
 
-What it teaches: fastai's one-cycle (v1's, step by step, and torch's OneCycleLR, which is
-fastai v2's), the LR range test's sweep, and discriminative LRs, each as a formula. The
-loop that writes them into the optimizer is train.fit.
-
-PAPER, first below, is the paper's whole recipe as one value: its stages (size, epochs, LRs),
-batch, one-cycle, optimizer, LR range test and augmentation. Every flag of train.py of the same
-name defaults to it (machinery/config.py makes the flags from it); --recipe fastai-v1 and
-fastai-v2 are PAPER with a few fields replaced (FASTAI_V1, FASTAI_V2).
+What it teaches: the recipe; fastai's one-cycle (v1's, step by step, and torch's OneCycleLR,
+which is fastai v2's), the LR range test's sweep, and discriminative LRs, each as a formula
+that needs no torch, so that a schedule can be printed, plotted or tested on its own
+(tests/test_schedule.py). The loop that writes them into the optimizer is train.fit.
 
 Vocabulary and defaults follow fastai v1 (1.0.x), which the paper used (FIDELITY.md):
     one_cycle(step, total, lr_max)        fastai v1's OneCycleScheduler, step by step

@@ -38,9 +38,8 @@ PAPER_KNOBS = as_knobs(PAPER)  # the defaults of the recipe's knobs
 
 @dataclass
 class Config:
-    # data
     data: str = knob("", "COVIDx or ImageFolder root, or 'phantom' for synthetic films "
-                     "(default: none: required, unless --demo)", metavar="PATH")
+                     "(default: none: required, unless --demo)", metavar="PATH", group="data")
     train_split: str = knob("", "train split file (default: found in --data: train.txt, "
                             "train_split.txt, train_COVIDx*.txt)", metavar="FILE")
     test_split: str = knob("", "test split file (default: found in --data, as --train-split)",
@@ -63,10 +62,10 @@ class Config:
     resize: str = knob("crop", "crop: shorter side to the size, random square in training, "
                        "centre in evaluation (fastai v1) | squish: the whole film",
                        ["crop", "squish"])
-    # shortcut tests: what a model scores without the lungs, or on collections it never saw
+    # what a model scores without the lungs, or on collections it never saw
     hide: str = knob("none", "a shortcut test, not a classifier: lungs (each film's central "
                      "box blacked out, its border alone seen) | outside (the central box "
-                     "alone) | none (docs/data.md)", list(HIDE))
+                     "alone) | none (docs/data.md)", list(HIDE), group="shortcut tests")
     hide_box: float = knob(WHOLE.box, "--hide: the central box's share of each side of the "
                            "square the model sees (the whole film, or with --resize crop its "
                            "centre square)")
@@ -74,16 +73,15 @@ class Config:
                              "films (the split files' 4th column, both files), training the "
                              "other sources' (default: none, the test split as given)",
                              metavar="NAME,..")
-    # model
     arch: str = knob("resnet50", "torchvision ResNet body: " + " | ".join(ARCHS), list(ARCHS),
-                     "NAME")
+                     "NAME", group="model")
     weights: str = knob("imagenet", "imagenet | none | path to a state dict", metavar="W")
     ps: float = knob(PS, "head dropout (fastai's ps): p of the last dropout, half of it for "
                      "the first")
-    # recipe and schedule: one value per stage, or one value for all stages
     recipe: str = knob("paper", "paper: fastai v1 as the paper ran it, with the measured "
                        "exceptions in FIDELITY.md | fastai-v1: strictly v1 | fastai-v2: v2's "
-                       "defaults (what each sets: below)", ["paper", "fastai-v1", "fastai-v2"])
+                       "defaults (what each sets: below)", ["paper", "fastai-v1", "fastai-v2"],
+                       group="recipe and schedule (one value per stage, or one for all)")
     stages: str = knob(PAPER_KNOBS["stages"], "image size of each stage", metavar="PX,..")
     frozen_epochs: str = knob(PAPER_KNOBS["frozen_epochs"], "epochs training the head only, "
                               "per stage", metavar="N,..")
@@ -117,8 +115,8 @@ class Config:
     lr_find_beta: float = knob(PAPER.lr_find_beta, "LR finder: loss smoothing (EMA) factor")
     suggest: str = knob(PAPER.suggest, "LR finder suggestion: valley (fastai v2) | min_grad "
                         "(fastai v1) | steep | minimum", ["valley", "min_grad", "steep", "minimum"])
-    # augmentation and class imbalance
-    aug: bool = knob(True, "no augmentation (default: fastai v1's get_transforms)")
+    aug: bool = knob(True, "no augmentation (default: fastai v1's get_transforms)",
+                     group="augmentation and class imbalance")
     rotate: float = knob(PAPER.rotate, "max rotation, degrees")
     zoom: float = knob(PAPER.zoom, "max zoom")
     warp: float = knob(PAPER.warp, "symmetric warp: max offset of each corner")
@@ -131,8 +129,8 @@ class Config:
                       "flips, p 0.5, as fastai v1)")
     balance: bool = knob(False, "sample every class equally often")
     class_weights: bool = knob(False, "weight the loss by inverse class frequency")
-    # device and speed
-    device: str = knob("auto", "auto | cpu | cuda | cuda:N", metavar="DEV")
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N", metavar="DEV",
+                       group="device and speed")
     precision: str = knob("auto", "auto (bf16 on CUDA, fp32 on the CPU; fp32 with --recipe "
                           "fastai-v1) | bf16 (autocast, either device) | fp32 (TF32 off, as in "
                           "2020) | tf32 (fp32, TF32 convolutions and matmuls on CUDA); the head "
@@ -163,9 +161,8 @@ class Config:
                                "ends it then: NCCL's watchdog ends the waiting process); "
                                "the wait while a node's first rank decodes the films into "
                                "the cache has 6 times as long")
-    # run: folder, seed, checkpoints
     demo: bool = knob(False, "quick demo: phantoms, random init, CPU, small sizes (what it "
-                      "sets: below)")
+                      "sets: below)", group="run folder")
     seed: int = knob(0, "random seed")
     runs: str = knob("runs", "folder for run folders", metavar="DIR")
     name: str = knob("", "run name (default: date-time and data set)")
@@ -174,43 +171,19 @@ class Config:
     config: str = knob("", "a run's config.json: its knobs become the defaults, the flags given "
                        "still win; a new run (its name, resume, overwrite and device are not "
                        "taken) (default: none)", metavar="FILE")
-    save_best: bool = knob(False, "also keep best.pt: the weights of the epoch with the lowest "
-                           "validation loss (at its stage's size; the paper keeps the last)")
-    keep_last: bool = knob(False, "keep last.pt (weights and Adam's moments, 3x model.pt) "
-                           "after the run finishes; only --resume reads it")
     overwrite: bool = knob(False, "replace the run in --runs/--name if there is one (without "
                            "it, an existing run folder is never written over)")
     save_every: float = knob(0.0, "write last.pt (in the background) at most every this many "
                              "seconds (default: 0, after every epoch unless the last write is "
                              "still going)")
+    keep_last: bool = knob(False, "keep last.pt (weights and Adam's moments, 3x model.pt) "
+                           "after the run finishes; only --resume reads it")
+    save_best: bool = knob(False, "also keep best.pt: the weights of the epoch with the lowest "
+                           "validation loss (at its stage's size; the paper keeps the last)")
 
     def __post_init__(self):
         if not self.div_final:  # fastai v1's OneCycleScheduler: final_div = div_factor * 1e4
             self.div_final = self.div * 1e4
-
-
-# --help shows the knobs in these groups, in this order (every field in one)
-GROUPS = {
-    "data": ["data", "train_split", "test_split", "image_dir", "subtypes", "phantoms",
-             "phantom_seed", "val_frac", "allow_patient_overlap", "allow_missing_class",
-             "allow_duplicates", "cache_dir", "resize"],
-    "shortcut tests": ["hide", "hide_box", "test_sources"],
-    "model": ["arch", "weights", "ps"],
-    "recipe and schedule (one value per stage, or one for all)": [
-        "recipe", "stages", "frozen_epochs", "unfrozen_epochs", "lr_frozen", "lr_unfrozen",
-        "batch_size", "one_cycle", "pct_start", "div", "div_final", "opt_reset", "wd",
-        "discriminative", "lr_find_steps", "lr_find_start", "lr_find_end", "lr_find_beta",
-        "suggest"],
-    "augmentation and class imbalance": ["aug", "rotate", "zoom", "warp", "lighting",
-                                         "p_affine", "p_lighting", "flip", "balance",
-                                         "class_weights"],
-    "device and speed": ["device", "precision", "channels_last", "cudnn_benchmark", "compile",
-                         "compile_backend", "data_on", "data_gpu_gib", "sync_bn",
-                         "dist_timeout"],
-    "run folder": ["demo", "seed", "runs", "name", "resume", "config", "overwrite",
-                   "save_every", "keep_last", "save_best"],
-}
-
 
 
 def changes(recipe):
@@ -258,7 +231,7 @@ def make_parser(doc=__doc__, only=None, extra=None):
     for k, (t, d, h) in (extra or {}).items():
         p.add_argument("--" + k, type=t, default=d, help=f"{h} (default: {d})",
                        metavar={int: "N", float: "X"}.get(t, k.upper()))
-    add_flags(p, Config, GROUPS, only)
+    add_flags(p, Config, only)
     return p
 
 

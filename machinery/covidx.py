@@ -57,12 +57,12 @@ def read_metadata(cohen):
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
         cols = {k: next((n for n in names if n in header), None) for k, names in COLUMNS.items()}
-        if None in cols.values():
-            missing = [k for k, n in cols.items() if n is None]
+        missing = [k for k, n in cols.items() if n is None]
+        if missing:
+            looked = "; ".join(" or ".join(COLUMNS[k]) for k in missing)
             raise DataError(
-                f"{path}: no column for {', '.join(missing)} (looked for " + "; ".join(
-                    " or ".join(COLUMNS[k]) for k in missing) + f"); its columns are "
-                f"{', '.join(header[:20])}. A version of metadata.csv this script does not "
+                f"{path}: no column for {', '.join(missing)} (looked for {looked}); its columns "
+                f"are {', '.join(header[:20])}. A version of metadata.csv this script does not "
                 "know: use a checkout of March 2020 (v1's, e.g. commit 548bb58 of 24 March)")
         reader.fieldnames = header
         return [{k: (r.get(c) or "").strip() for k, c in cols.items()} for r in reader]
@@ -79,26 +79,17 @@ def cohen_rows(meta):
             for r in meta if r["view"] == "PA" and finding_class(r["finding"])]
 
 
-def kermany_label(folder, name):
-    if folder.upper() == "NORMAL":
-        return "normal"
-    return "bacterial" if "bacteria" in name.lower() else "viral"
-
-
 def kermany_index(kermany):
     """{Kermany split: {file name: path}} of chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}."""
-    out, missing = {}, []
-    for split in ("train", "val", "test"):
-        out[split] = {}
+    out, missing = {"train": {}, "val": {}, "test": {}}, []
+    for split in out:
         for cls in ("NORMAL", "PNEUMONIA"):
             d = os.path.join(kermany, split, cls)
-            if not os.path.isdir(d):
-                if split != "val":  # v1 counts its 16 films, but a copy without them is usable
-                    missing.append(d)
-                continue
-            for f in sorted(os.listdir(d)):
-                if f.lower().endswith((".jpeg", ".jpg")):
-                    out[split][f] = os.path.join(d, f)
+            if os.path.isdir(d):
+                out[split].update((f, os.path.join(d, f)) for f in sorted(os.listdir(d))
+                                  if f.lower().endswith((".jpeg", ".jpg")))
+            elif split != "val":  # v1 counts its 16 films, but a copy without them is usable
+                missing.append(d)
     if missing:
         raise DataError(f"--kermany {kermany}: missing {', '.join(missing)}; give the chest_xray "
                         "folder of Kaggle's chest-xray-pneumonia (train/, val/, test/, each "
@@ -113,11 +104,13 @@ def kermany_patient(split, name):
 
 
 def kermany_rows(index):
-    """Every Kermany film -> {'train' | 'test': [(patient, path, label, 'kermany')]}."""
+    """Every Kermany film -> {'train' | 'test': [(patient, path, label, 'kermany')]}: normal
+    from its folder, the kind of pneumonia from its name (person1_bacteria_1, person2_virus_4)."""
     rows = {"train": [], "test": []}
     for split, files in index.items():
         for name, path in files.items():
-            label = kermany_label(os.path.basename(os.path.dirname(path)), name)
+            label = ("normal" if os.path.basename(os.path.dirname(path)).upper() == "NORMAL"
+                     else "bacterial" if "bacteria" in name.lower() else "viral")
             rows["test" if split == "test" else "train"].append(
                 (kermany_patient(split, name), path, label, "kermany"))
     return rows
@@ -129,8 +122,7 @@ def split_cohen(rows, frac=0.1, seed=0):
 
     v1 drew them with random.sample on the notebook's own state; its test patients (8, 31;
     19, 20, 36, 42, 86) are in its split files, which only --covid-net reproduces."""
-    rng = random.Random(seed)
-    test = set()
+    rng, test = random.Random(seed), set()
     for c in CLASSES:
         pats = sorted({p for p, _, lab, _ in rows if lab == c})
         if pats:
@@ -157,12 +149,10 @@ def read_v1_split(path, problems):
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             parts = line.split()
-            if not parts:
-                continue
-            if len(parts) < 3 or parts[2] not in LABELS:
+            if len(parts) >= 3 and parts[2] in LABELS:
+                out.append((parts[0], parts[1], LABELS[parts[2]]))
+            elif parts:  # a blank line is no problem
                 bad.append(f"{os.path.basename(path)} line {n}: {line.strip()[:80]!r}")
-                continue
-            out.append((parts[0], parts[1], LABELS[parts[2]]))
     problems.add(f"lines of {path} are not `patient filename label` with a v1 label", bad,
                  f" ({', '.join(LABELS)})")
     return out
@@ -172,10 +162,9 @@ def from_split_files(files, cohen_images, kermany, problems):
     """v1's own split: each listed file found in its source -> ({split: rows}, {source:
     [missing file names]}). Kermany films are looked up in the folders v1 took them from
     (train and val for train, test for test); the others in the Cohen images/."""
-    found, missing = {}, {"cohen": [], "kermany": []}
+    found, missing = {"train": [], "test": []}, {"cohen": [], "kermany": []}
     cohen_files = set(os.listdir(cohen_images))
-    for split, path in zip(("train", "test"), files):
-        found[split] = []
+    for split, path in zip(found, files):
         folders = ("train", "val") if split == "train" else ("test",)
         for pid, name, label in read_v1_split(path, problems):
             if KERMANY_NAME.match(name):

@@ -13,6 +13,9 @@ calls that depend on the device, in one place for train.py, evaluate.py, predict
 The device only decides the defaults: --precision bf16 and --channels-last on run on the CPU
 too, so every branch the GPU takes has run on a CPU before (the kernels aside).
 """
+import os
+import platform
+
 import torch
 
 PRECISIONS = ("auto", "bf16", "fp32", "tf32")
@@ -120,14 +123,11 @@ class HostCopy:
 
     def __init__(self, t):
         t = t.detach().float()
-        self.event = None
+        self.host, self.event = t, None  # on the CPU: computed already
         if t.is_cuda:
-            self.host = torch.empty(t.shape, pin_memory=True)
-            self.host.copy_(t, non_blocking=True)
+            self.host = torch.empty(t.shape, pin_memory=True).copy_(t, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
-        else:  # the CPU computed it already
-            self.host = t
 
     def ready(self):
         return self.event is None or self.event.query()
@@ -170,6 +170,4 @@ def describe(dev):
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
         return f"{p.name} ({p.total_memory / 2 ** 30:.0f} GiB, sm_{p.major}{p.minor})"
-    import os
-    import platform
     return f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"

@@ -30,10 +30,9 @@ class Books:
 
     def __init__(self, run, desc):
         self.run, self.desc, self.t0 = run, desc, time.time()
-        dev = run.device
-        self.first_bad = torch.full((), -1, device=dev)  # step of the first bad loss
+        self.first_bad = torch.full((), -1, device=run.device)  # step of the first bad loss
         self.steps, self.shown, self.bar, self.bad = 0, None, None, None
-        devices.reset_peak(dev)
+        devices.reset_peak(run.device)
 
     def progress(self, batches):
         self.batch_size, self.n_batches = batches.bs, len(batches)
@@ -64,8 +63,7 @@ class Books:
         """Wait for the device; return the step of the first non-finite loss on any rank, or
         None. Under torchrun the summed loss becomes the mean over ranks, and every rank takes
         rank 0's BatchNorm statistics."""
-        dev = self.run.device
-        devices.sync(dev)
+        devices.sync(self.run.device)
         self.train_time = time.time() - self.t0
         never = torch.iinfo(self.first_bad.dtype).max
         bad = int(ddp.all_min(torch.where(self.first_bad < 0, never, self.first_bad)).item())

@@ -19,48 +19,49 @@ from machinery.shortcuts import BOX, WHOLE
 from schedule import PAPER, MaxLR
 
 
-def knob(default, help, choices=None, metavar=None):
+def knob(default, help, choices=None, metavar=None, group=None):
     """A field of a config dataclass: its default, its --help text, its choices and the name
-    of its value in --help. The help says what an empty or derived default means
-    ("(default: ...)"); other defaults are added to it."""
+    of its value in --help; `group`: the --help group it opens (it and the fields after it).
+    The help says what an empty or derived default means ("(default: ...)"); other defaults
+    are added to it."""
     return field(default=default, metadata={"help": help, "choices": choices,
-                                            "metavar": metavar})
-
+                                            "metavar": metavar, "group": group})
 
 
 def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def add_flags(parser, cls, groups=None, only=None):
-    """One command-line flag per field of the dataclass `cls`, typed by its default, in
-    argument groups ({title: [field names]}; None: all in `parser`, which may be a group);
+def add_flags(parser, cls, only=None, grouped=True):
+    """One command-line flag per field of the dataclass `cls`, typed by its default, in the
+    --help groups its knobs open (grouped=False: all in `parser`, which may be a group);
     `only`: the fields to offer.
 
     A yes/no knob shows the flag that changes it (--demo, --no-flip); its twin (--no-demo,
     --flip) is still accepted, for scripts written before, but not shown."""
-    all_fields = {f.name: f for f in fields(cls)}
     short = {int: "N", float: "X", str: "S"}
-    for title, names in (groups or {None: list(all_fields)}).items():
-        names = [n for n in names if only is None or n in only]
-        g = parser.add_argument_group(title) if title and names else parser
-        for name in names:
-            f = all_fields[name]
-            help, choices = f.metadata["help"], f.metadata["choices"]
-            if isinstance(f.default, bool):  # the flag that changes it, and its hidden twin
-                yes, no = flag(name), "--no-" + flag(name)[2:]
-                shown, twin = (no, yes) if f.default else (yes, no)
-                g.add_argument(shown, dest=name, action="store_const", const=not f.default,
-                               default=f.default, help=help)
-                g.add_argument(twin, dest=name, action="store_const", const=f.default,
-                               help=argparse.SUPPRESS)
-                continue
-            if f.default == "" and "(default:" not in help:  # Help adds the others' defaults
-                raise ValueError(f"{flag(name)}: its help must say what '' means")
-            metavar = f.metadata["metavar"] or (
-                "{" + ",".join(choices) + "}" if choices else short[type(f.default)])
-            g.add_argument(flag(name), default=f.default, type=type(f.default),
-                           choices=choices, help=help, metavar=metavar)
+    title, g = None, parser
+    for f in fields(cls):
+        if grouped and f.metadata.get("group"):
+            title, g = f.metadata["group"], None  # made at its first field offered
+        if only is not None and f.name not in only:
+            continue
+        g = g or parser.add_argument_group(title)
+        name, help, choices = f.name, f.metadata["help"], f.metadata["choices"]
+        if isinstance(f.default, bool):  # the flag that changes it, and its hidden twin
+            yes, no = flag(name), "--no-" + flag(name)[2:]
+            shown, twin = (no, yes) if f.default else (yes, no)
+            g.add_argument(shown, dest=name, action="store_const", const=not f.default,
+                           default=f.default, help=help)
+            g.add_argument(twin, dest=name, action="store_const", const=f.default,
+                           help=argparse.SUPPRESS)
+            continue
+        if f.default == "" and "(default:" not in help:  # Help adds the others' defaults
+            raise ValueError(f"{flag(name)}: its help must say what '' means")
+        metavar = f.metadata["metavar"] or (
+            "{" + ",".join(choices) + "}" if choices else short[type(f.default)])
+        g.add_argument(flag(name), default=f.default, type=type(f.default),
+                       choices=choices, help=help, metavar=metavar)
 
 
 class Help(argparse.RawDescriptionHelpFormatter):
@@ -85,10 +86,9 @@ RAN = {"git_commit", "git_dirty", "torch", "arithmetic", "ranks"}
 
 def saved_config(parser, args, cls):
     """--config FILE: the knobs (fields of `cls`) of a run's config.json (or of a file written
-    by hand), less
-    those that would make it that run again (its name, resume, overwrite) or tie it to its
-    machine (device), and the config; a div_final that was div x 1e4 (the default, which
-    config.json saves resolved) is left to follow --div.
+    by hand), less those that would make it that run again (its name, resume, overwrite) or tie
+    it to its machine (device), and the config; a div_final that was div x 1e4 (the default,
+    which config.json saves resolved) is left to follow --div.
 
     Checked as the command line is: a knob that takes a number or a comma list takes a JSON
     number or list too (written as the command line's text would be), a yes/no knob true or
@@ -107,19 +107,16 @@ def saved_config(parser, args, cls):
     knobs = {f.name: f.default for f in fields(cls)}
     kept, problems = {}, []
     for k, v in saved.items():
-        if k not in knobs:
-            if k not in RAN:
-                near = difflib.get_close_matches(k, knobs, 1)
-                problems.append(f"{k!r}: not a knob" + (f" (did you mean {near[0]!r}?)"
-                                                        if near else ""))
-            continue
-        if k in ("name", "resume", "overwrite", "device", "config"):
-            continue
-        value, why = as_flag(v, knobs[k])
-        if why:
-            problems.append(f"{k!r}: {v!r} {why}")
-        else:
-            kept[k] = value
+        if k not in knobs and k not in RAN:
+            near = difflib.get_close_matches(k, knobs, 1)
+            problems.append(f"{k!r}: not a knob" + (f" (did you mean {near[0]!r}?)"
+                                                    if near else ""))
+        elif k in knobs and k not in ("name", "resume", "overwrite", "device", "config"):
+            value, why = as_flag(v, knobs[k])
+            if why:
+                problems.append(f"{k!r}: {v!r} {why}")
+            else:
+                kept[k] = value
     if problems:
         parser.error("\n  ".join([f"--config {args.config}: {len(problems)} value(s) to fix:"]
                                  + problems))
@@ -133,15 +130,15 @@ def as_flag(v, default):
     what is wrong). Text is the command line's: 16 -> "16", [128, 224] -> "128,224"."""
     if isinstance(default, bool):
         return (v, None) if isinstance(v, bool) else (None, "is not true or false")
+    scalars = (str, int, float)  # JSON's text and numbers; type(): a bool is not an int here
     if isinstance(default, str):
-        if isinstance(v, list) and v and all(isinstance(x, (str, int, float)) and not
-                                             isinstance(x, bool) for x in v):
+        if isinstance(v, list) and v and all(type(x) in scalars for x in v):
             return ",".join(str(x) for x in v), None
-        if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+        if type(v) in scalars:
             return str(v), None
         return None, "is not text, a number or a list of them"
     try:  # a number knob: a number, or its text; never a fraction cut to an integer
-        if isinstance(v, bool) or not isinstance(v, (str, int, float)) or (
+        if type(v) not in scalars or (
                 isinstance(default, int) and isinstance(v, float) and not v.is_integer()):
             raise ValueError
         return type(default)(v), None
@@ -149,36 +146,20 @@ def as_flag(v, default):
         return None, f"is not {'an integer' if isinstance(default, int) else 'a number'}"
 
 
-def _list(value, conv, ok, what):
-    """A comma list -> (values, None) or (None, what is wrong with it)."""
-    try:
-        vals = [conv(v) for v in str(value).split(",")]
-    except ValueError:
-        return None, f"{value!r} is not a comma list of {what}"
-    bad = [v for v in vals if not ok(v)]
-    return (None, f"{bad[0]!r} in {value!r}: give {what}") if bad else (vals, None)
-
-
-def _lr(spec):
-    """'auto' | x | :x | lo:hi (schedule.MaxLR), as given; a ValueError for anything else."""
-    MaxLR.parse(spec)
-    return spec
-
-
+# MaxLR.parse raises a ValueError for a bad LR form; every MaxLR it returns is true
+LRS = (MaxLR.parse, bool, "auto, an LR (1e-3), :x (1e-4 for the body, 1e-3 for the head: "
+       ":1e-3) or lo:hi (1e-6:1e-4)")
 LISTS = {  # flag: (conversion, test, what it accepts)
     "stages": (int, lambda v: v >= 8, "image sizes of at least 8 px"),
     "frozen_epochs": (int, lambda v: v >= 0, "epoch counts (0 or more)"),
     "unfrozen_epochs": (int, lambda v: v >= 0, "epoch counts (0 or more)"),
     "batch_size": (int, lambda v: v >= 1, "batch sizes (1 or more)"),
-    "lr_frozen": (_lr, bool, "auto, an LR (1e-3), :x (1e-4 for the body, 1e-3 for the head: "
-                  ":1e-3) or lo:hi (1e-6:1e-4)"),
-    "lr_unfrozen": (_lr, bool, "auto, an LR (1e-3), :x (1e-4 for the body, 1e-3 for the head: "
-                    ":1e-3) or lo:hi (1e-6:1e-4)"),
+    "lr_frozen": LRS,
+    "lr_unfrozen": LRS,
 }
 RANGES = {  # flag: (test, what it accepts)
     "phantoms": (lambda v: v >= 8, "at least 8 films"),
-    "hide_box": (lambda v: BOX[0] <= v <= BOX[1], f"a share of each side of {BOX[0]} to "
-                 f"{BOX[1]}"),
+    "hide_box": (lambda v: BOX[0] <= v <= BOX[1], f"a share of each side of {BOX[0]} to {BOX[1]}"),
     "val_frac": (lambda v: 0 <= v < 1, "a fraction in [0, 1): what is left must train"),
     "pct_start": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     "div": (lambda v: v > 0, "a positive number"),
@@ -203,18 +184,22 @@ RANGES = {  # flag: (test, what it accepts)
     "cudnn_benchmark": (lambda v: v in ("on", "off") or v.isdigit() and int(v) > 0,
                         "on, off or a number of algorithms (1 or more)"),
 }
-FILES = ("train_split", "test_split", "subtypes")  # files that must exist when given
 
 
 def validate(cfg):
     """Everything wrong with the flags, one message each naming the flag and what it accepts,
     before any work is done ([] when all is well)."""
-    problems = []
-    n_stages = None
+    problems, n_stages = [], None
     for name, (conv, ok, what) in LISTS.items():
-        vals, why = _list(getattr(cfg, name), conv, ok, what)
-        if why:
-            problems.append(f"{flag(name)} {why}")
+        value = getattr(cfg, name)
+        try:
+            vals = [conv(v) for v in str(value).split(",")]
+        except ValueError:
+            problems.append(f"{flag(name)} {value!r} is not a comma list of {what}")
+            continue
+        bad = [v for v in vals if not ok(v)]
+        if bad:
+            problems.append(f"{flag(name)} {bad[0]!r} in {value!r}: give {what}")
         elif name == "stages":
             n_stages = len(vals)
         elif n_stages and len(vals) not in (1, n_stages):
@@ -232,11 +217,10 @@ def validate(cfg):
                         f"{cfg.lr_find_start}")
     if cfg.data and cfg.data != "phantom" and not os.path.isdir(cfg.data):
         problems.append(f"--data {cfg.data}: no such folder (or give --data phantom)")
-    for name in FILES + ("image_dir",):
-        path = getattr(cfg, name)
-        if path and not (os.path.isdir if name == "image_dir" else os.path.isfile)(path):
-            what = "folder" if name == "image_dir" else "file"
-            problems.append(f"{flag(name)} {path}: no such {what}")
+    for name in ("train_split", "test_split", "subtypes", "image_dir"):  # must exist if given
+        path, folder = getattr(cfg, name), name == "image_dir"
+        if path and not (os.path.isdir(path) if folder else os.path.isfile(path)):
+            problems.append(f"{flag(name)} {path}: no such {'folder' if folder else 'file'}")
     if cfg.hide == "none" and cfg.hide_box != WHOLE.box:
         problems.append(f"--hide-box {cfg.hide_box}: a box of what? Give --hide lungs or "
                         "--hide outside with it")

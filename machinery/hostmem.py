@@ -3,7 +3,7 @@ the memory-mapped cache, and each batch is gathered into pinned memory and copie
 the device still works on the batches before it.
 
     if on_host(films.nbytes(128), device, "auto"): images = HostImages(films, 128, device)
-    take = batch_source(images, order)     # at -> films order[at], on the device, either way
+    x = images[order[at]]                  # films order[at] (order on the host), on the device
 
 data.py's batches and evaluation read a HostImages as they read the device tensor it stands
 in for; docs/torchrun-and-memory.md has the memory model.
@@ -68,21 +68,12 @@ class HostImages:
         self.events[b].record()
         return x
 
-    def __getitem__(self, s):
-        """A slice of films (evaluation's batches, a rank's shard) as a device tensor."""
-        return self.gather(np.arange(*s.indices(self.shape[0])))  # the slice's rows alone
-
-
-def batch_source(images, order):
-    """A function at -> the films order[at] (a slice of this pass's order) on the device.
-
-    images is a stage's uint8 films on the device (then a batch is one gather there) or a
-    HostImages (then the order is brought to the host once per pass, not once per batch, and
-    each batch is gathered into pinned memory and copied without waiting)."""
-    if not isinstance(images, HostImages):
-        return lambda at: images[order[at]]
-    rows = order.cpu().numpy()
-    return lambda at: images.gather(rows[at])
+    def __getitem__(self, j):
+        """Films j as a device tensor: a slice (evaluation's batches, a rank's shard) or host
+        positions (a training batch: its order brought to the host once a pass, not a batch)."""
+        if isinstance(j, slice):
+            j = np.arange(*j.indices(self.shape[0]))  # the slice's rows alone
+        return self.gather(np.asarray(j))
 
 
 def rows(images, lo, hi):

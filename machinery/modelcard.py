@@ -104,16 +104,17 @@ def model_card(config, classes, size, metrics=None, leaks=None, weights=""):
                   "```", format_metrics(metrics), "```"]
     else:
         lines += ["None with this card: evaluate the model with evaluate.py."]
-    lines += ["", "## Limits", "",
-              "- Phantoms, not radiographs (Intended use): no number here says anything of "
-              "chest films." if phantoms else
-              "- Chest films of public research collections, not of a clinical population; "
-              "prevalence in the test split is not a clinic's, so PPV and NPV do not carry "
-              "over.",
-              *([] if phantoms else [
+    lines += ["", "## Limits", ""]
+    if phantoms:
+        lines += ["- Phantoms, not radiographs (Intended use): no number here says anything of "
+                  "chest films."]
+    else:
+        lines += ["- Chest films of public research collections, not of a clinical population; "
+                  "prevalence in the test split is not a clinic's, so PPV and NPV do not carry "
+                  "over.",
                   "- Per-source metrics (above, when the split files name sources) show how "
-                  "far the model depends on where a film came from."]),
-              "- Grad-CAM maps (predict.py --cam) show what raised a score, not where disease "
+                  "far the model depends on where a film came from."]
+    lines += ["- Grad-CAM maps (predict.py --cam) show what raised a score, not where disease "
               "is.", ""]
     return "\n".join(lines)
 

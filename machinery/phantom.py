@@ -25,7 +25,7 @@ WHAT = ("synthetic phantoms (machinery/phantom.py): drawn films with a body, lun
 TELLS = "a score on phantoms says the pipeline learns, nothing about radiographs"
 
 
-def _ellipse(X, Y, cx, cy, rx, ry, soft=0.02):
+def _ellipse(X, Y, cx, cy, rx, ry, soft):
     """Soft-edged ellipse mask in [0, 1]."""
     r = np.sqrt(((X - cx) / rx) ** 2 + ((Y - cy) / ry) ** 2)
     return np.clip((1 - r) / soft, 0, 1)
@@ -76,15 +76,14 @@ def make_split(n, seed, prefix):
     """n films of random classes; one or two films per patient, as in real data sets."""
     rng = np.random.default_rng(seed)
     labels, patients, pixels = [], [], []
-    bar = tqdm(total=n, desc=f"rendering {n} phantoms", unit="img", leave=False,
-               disable=None)  # a bar on a terminal alone: a log file gets no frames
-    while len(labels) < n:
-        c = int(rng.integers(len(CLASSES)))
-        pid = f"{prefix}{len(set(patients)):05d}"
-        for _ in range(min(int(rng.integers(1, 3)), n - len(labels))):
-            labels.append(c)
-            patients.append(pid)
-            pixels.append(render(CLASSES[c], rng))
-            bar.update()
-    bar.close()
+    with tqdm(total=n, desc=f"rendering {n} phantoms", unit="img", leave=False,
+              disable=None) as bar:  # a bar on a terminal alone: a log file gets no frames
+        while len(labels) < n:
+            c = int(rng.integers(len(CLASSES)))
+            pid = f"{prefix}{len(set(patients)):05d}"
+            for _ in range(min(int(rng.integers(1, 3)), n - len(labels))):
+                labels.append(c)
+                patients.append(pid)
+                pixels.append(render(CLASSES[c], rng))
+                bar.update()
     return labels, patients, np.stack(pixels)

@@ -48,10 +48,8 @@ def line_plot(path, series, xlabel, ylabel, title="", logx=False, marks=(), size
     d = ImageDraw.Draw(img)
     font, small = _font(16), _font(13)
     pts = [(x, y) for xs, ys, _ in series for x, y in zip(xs, ys)
-           if math.isfinite(y) and (x > 0 or not logx)]
-    if not pts:
-        pts = [(1, 0), (10, 1)]
-    fx = (lambda v: math.log10(v)) if logx else (lambda v: v)
+           if math.isfinite(y) and (x > 0 or not logx)] or [(1, 0), (10, 1)]  # nothing: a frame
+    fx = math.log10 if logx else (lambda v: v)
     x0, x1 = min(fx(p[0]) for p in pts), max(fx(p[0]) for p in pts)
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
     x1, y1 = x1 + (x1 == x0), y1 + (y1 == y0)  # a flat series still gets an axis
@@ -67,7 +65,6 @@ def line_plot(path, series, xlabel, ylabel, title="", logx=False, marks=(), size
         half = d.textlength(label, font=_font(12)) / 2
         x = min(max((a + b) / 2, left + half), W - right - half)
         d.text((x, top - 4 - 14 * (k % 2)), label, fill=GREY, font=_font(12), anchor="mb")
-    d.rectangle([left, top, W - right, H - bottom], outline="black")
     for t in _ticks(10 ** x0 if logx else x0, 10 ** x1 if logx else x1, logx):
         x = px(t)
         d.line([x, H - bottom, x, H - bottom + 5], fill="black")
@@ -79,7 +76,7 @@ def line_plot(path, series, xlabel, ylabel, title="", logx=False, marks=(), size
         d.line([left, y, W - right, y], fill=(230, 230, 230))
         d.text((left - 8, y), f"{10 ** t:.3g}" if logy else _fmt(t, False), fill="black",
                font=small, anchor="rm")
-    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    d.rectangle([left, top, W - right, H - bottom], outline="black")  # over the grid lines
     d.text(((left + W - right) / 2, H - 18), xlabel, fill="black", font=font, anchor="mm")
     d.text((10, 28 if bands else top - 25), ylabel, fill="black", font=font)
     d.text((W / 2, 12), title, fill="black", font=font, anchor="mt")

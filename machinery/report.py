@@ -22,6 +22,8 @@ from machinery.shortcuts import NOT_A_CLASSIFIER, Hidden
 from model import GROUPS
 from schedule import ONE_CYCLE
 
+EPOCHS = "epoch (all phases in order)"  # the x axis of every plot per epoch
+
 
 def write_predictions(path, items, labels, probs, classes):
     """predictions CSV: path, patient, source, label, prediction, class probabilities.
@@ -66,22 +68,10 @@ def stage_table(rows):
 
 
 def schedule_plots(run_dir, rows, cfg, bands, points=50):
-    """lr_schedule.png and momentum.png: each layer group's LR and beta1 across the run, as
-    fit() set them (fastai's plot_lr); returns what they draw: schedule_series."""
-    xs, series, moms = schedule_series(rows, cfg, points)
-    line_plot(os.path.join(run_dir, "lr_schedule.png"), series, "epoch (all phases in order)",
-              "learning rate (log axis)", title="LR of each layer group (one-cycle per phase)",
-              logy=True, bands=bands, legend_at="bottom")
-    line_plot(os.path.join(run_dir, "momentum.png"), [(xs, moms, "beta1")],
-              "epoch (all phases in order)", "Adam's beta1", title="momentum (one-cycle)",
-              bands=bands)
-    return xs, series, moms
-
-
-def schedule_series(rows, cfg, points=50):
-    """(epochs, [(epochs, LRs, layer groups)], beta1s): each group's LR and Adam's beta1,
-    `points` per epoch, from schedule.py with each phase's max LRs in metrics.jsonl; groups
-    with the same LRs are one series, named by all of them."""
+    """lr_schedule.png and momentum.png: each layer group's LR and Adam's beta1 across the run
+    as fit() set them (fastai's plot_lr), `points` per epoch, from schedule.py with each
+    phase's max LRs in metrics.jsonl. Returns what they draw: (epochs, [(epochs, LRs, layer
+    groups)], beta1s); groups with the same LRs are one series, named by all of them."""
     one_cycle = ONE_CYCLE[cfg.get("one_cycle", "v1")]
     phases = []  # (first epoch, epochs, max LRs) of each run of rows of one phase
     for n, r in enumerate(rows):
@@ -104,6 +94,11 @@ def schedule_series(rows, cfg, points=50):
     names = GROUPS if n_groups == len(GROUPS) else [f"group {g + 1}" for g in range(n_groups)]
     series = [(xs, ys, " and ".join(names[h] for h in range(g, n_groups) if lrs[h] == ys))
               for g, ys in enumerate(lrs) if ys not in lrs[:g]]  # drawn with the first
+    line_plot(os.path.join(run_dir, "lr_schedule.png"), series, EPOCHS,
+              "learning rate (log axis)", title="LR of each layer group (one-cycle per phase)",
+              logy=True, bands=bands, legend_at="bottom")
+    line_plot(os.path.join(run_dir, "momentum.png"), [(xs, moms, "beta1")], EPOCHS,
+              "Adam's beta1", title="momentum (one-cycle)", bands=bands)
     return xs, series, moms
 
 
@@ -201,12 +196,11 @@ def write_report(run_dir):
     steps = step_series(p("steps.csv"))
     line_plot(p("loss.png"), [*steps, (epochs, [r["train_loss"] for r in rows], "train loss"),
                               (epochs, [r["val_loss"] for r in rows], "validation loss")],
-              "epoch (all phases in order)", "cross-entropy loss (log axis)",
+              EPOCHS, "cross-entropy loss (log axis)",
               title="loss per epoch" + (" and per training step" if steps else ""),
               logy=True, bands=bands, colours=[LIGHT, *COLOURS] if steps else COLOURS)
     line_plot(p("accuracy.png"), [(epochs, [100 * r["val_acc"] for r in rows], "validation")],
-              "epoch (all phases in order)", "accuracy %", title="validation accuracy per epoch",
-              bands=bands)
+              EPOCHS, "accuracy %", title="validation accuracy per epoch", bands=bands)
     if rows and all("max_lrs" in r for r in rows):
         schedule_plots(run_dir, rows, cfg, bands)
     confusion_plot(p("confusion_matrix.png"), m["confusion_matrix"], m["classes"],
@@ -238,7 +232,6 @@ def write_report(run_dir):
     with open(p("report.md"), "w") as f:
         f.write("\n".join(text))
     return p("report.md")
-
 
 
 def test_metrics(run, probs):

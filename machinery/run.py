@@ -66,9 +66,10 @@ def setup(cfg, sizes=None):
     torch.manual_seed(cfg.seed)
     dev = devices.pick_device(dev_name)
     amp, cl = devices.precision(dev, cfg.precision), devices.channels_last(dev, cfg.channels_last)
+    arithmetic = devices.arithmetic(dev, amp)  # as precision() set TF32 for the process
     sd = fetch_weights(cfg.weights, cfg.arch)  # before any decoding: no weights, no wait
-    classes, items, split_films, leaks = read_data(cfg, sizes or [s.size for s in
-                                                                  make_stages(cfg)])
+    stages = make_stages(cfg)
+    classes, items, split_films, leaks = read_data(cfg, sizes or [s.size for s in stages])
 
     model = build_model(len(classes), cfg.weights, cfg.arch, cfg.ps, sd).to(dev)
     del sd
@@ -78,11 +79,10 @@ def setup(cfg, sizes=None):
     # The run folder comes last: a run that cannot start leaves none behind (and, with
     # --overwrite, the old run whole). fp32 weights in each stage checkpoint and model.pt;
     # last.pt adds Adam's two moments.
-    need = (len(make_stages(cfg)) + 4) * 4 * sum(p.numel() for p in model.parameters())
+    need = (len(stages) + 4) * 4 * sum(p.numel() for p in model.parameters())
     with ddp.fail_together():
         if ddp.main():
-            write_run_folder(cfg, run_dir, classes, dev, need, leaks,
-                             devices.arithmetic(dev, amp))
+            write_run_folder(cfg, run_dir, classes, dev, need, leaks, arithmetic)
 
     if cl:  # NHWC lets the tensor cores run convolutions without transposes
         model = model.to(memory_format=torch.channels_last)
@@ -94,9 +94,10 @@ def setup(cfg, sizes=None):
         counts = torch.bincount(torch.tensor(items["train"].labels), minlength=len(classes))
         weight = (counts.sum() / (len(classes) * counts.clamp(min=1).float())).to(dev)
     opt = make_optimizer(model, cfg.wd)
-    ranks = f", {ddp.world()} ranks ({torch.distributed.get_backend()}" + (
-        ", SyncBatchNorm)" if cfg.sync_bn else ")") if ddp.world() > 1 else ""
-    print(f"device {devices.describe(dev)}: {devices.arithmetic(dev, amp)}, "
+    bn = ", SyncBatchNorm" if cfg.sync_bn else ""
+    ranks = (f", {ddp.world()} ranks ({torch.distributed.get_backend()}{bn})"
+             if ddp.world() > 1 else "")
+    print(f"device {devices.describe(dev)}: {arithmetic}, "
           f"{'channels_last' if cl else 'NCHW'}, "
           f"{'fused' if opt.defaults.get('fused') else 'for-each'} AdamW, compile "
           f"{cfg.compile}{ranks}; run folder {run_dir}")
@@ -189,7 +190,7 @@ def compile_stage(cfg, device, stage, n_train):
                                    and devices.compile_pays(images, stage.size))
 
 
-def write_run_folder(cfg, run_dir, classes, dev, need_bytes, leaks=None, arithmetic=None):
+def write_run_folder(cfg, run_dir, classes, dev, need_bytes, leaks, arithmetic):
     """Make the run folder (rank 0): check it can take the run, replace an old run there with
     --overwrite, write config.json (with the torch, device and arithmetic that ran),
     classes.json and leaks.json (test films duplicated in training, audit.leaks)."""
@@ -249,8 +250,8 @@ def run_folder(cfg):
 
 def refuse_run_there(cfg, run_dir):
     """A folder that holds a run (config.json) is this run's only to --resume or --overwrite."""
-    if os.path.isfile(os.path.join(run_dir, "config.json")) and not (cfg.resume or
-                                                                       cfg.overwrite):
+    held = os.path.isfile(os.path.join(run_dir, "config.json"))
+    if held and not (cfg.resume or cfg.overwrite):
         raise SystemExit(f"{run_dir} already holds a run; continue it with --resume "
                          f"{run_dir}, replace it with --overwrite, or choose another --name")
 

@@ -64,8 +64,7 @@ class Hidden:
         """What the model sees of the films, for the log, report.md and the model card."""
         box = f"the central {self.box:.0%} x {self.box:.0%}" + (
             " of each film's centre square" if self.crop else " of each film")
-        return {"lungs": f"films with the lungs hidden ({box} blacked out, only its border "
-                         "seen)",
+        return {"lungs": f"films with the lungs hidden ({box} blacked out, only its border seen)",
                 "outside": f"films with the lungs alone (all but {box} blacked out)"}[self.what]
 
 

@@ -52,7 +52,7 @@ def test_the_top_level_holds_the_tutorial_and_the_scripts_alone():
     top = {m for m in modules() if "." not in m and m not in PACKAGES}
     assert top == TUTORIAL | SCRIPTS and len(top) <= 13
     assert all(os.path.isfile(os.path.join(ROOT, "machinery", f"{m}.py")) for m in (
-        "config", "run", "epochs", "checkpoint", "datasets", "films", "hostmem", "devices",
+        "config", "flags", "run", "epochs", "checkpoint", "datasets", "films", "hostmem", "devices",
         "ddp", "metrics", "plots", "report", "phantom", "audit", "covidx", "shortcuts",
         "runlock"))
     assert {m for m in modules() if m.startswith(("benchmarks.", "tools."))} == {
