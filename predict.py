@@ -154,6 +154,8 @@ class Classifier:
 
     def probabilities(self, films, batch_size=64):
         """Films (paths, PIL images, arrays, tensors) -> class probabilities (N, C)."""
+        if not len(films):
+            raise FilmError("no films given: pass one film, or a list of them")
         pixels, hw = zip(*[self.prepare(f) for f in films])
         return self.probabilities_of(pixels, hw, batch_size)
 

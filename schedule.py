@@ -74,7 +74,8 @@ class Recipe:
 
 PAPER = Recipe()
 FASTAI_V1 = replace(PAPER, suggest="min_grad")  # fastai v1 to the letter: its LR reading too
-FASTAI_V2 = replace(PAPER, one_cycle="torch", pct_start=0.25, div_final=1e5, opt_reset="moments")
+FASTAI_V2 = replace(PAPER, one_cycle="torch", pct_start=0.25, div_final=1e5, opt_reset="moments",
+                    suggest="valley")  # v2's own, whatever PAPER reads the curve with
 
 
 def _cos(start, end, pct):
@@ -90,8 +91,8 @@ def _check(step, total):
         raise ValueError(f"step {step} is outside the schedule's 0..{total - 1}")
 
 
-def one_cycle(step, total, lr_max, pct_start=PAPER.pct_start, div=PAPER.div, div_final=0.0,
-              moms=PAPER.moms):
+def one_cycle(step, total, lr_max, pct_start=PAPER.pct_start, div=PAPER.div,
+              div_final=PAPER.div_final, moms=PAPER.moms):
     """(lr, momentum) for batch `step` (0-based) of `total`, as fastai v1's fit_one_cycle.
 
     fastai v1 (callbacks/one_cycle.py: OneCycleScheduler) runs two cosine schedules: a warm-up

@@ -296,5 +296,8 @@ def make_stages(cfg):
         vals = [conv(v) for v in getattr(cfg, name).split(",")]
         if getattr(cfg, name) == Config.__dataclass_fields__[name].default:
             vals = vals[:len(sizes)]
+        if len(vals) not in (1, len(sizes)):
+            raise SystemExit(f"{flag(name)} has {len(vals)} values for {len(sizes)} stages "
+                             f"({cfg.stages})")
         cols.append(vals * len(sizes) if len(vals) == 1 else vals)
-    return [Stage(*st) for st in zip(sizes, *cols, strict=True)]
+    return [Stage(*st) for st in zip(sizes, *cols)]

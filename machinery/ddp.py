@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.elastic.multiprocessing.errors import record
-from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
 from tqdm import tqdm
 
 from machinery.datasets import run_cli
@@ -262,6 +261,29 @@ def wrap(module, device):
         module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over the ranks; its gradient is the sum of the ranks' gradients
+    (each rank's loss depends on every rank's contribution). torch's own
+    (distributed.nn.functional.all_reduce) warns that it is deprecated from torch 2.14."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+@torch.compiler.disable  # eager always: torch 2.11 compiles its gradient to zeros (2.14 not)
+def sum_over_ranks(x):
+    return _SumOverRanks.apply(x)
+
+
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over the global batch, for ranks on the CPU (gloo): torch's SyncBatchNorm
     runs on GPUs only. The per-channel sums of x and x^2 are all-reduced (with their
@@ -278,8 +300,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
-        # summed over the ranks, gradients too: each rank's loss depends on every rank's sums
-        stats = all_reduce_with_grad(torch.stack([xf.sum(dims), (xf * xf).sum(dims)]))
+        stats = sum_over_ranks(torch.stack([xf.sum(dims), (xf * xf).sum(dims)]))
         count = x.numel() // x.shape[1] * world()  # every rank's batch has the same shape
         mean, var = stats[0] / count, stats[1] / count - (stats[0] / count) ** 2
         with torch.no_grad():  # as F.batch_norm: running variance unbiased

@@ -2,8 +2,8 @@
 (knob, add_flags), --help as wide as the code (Help), every bad value named with what it takes
 (validate), a run's config.json read back as the command line would be (saved_config).
 
-    p.add_argument_group(...); add_flags(p, Config, GROUPS)   # every field a flag
-    problems = validate(cfg)                                  # [] when all is well
+    add_flags(p, Config)          # every field a flag, in the --help groups its knobs open
+    problems = validate(cfg)      # [] when all is well
 
 machinery/config.py holds the knobs themselves (Config) and makes train.py's command line.
 """

@@ -114,6 +114,10 @@ def test_defaults_follow_the_stages_given_and_resume_takes_nothing_else(capsys):
     assert "--unfrozen-epochs has 3 values for 4 stages" in errors(
         capsys, "--stages", "32,48,64,96")  # a default shorter than the stages is not guessed
     assert "nothing to train" in errors(capsys, "--frozen-epochs", "0", "--unfrozen-epochs", "0")
+    from machinery.config import Config  # made in code (bench.py's): cut, or said by flag
+    assert [s.size for s in make_stages(Config(stages="64,96"))] == [64, 96]
+    with pytest.raises(SystemExit, match=r"--frozen-epochs has 3 values for 4 stages"):
+        make_stages(Config(stages="32,48,64,96"))
     with pytest.raises(SystemExit):
         parse_args(["--resume", "runs/x", "--batch-size", "0"])
     assert "--resume goes on with the run's saved config" in capsys.readouterr().err

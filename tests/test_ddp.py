@@ -154,6 +154,19 @@ def group(tmp_path):
         dist.destroy_process_group()
 
 
+def sbn_loss(x):
+    return (ddp.sum_over_ranks(x * 2) * 4).sum()
+
+
+def test_the_sum_over_ranks_keeps_its_gradient_when_compiled(group):
+    """--sync-bn on CPU ranks under --compile on: CPUSyncBatchNorm's sum over the ranks runs
+    eager inside the compiled model (torch 2.11 compiled its all_reduce's gradient to zeros)."""
+    for loss in (sbn_loss, torch.compile(sbn_loss, backend="aot_eager")):
+        x = torch.ones(3, requires_grad=True)
+        loss(x).backward()
+        assert x.grad.tolist() == [8.0, 8.0, 8.0]
+
+
 @pytest.mark.parametrize("error", [RuntimeError("a rank failed"), SystemExit("data error")])
 def test_the_process_group_is_left_when_training_fails_without_waiting_for_the_others(
         group, monkeypatch, error):

@@ -155,6 +155,8 @@ def test_films_with_nan_or_infinite_pixels_are_no_films(checkpoint, tmp_path, ca
                                                      "infinite"):
             clf.predict(film)
     assert clf.predict(np.nan_to_num(one)).keys() == set(phantom.CLASSES)  # the rest is a film
+    with pytest.raises(predict.FilmError, match="no films given"):
+        clf.predict([])
     Image.fromarray(one).save(tmp_path / "nan.tif")  # a float TIFF
     Image.fromarray((np.nan_to_num(one) * 255).astype(np.uint8)).save(tmp_path / "ok.png")
     files, _, skipped = predict.main([str(checkpoint), str(tmp_path / "nan.tif"),
