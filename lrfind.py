@@ -21,6 +21,7 @@ import csv
 import json
 import math
 import os
+from dataclasses import fields
 
 import numpy as np
 
@@ -238,15 +239,12 @@ def suggest_lr(run, films, size, batch_size, tag):
                    smooth, c.suggest, c.lr_find_steps, body)
 
 
-# The flags lrfind.py offers: what setup() and the sweep use (train.py has all of them)
-FLAGS = ["data", "train_split", "test_split", "image_dir", "subtypes", "phantoms", "phantom_seed",
-         "val_frac", "allow_patient_overlap", "allow_missing_class", "allow_duplicates",
-         "cache_dir", "resize", "hide", "hide_box", "test_sources", "arch", "weights", "ps",
-         "recipe", "batch_size", "wd",
-         "lr_find_steps", "lr_find_start", "lr_find_end", "lr_find_beta", "suggest", "aug",
-         "rotate", "zoom", "warp", "lighting", "p_affine", "p_lighting", "flip", "balance",
-         "class_weights", "device", "precision", "channels_last", "cudnn_benchmark", "data_on",
-         "data_gpu_gib", "sync_bn", "dist_timeout", "demo", "seed", "runs", "name", "overwrite"]
+# The flags lrfind.py offers: train.py's, less those of training's schedule and run folder
+TRAINING_ONLY = {"stages", "frozen_epochs", "unfrozen_epochs", "lr_frozen", "lr_unfrozen",
+                 "one_cycle", "pct_start", "div", "div_final", "opt_reset", "discriminative",
+                 "compile", "compile_backend", "resume", "config", "save_every", "keep_last",
+                 "save_best"}
+FLAGS = [f.name for f in fields(config.Config) if f.name not in TRAINING_ONLY]
 
 
 EXTRA = {"size": (int, 128, "image size in pixels"),
