@@ -197,7 +197,7 @@ def title_of(name):
     return "LR range test: " + ", ".join(words)
 
 
-def save_lr_find(prefix, lrs, raw, smooth, method="valley", num_it=None, body_div=None):
+def save_lr_find(prefix, lrs, raw, smooth, method=PAPER.suggest, num_it=None, body_div=None):
     """Write prefix.csv (lr, loss, smoothed) and prefix.png; return the suggested LR. body_div:
     the body's groups train at LR / body_div (fastai's slice(lr): 10), marked too."""
     lr = SUGGESTIONS[method](lrs, smooth, num_it)

@@ -31,6 +31,7 @@ from machinery.config import Config
 from machinery.flags import knob
 from machinery.run import forwards, setup
 from model import set_body_frozen, train_step
+from schedule import PAPER
 
 PARTS = ("ceiling", "loop", "checkpoint", "e2e", "cache")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project
@@ -100,15 +101,16 @@ class BenchConfig:
                          "machine's start (2-4 min) fits in 15 minutes")
     only: str = knob("", "--gpu-check: only these steps, comma separated (a second call for "
                      "what the first skipped or failed) (default: every step)", metavar="STEPS")
-    sizes: str = knob("128,224,229", "stage sizes")
-    batch_size: int = knob(64, "batch size, as training uses it")
-    arch: str = knob("resnet50", "ResNet body")
-    precision: str = knob("auto", "auto | bf16 | fp32 | tf32 (as train.py)")
-    channels_last: str = knob("auto", "auto | on | off (as train.py)")
-    cudnn_benchmark: str = knob("on", "on | off | N: cuDNN autotuning (as train.py)",
-                                metavar="on|off|N")
+    # train.py's defaults (the paper's stages and batch among them)
+    sizes: str = knob(Config.stages, "stage sizes")
+    batch_size: int = knob(PAPER.stages[0].batch_size, "batch size, as training uses it")
+    arch: str = knob(Config.arch, "ResNet body")
+    precision: str = knob(Config.precision, "auto | bf16 | fp32 | tf32 (as train.py)")
+    channels_last: str = knob(Config.channels_last, "auto | on | off (as train.py)")
+    cudnn_benchmark: str = knob(Config.cudnn_benchmark, "on | off | N: cuDNN autotuning (as "
+                                "train.py)", metavar="on|off|N")
     modes: str = knob("eager,compiled", "ceiling and loop: eager, compiled, or both")
-    compile_backend: str = knob("inductor", "torch.compile backend (as train.py)")
+    compile_backend: str = knob(Config.compile_backend, "torch.compile backend (as train.py)")
     steps: int = knob(25, "timed steps per measurement")
     warmup: int = knob(5, "untimed steps before each measurement")
     e2e_sets: str = knob("5310:639", "train:test sizes of the end-to-end runs, comma separated")
