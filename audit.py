@@ -163,9 +163,8 @@ def copy_of(img, kind, rng):
         return img, "JPEG50"
     if kind.startswith("crop"):  # up to f of each side, drawn per side: shifts and stretches
         f = int(kind[5:-1]) / 100
-        box = [int(w * f * rng.random()), int(h * f * rng.random())]
-        return img.crop((*box, w - int(w * f * rng.random()), h - int(h * f * rng.random()))), \
-            "PNG"
+        left, top, right, bottom = (int(s * f * rng.random()) for s in (w, h, w, h))
+        return img.crop((left, top, w - right, h - bottom)), "PNG"
     a = np.asarray(img, dtype=np.float32)
     if kind == "brighter":
         return Image.fromarray((a * 1.15 + 12).clip(0, 255).astype(np.uint8)), "PNG"

@@ -41,7 +41,7 @@ from machinery.flags import Help, add_flags
 from benchmarks.gpucheck import gpu_check, require_cuda
 from benchmarks.measure import (PARTS, QUICK, BenchConfig, Recipe, Results, cache_rate,
                                checkpoint_cost, ddp_scaling, end_to_end, measure_steps,
-                               remove_scratch, scratch, step_run, write_phantom_covidx)
+                               remove_scratch, step_run)
 from machinery.run import git_commit
 
 
@@ -64,12 +64,7 @@ def run_parts(bc, dev, res):
             res.set("checkpoint", checkpoint_cost(step_run(bc, dev, 64)))
         elif part == "e2e":
             for spec in bc.e2e_sets.split(","):
-                n_train, n_test = (int(v) for v in spec.split(":"))
-                root, t1 = scratch(), time.time()
-                write_phantom_covidx(root, n_train, n_test, bc.png_size)
-                e = {"write_pngs_s": time.time() - t1,
-                     **end_to_end(bc, dev, root, scratch(), RECIPE)}
-                res.set("e2e", {**res.r.get("e2e", {}), spec: e})
+                res.set("e2e", {**res.r.get("e2e", {}), spec: end_to_end(bc, dev, spec, RECIPE)})
         elif part == "cache":
             res.set("cache_rate", cache_rate(bc))
         else:
@@ -140,8 +135,7 @@ def report(r):
                 peak = f"{s['peak_gib']:.1f}" if s.get("peak_gib") is not None else "-"
                 lines.append(f"| {s['size']} | {s['phase']} | {s['mode']} | "
                              f"{s['ceiling']:,.0f} |{real} {peak} |")
-    if r.get("checkpoint"):
-        c = r["checkpoint"]
+    if c := r.get("checkpoint"):
         lines += ["", f"checkpoint ({c['mib']:.0f} MiB): snapshot {c['snapshot_s'] * 1e3:.0f} "
                       f"ms in the training thread, write {c['write_s']:.2f} s in the "
                       f"background (before: {c['before_s']:.2f} s in the training thread)"]
@@ -173,8 +167,7 @@ def report(r):
                 lines.append(f"| {d['ranks']} | {d['size']} | {e['epoch_s']:.2f} | "
                              f"{e['train_s']:.2f} | {e['val_s']:.2f} | {e['checkpoint_s']:.2f} "
                              f"| {e['img_s_steps']:,.0f} | {e['img_s']:,.0f} |")
-    if r.get("cache_rate"):
-        c = r["cache_rate"]
+    if c := r.get("cache_rate"):
         lines += ["", f"cache build: {c['images_s']:.0f} images/s on {r['env']['cpus']} cores "
                       f"({c['per_core']:.0f} per core), {c['png_px']} px 8-bit PNG"]
     return "\n".join(lines)

@@ -156,17 +156,16 @@ def group_runs(runs, group_by=None):
     """{label: [runs]}, in the order first seen. The label names the config values that set
     the group apart (all of --group-by's keys, or every key that differs among the runs)."""
     if group_by:
-        keys = group_by
-        unknown = [k for k in keys if k not in runs[0]["config"]]
+        unknown = [k for k in group_by if k not in runs[0]["config"]]
         if unknown:
             raise CompareError(f"--group-by {','.join(unknown)}: not a config key (e.g. "
                                f"{', '.join(sorted(runs[0]['config'])[:6])}...)")
     else:
         all_keys = sorted({k for r in runs for k in r["config"]} - IGNORED)
-        keys = [k for k in all_keys if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
+        group_by = [k for k in all_keys if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
     groups = {}
     for r in runs:
-        label = ", ".join(f"{k}={r['config'].get(k)}" for k in keys) or "all"
+        label = ", ".join(f"{k}={r['config'].get(k)}" for k in group_by) or "all"
         groups.setdefault(label, []).append(r)
     return groups
 

@@ -39,13 +39,11 @@ def map_classes(data_classes, model_classes, class_map=""):
     through class_map ("theirs=ours,..."). A class that maps nowhere is an error."""
     extra = dict(kv.split("=", 1) for kv in class_map.split(",") if kv)
     lower = {c.lower(): i for i, c in enumerate(model_classes)}
-    out, missing = {}, []
+    out = {}
     for i, c in enumerate(data_classes):
         name = extra.get(c, c)
-        j = model_classes.index(name) if name in model_classes else lower.get(name.lower())
-        if j is None:
-            missing.append(c)
-        out[i] = j
+        out[i] = model_classes.index(name) if name in model_classes else lower.get(name.lower())
+    missing = [data_classes[i] for i, j in out.items() if j is None]
     if missing:
         raise datasets.DataError(f"classes {missing} of the data are not among the model's "
                          f"{model_classes}; map them with --class-map {missing[0]}=NAME,...")
@@ -171,7 +169,7 @@ def main(argv=None):
     images = HostImages(decoded, size, dev) if on_host(
         decoded.nbytes(size), dev, a.data_on, what=f"of the {a.split} split at {size} px") \
         else decoded.to(size, dev)
-    hw = decoded.hw.to(dev) if cfg["resize"] == "crop" else None
+    hw = decoded.hw.to(dev) if clf.crop else None
     aug = Augment(*(cfg[f.name] for f in dataclasses.fields(Augment)))
     probs = tta_probs(clf.model, images, size, hw, aug, a.tta, batch_size, a.seed, clf.amp,
                       clf.channels_last).cpu()
@@ -187,8 +185,7 @@ def main(argv=None):
     hidden = clf.hidden.what + ("" if clf.hidden.box == WHOLE.box else f"-{clf.hidden.box}")
     made_by = "".join(f"_{k}-{v}" for k, v in [("hide", hidden), ("sources", test_sources),
                                                ("tta", a.tta)] if v not in ("none", "", "0"))
-    out = a.out or os.path.join(run_dir_of(a.checkpoint) or ".",
-                                f"eval_{name}_{a.split}{made_by}")
+    out = a.out or os.path.join(run_dir_of(a.checkpoint) or ".", f"eval_{name}_{a.split}{made_by}")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(m, f, indent=1)

@@ -92,13 +92,13 @@ class Classifier:
     hidden: what of every film is blacked out (--hide: a shortcut test's shortcuts.Hidden)."""
 
     def __init__(self, model, classes, size, crop, device, amp=None, channels_last=False,
-                 hidden=WHOLE):
+                 hidden=WHOLE, config=None, weights=""):
         fmt = torch.channels_last if channels_last else torch.preserve_format
         self.model = model.to(device, memory_format=fmt).eval()
         self.classes, self.size, self.crop, self.hidden = list(classes), size, crop, hidden
         self.device, self.amp, self.channels_last = device, amp, channels_last
-        self.config = {}  # how it was trained
-        self.weights = ""  # what the weights are, when not a run's model.pt (which_weights)
+        self.config = config or {}  # how it was trained
+        self.weights = weights  # what the weights are, when not a run's model.pt (which_weights)
         # every film stored at the crop margin: its result never depends on the others'
         self.store = stored_size(size, "crop" if crop else "squish", CROP_MARGIN)
 
@@ -120,11 +120,9 @@ class Classifier:
             raise ValueError(f"hide_box {hide_box}: a box of what? Give hide='lungs' or "
                              "'outside' with it")
         dev = devices.pick_device(device)
-        clf = cls(model, ck["classes"], size or ck.get("size") or 224, crop, dev,
-                  devices.precision(dev, precision), devices.channels_last(dev, channels_last),
-                  hidden)
-        clf.config, clf.weights = trained, ck["weights"]
-        return clf
+        return cls(model, ck["classes"], size or ck.get("size") or 224, crop, dev,
+                   devices.precision(dev, precision), devices.channels_last(dev, channels_last),
+                   hidden, config=trained, weights=ck["weights"])
 
     def prepare(self, film):
         """One film (a path, PIL image, array or tensor) -> (uint8 (T, T) film, its height /
@@ -307,8 +305,7 @@ def main(argv=None):
             files.append(f)
         except FilmError as e:  # not an image, or unreadable: listed, the rest go on
             skipped.append((f, e.why))
-    for f, why in skipped:
-        print(f"skipped {f}: {why}")
+            print(f"skipped {f}: {e.why}")
     if not files:
         raise FilmError("no readable images among " + ", ".join(a.images))
     pixels, hw = zip(*prepared)
@@ -329,7 +326,7 @@ def main(argv=None):
             save_cam(dst, path, cam, clf.crop,
                      f"Grad-CAM of {classes[c]}: p = {100 * float(probs[k, c]):.1f}%",
                      hidden=clf.hidden)
-    for path, t, pr in list(zip(files, top, probs.tolist()))[:5]:  # a first look; the CSV
+    for path, t, pr in zip(files[:5], top, probs.tolist()):  # a first look; the CSV
         print(f"  {classes[t]:>12} {100 * pr[t]:5.1f}%  {path}")
     print(f"{len(files)} images predicted, {len(skipped)} skipped; wrote "
           f"{os.path.abspath(a.out)}" + (f" and heat maps in {a.cam}" if a.cam else ""))

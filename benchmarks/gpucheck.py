@@ -5,7 +5,6 @@ result written to JSON as soon as it ends, every script's output to one log.
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -46,10 +45,10 @@ def script(name, args, log, timeout, title=None, env=None):
         return rc, time.time() - t0, f.read()
 
 
-def ran(rc, text, **more):
-    """A script's result: ok, timeout or failed, with the end of its output when not ok."""
-    ok = "ok" if rc == 0 else "timeout" if rc == "timeout" else "failed"
-    return {"status": ok, "rc": rc, **more, **({} if rc == 0 else {"log_tail": text[-3000:]})}
+def ran(code, text, **more):
+    """A script's result: ok, timeout or failed, `more`, the end of its output when not ok."""
+    ok = "ok" if code == 0 else "timeout" if code == "timeout" else "failed"
+    return {"status": ok, **more, **({} if code == 0 else {"log_tail": text[-3000:]})}
 
 
 def peaks(rows):
@@ -66,13 +65,12 @@ def killed_and_resumed(args, runs, log, timeout):
     metrics, last = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "last.pt")
     p, _ = start("train.py", [*args, "--runs", runs, "--name", "real"], log, "real run, killed")
     while p.poll() is None and time.time() - t0 < timeout:
-        if os.path.isfile(metrics) and len(open(metrics).readlines()) >= 2 and \
-                os.path.isfile(last):
+        if os.path.isfile(metrics) and len(open(metrics).readlines()) >= 2 and os.path.isfile(last):
             break
         time.sleep(0.02)
     was_running = p.poll() is None
     if was_running:
-        p.send_signal(signal.SIGKILL)
+        p.kill()  # SIGKILL
     p.wait()
     out = {"killed_rc": p.returncode, "killed_mid_run": was_running,
            "killed_after_s": time.time() - t0}
@@ -83,8 +81,7 @@ def killed_and_resumed(args, runs, log, timeout):
                             timeout - (time.time() - t0), "real run, resumed")
     out.update(resume_rc=rc, resume_s=secs, epochs_in_last_pt=saved)
     if rc != 0:
-        return {**out, "status": "timeout" if rc == "timeout" else "failed",
-                "why": "the resumed run did not end well", "log_tail": text[-3000:]}
+        return {**out, **ran(rc, text, why="the resumed run did not end well")}
     m = json.load(open(os.path.join(run_dir, "test_metrics.json")))
     rows = metrics_rows(run_dir)
     phases = [(r["phase"], r["epoch"]) for r in rows]
@@ -209,6 +206,8 @@ class Check:
         if bc.quick:  # minutes of compiling on a CPU; no cuDNN; checkpoint: `steps`' way again
             only = [s for s in only if s not in ("steps_compiled", "autotune", "checkpoint")]
         self.only = only
+        self.runs = scratch()
+        self.pngs = os.path.join(self.runs, "pngs")
         self.flags = ["--device", str(dev), "--precision", bc.precision, "--channels-last",
                       bc.channels_last]  # evaluate.py and predict.py take these three
         train_flags = [*self.flags, "--compile-backend", bc.compile_backend]
@@ -217,7 +216,8 @@ class Check:
         self.compiled = [*self.demo_args, "--stages", f"{self.size},{self.size}",
                          "--frozen-epochs", "1,0", "--unfrozen-epochs", "0,2", "--compile", "on"]
         frozen, unfrozen, lr_steps = ("1,0", "1,2", "6") if bc.quick else ("1,1,0", "1,1,1", "20")
-        self.real = ["--arch", bc.arch, "--weights", "none", "--stages", bc.sizes,
+        self.real = ["--data", self.pngs, "--cache-dir", os.path.join(self.runs, "cache"),
+                     "--arch", bc.arch, "--weights", "none", "--stages", bc.sizes,
                      "--frozen-epochs", frozen, "--unfrozen-epochs", unfrozen, "--batch-size",
                      str(bc.batch_size), "--lr-find-steps", lr_steps, "--save-every", "0",
                      *train_flags]
@@ -227,8 +227,6 @@ class Check:
             self.compiled += tiny  # its own stages, at 32 px
             self.demo_args += tiny + ["--stages", "32", "--frozen-epochs", "0",
                                       "--unfrozen-epochs", "2"]
-        self.runs = scratch()
-        self.pngs = os.path.join(self.runs, "pngs")
 
     def left(self):
         return self.t_end - time.time()
@@ -259,10 +257,9 @@ class Check:
         return out
 
     def script(self, name, args, title=None, env=None, secs="wall_s"):
-        """Run a script until it ends or the budget does: ran()'s result, its seconds as
-        `secs`."""
+        """Run a script until it ends or the budget does: ran()'s result, its seconds as `secs`."""
         rc, seconds, text = script(name, args, self.log, self.left(), title, env)
-        return ran(rc, text, **{secs: seconds})
+        return ran(rc, text, rc=rc, **{secs: seconds})
 
     def train_run(self, name, args):
         out = self.script("train.py", [*args, "--runs", self.runs, "--name", name], name)
@@ -305,18 +302,18 @@ class Check:
 
     def measured(self, part, mode, sizes, title, tuning="on"):
         """bench.py --part `part` in its own process (killed at the budget's end, what it
-        measured by then kept): (result, its JSON)."""
+        measured by then kept): (result, its JSON's `part`: [] when it measured none)."""
         bc, sub = self.bc, os.path.join(self.runs, f"{part}_{mode}_{tuning}.json")
         out = self.script("bench.py", [
             "--part", part, "--modes", mode, "--sizes", sizes, "--out", sub, "--arch", bc.arch,
             "--batch-size", bc.batch_size, "--steps", bc.steps, "--warmup", bc.warmup,
             "--compile-backend", bc.compile_backend, "--cudnn-benchmark", tuning, *self.flags],
             title, env={"TMPDIR": self.runs})  # its scratch in ours: removed anyway
-        return out, json.load(open(sub)) if os.path.isfile(sub) else {}
+        got = json.load(open(sub)) if os.path.isfile(sub) else {}
+        return out, got.get(part) or []
 
     def steps(self, mode, sizes):
-        out, got = self.measured("loop", mode, sizes, f"steps, {mode}")
-        rows = got.get("loop", [])
+        out, rows = self.measured("loop", mode, sizes, f"steps, {mode}")
         for row in rows:
             self.res.add_row("loop", row)
         if rows:
@@ -333,9 +330,8 @@ class Check:
         """The eager steps with other --cudnn-benchmark settings, beside `steps` (on)."""
         out = {"status": "ok"}
         for tuning in ("off", "1"):
-            got_out, got = self.measured("loop", "eager", self.bc.sizes,
-                                         f"steps, cudnn {tuning}", tuning)
-            rows = got.get("loop", [])
+            got_out, rows = self.measured("loop", "eager", self.bc.sizes,
+                                          f"steps, cudnn {tuning}", tuning)
             out[tuning] = {"status": got_out["status"], "wall_s": sum(r["wall_s"] for r in rows),
                            "rows": [{k: r[k] for k in ("size", "phase", "ceiling", "real",
                                                        "wall_s")} for r in rows]}
@@ -346,9 +342,9 @@ class Check:
 
     def checkpoint(self):
         out, got = self.measured("checkpoint", "eager", self.bc.sizes, "checkpoint")
-        if got.get("checkpoint"):
-            self.res.set("checkpoint", got["checkpoint"])
-            out.update(got["checkpoint"])
+        if got:
+            self.res.set("checkpoint", got)
+            out.update(got)
         return out
 
     def write_pngs(self):
@@ -359,9 +355,7 @@ class Check:
         t0 = time.time()
         self.write_pngs()
         write_s = time.time() - t0
-        args = ["--data", self.pngs, "--cache-dir", os.path.join(self.runs, "cache"),
-                *self.real]
-        return {**killed_and_resumed(args, self.runs, self.log, self.left()),
+        return {**killed_and_resumed(self.real, self.runs, self.log, self.left()),
                 "write_pngs_s": write_s}
 
     def evaluate(self, train_acc):

@@ -5,7 +5,7 @@
     recipe = Recipe(train.main, batches)           # what is timed of the tutorial files
     measure_steps(bc, dev, res, "loop", recipe)    # (a) ceiling and (b) real loop per stage/phase
     checkpoint_cost(step_run(bc, dev, 64))         # one epoch's snapshot and last.pt write
-    end_to_end(bc, dev, root, cache, recipe); cache_rate(bc)
+    end_to_end(bc, dev, "5310:639", recipe); cache_rate(bc)
 """
 import atexit
 import collections
@@ -284,9 +284,13 @@ def checkpoint_cost(run):
     return r
 
 
-def end_to_end(bc, dev, root, cache, recipe):
-    """(c): train.py's default schedule on PNG files, from a cold and then a warm cache."""
-    out = {}
+def end_to_end(bc, dev, spec, recipe):
+    """(c): train.py's default schedule on phantom PNGs, spec "train:test" of them (written
+    first, timed), from a cold and then a warm cache."""
+    n_train, n_test = (int(v) for v in spec.split(":"))
+    root, cache, t0 = scratch(), scratch(), time.time()
+    write_phantom_covidx(root, n_train, n_test, bc.png_size)
+    out = {"write_pngs_s": time.time() - t0}
     for cache_state in ("cold", "warm"):
         cfg = Config(data=root, weights="none", arch=bc.arch, device=str(dev),
                      stages=bc.sizes, batch_size=str(bc.batch_size), cache_dir=cache,

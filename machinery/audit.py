@@ -132,16 +132,14 @@ def near_duplicates(th_a, th_b=None, chunk=256, batch=2048):
     ha = pack(phash(th_a))
     hb = ha if th_b is None else pack(phash(th_b))
     th_b = th_a if th_b is None else th_b
-    ii, jj, dd = [], [], []
+    found = []  # the candidates: (i, j, Hamming distance) of each chunk
     for k in range(0, len(ha), chunk):  # Hamming distances a chunk of rows at a time
         d = POPCOUNT[(ha[k:k + chunk, None, :] ^ hb[None, :, :]).int()].sum(-1, dtype=torch.int16)
         if th_b is th_a:
             d.masked_fill_(torch.arange(k, k + len(d))[:, None] >= torch.arange(len(hb)), 99)
         i, j = (d <= HASH_MAX).nonzero(as_tuple=True)
-        ii.append(i + k)
-        jj.append(j)
-        dd.append(d[i, j])
-    ii, jj, dd = torch.cat(ii), torch.cat(jj), torch.cat(dd)
+        found.append((i + k, j, d[i, j]))
+    ii, jj, dd = map(torch.cat, zip(*found))
     if not len(ii):
         return []
     da, db = detail(th_a), detail(th_b)

@@ -1,8 +1,8 @@
 """COVIDx v1, the data set the paper used, rebuilt from its two public sources
 (tools/make_covidx_v1.py).
 
-    rows = select(cohen_rows(read_metadata(cohen)), kermany_rows(kermany))   # v1's rules
-    rows = from_split_files(train_split, test_split, cohen, kermany)         # v1's own split
+    rules = split_cohen(cohen_rows(read_metadata(cohen))), kermany_rows(kermany_index(kermany))
+    v1_split, missing = from_split_files(split_files, images, kermany_index(kermany), problems)
 
 COVIDx v1 (COVID-Net, 25 March 2020; lindawangg/COVID-Net at commit 55406b3, files
 train_split.txt / test_split.txt, script create_COVIDx.ipynb) joined:

@@ -269,14 +269,12 @@ def load_dataset(root, train_split=None, test_split=None, image_dir=None, subtyp
     if test_sources:
         rows = hold_out_sources(rows, test_sources.split(","))
     classes = sorted(named | {r[2] for rs in rows.values() for r in rs})
-    found = Problems()
+    found = Problems() if problems is None else problems
     check_rows(rows, classes, found, malformed, named, allow_patient_overlap, allow_missing_class)
     missing = {r[1]: 1 for rs in rows.values() for r in rs if not os.path.isfile(r[1])}
     found.add("listed images are missing", list(missing), " (check --data / --image-dir)")
     if problems is None:
         found.check()
-    else:
-        problems += found
     idx = {c: i for i, c in enumerate(classes)}
     splits = {}
     for s, rs in rows.items():

@@ -18,7 +18,7 @@ import sys
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import closing, contextmanager, suppress
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from itertools import repeat
 
@@ -85,9 +85,7 @@ def squares(img, sizes, hidden=WHOLE):
 
     hidden (--hide): its box is blacked out on the film as decoded, before any resize, crop or
     augmentation, so that every size and view of it has the same box hidden."""
-    a = np.asarray(to_gray(ImageOps.exif_transpose(img)))
-    if hidden:
-        a = hidden.apply(a)
+    a = hidden.apply(np.asarray(to_gray(ImageOps.exif_transpose(img))))
     x = torch.from_numpy(a.astype(np.float32))[None, None]  # once for every size
     return (a.shape[1], a.shape[0]), [square(x, s)[0, 0].numpy() for s in sizes]
 
@@ -203,11 +201,8 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", problems=None, hidd
     if dims is not None:
         dims = np.array(dims)
         # memory-mapped: read from disk (or the page cache) only where a stage reads it
-        for s in sizes:
-            a = read_cached(cached[s], len(items))
-            if a is not None:
-                out[s] = a
-    todo = [8] if check_only else [s for s in sizes if s not in out]
+        out = {s: read_cached(cached[s], len(items)) for s in sizes}  # None: decoded below
+    todo = [8] if check_only else [s for s in sizes if out.get(s) is None]
     if todo:
         aspect = 1.0 if mode == "squish" or check_only else film_aspect(items.paths)
         store = [stored_size(s, mode, aspect) for s in todo]
@@ -317,7 +312,6 @@ def read_cached(path, rows):
 POOL_START_S = 3.0
 
 
-@contextmanager
 def decode_all(paths, store, workers, hidden=WHOLE, first=32):
     """decode() of every path (hidden: --hide), in order. The first ones are decoded here and
     timed; the rest go to a process pool on all cores when they would take longer than
@@ -333,8 +327,7 @@ def decode_all(paths, store, workers, hidden=WHOLE, first=32):
                 yield from pool.map(decode, rest, repeat(store), repeat(hidden), chunksize=16)
         else:
             yield from (decode(p, store, hidden) for p in rest)
-    with closing(results()) as gen:  # closed, a pool still running shuts down
-        yield gen
+    return closing(results())  # closed, a pool still running shuts down
 
 
 def process_pool(workers=None):

@@ -8,6 +8,8 @@ comes with a Wilson score interval: unlike the normal approximation it stays ins
 is honest at 10/10 (Brown, Cai & DasGupta, Statistical Science 2001).
 """
 import math
+from itertools import groupby
+from operator import itemgetter
 
 Z95 = 1.959963984540054
 
@@ -42,30 +44,23 @@ def roc_auc(scores, positive):
     n_neg = len(positive) - n_pos
     if not n_pos or not n_neg:
         return None
-    order = sorted(range(len(scores)), key=scores.__getitem__)
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):  # average ranks over runs of tied scores
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        for k in order[i:j + 1]:
-            ranks[k] = (i + j) / 2 + 1
-        i = j + 1
-    rank_sum = sum(r for r, p in zip(ranks, positive) if p)
+    rank_sum, below = 0.0, 0  # the positives' ranks from 1, tied scores sharing their mean
+    for _, tied in groupby(sorted(zip(scores, positive)), key=itemgetter(0)):
+        tied = [p for _, p in tied]
+        rank_sum += sum(tied) * (below + (len(tied) + 1) / 2)
+        below += len(tied)
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def roc_curve(scores, positive):
     """(false positive rates, true positive rates), threshold sweeping from high to low."""
     n_pos, n_neg = sum(positive), len(positive) - sum(positive)
-    pairs = sorted(zip(scores, positive), reverse=True)
     fpr, tpr, tp, fp = [0.0], [0.0], 0, 0
-    for i, (s, p) in enumerate(pairs):
-        tp, fp = tp + p, fp + (not p)
-        if i + 1 == len(pairs) or pairs[i + 1][0] != s:  # one point per distinct threshold
-            fpr.append(fp / max(n_neg, 1))
-            tpr.append(tp / max(n_pos, 1))
+    for _, tied in groupby(sorted(zip(scores, positive), reverse=True), key=itemgetter(0)):
+        tied = [p for _, p in tied]
+        tp, fp = tp + sum(tied), fp + len(tied) - sum(tied)
+        fpr.append(fp / max(n_neg, 1))  # one point per distinct threshold
+        tpr.append(tp / max(n_pos, 1))
     return fpr, tpr
 
 
@@ -83,7 +78,6 @@ def classification_metrics(y_true, y_pred, classes, sources=None, probs=None):
     y_true, y_pred = [int(t) for t in y_true], [int(p) for p in y_pred]
     cm = confusion_matrix(y_true, y_pred, C)
     n = len(y_true)
-    correct = sum(cm[i][i] for i in range(C))
     per_class = {}
     for i, c in enumerate(classes):
         tp = cm[i][i]
@@ -102,7 +96,7 @@ def classification_metrics(y_true, y_pred, classes, sources=None, probs=None):
     f1s = [m["f1"]["value"] or 0.0 for m in per_class.values()]
     sens = [m["sensitivity"]["value"] for m in per_class.values()
             if m["sensitivity"]["value"] is not None]
-    out = {"n": n, "accuracy": _rate(correct, n),
+    out = {"n": n, "accuracy": _rate(sum(cm[i][i] for i in range(C)), n),
            "balanced_accuracy": sum(sens) / len(sens) if sens else None,
            "macro_f1": sum(f1s) / C, "per_class": per_class, "confusion_matrix": cm,
            "classes": list(classes)}
@@ -139,15 +133,14 @@ def format_metrics(m):
             lines.append(f"{c:>12} {_pct(r['specificity']):>20}  {_pct(r['npv']):>20}  "
                          f"{auc:>8}")
     w = max(8, *(len(c) for c in m["classes"]))
-    lines += ["", "confusion matrix (rows: true, columns: predicted)",
-              " " * (w + 1) + " ".join(f"{c[:w]:>{w}}" for c in m["classes"])]
+    heads = " ".join(f"{c[:w]:>{w}}" for c in m["classes"])  # a column per class
+    lines += ["", "confusion matrix (rows: true, columns: predicted)", " " * (w + 1) + heads]
     for c, row in zip(m["classes"], m["confusion_matrix"]):
         lines.append(f"{c[:w]:>{w}} " + " ".join(f"{v:>{w}}" for v in row))
     if "per_source" in m:
         lines += ["", "per source: accuracy, and sensitivity % per class (a large gap between "
                   "sources can mean a shortcut)",
-                  f"{'source':>12} {'n':>5}  {'accuracy %':>20}  "
-                  + " ".join(f"{c[:w]:>{w}}" for c in m["classes"])]
+                  f"{'source':>12} {'n':>5}  {'accuracy %':>20}  " + heads]
         for s, r in m["per_source"].items():
             sens = [r["per_class"][c]["sensitivity"]["value"] for c in m["classes"]]
             lines.append(f"{s:>12} {r['n']:>5}  {_pct(r['accuracy']):>20}  " + " ".join(

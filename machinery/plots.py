@@ -178,11 +178,10 @@ def top_losses_plot(path, tiles, tile=224, cols=3):
            "predicted class", fill="black", font=_font(14), anchor="mt")
     for k, (film, cam, caption) in enumerate(tiles):
         x, y = (k % cols) * tile, 30 + (k // cols) * (tile + 22)
-        gray = np.asarray(Image.fromarray((film.numpy() * 255).clip(0, 255).astype(np.uint8))
-                          .resize((tile, tile), Image.Resampling.BILINEAR), np.float32)
-        heat = np.asarray(Image.fromarray((cam.numpy() * 255).astype(np.uint8))
-                          .resize((tile, tile), Image.Resampling.BILINEAR), np.float32) / 255
-        blend = 0.55 * gray[..., None] + 0.45 * jet(heat).astype(np.float32)
+        gray, heat = (np.asarray(Image.fromarray((a.numpy() * 255).clip(0, 255).astype(np.uint8))
+                                 .resize((tile, tile), Image.Resampling.BILINEAR), np.float32)
+                      for a in (film, cam))  # each in [0, 255] at the tile's size
+        blend = 0.55 * gray[..., None] + 0.45 * jet(heat / 255).astype(np.float32)
         sheet.paste(Image.fromarray(blend.round().astype(np.uint8)), (x, y))
         d.text((x + tile / 2, y + tile + 3), caption, fill="black", font=_font(13), anchor="mt")
     sheet.save(path)

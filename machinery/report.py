@@ -11,6 +11,8 @@ import csv
 import json
 import os
 import time
+from itertools import groupby
+from operator import itemgetter
 
 from machinery import ddp, runlock
 from machinery.audit import sources_md
@@ -73,23 +75,19 @@ def schedule_plots(run_dir, rows, cfg, bands, points=50):
     phase's max LRs in metrics.jsonl. Returns what they draw: (epochs, [(epochs, LRs, layer
     groups)], beta1s); groups with the same LRs are one series, named by all of them."""
     one_cycle = ONE_CYCLE[cfg.get("one_cycle", "v1")]
-    phases = []  # (first epoch, epochs, max LRs) of each run of rows of one phase
-    for n, r in enumerate(rows):
-        if phases and rows[n - 1]["phase"] == r["phase"]:
-            phases[-1][1] += 1
-        else:
-            phases.append([n, 1, r["max_lrs"]])
-    n_groups = max(len(m) for _, _, m in phases)
-    xs, lrs, moms = [], [[] for _ in range(n_groups)], []
-    for first, epochs, max_lrs in phases:
-        total = epochs * points
+    phases = [list(rs) for _, rs in groupby(rows, key=itemgetter("phase"))]  # each phase's epochs
+    n_groups = max(len(rs[0]["max_lrs"]) for rs in phases)
+    xs, lrs, moms, first = [], [[] for _ in range(n_groups)], [], 0
+    for rs in phases:
+        total = len(rs) * points
         for k in range(total):
             xs.append(first + 0.5 + k / points)
-            for g, lr_max in enumerate(max_lrs):
+            for g, lr_max in enumerate(rs[0]["max_lrs"]):
                 lr, beta1 = one_cycle(k, total, lr_max, cfg["pct_start"], cfg["div"],
                                       cfg["div_final"])
                 lrs[g].append(lr)
             moms.append(beta1)
+        first += len(rs)
     # groups with the same LRs (fastai's slice(lr): every body group lr/10) draw one line
     names = GROUPS if n_groups == len(GROUPS) else [f"group {g + 1}" for g in range(n_groups)]
     series = [(xs, ys, " and ".join(names[h] for h in range(g, n_groups) if lrs[h] == ys))

@@ -88,7 +88,7 @@ def check_out_folder(out, sources, split_dirs):
     followed), and either new, empty or made by this script (its manifest.json): another data
     set is never written over."""
     real = os.path.realpath(out)
-    for d in [os.path.realpath(d) for d in sources]:
+    for d in map(os.path.realpath, sources):
         if os.path.commonpath([real, d]) == d:
             raise DataError(f"--out {out} is in the source {d}; the sources are never written "
                             "to: choose another folder")
@@ -191,8 +191,7 @@ def main(argv=None):
         missing = {"cohen": [os.path.basename(r[1]) for r in cohen
                              if not os.path.isfile(r[1])], "kermany": []}
         cohen = covidx.split_cohen([r for r in cohen if os.path.isfile(r[1])], seed=a.seed)
-        k = covidx.kermany_rows(kermany)
-        rows = {s: cohen[s] + k[s] for s in ("train", "test")}
+        rows = {s: cohen[s] + k for s, k in covidx.kermany_rows(kermany).items()}
         rule = (f"v1's rules (create_COVIDx.ipynb at COVID-Net {covidx.V1_COMMIT}): PA views "
                 f"of COVID-19, SARS, MERS, Streptococcus; 10% of Cohen patients to test, seed "
                 f"{a.seed}; Kermany train+val -> train, test -> test")
