@@ -284,18 +284,18 @@ class Batches:
 
     def __iter__(self):
         idx, n, B = self.order(), len(self), self.bs
-        # films in host memory (HostImages) gather there: the order on the host, once a pass
-        order = idx.cpu() if isinstance(self.images, HostImages) else idx
         G = self.bs * self.world  # the global batch: one step's films on all ranks
         mine = slice(self.rank * B, (self.rank + 1) * B)  # this rank's part of it
         j = idx[:n * G].view(n, G)[:, mine].reshape(-1)  # this rank's films, batch by batch
         labels, hw = self.labels[j], None if self.hw is None else self.hw[j]
+        # films in host memory (HostImages) gather there: their positions on the host, once
+        take = j.cpu() if isinstance(self.images, HostImages) else j
         if self.aug:  # the epoch's draws, batch by batch, then its geometry in one go
             p = self.aug.draw(G, self.gen, self.labels.device, rows=mine, steps=n)
             H = film_matrix(p, hw)  # (n * B, 3, 3)
         for i in range(n):
-            x = self.images[order[i * G + mine.start:i * G + mine.stop]].float().div_(255)
-            b = slice(i * B, (i + 1) * B)  # (B, 1, T, T) in [0, 1], this batch's rows
+            b = slice(i * B, (i + 1) * B)  # this batch's rows
+            x = self.images[take[b]].float().div_(255)  # (B, 1, T, T) in [0, 1]
             if self.aug:  # one grid_sample: fastai v1's geometry and the crop; its lighting
                 x = sample(x, H[b], self.size)
                 if self.aug.lighting > 0:

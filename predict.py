@@ -33,14 +33,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 from data import eval_batches, normalize, view
 from machinery import devices
 from machinery.checkpoint import CheckpointError, load_checkpoint, run_dir_of
 from machinery.flags import Help
 from machinery.datasets import DataError, run_cli
-from machinery.films import CROP_MARGIN, decode, squares, stored_size, stretch, to_gray
+from machinery.films import CROP_MARGIN, decode, squares, stored_size, stretch, upright_gray
 from machinery.plots import jet
 from machinery.shortcuts import HIDE, WHOLE, Hidden
 from model import class_logits, gradcam
@@ -199,7 +199,7 @@ def save_cam(path, image_path, cam, crop, caption="", alpha=0.45, hidden=WHOLE):
     box blacked out, as the model saw it. Below it, a strip with the caption (the class
     explained, its probability) and the colour bar."""
     with Image.open(image_path) as img:
-        gray = Image.fromarray(hidden.apply(np.asarray(to_gray(ImageOps.exif_transpose(img)))))
+        gray = Image.fromarray(upright_gray(img, hidden))
     W, H = gray.size
     h, w = (min(W, H),) * 2 if crop else (H, W)
     top, left = (H - h) // 2, (W - w) // 2

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import data
 from lrfind import suggest_lr
 from machinery import ddp
-from machinery.checkpoint import restore, resume_from, save_checkpoint, save_model
+from machinery.checkpoint import restore, resume_from, save_model, save_stage
 from machinery.config import make_stages, parse_args
 from machinery.ddp import on_main, run_main
 from machinery.epochs import Books, MetricsLog, checkpoint_epoch, rollback_point
@@ -230,8 +230,7 @@ def main(cfg):
                 previous = phase
             print("\n" + stage_table([r for r in run.history if r["stage"] == i]))
             if i + 1 < len(stages):  # the last stage's weights: model.pt
-                on_main(save_checkpoint, run, os.path.join(run.dir, f"stage{i + 1}_{st.size}.pt"),
-                        stage=i + 1, size=st.size)
+                on_main(save_stage, run, i + 1, st.size)
     if plan[-1].size != stages[-1].size:  # a last stage with no epochs: its size all the same
         films = data.stage_films(run, stages[-1].size)
     return finish(run, films, stages[-1].size, stages[-1].batch_size)

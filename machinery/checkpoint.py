@@ -47,6 +47,12 @@ def save_checkpoint(run, path, state=None, **extra):
         raise
 
 
+def save_stage(run, stage, size):
+    """stage<N>_<size>.pt: a finished stage's weights (rank 0, ddp.on_main: the path is made
+    there, as the other ranks have no run folder)."""
+    save_checkpoint(run, os.path.join(run.dir, f"stage{stage}_{size}.pt"), stage=stage, size=size)
+
+
 def save_model(run, size):
     """model.pt: the trained weights and the size they trained at, once a last.pt write still
     going has ended (rank 0, ddp.on_main: the other ranks write none)."""

@@ -40,10 +40,11 @@ PAPER_KNOBS = as_knobs(PAPER)  # the defaults of the recipe's knobs
 class Config:
     data: str = knob("", "COVIDx or ImageFolder root, or 'phantom' for synthetic films "
                      "(default: none: required, unless --demo)", metavar="PATH", group="data")
-    train_split: str = knob("", "train split file (default: found in --data: train.txt, "
-                            "train_split.txt, train_COVIDx*.txt)", metavar="FILE")
-    test_split: str = knob("", "test split file (default: found in --data, as --train-split)",
-                           metavar="FILE")
+    train_split: str = knob("", "train split file: a name in --data, or an absolute path "
+                            "(default: found in --data: train.txt, train_split.txt, "
+                            "train_COVIDx*.txt)", metavar="FILE")
+    test_split: str = knob("", "test split file, as --train-split (default: found in --data, "
+                           "as --train-split)", metavar="FILE")
     image_dir: str = knob("", "folder holding all images (default: --data/train and "
                           "--data/test)", metavar="DIR")
     subtypes: str = knob("", "subtype.csv: relabel pneumonia as bacterial/viral, 4 classes "

@@ -80,12 +80,18 @@ def decode(path, sizes, hidden=WHOLE):
         return f"{type(e).__name__}: {e}"
 
 
+def upright_gray(img, hidden=WHOLE):
+    """A PIL image as every view of it starts: turned upright (EXIF), one 8-bit channel (an
+    array), --hide's box blacked out."""
+    return hidden.apply(np.asarray(to_gray(ImageOps.exif_transpose(img))))
+
+
 def squares(img, sizes, hidden=WHOLE):
     """A PIL image -> ((width, height), [uint8 array (size, size) for each size]).
 
     hidden (--hide): its box is blacked out on the film as decoded, before any resize, crop or
     augmentation, so that every size and view of it has the same box hidden."""
-    a = hidden.apply(np.asarray(to_gray(ImageOps.exif_transpose(img))))
+    a = upright_gray(img, hidden)
     x = torch.from_numpy(a.astype(np.float32))[None, None]  # once for every size
     return (a.shape[1], a.shape[0]), [square(x, s)[0, 0].numpy() for s in sizes]
 
@@ -191,7 +197,7 @@ def load_pixels(items, sizes, cache_dir=None, mode="squish", problems=None, hidd
     for each, the films returned are the others', and nothing is cached."""
     sizes = sorted(set(sizes))
     if items.pixels is not None:  # phantoms: square films, resized on the CPU
-        x = torch.from_numpy(hidden.apply(items.pixels)).unsqueeze(1)
+        x = torch.from_numpy(hidden.apply(items.pixels)).unsqueeze(1).float()  # once, all sizes
         return Films({s: square(x, s).numpy() for s in sizes}, torch.ones(len(items)))
     check_only = bool(problems)  # the data set is unusable already: find the rest quickly
     key = fingerprint(items.paths, mode, hidden) if cache_dir and not check_only else None

@@ -219,6 +219,8 @@ def validate(cfg):
         problems.append(f"--data {cfg.data}: no such folder (or give --data phantom)")
     for name in ("train_split", "test_split", "subtypes", "image_dir"):  # must exist if given
         path, folder = getattr(cfg, name), name == "image_dir"
+        if path and name.endswith("split") and cfg.data != "phantom":  # read from --data
+            path = os.path.join(cfg.data, path)  # (an absolute path stays as it is)
         if path and not (os.path.isdir(path) if folder else os.path.isfile(path)):
             problems.append(f"{flag(name)} {path}: no such {'folder' if folder else 'file'}")
     if cfg.hide == "none" and cfg.hide_box != WHOLE.box:

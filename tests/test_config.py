@@ -207,7 +207,7 @@ def test_the_recipe_is_one_value_that_the_flags_and_variants_derive_from():
         schedule.PAPER = dataclasses.replace(P, stages=(
             schedule.Stage(96, 2, 4, 16), schedule.Stage(160, 0, 6, 8, lr_unfrozen="1e-5:1e-3")),
             pct_start=0.4, rotate=5.0, lr_find_steps=50, wd=0.1)
-        from machinery.config import RECIPES, parse_args
+        from machinery.config import parse_args
         import data
         cfg = parse_args(["--data", "phantom"])
         v2 = parse_args(["--data", "phantom", "--recipe", "fastai-v2"])
@@ -238,3 +238,14 @@ def test_the_flags_default_to_the_papers_recipe():
     # the schedules' own defaults are the recipes': v1's from PAPER, torch's from fastai v2
     assert one_cycle(0, 10, 1.0) == one_cycle(0, 10, 1.0, 0.3, 25.0, 2.5e5)
     assert one_cycle_torch(3, 10, 1.0) == one_cycle_torch(3, 10, 1.0, 0.25, 25.0, 1e5)
+
+
+def test_split_files_are_named_in_data_as_they_are_read(tmp_path, capsys):
+    """--train-split NAME is read from --data (datasets.load_dataset); the flags' check looks
+    there too, not in the current folder."""
+    (tmp_path / "train_split.txt").write_text("")
+    cfg = parse_args(["--data", str(tmp_path), "--train-split", "train_split.txt"])
+    assert cfg.train_split == "train_split.txt"
+    with pytest.raises(SystemExit):
+        parse_args(["--data", str(tmp_path), "--test-split", "test_split.txt"])
+    assert f"--test-split {tmp_path}/test_split.txt: no such file" in capsys.readouterr().err

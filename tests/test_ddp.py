@@ -68,13 +68,16 @@ def test_two_ranks_of_batch_b_train_as_one_process_of_batch_2b(tmp_path):
     float sums (gradients averaged over ranks, global BatchNorm sums in one pass), ~1e-7
     relative per operation; over 9 Adam steps it stays near 1e-6 (measured). 1e-4 leaves
     room, and any sampling or scaling mistake shows at 1e-2 (the head's dropout alone moved
-    the first epoch's loss by 1%)."""
-    runs = str(tmp_path)
-    p = torchrun([*TINY, "--batch-size", "16", "--sync-bn", "--runs", runs, "--name", "two"],
-                 tmp_path)
+    the first epoch's loss by 1%). Two stages: rank 1, with no run folder, goes past the
+    first stage's checkpoint (rank 0's alone)."""
+    runs, two_stages = str(tmp_path), ["--stages", "32,40", "--unfrozen-epochs", "2,1",
+                                       "--frozen-epochs", "1,0"]
+    p = torchrun([*TINY, *two_stages, "--batch-size", "16", "--sync-bn", "--runs", runs,
+                  "--name", "two"], tmp_path)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0, out[-3000:]
-    train.main(parse_args([*TINY, "--batch-size", "32", "--runs", runs, "--name", "one"]))
+    train.main(parse_args([*TINY, *two_stages, "--batch-size", "32", "--runs", runs, "--name",
+                           "one"]))
     two, one = rows(tmp_path / "two"), rows(tmp_path / "one")
     assert [r["max_lrs"] for r in two] == [r["max_lrs"] for r in one]  # the finders agree
     for a, b in zip(two, one):
@@ -88,7 +91,8 @@ def test_two_ranks_of_batch_b_train_as_one_process_of_batch_2b(tmp_path):
     # rank 0 alone writes (the others have no run folder to write to): the same files
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
     assert json.load(open(tmp_path / "two" / "config.json"))["ranks"] == 2
-    assert out.count("== stage 1/1") == 1  # one log: rank 0's
+    assert "stage1_32.pt" in os.listdir(tmp_path / "two")
+    assert out.count("== stage 2/2") == 1  # one log: rank 0's
 
 
 COLLECTIVES = """
@@ -281,3 +285,4 @@ def test_films_in_host_memory_train_as_films_on_the_device(tmp_path, capsys):
     assert "films of the test split at 32 px: 0.00 GiB, in host memory" in \
         capsys.readouterr().out
     assert m["accuracy"]["value"] == host["accuracy"]["value"]
+
